@@ -1,0 +1,122 @@
+// Philox4x32-10 counter-based RNG and the Box-Muller normal transform, shared by host C++ and CUDA.
+//
+// The stream (DESIGN.md section 4) follows Triton's tl.randn4x: flat element i of a tensor takes lane i % 4
+// of the counter (offset + i / 4); counter word 0 is the low 32 bits of that 64-bit counter, word 1 the high
+// 32 bits, words 2 and 3 are zero; the key is (seed low 32 bits, seed high 32 bits). Uniforms and normals
+// use Triton's exact float32 conversion (uint_to_uniform_float, pair_uniform_to_normal).
+#pragma once
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define DK_HD __host__ __device__ __forceinline__
+#else
+#define DK_HD inline __attribute__((always_inline))
+#endif
+
+namespace dk {
+
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u;  // multiplies counter word 0
+constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;  // multiplies counter word 2
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;  // key schedule (golden ratio)
+constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;  // key schedule (sqrt(3) - 1)
+constexpr float kUniformScale = 4.6566127342e-10f;  // largest s with (2^31 - 1) * s < 1 in float32
+constexpr float kTwoPi = 6.283185307179586f;
+constexpr float kMinUniform = 1.0e-7f;
+
+// Ten Philox rounds on the counter (c0..c3) with key (k0, k1), in place.
+DK_HD void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0, uint32_t k1) {
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#pragma unroll
+#else
+#pragma GCC unroll 10  // straight-line code lets the caller's lane loop vectorise
+#endif
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
+    const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2;
+    const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(p1);
+    c3 = static_cast<uint32_t>(p0);
+    c0 = n0;
+    c2 = n2;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+}
+
+// Triton's uint_to_uniform_float: reinterpret as int32, fold negatives with ~x, scale into [0, 1).
+DK_HD float uint_to_uniform(uint32_t v) {
+  int32_t x = static_cast<int32_t>(v);
+  x = x < 0 ? ~x : x;
+  return static_cast<float>(x) * kUniformScale;
+}
+
+#if !defined(__CUDA_ARCH__)
+// Branch-free float32 log and sincos for the host, written so that GCC/Clang vectorise the loops that call
+// them (libm calls would not vectorise without -ffast-math). Accurate to about 1 ulp on the ranges used
+// here: log on [1e-7, 1), sincos on [0, 2*pi]. Minimax polynomials of the classic Cephes single-precision
+// routines.
+DK_HD float bits_to_float(uint32_t b) { return __builtin_bit_cast(float, b); }
+DK_HD uint32_t float_to_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
+
+DK_HD float host_logf(float x) {  // x positive, finite and normal
+  // x = 2^e * m with m in [sqrt(1/2), sqrt(2)): subtracting sqrt(1/2)'s bits makes the exponent field e and
+  // leaves the mantissa to re-attach, with no data-dependent select (which would stop vectorisation).
+  const int32_t d = static_cast<int32_t>(float_to_bits(x)) - 0x3f3504f3;
+  const int32_t e = d >> 23;
+  const float m = bits_to_float(static_cast<uint32_t>((d & 0x007fffff) + 0x3f3504f3));
+  const float f = m - 1.0f;
+  const float z = f * f;
+  float p = 7.0376836292e-2f;
+  p = p * f - 1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f - 1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f - 1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f - 2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  const float fe = static_cast<float>(e);
+  float y = p * f * z;
+  y += -2.12194440e-4f * fe;
+  y += -0.5f * z;
+  return (f + y) + 0.693359375f * fe;
+}
+
+DK_HD void host_sincosf(float x, float& s, float& c) {  // x in [0, 2*pi] (any modest |x| works)
+  const float j = __builtin_rintf(x * 0.63661977236758134f);  // nearest multiple of pi/2
+  const int32_t q = static_cast<int32_t>(j) & 3;
+  const float y = ((x - j * 1.5703125f) - j * 4.837512969970703125e-4f) - j * 7.54978995489188216e-8f;
+  const float z = y * y;
+  const float ps = y + y * z * (-1.6666654611e-1f + z * (8.3321608736e-3f + z * -1.9515295891e-4f));
+  const float pc = 1.0f - 0.5f * z +
+                   z * z * (4.166664568298827e-2f + z * (-1.388731625493765e-3f + z * 2.443315711809948e-5f));
+  const float sv = (q & 1) ? pc : ps;
+  const float cv = (q & 1) ? ps : pc;
+  s = (q & 2) ? -sv : sv;
+  c = ((q + 1) & 2) ? -cv : cv;
+}
+#endif
+
+// Triton's pair_uniform_to_normal (Box-Muller) on the raw uint32 pair.
+DK_HD void box_muller(uint32_t a, uint32_t b, float& n1, float& n2) {
+  const float u1 = uint_to_uniform(a);
+  const float th = kTwoPi * uint_to_uniform(b);
+#if defined(__CUDA_ARCH__)
+  const float r = sqrtf(-2.0f * logf(fmaxf(u1, kMinUniform)));
+  float s, c;
+  sincosf(th, &s, &c);
+#else
+  // max(u1, 1e-7) as an integer max of the bit patterns (equal for non-negative floats): a float select
+  // here lets GCC specialise the constant branch, and that control flow stops vectorisation.
+  const uint32_t ub = float_to_bits(u1), kb = float_to_bits(kMinUniform);
+  const float lg = host_logf(bits_to_float(ub > kb ? ub : kb));
+  const float r = __builtin_sqrtf(-2.0f * lg);
+  float s, c;
+  host_sincosf(th, s, c);
+#endif
+  n1 = r * c;
+  n2 = r * s;
+}
+
+}  // namespace dk

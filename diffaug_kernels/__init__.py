@@ -1,0 +1,23 @@
+"""diffaug_kernels: fused kernels for DiffAug (diffuse-and-denoise augmentation), checked against PyTorch."""
+from . import reference
+from .ops import (
+    IMAGENET_NORM,
+    available_backends,
+    forward_noise,
+    forward_noise_multi,
+    philox_normal,
+    tweedie,
+)
+from .schedule import NoiseSchedule
+
+__version__ = "0.1.0"
+__all__ = [
+    "IMAGENET_NORM",
+    "NoiseSchedule",
+    "available_backends",
+    "forward_noise",
+    "forward_noise_multi",
+    "philox_normal",
+    "reference",
+    "tweedie",
+]

@@ -1,0 +1,34 @@
+"""Loads the compiled extension (diffaug_kernels._C) once; the package works without it, on the reference."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+_C = None
+ERROR: str | None = None
+
+if os.environ.get("DIFFAUG_DISABLE_EXT") == "1":
+    ERROR = "disabled by DIFFAUG_DISABLE_EXT=1"
+else:
+    try:
+        from . import _C  # noqa: F811 - importing registers torch.ops.diffaug_kernels_C
+    except ImportError as e:  # not built, or built against another torch
+        ERROR = f"{type(e).__name__}: {e}"
+
+if _C is None:
+    warnings.warn(
+        f"diffaug_kernels: the compiled extension is not available ({ERROR}); the fused 'cpu'/'cuda' backends "
+        "are off and every op runs on the 'reference' backend. Rebuild with "
+        "`pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether the extension has compiled kernels for this dispatch key ('CPU' or 'CUDA')."""
+    if _C is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("diffaug_kernels_C::noise_out", device_type)

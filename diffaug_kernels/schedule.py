@@ -1,0 +1,112 @@
+"""Diffusion noise schedules: float64 tables exactly as guided-diffusion computes them, float32 copies cached."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+_TABLES = (
+    "betas",
+    "alphas_cumprod",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+)
+
+# x0_hat = A[t] * x_t + B[t] * model_output, per prediction type (names of float64 tables below).
+_X0_COEFFICIENTS = {
+    "eps": ("sqrt_recip_alphas_cumprod", "neg_sqrt_recipm1_alphas_cumprod"),
+    "v": ("sqrt_alphas_cumprod", "neg_sqrt_one_minus_alphas_cumprod"),
+    "x0": ("zeros", "ones"),
+    "score": ("sqrt_recip_alphas_cumprod", "one_minus_alphas_cumprod_over_sqrt"),
+}
+PREDICTIONS = tuple(_X0_COEFFICIENTS)
+
+
+class NoiseSchedule:
+    """A discrete diffusion schedule of T steps; index t = 0 is one diffusion step (as in guided-diffusion).
+
+    Tables (float64 CPU tensors): betas, alphas_cumprod, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
+    sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod. ``table(name, device, dtype)`` returns a cached
+    copy on a device (kernels gather float32 copies; float64 I/O uses the float64 ones).
+    """
+
+    def __init__(self, betas, name: str = "custom"):
+        b = np.asarray(betas.detach().cpu().numpy() if isinstance(betas, torch.Tensor) else betas, dtype=np.float64)
+        if b.ndim != 1 or b.size == 0:
+            raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {tuple(b.shape)}")
+        if not np.all((b > 0) & (b <= 1)):
+            raise ValueError("betas must lie in (0, 1]")
+        self.name = name
+        self.num_timesteps = int(b.size)
+        ac = np.cumprod(1.0 - b, axis=0)
+        np_tables = {
+            "betas": b,
+            "alphas_cumprod": ac,
+            "sqrt_alphas_cumprod": np.sqrt(ac),
+            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
+            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
+            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1),
+        }
+        np_tables.update(
+            neg_sqrt_recipm1_alphas_cumprod=-np_tables["sqrt_recipm1_alphas_cumprod"],
+            neg_sqrt_one_minus_alphas_cumprod=-np_tables["sqrt_one_minus_alphas_cumprod"],
+            one_minus_alphas_cumprod_over_sqrt=(1.0 - ac) / np.sqrt(ac),
+            zeros=np.zeros_like(b),
+            ones=np.ones_like(b),
+        )
+        self._np = np_tables
+        for k in _TABLES:
+            setattr(self, k, torch.from_numpy(np_tables[k]))
+        self._cache: dict = {}
+
+    # --- constructors (guided-diffusion's get_named_beta_schedule) ---
+    @classmethod
+    def linear(cls, T: int = 1000) -> "NoiseSchedule":
+        T = _check_T(T)
+        scale = 1000 / T
+        return cls(np.linspace(scale * 0.0001, scale * 0.02, T, dtype=np.float64), name="linear")
+
+    @classmethod
+    def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> "NoiseSchedule":
+        T = _check_T(T)
+
+        def alpha_bar(u):
+            return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+        betas = [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), max_beta) for i in range(T)]
+        return cls(np.array(betas), name="cosine")
+
+    @classmethod
+    def from_betas(cls, betas) -> "NoiseSchedule":
+        return cls(betas, name="custom")
+
+    # --- device copies ---
+    def table(self, name: str, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        key = (name, torch.device(device or "cpu"), dtype)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = torch.from_numpy(self._np[name]).to(device=key[1], dtype=dtype)
+            self._cache[key] = hit
+        return hit
+
+    def x0_coefficients(self, prediction: str, device=None, dtype=torch.float32):
+        """(A, B) tables with x0_hat = A[t] * x_t + B[t] * model_output for this prediction type."""
+        if prediction not in _X0_COEFFICIENTS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        a, b = _X0_COEFFICIENTS[prediction]
+        return self.table(a, device, dtype), self.table(b, device, dtype)
+
+    def __len__(self):
+        return self.num_timesteps
+
+    def __repr__(self):
+        return f"NoiseSchedule({self.name}, T={self.num_timesteps})"
+
+
+def _check_T(T) -> int:
+    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
+        raise ValueError(f"T must be a positive integer, got {T!r}")
+    return int(T)
