@@ -18,7 +18,9 @@ _MASK32 = 0xFFFFFFFF
 
 def _u64_parts(v, device):
     """(low 32 bits, high 32 bits) of a 64-bit value (int or int64 tensor, two's complement) as int64."""
-    v = torch.as_tensor(v, dtype=torch.int64, device=device) if not isinstance(v, torch.Tensor) else v.to(device, torch.int64)
+    if not isinstance(v, torch.Tensor):  # a Python int in [0, 2**64)
+        return (torch.tensor(int(v) & _MASK32, device=device), torch.tensor((int(v) >> 32) & _MASK32, device=device))
+    v = v.to(device, torch.int64)
     return v & _MASK32, (v >> 32) & _MASK32
 
 

@@ -1,0 +1,120 @@
+"""forward_noise and forward_noise_multi: every fused backend against the reference, gradients, layouts."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import diffaug_kernels as dk
+from diffaug_kernels import reference
+from conftest import CPU_FUSED
+from helpers import DTYPES, LAYOUTS, assert_matches, image_batches, make_layout
+
+S = dk.NoiseSchedule.linear(1000)
+seeds = st.integers(0, 2**64 - 1)
+offsets = st.one_of(st.integers(0, 1000), st.integers(2**32 - 50, 2**32 + 50))
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@given(batch=image_batches(), seed=seeds, offset=offsets, data=st.data(),
+       out_dtype=st.sampled_from([None] + DTYPES))
+def test_matches_reference(backend, batch, seed, offset, data, out_dtype):
+    x, layout = batch
+    B = x.shape[0]
+    t = torch.tensor(data.draw(st.lists(st.sampled_from([0, 1, 499, 998, 999]) | st.integers(0, 999),
+                                        min_size=B, max_size=B)))
+    got = dk.forward_noise(x, t, S, seed=seed, offset=offset, out_dtype=out_dtype, backend=backend)
+    want = reference.forward_noise(x, t, S, seed, offset, out_dtype)
+    assert_matches(got, want)
+    if layout == "channels_last":
+        assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@given(shape=st.lists(st.integers(1, 7), min_size=1, max_size=5), seed=seeds, t=st.integers(0, 999))
+def test_any_rank(backend, shape, seed, t):
+    x = torch.rand(*shape) * 2 - 1
+    got = dk.forward_noise(x, t, S, seed=seed, backend=backend)
+    assert_matches(got, reference.forward_noise(x, t, S, seed))
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@given(batch=image_batches(max_b=3, max_hw=9), times=st.lists(st.integers(0, 999), min_size=1, max_size=5),
+       seed=seeds, offset=offsets)
+def test_multi_matches_reference(backend, batch, times, seed, offset):
+    x, _ = batch
+    got = dk.forward_noise_multi(x, times, S, seed=seed, offset=offset, backend=backend)
+    assert got.shape == (len(times) * x.shape[0], *x.shape[1:])
+    assert_matches(got, reference.forward_noise_multi(x, times, S, seed, offset))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_FUSED)
+def test_multi_is_forward_noise_on_repeated_input(backend):
+    """The expansion's definition: the noise of one [K*B, ...] tensor, block k at times[k]."""
+    x = torch.rand(3, 2, 5, 6) * 2 - 1
+    times = [0, 350, 999, 350]
+    got = dk.forward_noise_multi(x, times, S, seed=4, offset=3, backend=backend)
+    want = dk.forward_noise(x.repeat(4, 1, 1, 1), torch.tensor(times).repeat_interleave(3), S, seed=4, offset=3,
+                            backend=backend)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_FUSED)
+def test_int_t_and_tensor_t_agree(backend):
+    x = torch.rand(4, 3, 8, 8)
+    a = dk.forward_noise(x, 250, S, seed=1, backend=backend)
+    b = dk.forward_noise(x, torch.full((4,), 250), S, seed=1, backend=backend)
+    c = dk.forward_noise(x, torch.tensor(250), S, seed=1, backend=backend)
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_FUSED)
+def test_formula_recovers_noise(backend):
+    """x_t - sqrt(abar) x0 = sqrt(1 - abar) * philox_normal(shape, seed, offset): the noise is the documented one."""
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    t = torch.tensor([10, 900])
+    xt = dk.forward_noise(x, t, S, seed=123, offset=9, backend=backend)
+    a = S.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1)
+    s = S.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1)
+    eps = dk.philox_normal(x.shape, 123, 9, dtype=torch.float64)
+    torch.testing.assert_close((xt - a * x) / s, eps, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_deterministic_and_seed_sensitive(backend):
+    x = torch.rand(2, 3, 33, 35)
+    a = dk.forward_noise(x, 500, S, seed=5, backend=backend)
+    assert torch.equal(a, dk.forward_noise(x, 500, S, seed=5, backend=backend))
+    assert not torch.equal(a, dk.forward_noise(x, 500, S, seed=6, backend=backend))
+    assert not torch.equal(a, dk.forward_noise(x, 500, S, seed=5, offset=1, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_FUSED)
+def test_seed_none_reproducible_under_manual_seed(backend):
+    x = torch.rand(2, 3, 8, 8)
+    torch.manual_seed(3)
+    a = dk.forward_noise(x, 500, S, backend=backend)
+    torch.manual_seed(3)
+    b = dk.forward_noise(x, 500, S, backend=backend)
+    c = dk.forward_noise(x, 500, S, backend=backend)
+    assert torch.equal(a, b) and not torch.equal(b, c)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradcheck(backend, layout):
+    x = make_layout(torch.rand(2, 3, 4, 5, dtype=torch.float64) * 2 - 1, layout).requires_grad_()
+    t = torch.tensor([3, 800])
+    assert torch.autograd.gradcheck(lambda x: dk.forward_noise(x, t, S, seed=7, backend=backend), (x,))
+    assert torch.autograd.gradcheck(lambda x: dk.forward_noise_multi(x, [0, 999, 3], S, seed=7, backend=backend), (x,))
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_equals_reference_autograd(backend, dtype):
+    x = torch.rand(3, 2, 6, 6, dtype=dtype).requires_grad_()
+    g = torch.randn(9, 2, 6, 6, dtype=dtype)
+    (gx,) = torch.autograd.grad(dk.forward_noise_multi(x, [5, 500, 900], S, seed=1, backend=backend), x, g)
+    x32 = x.detach().float().requires_grad_()  # the exact gradient, rounded once to dtype
+    (rx,) = torch.autograd.grad(reference.forward_noise_multi(x32, [5, 500, 900], S, 1), x32, g.float())
+    assert gx.dtype == dtype
+    assert_matches(gx, rx.to(dtype), atol32=1e-5)

@@ -1,0 +1,74 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import diffaug_kernels as dk
+
+
+def guided_diffusion_tables(kind, T):
+    """guided-diffusion's get_named_beta_schedule + GaussianDiffusion.__init__, restated for the test."""
+    if kind == "linear":
+        scale = 1000 / T
+        betas = np.linspace(scale * 0.0001, scale * 0.02, T, dtype=np.float64)
+    else:
+        f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        betas = np.array([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)])
+    ac = np.cumprod(1.0 - betas, axis=0)
+    return dict(betas=betas, alphas_cumprod=ac, sqrt_alphas_cumprod=np.sqrt(ac),
+                sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ac), sqrt_recip_alphas_cumprod=np.sqrt(1.0 / ac),
+                sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / ac - 1))
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("T", [1000, 250, 4000])
+def test_tables_equal_guided_diffusion(kind, T):
+    s = getattr(dk.NoiseSchedule, kind)(T)
+    assert s.num_timesteps == T == len(s)
+    for name, want in guided_diffusion_tables(kind, T).items():
+        got = getattr(s, name)
+        assert got.dtype == torch.float64
+        assert np.array_equal(got.numpy(), want), name  # exactly, not approximately
+
+
+def test_known_values():
+    s = dk.NoiseSchedule.linear(1000)
+    assert s.betas[0].item() == pytest.approx(1e-4) and s.betas[-1].item() == pytest.approx(0.02)
+    assert s.alphas_cumprod[-1].item() == pytest.approx(4.0358e-5, rel=1e-3)
+    c = dk.NoiseSchedule.cosine(1000)
+    assert c.betas.max().item() == pytest.approx(0.999)
+
+
+def test_from_betas_and_cached_device_copies():
+    betas = torch.linspace(1e-4, 0.02, 50, dtype=torch.float64)
+    s = dk.NoiseSchedule.from_betas(betas)
+    assert torch.equal(s.betas, betas)
+    a = s.table("sqrt_alphas_cumprod", "cpu", torch.float32)
+    assert a.dtype == torch.float32 and a is s.table("sqrt_alphas_cumprod", torch.device("cpu"))
+    assert torch.equal(a, s.sqrt_alphas_cumprod.float())
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0", "score"])
+def test_x0_coefficients_invert_forward_process(prediction):
+    """x0 = A x_t + B out, for the model output each prediction type defines (exact in float64)."""
+    s = dk.NoiseSchedule.cosine(1000)
+    ab = s.alphas_cumprod
+    x0, eps = 0.3, -1.7
+    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    out = {"eps": eps, "v": ab.sqrt() * eps - (1 - ab).sqrt() * x0, "x0": x0 + 0 * ab,
+           "score": -eps / (1 - ab).sqrt()}[prediction]
+    A, B = s.x0_coefficients(prediction, dtype=torch.float64)
+    torch.testing.assert_close(A * xt + B * out, torch.full_like(ab, x0), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("bad", [[], [[0.1]], [0.0, 0.1], [0.5, 1.5]])
+def test_from_betas_rejects_bad_betas(bad):
+    with pytest.raises(ValueError, match="betas"):
+        dk.NoiseSchedule.from_betas(bad)
+
+
+@pytest.mark.parametrize("T", [0, -3, 2.5, True])
+def test_bad_T(T):
+    with pytest.raises(ValueError, match="T must"):
+        dk.NoiseSchedule.linear(T)
