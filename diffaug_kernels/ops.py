@@ -37,8 +37,7 @@ class Backend:
     noise_out: Callable
     tweedie_out: Callable
     philox_normal_out: Callable
-    available: Callable[[], bool]
-    why_not: str = ""
+    available: bool  # decided once at registration (nothing to probe while tracing)
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -58,8 +57,7 @@ def _register_compiled() -> None:
     ops = torch.ops.diffaug_kernels_C
     for name, dev, key in (("cpu", "cpu", "CPU"), ("cuda", "cuda", "CUDA")):
         register_backend(name, Backend(dev, ops.noise_out, ops.tweedie_out, ops.philox_normal_out,
-                                       available=(lambda k=key, d=dev: _ext.has_kernel(k) and
-                                                  (d == "cpu" or torch.cuda.is_available()))))
+                                       available=_ext.has_kernel(key) and (dev == "cpu" or torch.cuda.is_available())))
 
 
 _register_compiled()
@@ -67,12 +65,12 @@ _register_compiled()
 
 def _usable(name: str, device: torch.device) -> bool:
     b = _BACKENDS.get(name)
-    return b is not None and b.device_type == device.type and b.available()
+    return b is not None and b.device_type == device.type and b.available
 
 
 def available_backends() -> list[str]:
     """Backends that can run in this process (on some device), "reference" first."""
-    return ["reference"] + [n for n in BACKENDS[1:] if n in _BACKENDS and _BACKENDS[n].available()]
+    return ["reference"] + [n for n in BACKENDS[1:] if n in _BACKENDS and _BACKENDS[n].available]
 
 
 _warned: set = set()
@@ -84,6 +82,7 @@ def _warn_once(key, msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
+@torch.compiler.assume_constant_result  # traced code sees a constant: no guards, no graph break
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend that will run: "auto" is the fastest usable one; a missing one falls back with a warning."""
     if backend != "auto" and backend not in BACKENDS:

@@ -1,0 +1,88 @@
+"""torch.compile(fullgraph=True) through forward_noise -> tweedie: same result as eager, fresh noise per call
+with seed=None and no recompilation."""
+import pytest
+import torch
+import torch._dynamo
+
+import diffaug_kernels as dk
+from conftest import CPU_FUSED
+
+S = dk.NoiseSchedule.linear(1000)
+BACKENDS = ["reference"] + CPU_FUSED
+
+
+def step(x, m, t, seed, backend):
+    xt = dk.forward_noise(x, t, S, seed=seed, backend=backend)
+    return dk.tweedie(xt, m, t, S, normalize=dk.IMAGENET_NORM, backend=backend)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiled_equals_eager(backend, compiler):
+    x, m, t = torch.rand(2, 3, 8, 8) * 2 - 1, torch.randn(2, 6, 8, 8), torch.tensor([100, 700])
+    f = torch.compile(lambda x, m, t: step(x, m, t, 1234, backend), fullgraph=True, backend=compiler)
+    torch.testing.assert_close(f(x, m, t), step(x, m, t, 1234, backend), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fresh_noise_without_recompiling(backend):
+    x, m, t = torch.rand(2, 3, 8, 8) * 2 - 1, torch.randn(2, 6, 8, 8), torch.tensor([900, 900])
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    f = torch.compile(lambda x: dk.forward_noise(x, t, S, backend=backend), fullgraph=True, backend="inductor")
+    outs = [f(x) for _ in range(4)]
+    for i in range(4):
+        for j in range(i):
+            assert not torch.equal(outs[i], outs[j]), "compiled function repeated its noise"
+    assert counts["stats"]["unique_graphs"] == 1, dict(counts["stats"])
+    torch.manual_seed(5)
+    a = f(x)
+    torch.manual_seed(5)
+    assert torch.equal(a, f(x)), "torch.manual_seed must make the compiled function reproducible"
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_new_int_seed_does_not_recompile_forever(backend):
+    x = torch.rand(2, 3, 8, 8)
+    f = torch.compile(lambda x, s: dk.forward_noise(x, 5, S, seed=s, backend=backend), fullgraph=True,
+                      backend="aot_eager", dynamic=None)
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    outs = [f(x, s) for s in range(5)]
+    assert counts["stats"]["unique_graphs"] <= 2  # one static, then one with the seed dynamic
+    for s, o in enumerate(outs):
+        assert torch.equal(o, dk.forward_noise(x, 5, S, seed=s, backend=backend))
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_compiled_backward(backend):
+    x = (torch.rand(2, 3, 8, 8) * 2 - 1).requires_grad_()
+    m = torch.randn(2, 6, 8, 8).requires_grad_()
+    t = torch.tensor([10, 20])
+    f = torch.compile(lambda x, m: step(x, m, t, 3, backend).square().sum(), fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(f(x, m), (x, m))
+    want = torch.autograd.grad(step(x, m, t, 3, backend).square().sum(), (x, m))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_custom_ops_pass_opcheck():
+    """torch.library.opcheck: schema, fake kernel, autograd registration and aot dispatch agree."""
+    if not CPU_FUSED:
+        pytest.skip("no fused backend built")
+    from diffaug_kernels.ops import _noise_op, _tweedie_op
+    a, b = S.table("sqrt_alphas_cumprod"), S.table("sqrt_one_minus_alphas_cumprod")
+    x = torch.rand(2, 3, 4, 5, requires_grad=True)
+    seed, off = torch.tensor(3), torch.tensor(0)
+    torch.library.opcheck(_noise_op, (x, torch.tensor([[1, 2], [3, 4]]), a, b, seed, off, torch.float32, "cpu"))
+    A, B = S.x0_coefficients("eps")
+    m = torch.randn(2, 3, 4, 5, requires_grad=True)
+    sc, sh = torch.rand(3), torch.rand(3)
+    torch.library.opcheck(_tweedie_op, (x, m, torch.tensor([5, 6]), A, B, True, sc, sh, torch.bfloat16, "cpu"))

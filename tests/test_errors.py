@@ -1,0 +1,118 @@
+"""Bad input raises a clear error that names the argument; a missing backend warns once and falls back."""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import diffaug_kernels as dk
+from diffaug_kernels import ops
+from conftest import CPU_FUSED
+
+S = dk.NoiseSchedule.linear(1000)
+BACKENDS = ["reference"] + CPU_FUSED
+x = torch.rand(2, 3, 4, 4)
+m = torch.randn(2, 6, 4, 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda b: dk.forward_noise(torch.tensor(1.0), 0, S, backend=b), ValueError, "x0 must have shape"),
+    (lambda b: dk.forward_noise(x.int(), 0, S, backend=b), TypeError, "x0 has unsupported dtype"),
+    (lambda b: dk.forward_noise(x.to(torch.complex64), 0, S, backend=b), TypeError, "x0 has unsupported dtype"),
+    (lambda b: dk.forward_noise([1.0], 0, S, backend=b), TypeError, "x0 must be a torch.Tensor"),
+    (lambda b: dk.forward_noise(x, 1000, S, backend=b), ValueError, r"t must lie in \[0, 1000\)"),
+    (lambda b: dk.forward_noise(x, -1, S, backend=b), ValueError, r"t must lie in \[0, 1000\)"),
+    (lambda b: dk.forward_noise(x, torch.tensor([3, 1000]), S, backend=b), ValueError, r"t must lie in \[0, 1000\)"),
+    (lambda b: dk.forward_noise(x, torch.tensor([3, 4, 5]), S, backend=b), ValueError, "t must be an int, a 0-d"),
+    (lambda b: dk.forward_noise(x, torch.tensor([3.0, 4.0]), S, backend=b), TypeError, "t must be an integer tensor"),
+    (lambda b: dk.forward_noise(x, 2.5, S, backend=b), TypeError, "t must be an int"),
+    (lambda b: dk.forward_noise(x, True, S, backend=b), TypeError, "t must be an int"),
+    (lambda b: dk.forward_noise(x, torch.tensor([1, 2], device="meta"), S, backend=b), ValueError, "t is on meta"),
+    (lambda b: dk.forward_noise(x, 0, S, seed=1.5, backend=b), TypeError, "seed must be an integer"),
+    (lambda b: dk.forward_noise(x, 0, S, seed="7", backend=b), TypeError, "seed must be an integer"),
+    (lambda b: dk.forward_noise(x, 0, S, seed=True, backend=b), TypeError, "seed must be an integer"),
+    (lambda b: dk.forward_noise(x, 0, S, seed=torch.tensor(1.0), backend=b), TypeError, "seed must be an integer"),
+    (lambda b: dk.forward_noise(x, 0, S, seed=-1, backend=b), ValueError, "seed must lie in"),
+    (lambda b: dk.forward_noise(x, 0, S, seed=2**64, backend=b), ValueError, "seed must lie in"),
+    (lambda b: dk.forward_noise(x, 0, S, offset=-4, backend=b), ValueError, "offset must lie in"),
+    (lambda b: dk.forward_noise(x, 0, S, offset=None, backend=b), TypeError, "offset must be an integer"),
+    (lambda b: dk.forward_noise(x, 0, S, out_dtype=torch.int32, backend=b), TypeError, "out_dtype must be"),
+    (lambda b: dk.forward_noise(x, 0, "linear", backend=b), TypeError, "schedule must be a dk.NoiseSchedule"),
+    (lambda b: dk.forward_noise_multi(x, [], S, backend=b), ValueError, "times must not be empty"),
+    (lambda b: dk.forward_noise_multi(x, [0, 1000], S, backend=b), ValueError, r"times must lie in \[0, 1000\)"),
+    (lambda b: dk.forward_noise_multi(x, torch.zeros(2, 2, dtype=torch.long), S, backend=b), ValueError, "times must be a 1-D"),
+    (lambda b: dk.forward_noise_multi(x, [0.5], S, backend=b), TypeError, "times must hold integers"),
+    (lambda b: dk.tweedie(x[:, 0, 0, 0], m, 0, S, backend=b), ValueError, "x_t must have shape"),
+    (lambda b: dk.tweedie(x, m[:, :5], 0, S, backend=b), ValueError, "model_output must have shape"),
+    (lambda b: dk.tweedie(x, m[:, :, :3], 0, S, backend=b), ValueError, "model_output must have shape"),
+    (lambda b: dk.tweedie(x, m[:1], 0, S, backend=b), ValueError, "model_output must have shape"),
+    (lambda b: dk.tweedie(x, m.int(), 0, S, backend=b), TypeError, "model_output has unsupported dtype"),
+    (lambda b: dk.tweedie(x, m.to("meta"), 0, S, backend=b), ValueError, "model_output is on meta"),
+    (lambda b: dk.tweedie(x, m, 0, S, prediction="epsilon", backend=b), ValueError, "prediction must be one of"),
+    (lambda b: dk.tweedie(x, m, 0, S, clip=1, backend=b), TypeError, "clip must be a bool"),
+    (lambda b: dk.tweedie(x, m, 0, S, normalize=((0.5,), (0.5,)), backend=b), ValueError, "normalize needs 3"),
+    (lambda b: dk.tweedie(x, m, 0, S, normalize=(0.5, 0.5), backend=b), TypeError, "normalize must be"),
+    (lambda b: dk.tweedie(x, m, 0, S, normalize=((0, 0, 0), (1, 0, 1)), backend=b), ValueError, "std must be"),
+    (lambda b: dk.tweedie(x, m, 1000, S, backend=b), ValueError, r"t must lie in \[0, 1000\)"),
+    (lambda b: dk.philox_normal((3,), seed=0.5, backend=b), TypeError, "seed must be an integer"),
+    (lambda b: dk.philox_normal((-1,), seed=1, backend=b), ValueError, "negative sizes"),
+    (lambda b: dk.philox_normal((3,), seed=1, dtype=torch.int64, backend=b), TypeError, "dtype must be"),
+])
+def test_bad_input(backend, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call(backend)
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        dk.forward_noise(x, 0, S, backend="gpu")
+
+
+def test_missing_backend_warns_once_and_falls_back():
+    ops._warned.clear()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        a = dk.forward_noise(x, 5, S, seed=1, backend="cuda")  # no CUDA here (or not for CPU tensors)
+        b = dk.forward_noise(x, 5, S, seed=1, backend="cuda")
+    msgs = [str(v.message) for v in w if "backend 'cuda' is not available" in str(v.message)]
+    assert len(msgs) == 1, [str(v.message) for v in w]
+    assert torch.equal(a, b) and torch.equal(a, dk.forward_noise(x, 5, S, seed=1))  # same result, not silently other
+
+
+def test_schedule_tables_follow_the_input_device():
+    s = dk.NoiseSchedule.cosine(100)
+    dk.forward_noise(x, 5, s, seed=1)  # tables live on CPU; a CUDA input gets CUDA copies (cached)
+    assert s.table("sqrt_alphas_cumprod", "cpu").device.type == "cpu"
+
+
+def test_extension_was_built():
+    """CI must exercise the fused kernels: fail loudly if the build silently fell back to the reference."""
+    if os.environ.get("DIFFAUG_ALLOW_NO_EXT") == "1":
+        pytest.skip("DIFFAUG_ALLOW_NO_EXT=1")
+    assert "cpu" in dk.available_backends(), f"compiled extension missing: {ops._ext.ERROR}"
+
+
+def test_runs_on_reference_without_extension():
+    """Without the compiled extension the package imports, says so once, and every op runs on the reference."""
+    code = (
+        "import warnings, torch\n"
+        "warnings.simplefilter('always')\n"
+        "import diffaug_kernels as dk\n"
+        "s = dk.NoiseSchedule.linear()\n"
+        "print('BACKENDS', dk.available_backends())\n"
+        "x = torch.rand(2, 3, 4, 4)\n"
+        "y = dk.forward_noise(x, 3, s, seed=1, backend='cpu')\n"
+        "y = dk.forward_noise(x, 3, s, seed=1, backend='cpu')\n"
+        "z = dk.tweedie(y, torch.randn(2, 6, 4, 4), 3, s)\n"
+        "assert torch.equal(y, dk.reference.forward_noise(x, 3, s, 1))\n"
+        "print('OK')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, DIFFAUG_DISABLE_EXT="1"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr
+    assert "BACKENDS ['reference']" in r.stdout
+    assert r.stderr.count("compiled extension is not available") == 1, r.stderr
+    assert r.stderr.count("backend 'cpu' is not available") == 1, r.stderr
