@@ -31,9 +31,9 @@ POISON_OUTPUTS = False
 # ------------------------------------------------------------------------------------------- backends
 @dataclass
 class Backend:
-    """A fused backend: out-variant kernels with the schemas of csrc/ops.cpp, for one device type."""
+    """A fused backend: out-variant kernels with the schemas of csrc/ops.cpp, for some device types."""
 
-    device_type: str
+    device_types: tuple
     noise_out: Callable
     tweedie_out: Callable
     philox_normal_out: Callable
@@ -56,16 +56,33 @@ def _register_compiled() -> None:
         return
     ops = torch.ops.diffaug_kernels_C
     for name, dev, key in (("cpu", "cpu", "CPU"), ("cuda", "cuda", "CUDA")):
-        register_backend(name, Backend(dev, ops.noise_out, ops.tweedie_out, ops.philox_normal_out,
+        register_backend(name, Backend((dev,), ops.noise_out, ops.tweedie_out, ops.philox_normal_out,
                                        available=_ext.has_kernel(key) and (dev == "cpu" or torch.cuda.is_available())))
 
 
+
+
+def _register_triton() -> None:
+    """Triton on CUDA tensors; on CPU tensors only in interpreter mode (TRITON_INTERPRET=1, for tests)."""
+    import importlib.util
+    import os
+
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if importlib.util.find_spec("triton") is None or not (interpret or torch.cuda.is_available()):
+        return
+    from . import triton_kernels as tk
+
+    devices = ("cuda",) + (("cpu",) if interpret else ())
+    register_backend("triton", Backend(devices, tk.noise_out, tk.tweedie_out, tk.philox_normal_out, available=True))
+
+
 _register_compiled()
+_register_triton()
 
 
 def _usable(name: str, device: torch.device) -> bool:
     b = _BACKENDS.get(name)
-    return b is not None and b.device_type == device.type and b.available
+    return b is not None and device.type in b.device_types and b.available
 
 
 def available_backends() -> list[str]:

@@ -2,13 +2,18 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
-import diffaug_kernels as dk
-from diffaug_kernels import ops
+if not torch.cuda.is_available():  # Triton kernels run on CPU tensors in the interpreter (set before import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import diffaug_kernels as dk  # noqa: E402
+from diffaug_kernels import ops  # noqa: E402
 
 # Derandomized, no deadline: the suite never flakes and never depends on the machine's speed.
+# No shrinking in CI: a failure is reported at once (shrinking Triton-interpreter cases can take minutes).
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=60,
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate],
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("dev", deadline=None, max_examples=300)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

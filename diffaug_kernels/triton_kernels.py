@@ -1,0 +1,213 @@
+"""Triton kernels for forward_noise (+ the ensemble expansion), tweedie and philox_normal.
+
+The same Philox4x32-10 stream as csrc/philox.h (written out here rather than taken from tl.randint4x, whose
+treatment of 64-bit offsets has changed across Triton releases), Triton's uniform and Box-Muller conversion,
+per-sample coefficients gathered in-kernel, fp32 math (fp64 for fp64 I/O). Elements are handled as
+[BLOCK, 4] tiles: row r is one Philox counter, column l its lane, so each counter is computed once.
+
+Registered as the "triton" backend for CUDA tensors, and for CPU tensors when TRITON_INTERPRET=1 (tests).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a dependency of torch on Linux
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+if triton is not None:
+
+    @triton.jit
+    def _randn4(k0, k1, ctr):
+        """Four normals for 64-bit counters ctr (int64 tensor) with key (k0, k1) (uint32)."""
+        c0 = (ctr & 0xFFFFFFFF).to(tl.uint32)
+        c1 = ((ctr >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        c2 = c0 * 0
+        c3 = c0 * 0
+        for _ in tl.static_range(10):
+            p0, p2 = c0, c2
+            c0 = tl.umulhi(p2, 0xCD9E8D57) ^ c1 ^ k0
+            c2 = tl.umulhi(p0, 0xD2511F53) ^ c3 ^ k1
+            c1 = p2 * 0xCD9E8D57
+            c3 = p0 * 0xD2511F53
+            k0 = k0 + 0x9E3779B9
+            k1 = k1 + 0xBB67AE85
+        u0 = _uniform(c0)
+        u1 = _uniform(c1)
+        u2 = _uniform(c2)
+        u3 = _uniform(c3)
+        r0 = tl.sqrt(-2.0 * tl.log(tl.maximum(u0, 1.0e-7)))
+        r1 = tl.sqrt(-2.0 * tl.log(tl.maximum(u2, 1.0e-7)))
+        th0 = 6.283185307179586 * u1
+        th1 = 6.283185307179586 * u3
+        return r0 * tl.cos(th0), r0 * tl.sin(th0), r1 * tl.cos(th1), r1 * tl.sin(th1)
+
+    @triton.jit
+    def _uniform(v):
+        x = v.to(tl.int32, bitcast=True)
+        x = tl.where(x < 0, ~x, x)
+        return x.to(tl.float32) * 4.6566127342e-10
+
+    @triton.jit
+    def _key(seed_ptr):
+        seed = tl.load(seed_ptr)
+        return (seed & 0xFFFFFFFF).to(tl.uint32), ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+
+    @triton.jit
+    def _cast_out(y, out_ptr):
+        """To the output dtype; 16-bit outputs go through float32 like torch's own conversions do."""
+        ty = out_ptr.dtype.element_ty
+        if ty.primitive_bitwidth == 16:
+            y = y.to(tl.float32)
+        return y.to(ty)
+
+    @triton.jit
+    def _pick(lane, n0, n1, n2, n3):
+        return tl.where(lane == 0, n0, tl.where(lane == 1, n1, tl.where(lane == 2, n2, n3)))
+
+    @triton.jit
+    def _offset3(i, C, S, sb, sc, ss, CONTIG: tl.constexpr):
+        """Memory offset of logical element i of a [B, C, S] view with strides (sb, sc, ss)."""
+        if CONTIG:
+            return i
+        s = i % S
+        bc = i // S
+        return (bc // C) * sb + (bc % C) * sc + s * ss
+
+    @triton.jit
+    def _noise_kernel(x_ptr, out_ptr, t_ptr, ca_ptr, cb_ptr, seed_ptr, off_ptr, N, K, C, S,
+                      xsb, xsc, xss, osb, osc, oss, tk, tb,
+                      X_CONTIG: tl.constexpr, O_CONTIG: tl.constexpr, ALIGNED: tl.constexpr,
+                      F64: tl.constexpr, BLOCK: tl.constexpr):
+        # Tile: BLOCK counters x 4 lanes of x's logical elements; x is read once and written K times.
+        k0, k1 = _key(seed_ptr)
+        off = tl.load(off_ptr)
+        row = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        lane = tl.arange(0, 4).to(tl.int64)
+        i = row[:, None] * 4 + lane[None, :]
+        mask = i < N
+        xv = tl.load(x_ptr + _offset3(i, C, S, xsb, xsc, xss, X_CONTIG), mask=mask, other=0.0)
+        xv = xv.to(tl.float64) if F64 else xv.to(tl.float32)
+        b = i // (C * S)
+        o_off = _offset3(i, C, S, osb, osc, oss, O_CONTIG)
+        for k in range(K):
+            t = tl.load(t_ptr + k * tk + b * tb, mask=mask, other=0)
+            a = tl.load(ca_ptr + t, mask=mask, other=0.0)
+            s = tl.load(cb_ptr + t, mask=mask, other=0.0)
+            e = k * N + i  # element index in the [K*B, ...] output: its counter and lane
+            if ALIGNED:  # K*N keeps rows on counter boundaries: one counter per row
+                n0, n1, n2, n3 = _randn4(k0, k1, off + (k * N) // 4 + row[:, None])
+                n = _pick(lane[None, :], n0, n1, n2, n3)
+            else:  # block k starts mid-counter: each element computes its own counter
+                n0, n1, n2, n3 = _randn4(k0, k1, off + e // 4)
+                n = _pick(e % 4, n0, n1, n2, n3)
+            y = a * xv + s * n.to(xv.dtype)
+            tl.store(out_ptr + k * (N // C // S) * osb + o_off, _cast_out(y, out_ptr), mask=mask)
+
+    @triton.jit
+    def _tweedie_kernel(x_ptr, m_ptr, out_ptr, t_ptr, ca_ptr, cb_ptr, sc_ptr, sh_ptr, N, C, S,
+                        xsb, xsc, xss, msb, msc, mss, osb, osc, oss, tb,
+                        X_CONTIG: tl.constexpr, M_CONTIG: tl.constexpr, O_CONTIG: tl.constexpr,
+                        CLIP: tl.constexpr, NORM: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        mask = i < N
+        xv = tl.load(x_ptr + _offset3(i, C, S, xsb, xsc, xss, X_CONTIG), mask=mask, other=0.0)
+        mv = tl.load(m_ptr + _offset3(i, C, S, msb, msc, mss, M_CONTIG), mask=mask, other=0.0)
+        cdt = tl.float64 if F64 else tl.float32
+        t = tl.load(t_ptr + (i // (C * S)) * tb, mask=mask, other=0)
+        a = tl.load(ca_ptr + t, mask=mask, other=0.0)
+        s = tl.load(cb_ptr + t, mask=mask, other=0.0)
+        y = a * xv.to(cdt) + s * mv.to(cdt)
+        if CLIP:
+            y = tl.clamp(y, -1.0, 1.0, propagate_nan=tl.PropagateNan.ALL)
+        if NORM:
+            c = (i // S) % C
+            y = y * tl.load(sc_ptr + c, mask=mask, other=1.0) + tl.load(sh_ptr + c, mask=mask, other=0.0)
+        tl.store(out_ptr + _offset3(i, C, S, osb, osc, oss, O_CONTIG), _cast_out(y, out_ptr), mask=mask)
+
+    @triton.jit
+    def _normal_kernel(out_ptr, seed_ptr, off_ptr, N, BLOCK: tl.constexpr):
+        k0, k1 = _key(seed_ptr)
+        row = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        lane = tl.arange(0, 4).to(tl.int64)
+        i = row[:, None] * 4 + lane[None, :]
+        n0, n1, n2, n3 = _randn4(k0, k1, tl.load(off_ptr) + row[:, None])
+        tl.store(out_ptr + i, _pick(lane[None, :], n0, n1, n2, n3), mask=i < N)
+
+    _CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b in (128, 256, 512) for w in (4, 8)]
+    if INTERPRET:  # the interpreter runs every config: one small block is enough for tests
+        _noise = _noise_kernel
+        _tweedie = _tweedie_kernel
+        _normal = _normal_kernel
+        _FIXED = {"BLOCK": 64}
+    else:
+        _noise = triton.autotune(_CONFIGS, key=["N", "K", "X_CONTIG", "O_CONTIG", "ALIGNED", "F64"])(_noise_kernel)
+        _tweedie = triton.autotune([triton.Config({"BLOCK": 4 * c.kwargs["BLOCK"]}, num_warps=c.num_warps)
+                                    for c in _CONFIGS], key=["N", "X_CONTIG", "M_CONTIG", "O_CONTIG"])(_tweedie_kernel)
+        _normal = triton.autotune(_CONFIGS, key=["N"])(_normal_kernel)
+        _FIXED = {}
+
+
+def _view3(x: torch.Tensor):
+    """(x, C, S, strides) with x seen as [B, C, S]; copies only when the spatial dims cannot merge."""
+    for _ in range(2):
+        C = x.shape[1] if x.dim() > 1 else 1
+        sc = x.stride(1) if x.dim() > 1 else 0
+        S, ss, expect, ok = 1, 1, None, True
+        for k in range(x.dim() - 1, 1, -1):
+            if x.shape[k] == 1:
+                continue
+            if expect is not None and x.stride(k) != expect:
+                ok = False
+                break
+            if expect is None:
+                ss = x.stride(k)
+            expect = x.stride(k) * x.shape[k]
+            S *= x.shape[k]
+        if ok:
+            contig = x.is_contiguous()
+            return x, C, S, (x.stride(0), sc, ss), contig
+        x = x.contiguous()
+    raise AssertionError("unreachable")
+
+
+def _grid(n_units):
+    return lambda meta: (triton.cdiv(max(n_units, 1), meta["BLOCK"]),)
+
+
+def noise_out(x0, t, coef_a, coef_b, seed, offset, out):
+    x0, C, S, xs, xc = _view3(x0)
+    _, _, _, os_, oc = _view3(out)
+    K, N = t.shape[0], x0.numel()
+    if N == 0:
+        return
+    seed, offset = seed.to(x0.device).reshape(1), offset.to(x0.device).reshape(1)
+    _noise[_grid((N + 3) // 4)](x0, out, t, coef_a, coef_b, seed, offset, N, K, C, S, *xs, *os_,
+                                t.stride(0), t.stride(1), X_CONTIG=xc, O_CONTIG=oc, ALIGNED=(K == 1 or N % 4 == 0),
+                                F64=coef_a.dtype == torch.float64, **_FIXED)
+
+
+def tweedie_out(x_t, m, t, coef_a, coef_b, clip, scale, shift, out):
+    x_t, C, S, xs, xc = _view3(x_t)
+    m, _, _, ms, mc = _view3(m)
+    _, _, _, os_, oc = _view3(out)
+    N = x_t.numel()
+    if N == 0:
+        return
+    norm = scale is not None
+    _tweedie[_grid(N)](x_t, m, out, t, coef_a, coef_b, scale if norm else coef_a, shift if norm else coef_a, N, C, S,
+                       *xs, *ms, *os_, t.stride(0), X_CONTIG=xc, M_CONTIG=mc, O_CONTIG=oc, CLIP=clip, NORM=norm,
+                       F64=coef_a.dtype == torch.float64, **{k: 4 * v for k, v in _FIXED.items()})
+
+
+def philox_normal_out(seed, offset, out):
+    N = out.numel()
+    if N:
+        _normal[_grid((N + 3) // 4)](out, seed.to(out.device).reshape(1), offset.to(out.device).reshape(1), N,
+                                     **_FIXED)
