@@ -68,7 +68,7 @@ def extensions():
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         ext = cpp_extension.CUDAExtension(
             sources=sources + cuda_sources,
-            extra_compile_args={"cxx": cxx + ["-DDIFFAUG_WITH_CUDA"], "nvcc": nvcc},
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             library_dirs=[os.path.join(cuda_home, "lib"), os.path.join(cuda_home, "lib64")],
             **{k: v for k, v in kwargs.items() if k != "sources"},
         )

@@ -13,46 +13,17 @@
 #include <type_traits>
 
 #include "philox.h"
+#include "view3.h"
 
 namespace {
 
 using at::Tensor;
+using dk::View3;
+using dk::out_view3;
+using dk::view3;
 
 constexpr int64_t kChunk = 512;         // elements per task: a multiple of 4 (one counter = 4 elements)
 constexpr int64_t kChunkCtr = kChunk / 4 + 1;  // counters a chunk can touch when it starts mid-counter
-
-// A tensor seen as [B, C, S] with strides; S collapses dims 2.. (they must be mergeable).
-struct View3 {
-  int64_t B, C, S, sb, sc, ss;
-};
-
-bool try_view3(const Tensor& x, View3& v) {
-  const int64_t d = x.dim();
-  v.B = x.size(0);
-  v.sb = x.stride(0);
-  v.C = d > 1 ? x.size(1) : 1;
-  v.sc = d > 1 ? x.stride(1) : 0;
-  v.S = 1;
-  v.ss = 1;
-  int64_t expect = -1;  // stride the next (outer) spatial dim must have
-  for (int64_t k = d - 1; k >= 2; --k) {
-    if (x.size(k) == 1) continue;
-    if (expect >= 0 && x.stride(k) != expect) return false;
-    if (expect < 0) v.ss = x.stride(k);
-    expect = x.stride(k) * x.size(k);
-    v.S *= x.size(k);
-  }
-  return true;
-}
-
-View3 view3(Tensor& x) {  // makes x mergeable (a copy) only when its strides do not allow a view
-  View3 v;
-  if (!try_view3(x, v)) {
-    x = x.contiguous();
-    try_view3(x, v);
-  }
-  return v;
-}
 
 template <typename T>
 using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -95,8 +66,7 @@ void noise_kernel(const Tensor& x0_, const Tensor& t, const Tensor& ca_, const T
   using acc_t = acc_type_t<in_t>;
   Tensor x0 = x0_;
   const View3 xv = view3(x0);
-  View3 ov;
-  TORCH_CHECK(try_view3(out, ov), "internal: output layout not mergeable");
+  const View3 ov = out_view3(out);
   const int64_t K = t.size(0), B = xv.B, C = xv.C, S = xv.S;
   const int64_t tk = t.stride(0), tb = t.stride(1);
   const int64_t* tp = t.data_ptr<int64_t>();
@@ -164,8 +134,7 @@ void tweedie_kernel(const Tensor& x_, const Tensor& m_, const Tensor& t, const T
   using acc_t = acc_type_t<in_t>;
   Tensor x = x_, m = m_;
   const View3 xv = view3(x), mv = view3(m);
-  View3 ov;
-  TORCH_CHECK(try_view3(out, ov), "internal: output layout not mergeable");
+  const View3 ov = out_view3(out);
   const int64_t B = xv.B, C = xv.C, S = xv.S;
   const int64_t* tp = t.data_ptr<int64_t>();
   const int64_t tb = t.stride(0);

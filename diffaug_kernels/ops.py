@@ -9,6 +9,7 @@ nor recompiles for a new one, and nothing syncs with the host on the way in.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -114,6 +115,44 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return auto
 
 
+_MEASURED: dict = {}  # (op, device, dtype, size class) -> the fastest backend measured for it
+
+
+def _time_backend(name: str, run: Callable[[str], object], device: torch.device, reps: int = 5) -> float:
+    """Median seconds of run(name) after one warm-up (CUDA events on GPU)."""
+    def fn():
+        return run(name)
+
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _auto_pick(op: str, x: Tensor, run: Callable[[str], object]) -> Optional[str]:
+    """For backend="auto" where several fused backends can run on x's device: the one measured fastest for
+    this op, dtype and size class (powers of two of numel), timed once per process on first use. None when
+    there is nothing to choose, or while tracing or capturing (the default order applies)."""
+    cands = [n for n in _AUTO_ORDER.get(x.device.type, ()) if _usable(n, x.device)]
+    if len(cands) < 2 or torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return None
+    key = (op, x.device, x.dtype, max(x.numel(), 1).bit_length())
+    if key not in _MEASURED:
+        _MEASURED[key] = min(cands, key=lambda n: _time_backend(n, run, x.device))
+    return _MEASURED[key]
+
+
 # ---------------------------------------------------------------------------------------------- checks
 def _check_tensor(name: str, x, min_dim: int = 1) -> None:
     if not isinstance(x, Tensor):
@@ -147,7 +186,9 @@ def _check_t_values(name: str, t: Tensor, T: int) -> None:
     """Range check of t; skipped while tracing or capturing a CUDA graph (the kernels check it again)."""
     if torch.compiler.is_compiling() or t.numel() == 0:
         return
-    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+    if t.is_cuda:  # no host sync: a device-side assertion (the kernels assert again)
+        if not torch.cuda.is_current_stream_capturing():
+            torch._assert_async(((t >= 0) & (t < T)).all(), f"{name} must lie in [0, {T}) for this schedule")
         return
     lo, hi = int(t.min()), int(t.max())
     if lo < 0 or hi >= T:
@@ -191,7 +232,8 @@ def _as_seed(name: str, v, device: torch.device) -> Tensor:
             raise ValueError(f"offset must lie in [0, 2**63), got {v}")
         if not 0 <= v < 2**64:
             raise ValueError(f"seed must lie in [0, 2**64), got {v}")
-        return torch.tensor(v - 2**64 if v >= 2**63 else v, dtype=torch.int64, device=device)
+        # a fill, not a host-to-device copy: nothing syncs and CUDA-graph capture works
+        return torch.full((), v - 2**64 if v >= 2**63 else v, dtype=torch.int64, device=device)
     if isinstance(v, Tensor):
         if v.dtype.is_floating_point or v.dtype.is_complex or v.dtype == torch.bool or v.numel() != 1:
             raise TypeError(f"{name} must be an integer or a one-element integer tensor, got a {v.dtype} tensor "
@@ -326,8 +368,12 @@ def forward_noise(x0: Tensor, t, schedule: NoiseSchedule, seed=None, offset=0, o
     if name == "reference":
         return reference.forward_noise(x0, t, schedule, seed_t, off_t, out_dtype)
     cd = _compute_dtype(x0.dtype)
-    return _noise_op(x0, t.reshape(1, -1), schedule.table("sqrt_alphas_cumprod", x0.device, cd),
-                     schedule.table("sqrt_one_minus_alphas_cumprod", x0.device, cd), seed_t, off_t, out_dtype, name)
+    a, b = schedule.table("sqrt_alphas_cumprod", x0.device, cd), schedule.table("sqrt_one_minus_alphas_cumprod", x0.device, cd)
+
+    def run(n):
+        return _noise_op(x0, t.reshape(1, -1), a, b, seed_t, off_t, out_dtype, n)
+
+    return run((backend == "auto" and _auto_pick("forward_noise", x0, run)) or name)
 
 
 def forward_noise_multi(x0: Tensor, times, schedule: NoiseSchedule, seed=None, offset=0, out_dtype=None,
@@ -353,8 +399,12 @@ def forward_noise_multi(x0: Tensor, times, schedule: NoiseSchedule, seed=None, o
         return reference.forward_noise_multi(x0, times, schedule, seed_t, off_t, out_dtype)
     cd = _compute_dtype(x0.dtype)
     t = times.reshape(K, 1).expand(K, x0.shape[0])
-    return _noise_op(x0, t, schedule.table("sqrt_alphas_cumprod", x0.device, cd),
-                     schedule.table("sqrt_one_minus_alphas_cumprod", x0.device, cd), seed_t, off_t, out_dtype, name)
+    a, b = schedule.table("sqrt_alphas_cumprod", x0.device, cd), schedule.table("sqrt_one_minus_alphas_cumprod", x0.device, cd)
+
+    def run(n):
+        return _noise_op(x0, t, a, b, seed_t, off_t, out_dtype, n)
+
+    return run((backend == "auto" and _auto_pick(f"forward_noise_multi{K}", x0, run)) or name)
 
 
 _norm_cache: dict = {}
@@ -412,7 +462,12 @@ def tweedie(x_t: Tensor, model_output: Tensor, t, schedule: NoiseSchedule, predi
     m = model_output[:, :C]  # a view: the learned-sigma half is never read
     io = torch.promote_types(x_t.dtype, m.dtype)  # mixed precision: widen the narrower input (exact)
     a, b = schedule.x0_coefficients(prediction, x_t.device, cd)
-    return _tweedie_op(x_t.to(io), m.to(io), t, a, b, clip, norm[0], norm[1], out_dtype, name)
+    x_io, m_io = x_t.to(io), m.to(io)
+
+    def run(n):
+        return _tweedie_op(x_io, m_io, t, a, b, clip, norm[0], norm[1], out_dtype, n)
+
+    return run((backend == "auto" and _auto_pick("tweedie", x_t, run)) or name)
 
 
 def _philox_uint32(n_counters: int, seed: int, offset: int = 0, backend: str = "auto") -> Tensor:

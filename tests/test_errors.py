@@ -117,3 +117,27 @@ def test_runs_on_reference_without_extension():
     assert "BACKENDS ['reference']" in r.stdout
     assert r.stderr.count("compiled extension is not available") == 1, r.stderr
     assert r.stderr.count("backend 'cpu' is not available") == 1, r.stderr
+
+
+def test_auto_picks_the_fastest_measured_backend(monkeypatch):
+    """With several fused backends for a device, "auto" times each once per (op, dtype, size class)."""
+    if "triton" not in CPU_FUSED or "cpu" not in CPU_FUSED:
+        pytest.skip("needs two fused CPU backends (cpu, and triton in the interpreter)")
+    monkeypatch.setitem(ops._AUTO_ORDER, "cpu", ("cpu", "triton"))
+    monkeypatch.setattr(ops, "_MEASURED", {})
+    timed = []
+
+    def fake_time(name, run, device, reps=5):
+        timed.append(name)
+        run(name)
+        return {"cpu": 2.0, "triton": 1.0}[name]
+
+    monkeypatch.setattr(ops, "_time_backend", fake_time)
+    y = dk.forward_noise(x, 5, S, seed=1)
+    assert sorted(timed) == ["cpu", "triton"]
+    assert list(ops._MEASURED.values()) == ["triton"]
+    z = dk.forward_noise(x, 5, S, seed=1)  # cached: no more timing
+    assert len(timed) == 2
+    torch.testing.assert_close(y, z)
+    assert_matches_ref = dk.reference.forward_noise(x, 5, S, 1)
+    torch.testing.assert_close(z, assert_matches_ref, rtol=1e-6, atol=1e-5)

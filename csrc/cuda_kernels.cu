@@ -1,0 +1,272 @@
+// CUDA kernels: forward noise (+ the ensemble expansion), Tweedie step, Philox normals.
+//
+// Each thread takes a unit of E consecutive logical elements (16 bytes of input where the layout allows a
+// vector load), grid-stride over units with a grid sized to the device. Seed and offset are read from
+// device memory, so a captured CUDA graph replays with whatever the tensors hold (fresh noise) and no launch
+// waits on the host. Layout fast path: whole samples dense in logical order (contiguous, or a channel slice
+// of a contiguous tensor such as the learned-sigma split); anything else takes the strided path.
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "philox.h"
+#include "view3.h"
+
+namespace {
+
+using at::Tensor;
+using dk::View3;
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T, int E>
+struct alignas(sizeof(T) * E) Vec {
+  T v[E];
+};
+
+constexpr int kThreads = 256;
+
+// ATen/cuda/CUDAContext.h would pull in cuBLAS/cuSPARSE headers this build does not need: ask the driver.
+int grid_for(int64_t units) {
+  int dev = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int64_t cap = static_cast<int64_t>(sms) * 8;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((units + kThreads - 1) / kThreads, cap)));
+}
+
+// Whether units of E elements can use vector access on this tensor: dense samples, E | C*S, aligned.
+template <typename T, int E>
+bool vectorizable(const Tensor& x, const View3& v) {
+  const auto addr = reinterpret_cast<uintptr_t>(x.data_ptr());
+  return v.sample_dense() && (v.C * v.S) % E == 0 && addr % (sizeof(T) * E) == 0 && (v.B == 1 || v.sb % E == 0);
+}
+
+__device__ __forceinline__ int64_t offset_of(int64_t i, const View3& v) {
+  const int64_t s = i % v.S, bc = i / v.S;
+  return (bc / v.C) * v.sb + (bc % v.C) * v.sc + s * v.ss;
+}
+
+__device__ __forceinline__ void normals4(uint64_t ctr, uint32_t k0, uint32_t k1, float* n) {
+  uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32), c2 = 0, c3 = 0;
+  dk::philox4x32_10(c0, c1, c2, c3, k0, k1);
+  dk::box_muller(c0, c1, n[0], n[1]);
+  dk::box_muller(c2, c3, n[2], n[3]);
+}
+
+// ------------------------------------------------------------------------------------------------ noise
+template <typename in_t, typename out_t, int VEC>
+__global__ void __launch_bounds__(kThreads) noise_kernel(
+    const in_t* __restrict__ x, out_t* __restrict__ out, const int64_t* __restrict__ t, int64_t tk, int64_t tb,
+    const acc_t<in_t>* __restrict__ ca, const acc_t<in_t>* __restrict__ cb, int64_t T,
+    const int64_t* __restrict__ seed_p, const int64_t* __restrict__ off_p, int64_t N, int64_t K, View3 xv,
+    View3 ov, bool x_vec, bool o_vec) {
+  using acc = acc_t<in_t>;
+  constexpr int E = 4 * VEC;  // VEC Philox counters per unit
+  const uint64_t seed = static_cast<uint64_t>(*seed_p), off = static_cast<uint64_t>(*off_p);
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const int64_t CS = xv.C * xv.S, B = xv.B, units = (N + E - 1) / E;
+  const bool aligned = K == 1 || N % 4 == 0;  // block k of the output starts on a counter boundary
+  for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < units;
+       u += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i0 = u * E;
+    const bool full = i0 + E <= N;
+    acc xr[E];
+    if (full && x_vec) {
+      const int64_t b = i0 / CS;
+      const auto vx = *reinterpret_cast<const Vec<in_t, E>*>(x + b * xv.sb + (i0 - b * CS));
+#pragma unroll
+      for (int e = 0; e < E; ++e) xr[e] = static_cast<acc>(vx.v[e]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < E; ++e) xr[e] = i0 + e < N ? static_cast<acc>(x[offset_of(i0 + e, xv)]) : acc(0);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      float nz[E];
+      if (aligned) {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) normals4(off + static_cast<uint64_t>((k * N + i0) / 4 + v), k0, k1, nz + 4 * v);
+      } else {  // rare: K > 1 with N % 4 != 0; each element finds its own counter and lane
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const int64_t el = k * N + i0 + e;
+          float n4[4];
+          normals4(off + static_cast<uint64_t>(el / 4), k0, k1, n4);
+          nz[e] = n4[el % 4];
+        }
+      }
+      if (full && o_vec) {  // o_vec implies E | C*S: the unit lies in one sample
+        const int64_t b = i0 / CS;
+        const int64_t ti = t[k * tk + b * tb];
+        CUDA_KERNEL_ASSERT(ti >= 0 && ti < T);
+        const acc a = ca[ti], s = cb[ti];
+        Vec<out_t, E> vo;
+#pragma unroll
+        for (int e = 0; e < E; ++e) vo.v[e] = static_cast<out_t>(a * xr[e] + s * static_cast<acc>(nz[e]));
+        *reinterpret_cast<Vec<out_t, E>*>(out + (k * B + b) * ov.sb + (i0 - b * CS)) = vo;
+      } else {
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const int64_t i = i0 + e;
+          if (i >= N) break;
+          const int64_t b = i / CS, ti = t[k * tk + b * tb];
+          CUDA_KERNEL_ASSERT(ti >= 0 && ti < T);
+          out[k * B * ov.sb + offset_of(i, ov)] = static_cast<out_t>(ca[ti] * xr[e] + cb[ti] * static_cast<acc>(nz[e]));
+        }
+      }
+    }
+  }
+}
+
+void noise_out(const Tensor& x0_, const Tensor& t, const Tensor& coef_a, const Tensor& coef_b, const Tensor& seed,
+               const Tensor& offset, Tensor out) {
+  const c10::cuda::CUDAGuard guard(x0_.device());
+  TORCH_CHECK(t.dim() == 2 && t.size(1) == x0_.size(0) && t.scalar_type() == at::kLong, "internal: t must be [K, B] int64");
+  Tensor x0 = x0_;
+  const View3 xv = dk::view3(x0), ov = dk::out_view3(out);
+  const int64_t N = x0.numel(), K = t.size(0);
+  if (N == 0 || K == 0) return;
+  const Tensor s = seed.to(x0.device(), at::kLong), o = offset.to(x0.device(), at::kLong);
+  const Tensor ca = coef_a.contiguous(), cb = coef_b.contiguous();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "noise_in", [&] {
+    using in_t = scalar_t;
+    using acc = acc_t<in_t>;
+    constexpr int VEC = sizeof(in_t) == 2 ? 2 : 1;  // 16-byte loads of 16-bit inputs take two counters
+    constexpr int E = 4 * VEC;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "noise_out", [&] {
+      const bool x_vec = vectorizable<in_t, E>(x0, xv), o_vec = vectorizable<scalar_t, E>(out, ov);
+      noise_kernel<in_t, scalar_t, VEC><<<grid_for((N + E - 1) / E), kThreads, 0, stream>>>(
+          x0.data_ptr<in_t>(), out.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), t.stride(0), t.stride(1),
+          ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), s.data_ptr<int64_t>(), o.data_ptr<int64_t>(), N, K,
+          xv, ov, x_vec, o_vec);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------- tweedie
+template <typename in_t, typename out_t, int E>
+__global__ void __launch_bounds__(kThreads) tweedie_kernel(
+    const in_t* __restrict__ x, const in_t* __restrict__ m, out_t* __restrict__ out, const int64_t* __restrict__ t,
+    int64_t tb, const acc_t<in_t>* __restrict__ ca, const acc_t<in_t>* __restrict__ cb, int64_t T, bool clip,
+    const acc_t<in_t>* __restrict__ scale, const acc_t<in_t>* __restrict__ shift, int64_t N, View3 xv, View3 mv,
+    View3 ov, bool x_vec, bool m_vec, bool o_vec) {
+  using acc = acc_t<in_t>;
+  const int64_t CS = xv.C * xv.S, units = (N + E - 1) / E;
+  for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < units;
+       u += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i0 = u * E;
+    const bool full = i0 + E <= N;
+    const int64_t b0 = i0 / CS;
+    acc xr[E], mr[E];
+    if (full && x_vec) {
+      const auto v = *reinterpret_cast<const Vec<in_t, E>*>(x + b0 * xv.sb + (i0 - b0 * CS));
+#pragma unroll
+      for (int e = 0; e < E; ++e) xr[e] = static_cast<acc>(v.v[e]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < E; ++e) xr[e] = i0 + e < N ? static_cast<acc>(x[offset_of(i0 + e, xv)]) : acc(0);
+    }
+    if (full && m_vec) {
+      const auto v = *reinterpret_cast<const Vec<in_t, E>*>(m + b0 * mv.sb + (i0 - b0 * CS));
+#pragma unroll
+      for (int e = 0; e < E; ++e) mr[e] = static_cast<acc>(v.v[e]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < E; ++e) mr[e] = i0 + e < N ? static_cast<acc>(m[offset_of(i0 + e, mv)]) : acc(0);
+    }
+    out_t res[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int64_t i = i0 + e, b = i / CS;
+      const int64_t ti = i < N ? t[b * tb] : 0;
+      CUDA_KERNEL_ASSERT(ti >= 0 && ti < T);
+      acc y = ca[ti] * xr[e] + cb[ti] * mr[e];
+      if (clip) y = y != y ? y : (y < acc(-1) ? acc(-1) : (y > acc(1) ? acc(1) : y));  // NaN passes through
+      if (scale != nullptr) {
+        const int64_t c = (i - b * CS) / xv.S;
+        y = y * scale[c] + shift[c];
+      }
+      res[e] = static_cast<out_t>(y);
+    }
+    if (full && o_vec) {
+      Vec<out_t, E> vo;
+#pragma unroll
+      for (int e = 0; e < E; ++e) vo.v[e] = res[e];
+      *reinterpret_cast<Vec<out_t, E>*>(out + b0 * ov.sb + (i0 - b0 * CS)) = vo;
+    } else {
+#pragma unroll
+      for (int e = 0; e < E; ++e)
+        if (i0 + e < N) out[offset_of(i0 + e, ov)] = res[e];
+    }
+  }
+}
+
+void tweedie_out(const Tensor& x_t, const Tensor& model_output, const Tensor& t, const Tensor& coef_a,
+                 const Tensor& coef_b, bool clip, const c10::optional<Tensor>& scale, const c10::optional<Tensor>& shift,
+                 Tensor out) {
+  const c10::cuda::CUDAGuard guard(x_t.device());
+  TORCH_CHECK(x_t.sizes() == model_output.sizes() && x_t.scalar_type() == model_output.scalar_type(),
+              "internal: model_output must be narrowed and cast to x_t's shape and dtype");
+  Tensor x = x_t, m = model_output;
+  const View3 xv = dk::view3(x), mv = dk::view3(m), ov = dk::out_view3(out);
+  const int64_t N = x.numel();
+  if (N == 0) return;
+  const Tensor ca = coef_a.contiguous(), cb = coef_b.contiguous();
+  const Tensor sc = scale.has_value() ? scale->contiguous() : Tensor(), sh = shift.has_value() ? shift->contiguous() : Tensor();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tweedie_in", [&] {
+    using in_t = scalar_t;
+    using acc = acc_t<in_t>;
+    constexpr int E = 16 / sizeof(in_t);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "tweedie_out", [&] {
+      tweedie_kernel<in_t, scalar_t, E><<<grid_for((N + E - 1) / E), kThreads, 0, stream>>>(
+          x.data_ptr<in_t>(), m.data_ptr<in_t>(), out.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), t.stride(0),
+          ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), clip, sc.defined() ? sc.data_ptr<acc>() : nullptr,
+          sh.defined() ? sh.data_ptr<acc>() : nullptr, N, xv, mv, ov, vectorizable<in_t, E>(x, xv),
+          vectorizable<in_t, E>(m, mv), vectorizable<scalar_t, E>(out, ov));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------- normals
+__global__ void __launch_bounds__(kThreads) normal_kernel(float* __restrict__ out, const int64_t* __restrict__ seed_p,
+                                                          const int64_t* __restrict__ off_p, int64_t N, bool vec) {
+  const uint64_t seed = static_cast<uint64_t>(*seed_p), off = static_cast<uint64_t>(*off_p);
+  const int64_t units = (N + 3) / 4;
+  for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < units;
+       u += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float n[4];
+    normals4(off + static_cast<uint64_t>(u), static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), n);
+    if (vec && 4 * u + 4 <= N) {
+      *reinterpret_cast<float4*>(out + 4 * u) = make_float4(n[0], n[1], n[2], n[3]);
+    } else {
+      for (int e = 0; e < 4 && 4 * u + e < N; ++e) out[4 * u + e] = n[e];
+    }
+  }
+}
+
+void philox_normal_out(const Tensor& seed, const Tensor& offset, Tensor out) {
+  const c10::cuda::CUDAGuard guard(out.device());
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat, "internal: out must be contiguous float32");
+  const int64_t N = out.numel();
+  if (N == 0) return;
+  const Tensor s = seed.to(out.device(), at::kLong), o = offset.to(out.device(), at::kLong);
+  const bool vec = reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
+  normal_kernel<<<grid_for((N + 3) / 4), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      out.data_ptr<float>(), s.data_ptr<int64_t>(), o.data_ptr<int64_t>(), N, vec);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(diffaug_kernels_C, CUDA, m) {
+  m.impl("noise_out", &noise_out);
+  m.impl("tweedie_out", &tweedie_out);
+  m.impl("philox_normal_out", &philox_normal_out);
+}
