@@ -46,3 +46,11 @@ def poison_outputs():
 @pytest.fixture(scope="session")
 def linear():
     return dk.NoiseSchedule.linear(1000)
+
+
+@pytest.fixture(params=["cuda", "triton"])
+def gpu_backend(request):
+    """Each GPU backend in turn; on a GPU machine both must be there (a missing one fails, never skips)."""
+    if not ops._usable(request.param, torch.device("cuda")):
+        pytest.fail(f"backend {request.param!r} is not available on this GPU machine: {ops._ext.ERROR}")
+    return request.param

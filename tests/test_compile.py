@@ -86,3 +86,27 @@ def test_custom_ops_pass_opcheck():
     m = torch.randn(2, 3, 4, 5, requires_grad=True)
     sc, sh = torch.rand(3), torch.rand(3)
     torch.library.opcheck(_tweedie_op, (x, m, torch.tensor([5, 6]), A, B, True, sc, sh, torch.bfloat16, "cpu"))
+
+
+# ------------------------------------------------------------------------------- on a GPU (-m cuda)
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.cuda
+def test_compile_reduce_overhead(gpu_backend):
+    x = torch.rand(8, 3, 32, 32, device=CUDA) * 2 - 1
+    m = torch.randn(8, 6, 32, 32, device=CUDA)
+    t = torch.full((8,), 300, device=CUDA)
+
+    def step(x, m):
+        xt = dk.forward_noise(x, t, S, backend=gpu_backend)
+        return dk.tweedie(xt, m, t, S, normalize=dk.IMAGENET_NORM, backend=gpu_backend)
+
+    f = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    outs = [f(x, m).clone() for _ in range(4)]
+    assert not torch.equal(outs[-1], outs[-2])
+    torch.testing.assert_close(
+        (lambda x, m: dk.tweedie(dk.forward_noise(x, t, S, seed=1, backend=gpu_backend), m, t, S,
+                                 normalize=dk.IMAGENET_NORM, backend=gpu_backend))(x, m),
+        torch.compile(lambda x, m: dk.tweedie(dk.forward_noise(x, t, S, seed=1, backend=gpu_backend), m, t, S,
+                                              normalize=dk.IMAGENET_NORM, backend=gpu_backend), fullgraph=True)(x, m))

@@ -118,3 +118,29 @@ def test_gradient_equals_reference_autograd(backend, dtype):
     (rx,) = torch.autograd.grad(reference.forward_noise_multi(x32, [5, 500, 900], S, 1), x32, g.float())
     assert gx.dtype == dtype
     assert_matches(gx, rx.to(dtype), atol32=1e-5)
+
+
+# ------------------------------------------------------------------------------- on a GPU (-m cuda)
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(3, 3, 17, 19), (8, 3, 32, 32), (2, 4, 64, 64), (5, 1, 1, 7)])
+def test_forward_noise_on_gpu(gpu_backend, dtype, layout, shape):
+    x = make_layout(torch.rand(*shape, device=CUDA, dtype=torch.float64).to(dtype) * 2 - 1, layout)
+    t = torch.randint(0, 1000, (shape[0],), device=CUDA)
+    for out_dtype in (None, torch.float32, torch.bfloat16):
+        got = dk.forward_noise(x, t, S, seed=2**40 + 3, offset=2**32 - 7, out_dtype=out_dtype, backend=gpu_backend)
+        assert_matches(got, reference.forward_noise(x, t, S, 2**40 + 3, 2**32 - 7, out_dtype))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 3, 17, 19), (4, 3, 32, 32), (2, 3, 5, 5)])
+def test_forward_noise_multi_on_gpu(gpu_backend, dtype, shape):
+    x = torch.rand(*shape, device=CUDA).to(dtype) * 2 - 1
+    times = list(range(0, 451, 50))
+    got = dk.forward_noise_multi(x, times, S, seed=9, offset=1, backend=gpu_backend)
+    assert_matches(got, reference.forward_noise_multi(x, times, S, 9, 1))

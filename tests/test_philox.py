@@ -189,3 +189,36 @@ def test_stream_is_tritons_randn4x():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert "TRITON-OK" in r.stdout, r.stdout + r.stderr
+
+
+# ------------------------------------------------------------------------------- on a GPU (-m cuda)
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.cuda
+def test_one_noise_stream_on_every_backend():
+    x = torch.rand(4, 3, 40, 40)
+    cpu = dk.forward_noise(x, 700, S, seed=77, backend="cpu")
+    for b in ("cuda", "triton"):
+        gpu = dk.forward_noise(x.to(CUDA), 700, S, seed=77, backend=b).cpu()
+        torch.testing.assert_close(gpu, cpu, rtol=1e-6, atol=1e-5)
+        z = dk.philox_normal((10_001,), 5, 3, device=CUDA, backend=b).cpu()
+        torch.testing.assert_close(z, dk.philox_normal((10_001,), 5, 3, backend="cpu"), rtol=1e-6, atol=2e-6)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replay_gives_fresh_noise(gpu_backend):
+    x = torch.rand(8, 3, 32, 32, device=CUDA) * 2 - 1
+    t = torch.full((8,), 900, device=CUDA)
+    dk.forward_noise(x, t, S, backend=gpu_backend)  # warm up (autotune, caches) outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = dk.forward_noise(x, t, S, backend=gpu_backend)
+    outs = []
+    for _ in range(3):
+        g.replay()
+        torch.cuda.synchronize()
+        outs.append(y.clone())
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+    assert torch.isfinite(outs[0]).all()

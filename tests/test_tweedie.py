@@ -110,3 +110,32 @@ def test_gradient_equals_reference_autograd_mixed_dtypes(backend):
     assert got[1].dtype == torch.bfloat16
     assert_matches(got[0], want[0], atol32=1e-4)
     assert_matches(got[1], want[1], atol32=1e-4)
+
+
+# ------------------------------------------------------------------------------- on a GPU (-m cuda)
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0", "score"])
+def test_tweedie_on_gpu(gpu_backend, dtype, layout, prediction):
+    B, C = 4, 3
+    x = make_layout(torch.randn(B, C, 24, 20, device=CUDA).to(dtype), layout)
+    for learned_sigma in (False, True):
+        m = make_layout(torch.randn(B, 2 * C if learned_sigma else C, 24, 20, device=CUDA).to(dtype), layout)
+        t = torch.randint(0, 1000, (B,), device=CUDA)
+        for normalize, clip in ((None, False), (dk.IMAGENET_NORM, True)):
+            got = dk.tweedie(x, m, t, S, prediction, clip, normalize, backend=gpu_backend)
+            want = reference.tweedie(x, m, t, S, prediction, clip, normalize)
+            assert_matches(got, want, mag=magnitude(x.cpu(), m.cpu(), t.cpu(), prediction, normalize, C).to(CUDA))
+
+
+@pytest.mark.cuda
+def test_gradients_on_gpu(gpu_backend):
+    x = (torch.rand(2, 3, 8, 8, device=CUDA, dtype=torch.float64) * 2 - 1).requires_grad_()
+    m = torch.randn(2, 6, 8, 8, device=CUDA, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([5, 600], device=CUDA)
+    assert torch.autograd.gradcheck(lambda x: dk.forward_noise_multi(x, [1, 500], S, seed=3, backend=gpu_backend), (x,))
+    assert torch.autograd.gradcheck(lambda x, m: dk.tweedie(x, m, t, S, backend=gpu_backend), (x, m))
