@@ -59,11 +59,14 @@ def extensions():
     from torch.utils import cpp_extension
 
     arch = os.environ.get("DIFFAUG_CPU_ARCH", "native")
-    cxx = ["-O3", f"-march={arch}", "-fno-math-errno", "-fopenmp-simd", "-DNDEBUG"]
+    # -fopenmp: at::parallel_for is inline `#pragma omp parallel` (without it, kernels run on one thread); the
+    # libgomp.so.1 it links resolves at run time to the copy torch already loaded (same SONAME), one runtime.
+    cxx = ["-O3", f"-march={arch}", "-fno-math-errno", "-fopenmp", "-DNDEBUG"]
     if os.environ.get("DIFFAUG_VEC_REPORT") == "1":
         cxx += ["-fopt-info-vec-optimized"]
     sources = sorted(glob.glob("csrc/*.cpp"))
-    kwargs = dict(name="diffaug_kernels._C", sources=sources, include_dirs=[os.path.join(ROOT, "csrc")])
+    kwargs = dict(name="diffaug_kernels._C", sources=sources, include_dirs=[os.path.join(ROOT, "csrc")],
+                  extra_link_args=["-fopenmp"])
     if use_cuda:
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         ext = cpp_extension.CUDAExtension(

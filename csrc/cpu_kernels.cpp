@@ -9,6 +9,8 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <type_traits>
 
@@ -50,6 +52,17 @@ inline void philox_normals(uint64_t ctr0, int64_t n, uint32_t k0, uint32_t k1, f
     out[4 * l + 2] = n2[l];
     out[4 * l + 3] = n3[l];
   }
+}
+
+// A large output is usually fresh memory, and faulting it in 4 KiB pages costs more than the kernel itself
+// (38 MB: ~20 ms of faults against ~6 ms of work on 2 cores). Asking for transparent huge pages on its
+// 2 MiB-aligned interior cuts the faults 512-fold. Only a hint: harmless where THP is off or memory is warm.
+void advise_huge_pages(const Tensor& out) {
+  constexpr uintptr_t kHuge = 2u << 20;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr()), n = out.nbytes();
+  if (n < 8 * kHuge) return;
+  const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + n) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
 }
 
 void check_t(const Tensor& t, int64_t T) {
@@ -119,6 +132,7 @@ void noise_out(const Tensor& x0, const Tensor& t, const Tensor& coef_a, const Te
   TORCH_CHECK(out.size(0) == t.size(0) * x0.size(0), "internal: out must have K*B rows");
   check_t(t, coef_a.numel());
   const uint64_t s = seed_of(seed), o = seed_of(offset);
+  advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "noise_in", [&] {
     using in_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "noise_out", [&] {
@@ -189,6 +203,7 @@ void tweedie_out(const Tensor& x_t, const Tensor& model_output, const Tensor& t,
   check_t(t, coef_a.numel());
   const Tensor sc = scale.has_value() ? scale->contiguous() : Tensor();
   const Tensor sh = shift.has_value() ? shift->contiguous() : Tensor();
+  advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "tweedie_in", [&] {
     using in_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "tweedie_out", [&] {

@@ -1,0 +1,6 @@
+"""`python -m diffaug_kernels <command>`: the same as the `diffaug` console script."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,116 @@
+"""Command line: `diffaug <command>` or `python -m diffaug_kernels <command>`.
+
+Each command is one `_add_<name>(subparsers)` function that declares its options and sets `func`, so a new
+command (demo, train-score, evaluate, ...) is one more function in COMMANDS; imports stay inside the
+commands so `diffaug --help` is fast.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from typing import Optional, Sequence
+
+RESULTS_DIR = os.path.join("benchmarks", "results")
+
+
+def _shapes(s: str) -> tuple:
+    try:
+        shapes = tuple(tuple(int(d) for d in part.lower().split("x")) for part in s.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shapes must look like 64x3x224x224,256x3x32x32, got {s!r}") from None
+    if not shapes or any(len(sh) != 4 or min(sh) < 1 for sh in shapes):  # the published code is image-only
+        raise argparse.ArgumentTypeError(f"each shape must be BxCxHxW with positive sizes, got {s!r}")
+    return shapes
+
+
+def _dtypes(s: str) -> tuple:
+    import torch
+
+    names = [n.strip().removeprefix("torch.") for n in s.split(",") if n.strip()]
+    ok = ("float16", "bfloat16", "float32", "float64")
+    bad = [n for n in names if n not in ok]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"dtypes must be a comma list of {', '.join(ok)}, got {s!r}")
+    return tuple(getattr(torch, n) for n in names)
+
+
+def _ops(s: str) -> tuple:
+    names = tuple(n.strip() for n in s.split(",") if n.strip())
+    if not names or any(n not in ("forward_noise", "tweedie") for n in names):
+        raise argparse.ArgumentTypeError(f"ops must be a comma list of forward_noise, tweedie, got {s!r}")
+    return names
+
+
+def _positive(s: str) -> int:
+    if not s.isdigit() or int(s) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}")
+    return int(s)
+
+
+# ------------------------------------------------------------------------------------------- bench
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="time the fused ops against the published eager and compiled code",
+                       description="Times forward_noise and tweedie: guided-diffusion's eager code, its "
+                                   "torch.compile'd twin and every fused backend; prints one table.")
+    p.add_argument("--shapes", type=_shapes, default=((64, 3, 224, 224), (256, 3, 32, 32)),
+                   help="comma list of BxCxHxW (default 64x3x224x224,256x3x32x32)")
+    p.add_argument("--dtypes", type=_dtypes, default=None, help="comma list (default float32,bfloat16)")
+    p.add_argument("--ops", type=_ops, default=("forward_noise", "tweedie"), help="comma list (default: both)")
+    p.add_argument("--reps", type=_positive, default=10, help="timed repetitions; the median is reported (default 10)")
+    p.add_argument("--warmup", type=_positive, default=2, help="untimed calls first (default 2)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available, else cpu)")
+    p.add_argument("--threads", type=_positive, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--no-flush", action="store_true",
+                   help="keep caches warm between calls (default: evict them before each timed call)")
+    p.add_argument("--json", metavar="PATH", default=None,
+                   help=f"write results here (default: {RESULTS_DIR}/<device>-<date>.json when that folder "
+                        "exists under the current directory)")
+    p.add_argument("--no-json", action="store_true", help="write no JSON file")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args) -> int:
+    import torch
+
+    from . import bench
+
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        sys.exit(f"diffaug bench: bad --device: {e}")
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        sys.exit(f"diffaug bench: device {device} is not available here (cpu, or cuda with a GPU)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    json_path = args.json
+    if json_path is None and not args.no_json and os.path.isdir(RESULTS_DIR):
+        json_path = os.path.join(RESULTS_DIR, f"{device.type}-{datetime.date.today().isoformat()}.json")
+    bench.run_bench(shapes=args.shapes, dtypes=args.dtypes or (torch.float32, torch.bfloat16), reps=args.reps,
+                    warmup=args.warmup, device=device, json_path=None if args.no_json else json_path,
+                    op_names=args.ops, flush=not args.no_flush)
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- main
+COMMANDS = (_add_bench,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffaug", description="diffaug-kernels: fused DiffAug ops, "
+                                     "benchmarks and recipes.")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    sub.required = True
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
