@@ -30,6 +30,27 @@ constexpr int64_t kChunkCtr = kChunk / 4 + 1;  // counters a chunk can touch whe
 template <typename T>
 using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
+// Element conversions. bfloat16 is done on the bits (as c10 does, NaN -> 0x7FC0, round to nearest even) but
+// without c10's branch, so the loops that use it vectorise; other types use the ordinary casts.
+template <typename acc, typename T>
+inline acc to_acc(T v) {
+  return static_cast<acc>(v);
+}
+template <>
+inline float to_acc<float, c10::BFloat16>(c10::BFloat16 v) {
+  return __builtin_bit_cast(float, static_cast<uint32_t>(v.x) << 16);
+}
+template <typename T, typename acc>
+inline T from_acc(acc y) {
+  return static_cast<T>(y);
+}
+template <>
+inline c10::BFloat16 from_acc<c10::BFloat16, float>(float y) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, y);
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(y != y ? 0x7FC0u : r), c10::BFloat16::from_bits());
+}
+
 uint64_t seed_of(const Tensor& seed) {
   TORCH_CHECK(seed.numel() == 1 && !seed.is_floating_point(), "seed must be a single integer");
   return static_cast<uint64_t>(seed.cpu().item<int64_t>());
@@ -99,12 +120,12 @@ void noise_kernel(const Tensor& x0_, const Tensor& t, const Tensor& ca_, const T
       const int64_t row = task / nchunks, s0 = (task % nchunks) * kChunk;
       const int64_t b = row / C, c = row % C;
       const int64_t len = std::min(kChunk, S - s0);
-      const in_t* xs = px + b * xv.sb + c * xv.sc + s0 * xv.ss;
+      const in_t* __restrict xs = px + b * xv.sb + c * xv.sc + s0 * xv.ss;
       if (xv.ss == 1) {
 #pragma omp simd
-        for (int64_t e = 0; e < len; ++e) xb[e] = static_cast<acc_t>(xs[e]);
+        for (int64_t e = 0; e < len; ++e) xb[e] = to_acc<acc_t>(xs[e]);
       } else {
-        for (int64_t e = 0; e < len; ++e) xb[e] = static_cast<acc_t>(xs[e * xv.ss]);
+        for (int64_t e = 0; e < len; ++e) xb[e] = to_acc<acc_t>(xs[e * xv.ss]);
       }
       for (int64_t k = 0; k < K; ++k) {
         const int64_t ti = tp[k * tk + b * tb];
@@ -113,13 +134,13 @@ void noise_kernel(const Tensor& x0_, const Tensor& t, const Tensor& ca_, const T
         const int64_t lane0 = static_cast<int64_t>(i0 & 3u);
         philox_normals(offset + (i0 >> 2), (lane0 + len + 3) / 4, k0, k1, nb);
         const float* nz = nb + lane0;
-        out_t* os = po + (k * B + b) * ov.sb + c * ov.sc + s0 * ov.ss;
+        out_t* __restrict os = po + (k * B + b) * ov.sb + c * ov.sc + s0 * ov.ss;
         if (ov.ss == 1) {
 #pragma omp simd
-          for (int64_t e = 0; e < len; ++e) os[e] = static_cast<out_t>(a * xb[e] + s * static_cast<acc_t>(nz[e]));
+          for (int64_t e = 0; e < len; ++e) os[e] = from_acc<out_t>(a * xb[e] + s * static_cast<acc_t>(nz[e]));
         } else {
           for (int64_t e = 0; e < len; ++e)
-            os[e * ov.ss] = static_cast<out_t>(a * xb[e] + s * static_cast<acc_t>(nz[e]));
+            os[e * ov.ss] = from_acc<out_t>(a * xb[e] + s * static_cast<acc_t>(nz[e]));
         }
       }
     }
@@ -166,6 +187,7 @@ void tweedie_kernel(const Tensor& x_, const Tensor& m_, const Tensor& t, const T
   const acc_t hi = clip ? acc_t(1) : std::numeric_limits<acc_t>::infinity();
 
   at::parallel_for(0, B * C * nchunks, std::max<int64_t>(1, 32768 / kChunk), [&](int64_t begin, int64_t end) {
+    const acc_t lo_ = lo, hi_ = hi;  // locals, not captured references the stores might alias (no vectorising)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task / nchunks, s0 = (task % nchunks) * kChunk;
       const int64_t b = row / C, c = row % C;
@@ -173,21 +195,21 @@ void tweedie_kernel(const Tensor& x_, const Tensor& m_, const Tensor& t, const T
       const int64_t ti = tp[b * tb];
       const acc_t a = pa[ti], s = pb[ti];
       const acc_t g = norm ? psc[c] : acc_t(1), h = norm ? psh[c] : acc_t(0);
-      const in_t* xs = px + b * xv.sb + c * xv.sc + s0 * xv.ss;
-      const in_t* ms = pm + b * mv.sb + c * mv.sc + s0 * mv.ss;
-      out_t* os = po + b * ov.sb + c * ov.sc + s0 * ov.ss;
+      const in_t* __restrict xs = px + b * xv.sb + c * xv.sc + s0 * xv.ss;
+      const in_t* __restrict ms = pm + b * mv.sb + c * mv.sc + s0 * mv.ss;
+      out_t* __restrict os = po + b * ov.sb + c * ov.sc + s0 * ov.ss;
       if (xv.ss == 1 && mv.ss == 1 && ov.ss == 1) {
 #pragma omp simd
         for (int64_t e = 0; e < len; ++e) {
-          acc_t y = a * static_cast<acc_t>(xs[e]) + s * static_cast<acc_t>(ms[e]);
-          y = std::min(std::max(y, lo), hi);
-          os[e] = static_cast<out_t>(y * g + h);
+          acc_t y = a * to_acc<acc_t>(xs[e]) + s * to_acc<acc_t>(ms[e]);
+          y = y < lo_ ? lo_ : (y > hi_ ? hi_ : y);  // NaN stays NaN
+          os[e] = from_acc<out_t>(y * g + h);
         }
       } else {
         for (int64_t e = 0; e < len; ++e) {
-          acc_t y = a * static_cast<acc_t>(xs[e * xv.ss]) + s * static_cast<acc_t>(ms[e * mv.ss]);
-          y = std::min(std::max(y, lo), hi);
-          os[e * ov.ss] = static_cast<out_t>(y * g + h);
+          acc_t y = a * to_acc<acc_t>(xs[e * xv.ss]) + s * to_acc<acc_t>(ms[e * mv.ss]);
+          y = y < lo_ ? lo_ : (y > hi_ ? hi_ : y);  // NaN stays NaN
+          os[e * ov.ss] = from_acc<out_t>(y * g + h);
         }
       }
     }
