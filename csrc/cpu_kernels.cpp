@@ -12,6 +12,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 
 #include "philox.h"
@@ -79,6 +80,8 @@ inline void philox_normals(uint64_t ctr0, int64_t n, uint32_t k0, uint32_t k1, f
 // (38 MB: ~20 ms of faults against ~6 ms of work on 2 cores). Asking for transparent huge pages on its
 // 2 MiB-aligned interior cuts the faults 512-fold. Only a hint: harmless where THP is off or memory is warm.
 void advise_huge_pages(const Tensor& out) {
+  static const bool off = std::getenv("DIFFAUG_NO_HUGEPAGES") != nullptr;
+  if (off) return;
   constexpr uintptr_t kHuge = 2u << 20;
   const uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr()), n = out.nbytes();
   if (n < 8 * kHuge) return;

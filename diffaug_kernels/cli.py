@@ -59,7 +59,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--dtypes", type=_dtypes, default=None, help="comma list (default float32,bfloat16)")
     p.add_argument("--ops", type=_ops, default=("forward_noise", "tweedie"), help="comma list (default: both)")
     p.add_argument("--reps", type=_positive, default=10, help="timed repetitions; the median is reported (default 10)")
-    p.add_argument("--warmup", type=_positive, default=2, help="untimed calls first (default 2)")
+    p.add_argument("--warmup", type=_positive, default=5,
+                   help="untimed calls first (default 5: past first-touch and huge-page set-up of fresh outputs)")
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available, else cpu)")
     p.add_argument("--threads", type=_positive, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-flush", action="store_true",
