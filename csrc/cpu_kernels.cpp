@@ -13,6 +13,8 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <type_traits>
 
 #include "philox.h"
@@ -76,17 +78,68 @@ inline void philox_normals(uint64_t ctr0, int64_t n, uint32_t k0, uint32_t k1, f
   }
 }
 
-// A large output is usually fresh memory, and faulting it in 4 KiB pages costs more than the kernel itself
-// (38 MB: ~20 ms of faults against ~6 ms of work on 2 cores). Asking for transparent huge pages on its
-// 2 MiB-aligned interior cuts the faults 512-fold. Only a hint: harmless where THP is off or memory is warm.
-void advise_huge_pages(const Tensor& out) {
-  static const bool off = std::getenv("DIFFAUG_NO_HUGEPAGES") != nullptr;
-  if (off) return;
-  constexpr uintptr_t kHuge = 2u << 20;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr()), n = out.nbytes();
-  if (n < 8 * kHuge) return;
-  const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + n) & ~(kHuge - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+// ----------------------------------------------------------------------------------- output buffers
+// A large output (>= 16 MiB) would be fresh memory on every call (glibc mmaps anything above 32 MiB and
+// unmaps it on free), and faulting it in 4 KiB at a time costs about as much as the kernel (38 MB: ~8 ms of
+// faults against ~10 ms of noise work on 2 cores). So large outputs come from a small pool of buffers that go
+// back to the pool when their tensor dies, asking for transparent huge pages when first mapped. The pool holds
+// at most DIFFAUG_CPU_POOL_MB (default 512) of idle buffers; DIFFAUG_NO_HUGEPAGES=1 skips the madvise.
+class BufferPool {
+ public:
+  static BufferPool& get() {
+    static BufferPool* pool = new BufferPool();  // never destroyed: tensors may die after static destructors
+    return *pool;
+  }
+
+  void* take(size_t nbytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = idle_.find(nbytes);
+      if (it != idle_.end()) {
+        void* p = it->second;
+        idle_.erase(it);
+        held_ -= nbytes;
+        return p;
+      }
+    }
+    void* p = std::aligned_alloc(kHuge, nbytes);
+    TORCH_CHECK(p != nullptr, "diffaug_kernels: out of memory allocating ", nbytes, " bytes");
+    if (!no_huge_) madvise(p, nbytes, MADV_HUGEPAGE);  // a hint; harmless where THP is off
+    return p;
+  }
+
+  void give(void* p, size_t nbytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (held_ + nbytes > limit_) {
+      std::free(p);
+      return;
+    }
+    idle_.emplace(nbytes, p);
+    held_ += nbytes;
+  }
+
+  static constexpr size_t kHuge = size_t(2) << 20;
+  static constexpr size_t kMinBytes = size_t(16) << 20;
+
+ private:
+  BufferPool() {
+    const char* mb = std::getenv("DIFFAUG_CPU_POOL_MB");
+    limit_ = (mb ? std::strtoull(mb, nullptr, 10) : 512) << 20;
+    no_huge_ = std::getenv("DIFFAUG_NO_HUGEPAGES") != nullptr;
+  }
+  std::mutex mu_;
+  std::multimap<size_t, void*> idle_;
+  size_t held_ = 0, limit_ = 0;
+  bool no_huge_ = false;
+};
+
+Tensor empty_cpu_output(c10::IntArrayRef size, c10::IntArrayRef stride, at::ScalarType dtype) {
+  const auto opts = at::TensorOptions().dtype(dtype).device(at::kCPU);
+  const size_t nbytes = at::detail::computeStorageNbytes(size, stride, c10::elementSize(dtype));
+  if (nbytes < BufferPool::kMinBytes) return at::empty_strided(size, stride, opts);
+  const size_t rounded = (nbytes + BufferPool::kHuge - 1) / BufferPool::kHuge * BufferPool::kHuge;
+  void* p = BufferPool::get().take(rounded);
+  return at::from_blob(p, size, stride, [rounded](void* q) { BufferPool::get().give(q, rounded); }, opts);
 }
 
 void check_t(const Tensor& t, int64_t T) {
@@ -156,7 +209,6 @@ void noise_out(const Tensor& x0, const Tensor& t, const Tensor& coef_a, const Te
   TORCH_CHECK(out.size(0) == t.size(0) * x0.size(0), "internal: out must have K*B rows");
   check_t(t, coef_a.numel());
   const uint64_t s = seed_of(seed), o = seed_of(offset);
-  advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "noise_in", [&] {
     using in_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "noise_out", [&] {
@@ -228,7 +280,6 @@ void tweedie_out(const Tensor& x_t, const Tensor& model_output, const Tensor& t,
   check_t(t, coef_a.numel());
   const Tensor sc = scale.has_value() ? scale->contiguous() : Tensor();
   const Tensor sh = shift.has_value() ? shift->contiguous() : Tensor();
-  advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "tweedie_in", [&] {
     using in_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "tweedie_out", [&] {
@@ -279,4 +330,8 @@ TORCH_LIBRARY_IMPL(diffaug_kernels_C, CPU, m) {
   m.impl("tweedie_out", &tweedie_out);
   m.impl("philox_normal_out", &philox_normal_out);
   m.impl("philox_uint32_out", &philox_uint32_out);
+}
+
+TORCH_LIBRARY_IMPL(diffaug_kernels_C, CompositeExplicitAutograd, m) {
+  m.impl("empty_cpu_output", &empty_cpu_output);
 }

@@ -11,6 +11,8 @@ TORCH_LIBRARY(diffaug_kernels_C, m) {
   m.def("tweedie_out(Tensor x_t, Tensor model_output, Tensor t, Tensor coef_a, Tensor coef_b, bool clip, Tensor? scale, Tensor? shift, Tensor(a!) out) -> ()");
   m.def("philox_normal_out(Tensor seed, Tensor offset, Tensor(a!) out) -> ()");
   m.def("philox_uint32_out(Tensor seed, Tensor offset, Tensor(a!) out) -> ()");
+  // An uninitialised CPU tensor for a fused op's output: large ones come from a pool of reused buffers.
+  m.def("empty_cpu_output(int[] size, int[] stride, ScalarType dtype) -> Tensor");
 }
 
 extern "C" PyObject* PyInit__C(void) {

@@ -246,16 +246,23 @@ def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _empty_out(x: Tensor, rows, dtype: torch.dtype) -> Tensor:
+def _empty_out(x: Tensor, rows, dtype: torch.dtype, device=None) -> Tensor:
     """The output of a fused op: x's shape with `rows` rows; channels_last when x is."""
     shape = (rows, *x.shape[1:])
+    device = x.device if device is None else device
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.empty(shape, dtype=dtype, device=x.device, memory_format=torch.channels_last)
-    return torch.empty(shape, dtype=dtype, device=x.device)
+        return torch.empty(shape, dtype=dtype, device=device, memory_format=torch.channels_last)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _alloc(x: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
-    out = _empty_out(x, rows, dtype)
+    """A fused op's real output. On CPU, large outputs come from the extension's buffer pool (reused, warm
+    memory instead of fresh pages faulted in on every call: see csrc/cpu_kernels.cpp)."""
+    if x.device.type == "cpu" and _ext._C is not None:
+        meta = _empty_out(x, rows, dtype, device="meta")
+        out = torch.ops.diffaug_kernels_C.empty_cpu_output(meta.shape, meta.stride(), dtype)
+    else:
+        out = _empty_out(x, rows, dtype)
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
