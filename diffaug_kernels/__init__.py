@@ -1,5 +1,6 @@
 """diffaug_kernels: fused kernels for DiffAug (diffuse-and-denoise augmentation), checked against PyTorch."""
 from . import reference
+from .augment import DiffAug
 from .ops import (
     IMAGENET_NORM,
     available_backends,
@@ -12,6 +13,7 @@ from .schedule import NoiseSchedule
 
 __version__ = "0.1.0"
 __all__ = [
+    "DiffAug",
     "IMAGENET_NORM",
     "NoiseSchedule",
     "available_backends",

@@ -27,9 +27,12 @@ import torch
 
 from . import ops
 from .ops import IMAGENET_NORM, forward_noise, tweedie
+from .ops import forward_noise_multi as dk_forward_noise_multi
 from .schedule import NoiseSchedule
 
-OPS = ("forward_noise", "tweedie")
+OPS = ("forward_noise", "tweedie")  # the default table
+ALL_OPS = OPS + ("forward_noise_multi",)  # + the DiffAug-Ensemble expansion (K = 10 times), on request
+DE_TIMES = tuple(range(0, 451, 50))
 EAGER, COMPILED = "eager (published)", "compiled (published)"
 
 
@@ -65,6 +68,12 @@ def published_tweedie(x_t, model_output, t, np_sqrt_recip_ac, np_sqrt_recipm1_ac
     return x
 
 
+def published_forward_noise_multi(x0, times, np_sqrt_ac, np_sqrt_1m_ac):
+    """The DiffAug-Ensemble expansion as the published evaluation does it: q_sample once per t."""
+    return torch.cat([published_forward_noise(x0, torch.full((x0.shape[0],), int(t), device=x0.device),
+                                              np_sqrt_ac, np_sqrt_1m_ac) for t in times])
+
+
 @functools.cache
 def compiled(op: str) -> Callable:
     """torch.compile of a published baseline, made once per process; dynamic=False so each shape gets
@@ -73,7 +82,8 @@ def compiled(op: str) -> Callable:
     # run eager under the "compiled" label, so raise the limit and make hitting it an error.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     torch._dynamo.config.fail_on_recompile_limit_hit = True
-    fn = {"forward_noise": published_forward_noise, "tweedie": published_tweedie}[op]
+    fn = {"forward_noise": published_forward_noise, "tweedie": published_tweedie,
+          "forward_noise_multi": published_forward_noise_multi}[op]
     return torch.compile(fn, dynamic=False)
 
 
@@ -207,8 +217,16 @@ def make_case(op: str, shape: Sequence[int], dtype: torch.dtype, device="cpu",
         for name in backends:
             case.impls[f"fused ({name})"] = lambda name=name: tweedie(x, mo, t, sched, prediction="eps", clip=True,
                                                          normalize=IMAGENET_NORM, backend=name)
+    elif op == "forward_noise_multi":
+        tabs = (sched._np["sqrt_alphas_cumprod"], sched._np["sqrt_one_minus_alphas_cumprod"])
+        K = len(DE_TIMES)
+        case = Case(op, shape, dtype, (1 + K) * elem)  # x0 read once, K noisy copies written
+        case.impls[EAGER] = lambda: published_forward_noise_multi(x, DE_TIMES, *tabs)
+        case.impls[COMPILED] = lambda: compiled(op)(x, DE_TIMES, *tabs)
+        for name in backends:
+            case.impls[f"fused ({name})"] = lambda name=name: dk_forward_noise_multi(x, DE_TIMES, sched, backend=name)
     else:
-        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+        raise ValueError(f"op must be one of {ALL_OPS}, got {op!r}")
     return case
 
 

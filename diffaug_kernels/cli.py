@@ -38,8 +38,9 @@ def _dtypes(s: str) -> tuple:
 
 def _ops(s: str) -> tuple:
     names = tuple(n.strip() for n in s.split(",") if n.strip())
-    if not names or any(n not in ("forward_noise", "tweedie") for n in names):
-        raise argparse.ArgumentTypeError(f"ops must be a comma list of forward_noise, tweedie, got {s!r}")
+    known = ("forward_noise", "tweedie", "forward_noise_multi")
+    if not names or any(n not in known for n in names):
+        raise argparse.ArgumentTypeError(f"ops must be a comma list of {', '.join(known)}, got {s!r}")
     return names
 
 
@@ -57,7 +58,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--shapes", type=_shapes, default=((64, 3, 224, 224), (256, 3, 32, 32)),
                    help="comma list of BxCxHxW (default 64x3x224x224,256x3x32x32)")
     p.add_argument("--dtypes", type=_dtypes, default=None, help="comma list (default float32,bfloat16)")
-    p.add_argument("--ops", type=_ops, default=("forward_noise", "tweedie"), help="comma list (default: both)")
+    p.add_argument("--ops", type=_ops, default=("forward_noise", "tweedie"),
+                   help="comma list of forward_noise, tweedie, forward_noise_multi (the K=10 DiffAug-Ensemble "
+                        "expansion); default forward_noise,tweedie")
     p.add_argument("--reps", type=_positive, default=10, help="timed repetitions; the median is reported (default 10)")
     p.add_argument("--warmup", type=_positive, default=5,
                    help="untimed calls first (default 5: past first-touch and huge-page set-up of fresh outputs)")

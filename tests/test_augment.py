@@ -1,0 +1,118 @@
+"""dk.DiffAug: the op chain with a model in the middle, t sampling, reproducibility, gradients, dtype."""
+import pytest
+import torch
+from torch import nn
+
+import diffaug_kernels as dk
+from diffaug_kernels import reference
+
+S = dk.NoiseSchedule.linear(1000)
+
+
+class TinyEps(nn.Module):
+    """A stand-in score model: a conv over x_t with a time embedding, learned-sigma style 2C outputs."""
+
+    def __init__(self, C=3, learn_sigma=True):
+        super().__init__()
+        self.conv = nn.Conv2d(C, 2 * C if learn_sigma else C, 3, padding=1)
+        self.temb = nn.Embedding(1000, 2 * C if learn_sigma else C)
+
+    def forward(self, x, t, y=None):
+        h = self.conv(x) + self.temb(t)[:, :, None, None]
+        return h if y is None else h + y[:, None, None, None].to(h.dtype)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return TinyEps()
+
+
+def test_same_shape_and_dtype_and_t_in_range(model):
+    aug = dk.DiffAug(model, S, t_range=(100, 200))
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        x = (torch.rand(4, 3, 8, 8) * 2 - 1).to(dtype)
+        m = model.to(dtype)
+        out, t = dk.DiffAug(m, S, t_range=(100, 200))(x, return_t=True)
+        assert out.shape == x.shape and out.dtype == dtype
+        assert t.shape == (4,) and ((t >= 100) & (t < 200)).all()
+        assert out.abs().max() <= 1  # clipped
+    model.float()
+    assert "t_range=(100, 200)" in repr(aug)
+
+
+def test_equals_the_op_chain(model):
+    x = torch.rand(3, 3, 8, 8) * 2 - 1
+    t = torch.tensor([5, 500, 999])
+    aug = dk.DiffAug(model, S, prediction="eps")
+    got = aug(x, t=t, seed=42)
+    with torch.no_grad():
+        xt = reference.forward_noise(x, t, S, 42)
+        want = reference.tweedie(xt, model(xt, t), t, S, "eps", True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_reproducible_under_manual_seed(model):
+    x = torch.rand(4, 3, 8, 8) * 2 - 1
+    aug = dk.DiffAug(model, S)
+    torch.manual_seed(1)
+    a, ta = aug(x, return_t=True)
+    torch.manual_seed(1)
+    b, tb = aug(x, return_t=True)
+    c, tc = aug(x, return_t=True)
+    assert torch.equal(a, b) and torch.equal(ta, tb)
+    assert not torch.equal(b, c)
+
+
+def test_model_without_grad_unless_x_requires_it(model):
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    aug = dk.DiffAug(model, S, clip=False)
+    out = aug(x, t=300)
+    assert not out.requires_grad  # nothing to differentiate: no graph through the UNet
+    xg = x.clone().requires_grad_()
+    out = aug(xg, t=300, seed=3)
+    (g,) = torch.autograd.grad(out.sum(), xg)
+    # d x0_hat / d x = sqrt(abar) * (A + B * d model / d x_t): differs from the model-free part
+    a = S.sqrt_alphas_cumprod[300] * S.sqrt_recip_alphas_cumprod[300]
+    assert not torch.allclose(g, torch.full_like(g, float(a)))
+    assert model.conv.weight.grad is None
+
+
+def test_class_conditional_kwargs_pass_through(model):
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    aug = dk.DiffAug(model, S)
+    a = aug(x, t=10, seed=1, y=torch.tensor([0, 0]))
+    b = aug(x, t=10, seed=1, y=torch.tensor([5, 5]))
+    assert not torch.equal(a, b)
+
+
+def test_bf16_autocast_runs_model_in_bf16(model):
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    seen = {}
+    model.conv.register_forward_hook(lambda m, i, o: seen.update(dtype=o.dtype))  # returns None: output kept
+    out = dk.DiffAug(model, S, dtype=torch.bfloat16)(x, t=50)
+    assert seen["dtype"] == torch.bfloat16 and out.dtype == torch.float32
+
+
+def test_compiled_equals_eager(model):
+    torch._dynamo.reset()
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    eager = dk.DiffAug(model, S)(x, t=200, seed=9)
+    comp = dk.DiffAug(model, S, compile=True)(x, t=200, seed=9)
+    torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(t_range=(0, 1001)), ValueError, "t_range"),
+    (dict(t_range=(10, 10)), ValueError, "t_range"),
+    (dict(prediction="noise"), ValueError, "prediction"),
+    (dict(dtype=torch.int8), TypeError, "dtype"),
+])
+def test_bad_arguments(model, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        dk.DiffAug(model, S, **kwargs)
+
+
+def test_bad_t(model):
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1000\)"):
+        dk.DiffAug(model, S)(torch.rand(2, 3, 8, 8), t=1000)
