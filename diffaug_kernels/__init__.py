@@ -1,5 +1,5 @@
 """diffaug_kernels: fused kernels for DiffAug (diffuse-and-denoise augmentation), checked against PyTorch."""
-from . import reference
+from . import models, ood, reference
 from .augment import DiffAug
 from .ops import (
     IMAGENET_NORM,
@@ -17,6 +17,8 @@ __all__ = [
     "IMAGENET_NORM",
     "NoiseSchedule",
     "available_backends",
+    "models",
+    "ood",
     "forward_noise",
     "forward_noise_multi",
     "philox_normal",
