@@ -1,0 +1,91 @@
+"""Datasets from local files only (nothing is downloaded): the embedded digits set, ImageFolder trees,
+CIFAR-10's python batches. Images come out as float32 tensors in [-1, 1], [C, H, W]."""
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+
+def digits(split: str = "train", size: int = 32, channels: int = 1, test_fraction: float = 0.2,
+           seed: int = 0) -> TensorDataset:
+    """scikit-learn's 8x8 handwritten digits (1,797 images, shipped with scikit-learn), upsampled bilinearly
+    to size x size, in [-1, 1]; a fixed stratified train/test split. channels=3 repeats the grey channel."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]  # [N, 1, 8, 8] in [0, 1]
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = (x.clamp(0, 1) * 2 - 1).repeat(1, channels, 1, 1).contiguous()
+    y = torch.from_numpy(d.target.astype(np.int64))
+    if split != "all":
+        idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=seed,
+                                               stratify=d.target)
+        idx = torch.from_numpy(idx_train if split == "train" else idx_test)
+        x, y = x[idx], y[idx]
+    return TensorDataset(x, y)
+
+
+def _require_dir(path: str, what: str) -> None:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what} not found at {path!r} (nothing is downloaded: point to a local copy)")
+
+
+def image_folder(root: str, size: int = 224, train: bool = False):
+    """An ImageFolder tree (class sub-folders) resized to size x size, in [-1, 1]. train=True adds random
+    resized crops and flips; otherwise resize + centre crop (the usual ImageNet evaluation transform)."""
+    from torchvision import datasets, transforms
+
+    _require_dir(root, "image folder")
+    if train:
+        tf = [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()]
+    else:
+        tf = [transforms.Resize(int(round(size * 256 / 224))), transforms.CenterCrop(size)]
+    tf += [transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]
+    return datasets.ImageFolder(root, transform=transforms.Compose(tf))
+
+
+class CIFAR10(Dataset):
+    """CIFAR-10 from its python batches (cifar-10-batches-py/data_batch_1..5, test_batch), in [-1, 1]."""
+
+    def __init__(self, root: str, train: bool = True):
+        folder = root if os.path.exists(os.path.join(root, "test_batch")) else os.path.join(root, "cifar-10-batches-py")
+        _require_dir(folder, "CIFAR-10 python batches")
+        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        xs, ys = [], []
+        for n in names:
+            p = os.path.join(folder, n)
+            if not os.path.exists(p):
+                raise FileNotFoundError(f"CIFAR-10 batch {p!r} is missing")
+            with open(p, "rb") as f:
+                d = pickle.load(f, encoding="latin1")
+            xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.extend(d["labels"])
+        self.x = torch.from_numpy(np.concatenate(xs))
+        self.y = torch.tensor(ys, dtype=torch.int64)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i].float() / 127.5 - 1, self.y[i]
+
+
+def make_dataset(spec: str, split: str = "train", size: Optional[int] = None, channels: int = 3) -> Dataset:
+    """'digits' | 'cifar10:<root>' | a path to an ImageFolder tree (with split sub-folders train/ and val/ when
+    present). size defaults to 32 for digits and CIFAR-10, 224 for folders."""
+    if spec == "digits":
+        return digits(split, size or 32, channels)
+    if spec.startswith("cifar10:"):
+        return CIFAR10(spec.split(":", 1)[1], train=split == "train")
+    sub = os.path.join(spec, "train" if split == "train" else "val")
+    return image_folder(sub if os.path.isdir(sub) else spec, size or 224, train=split == "train")
