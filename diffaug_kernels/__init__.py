@@ -1,6 +1,7 @@
 """diffaug_kernels: fused kernels for DiffAug (diffuse-and-denoise augmentation), checked against PyTorch."""
 from . import models, ood, reference
 from .augment import DiffAug
+from .ensemble import diffaug_ensemble
 from .ops import (
     IMAGENET_NORM,
     available_backends,
@@ -17,6 +18,7 @@ __all__ = [
     "IMAGENET_NORM",
     "NoiseSchedule",
     "available_backends",
+    "diffaug_ensemble",
     "models",
     "ood",
     "forward_noise",

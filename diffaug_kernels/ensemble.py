@@ -1,0 +1,89 @@
+"""DiffAug-Ensemble (DE): average the classifier's softmax over DiffAug'd copies of the input at several t."""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .augment import DiffAug
+
+DEFAULT_TIMES = tuple(range(0, 451, 50))
+
+# (model id, device, per-image shape, dtype, batch, total rows) -> rows per UNet call, measured once
+_CHUNKS: dict = {}
+
+
+def _time_call(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def pick_chunk(aug: DiffAug, x_t: Tensor, t: Tensor, batch: int) -> int:
+    """Rows per UNet call for the expansion, measured once per model, device and shape: bigger calls are not
+    always faster (on a 2-core CPU one call holding all 9 times of an 8M-parameter ADM UNet at 32x32 ran at
+    0.6-0.8x the per-t loop), so time one call per candidate (B, 2B, 4B, ..., all rows) and keep the one
+    with the best rows per second."""
+    total = x_t.shape[0]
+    key = (id(aug.model), x_t.device, tuple(x_t.shape[1:]), x_t.dtype, batch, total)
+    if key in _CHUNKS:
+        return _CHUNKS[key]
+    cands, c = [], batch
+    while c < total:
+        cands.append(c)
+        c *= 2
+    cands.append(total)
+    best, best_rate = cands[0], 0.0
+    with torch.no_grad():
+        aug.denoise(x_t[:batch], t[:batch])  # warm-up (compile, autotune, allocator)
+        for c in cands:
+            rate = c / _time_call(lambda: aug.denoise(x_t[:c], t[:c]), x_t.device)
+            if rate > best_rate:
+                best, best_rate = c, rate
+    _CHUNKS[key] = best
+    return best
+
+
+@torch.no_grad()
+def diffaug_ensemble(classifier: Callable[[Tensor], Tensor], aug: DiffAug, x: Tensor,
+                     times: Sequence[int] = DEFAULT_TIMES, preprocess: Optional[Callable[[Tensor], Tensor]] = None,
+                     max_batch: Optional[int] = None, seed=None) -> Tensor:
+    """Mean of softmax(classifier(preprocess(x0_hat_t))) over t in times; t = 0 is the raw image.
+
+    x: [B, C, H, W] in [-1, 1]. All noisy times are expanded at once with dk.forward_noise_multi and
+    denoised in as few UNet calls as the budget allows: max_batch rows per call if given, else the chunk
+    measured fastest on this device (pick_chunk). Returns [B, num_classes] probabilities."""
+    if not isinstance(aug, DiffAug):
+        raise TypeError(f"aug must be a dk.DiffAug, got {type(aug).__name__}")
+    times = [int(t) for t in times]
+    if not times:
+        raise ValueError("times must not be empty")
+    if max_batch is not None and max_batch < 1:
+        raise ValueError(f"max_batch must be a positive integer, got {max_batch}")
+    pre = preprocess or (lambda v: v)
+    B = x.shape[0]
+    total = None
+    n_raw = sum(t == 0 for t in times)
+    if n_raw:
+        total = torch.softmax(classifier(pre(x)).float(), dim=-1) * n_raw
+    noisy = [t for t in times if t != 0]
+    if noisy:
+        x_t = ops.forward_noise_multi(x, noisy, aug.schedule, seed=seed, backend=aug.backend)
+        t = torch.tensor(noisy, device=x.device).repeat_interleave(B)
+        chunk = max_batch or pick_chunk(aug, x_t, t, B)
+        for s in range(0, x_t.shape[0], chunk):
+            xs, ts = x_t[s:s + chunk], t[s:s + chunk]
+            x0 = ops.tweedie(xs, aug.denoise(xs, ts), ts, aug.schedule, aug.prediction, aug.clip, out_dtype=x.dtype,
+                             backend=aug.backend)
+            p = torch.softmax(classifier(pre(x0)).float(), dim=-1)
+            rows = torch.arange(s, s + xs.shape[0], device=x.device) % B  # which image each row belongs to
+            part = torch.zeros(B, p.shape[-1], device=p.device).index_add_(0, rows, p)
+            total = part if total is None else total + part
+    return total / len(times)

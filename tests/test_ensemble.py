@@ -1,0 +1,88 @@
+"""DiffAug-Ensemble: equal to a per-t loop of the reference with the same noise; t = 0 is the raw image."""
+import pytest
+import torch
+from torch import nn
+
+import diffaug_kernels as dk
+from diffaug_kernels import ensemble, reference
+from test_augment import TinyEps
+
+S = dk.NoiseSchedule.linear(1000)
+
+
+@pytest.fixture
+def parts():
+    torch.manual_seed(0)
+    clf = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
+    return clf, dk.DiffAug(TinyEps(), S)
+
+
+def per_t_loop(clf, aug, x, times, seed):
+    """The published evaluation's loop, one t at a time, on the reference ops with the expansion's noise."""
+    B = x.shape[0]
+    noisy = [t for t in times if t]
+    x_t = reference.forward_noise_multi(x, noisy, S, seed)
+    probs = []
+    for t in times:
+        if t == 0:
+            probs.append(torch.softmax(clf(x), -1))
+            continue
+        k = noisy.index(t)
+        xt = x_t[k * B:(k + 1) * B]
+        tt = torch.full((B,), t)
+        with torch.no_grad():
+            x0 = reference.tweedie(xt, aug.model(xt, tt), tt, S, "eps", True)
+        probs.append(torch.softmax(clf(x0), -1))
+    return torch.stack(probs).mean(0)
+
+
+@pytest.mark.parametrize("max_batch", [None, 1, 3, 4, 100])
+def test_equals_per_t_loop(parts, max_batch):
+    clf, aug = parts
+    x = torch.rand(4, 3, 8, 8) * 2 - 1
+    times = list(range(0, 451, 50))
+    got = dk.diffaug_ensemble(clf, aug, x, times, max_batch=max_batch, seed=11)
+    want = per_t_loop(clf, aug, x, times, 11)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.sum(-1), torch.ones(4))
+
+
+def test_t0_alone_is_the_classifier(parts):
+    clf, aug = parts
+    x = torch.rand(3, 3, 8, 8) * 2 - 1
+    torch.testing.assert_close(dk.diffaug_ensemble(clf, aug, x, times=[0]), torch.softmax(clf(x), -1))
+
+
+def test_preprocess_applies_to_every_copy(parts):
+    clf, aug = parts
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    seen = []
+    dk.diffaug_ensemble(clf, aug, x, times=[0, 100, 200], preprocess=lambda v: seen.append(v.shape[0]) or v,
+                        max_batch=2, seed=1)
+    assert sum(seen) == 2 * 3
+
+
+def test_chunk_is_measured_once_and_is_a_candidate(parts, monkeypatch):
+    clf, aug = parts
+    monkeypatch.setattr(ensemble, "_CHUNKS", {})
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    dk.diffaug_ensemble(clf, aug, x, seed=1)
+    (chunk,) = ensemble._CHUNKS.values()
+    assert chunk in (2, 4, 8, 16, 18)  # B, 2B, 4B, 8B or all 9 * B rows
+    calls = []
+    monkeypatch.setattr(ensemble, "_time_call", lambda fn, d: calls.append(1) or 1.0)
+    dk.diffaug_ensemble(clf, aug, x, seed=1)
+    assert not calls  # cached
+
+
+def test_bad_arguments(parts):
+    clf, aug = parts
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="times must not be empty"):
+        dk.diffaug_ensemble(clf, aug, x, times=[])
+    with pytest.raises(ValueError, match="max_batch"):
+        dk.diffaug_ensemble(clf, aug, x, max_batch=0)
+    with pytest.raises(TypeError, match="aug must be a dk.DiffAug"):
+        dk.diffaug_ensemble(clf, aug.model, x)
+    with pytest.raises(ValueError, match=r"times must lie in \[0, 1000\)"):
+        dk.diffaug_ensemble(clf, aug, x, times=[0, 1000])
