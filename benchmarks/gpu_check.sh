@@ -55,6 +55,11 @@ for run in 1 2; do
 done
 cat "$OUT_DIR/bench-run1.txt"
 
+step "end-to-end: UNet forward and DiffAug step (256x256 uncond model at 224x224, batch 64)"
+python -m diffaug_kernels bench-model --device cuda --batch 64 --reps 10 --json "$OUT_DIR/bench-model.json" \
+  > "$OUT_DIR/bench-model.txt" 2> "$OUT_DIR/bench-model.log" || status=1
+cat "$OUT_DIR/bench-model.txt"
+
 step "summary"
 python - "$OUT_DIR" <<'PY'
 import json, sys

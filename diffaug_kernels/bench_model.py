@@ -1,0 +1,141 @@
+"""End-to-end benchmarks: the ADM UNet forward and the whole DiffAug augmentation (images/s), against the
+published pipeline (guided-diffusion's q_sample, the model, p_sample's pred_xstart), in one run.
+
+CPU default: an 8M-parameter guided-diffusion-style UNet at 32x32, batch 64. GPU: the paper's 256x256
+unconditional model at 224x224, batch 64 (random weights: speed does not depend on them)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Optional
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import bench
+from .augment import DiffAug
+from .models import create_adm_unet
+from .schedule import NoiseSchedule
+
+# ~8.0M parameters (learned sigma, scale-shift norm, attention at 16x16 and 8x8): guided-diffusion-sized.
+CPU_UNET = dict(image_size=32, num_channels=64, num_res_blocks=2, channel_mult="1,2,2", attention_resolutions="16,8",
+                num_head_channels=32, use_scale_shift_norm=True, resblock_updown=True, learn_sigma=True)
+
+
+def published_diffaug(model, x, tables, half: bool = False):
+    """The published DiffAug step: q_sample (randn_like + per-call table gathers), the model (fp16 eager on GPU
+    as guided-diffusion's use_fp16 runs it), then pred_xstart from the eps half, clamped to [-1, 1]."""
+    ext = bench._extract_into_tensor
+    B, C = x.shape[:2]
+    t = torch.randint(0, 1000, (B,), device=x.device)
+    x_t = ext(tables["sqrt_alphas_cumprod"], t, x.shape) * x + \
+        ext(tables["sqrt_one_minus_alphas_cumprod"], t, x.shape) * torch.randn_like(x)
+    out = model(x_t.half(), t).float() if half else model(x_t, t)
+    eps, _ = torch.split(out, C, dim=1)
+    x0 = ext(tables["sqrt_recip_alphas_cumprod"], t, x.shape) * x_t - \
+        ext(tables["sqrt_recipm1_alphas_cumprod"], t, x.shape) * eps
+    return x0.clamp(-1, 1)
+
+
+def matmul_rate(device, dtype=torch.bfloat16, n: Optional[int] = None) -> float:
+    """Measured dense matrix rate (FLOP/s) of an n x n x n matmul: the compute ceiling for the UNet."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    tm = bench.time_fn(lambda: a @ b, reps=10, warmup=3, device=device, flush=False)
+    return 2 * n ** 3 / (tm.ms * 1e-3)
+
+
+def unet_flops(model, x, t) -> int:
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(x, t)
+    return fc.get_total_flops()
+
+
+def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optional[dict] = None, reps: int = 5,
+        warmup: int = 2, json_path: Optional[str] = None) -> dict:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    if flags is None:
+        if gpu:
+            from .models import ADM_CONFIGS
+            flags = dict(ADM_CONFIGS["imagenet256_uncond"])
+        else:
+            flags = dict(CPU_UNET)
+    size = size or (224 if gpu else flags["image_size"])
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    torch.manual_seed(0)
+    model = create_adm_unet(**flags).to(device).eval()
+    params = sum(p.numel() for p in model.parameters())
+    sched = NoiseSchedule.linear(1000)
+    tables = {k: sched._np[k] for k in ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+                                        "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod")}
+    x = torch.rand(batch, flags.get("in_channels", 3), size, size, device=device) * 2 - 1
+    t = torch.randint(0, 1000, (batch,), device=device)
+    flops = unet_flops(model, x, t)
+    rate = matmul_rate(device)
+    log(f"[bench-model] {bench.device_name(device)}: UNet {params / 1e6:.1f}M params, {flops / batch / 1e9:.2f} "
+        f"GFLOP/image at {size}x{size}; bf16 matmul {rate / 1e12:.2f} TFLOP/s")
+
+    compiled = torch.compile(model, fullgraph=True)
+    cl = x.contiguous(memory_format=torch.channels_last)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+
+    def bf16_compiled():
+        with autocast():
+            return compiled(cl, t)
+
+    def bf16_eager():
+        with autocast():
+            return model(cl, t)
+
+    half_model = None
+    if gpu:  # the published code's fp16 model (guided-diffusion's use_fp16 converts the weights)
+        half_model = create_adm_unet(**flags).to(device).half().eval()
+        half_model.load_state_dict({k: v.half() for k, v in model.state_dict().items()})
+
+    aug_fast = DiffAug(model, sched, compile=True, dtype=torch.bfloat16)
+    aug_plain = DiffAug(model, sched)
+    cases = {
+        "unet forward": {
+            "eager fp32": lambda: model(x, t),
+            "eager bf16 autocast + channels_last": bf16_eager,
+            "compiled bf16 autocast + channels_last": bf16_compiled,
+        },
+        "DiffAug step": {
+            f"published ({'fp16' if gpu else 'fp32'} eager)": (lambda: published_diffaug(half_model or model, x, tables,
+                                                                                       half=gpu)),
+            "dk.DiffAug eager fp32": lambda: aug_plain(x),
+            "dk.DiffAug compile=True, bf16": lambda: aug_fast(x),
+        },
+    }
+    rows = []
+    with torch.no_grad():
+        for group, impls in cases.items():
+            base = None
+            for name, fn in impls.items():
+                tm = bench.time_fn(fn, reps=reps, warmup=warmup, device=device, flush=False)
+                ips = batch / (tm.ms * 1e-3)
+                base = base or ips
+                row = dict(group=group, impl=name, ms=tm.ms, first_call_ms=tm.first_ms, images_per_s=ips,
+                           vs_first=ips / base,
+                           pct_matmul=100 * flops / (tm.ms * 1e-3) / rate if group == "unet forward" else None)
+                rows.append(row)
+                log(f"[bench-model] {group:<13} {name:<40} {tm.ms:9.1f} ms  {ips:8.1f} img/s")
+    print(f"{bench.device_name(device)} ({device.type}), torch {torch.__version__}; UNet {params / 1e6:.1f}M params, "
+          f"batch {batch} at {size}x{size}; bf16 matmul {rate / 1e12:.2f} TFLOP/s; median of {reps}")
+    w = max(len(r["impl"]) for r in rows)
+    for r in rows:
+        pct = f"{r['pct_matmul']:5.1f}% of bf16 matmul" if r["pct_matmul"] is not None else ""
+        print(f"{r['group']:<13}  {r['impl']:<{w}}  {r['ms']:9.1f} ms  {r['images_per_s']:8.1f} img/s  "
+              f"{r['vs_first']:5.2f}x  {pct}")
+    result = dict(env=bench.environment(device), flags=flags, params=params, batch=batch, size=size,
+                  flops_per_forward=flops, matmul_flops_per_s=rate, reps=reps, rows=rows)
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+        log(f"[bench-model] wrote {json_path}")
+    return result

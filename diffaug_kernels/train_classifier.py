@@ -1,0 +1,933 @@
+"""Train a timm classifier with DiffAug, as the paper does: loss = CE(f(x), y) + CE(f(x0_hat), y).
+
+x0_hat = dk.DiffAug(score_model, schedule, t_range=(0, 1000))(x): each image is diffused to its own
+t ~ U{0..999} and denoised with one Tweedie step. The score model is frozen (no gradient reaches it). The two
+halves go through the classifier as one concatenated batch (one forward, one backward: DDP-safe, and batch
+norm sees clean and denoised images together). ``--no-diffaug`` trains the plain baseline, CE(f(x), y).
+
+Run it (``python/train_classifier.py`` is the thin script; ``torchrun`` works as is)::
+
+    # the embedded default: scikit-learn's digits, 32x32 grey, the package's digits score model
+    python python/train_classifier.py --data digits --out runs/digits-diffaug
+    # the baseline, for comparison
+    python python/train_classifier.py --data digits --no-diffaug --out runs/digits-plain
+    # CIFAR-10 (python batches) with a 32x32 ADM checkpoint described by its guided-diffusion flags
+    torchrun --nproc_per_node=4 python/train_classifier.py --data cifar10:/data/cifar-10-batches-py \\
+        --model resnet18 --score-model cifar_adm.pt --score-flag image_size=32 --score-flag num_channels=128 \\
+        --score-flag num_res_blocks=3 --score-flag learn_sigma=true --out runs/cifar-diffaug
+    # an ImageFolder tree (train/ and val/ inside) with the paper's ImageNet score model, AugMix on top
+    torchrun --nproc_per_node=8 python/train_classifier.py --data /data/imagenet --model resnet50 \\
+        --score-model 256x256_diffusion_uncond.pt --score-config imagenet256_uncond --augmix \\
+        --batch-size 64 --epochs 90 --lr 0.1 --amp --channels-last --out runs/in1k-diffaug
+
+Choices and what they guarantee:
+
+- Model: ``timm.create_model(name, pretrained=False, num_classes, in_chans)``; the default is ``resnet18``.
+  Measured on this project's 2-core CPU (one thread, batch 64 at 1x32x32, forward+backward): resnet18 283 ms,
+  resnet10t 220 ms, resnet14t 397 ms, mobilenetv3_small_050 117 ms. With DiffAug the step is dominated by the
+  score model (the digits32 ADM UNet: about 1.2 s for the forward of 64 images on one thread) and the
+  classifier runs on 2B images either way, so resnet10t would save under 10% of a DiffAug step; resnet18 is
+  the standard, well-understood baseline, so it is the default. ``--model resnet10t`` is the fast choice for
+  ``--no-diffaug``; timm's ``test_*`` models (e.g. ``test_resnet``) are for smoke tests only.
+- Inputs are images in [-1, 1]. The classifier's normalisation is part of the model (``NormalizedClassifier``):
+  ``--normalize identity`` (the classifier sees [-1, 1]; default for digits), ``imagenet`` (default for
+  ImageFolder trees), ``cifar10`` (default for CIFAR-10) or ``"m1,m2,m3:s1,s2,s3"``; in all but identity the
+  image is mapped to [0, 1] first, then (x - mean) / std per channel, as ``dk.tweedie(normalize=...)`` does.
+- AugMix (``--augmix``) is timm's ``augment_and_mix_transform``, applied per sample to a PIL image in the
+  dataset path (``AugMixDataset``), before DiffAug; it works for every data source (digits, CIFAR-10 and
+  ImageFolder tensors are turned into uint8 PIL images losslessly and back).
+- Distributed (torchrun): WORLD_SIZE/RANK/LOCAL_RANK from the environment; gloo on CPU, nccl on GPU; a
+  DistributedSampler; the classifier wrapped in DistributedDataParallel; ``--batch-size`` is per process.
+  Every rank starts from the same weights (``torch.manual_seed(seed)`` before the model is built, and DDP
+  broadcasts rank 0's), then draws its own randomness: the DiffAug times t and Philox seeds come from a
+  dedicated generator seeded with ``derive_seed(seed, rank, "diffaug")`` (numpy's SeedSequence of
+  (seed, rank, tag)), so no two ranks (and no two --seed values) share a noise stream; torch's global, python
+  and numpy generators (dropout, AugMix in the main process) are re-seeded per rank the same way. Only rank 0
+  writes checkpoints, logs and progress; the epoch metrics are summed over ranks (all_reduce), so every rank
+  holds the same numbers. Validation is sharded without padding (rank r takes samples r, r + W, ...), so the
+  accuracy is over the exact val set.
+- Checkpoints (``--out DIR`` -> DIR/checkpoint.pt, written atomically by rank 0 at each epoch end, every
+  ``--save-every`` steps and when stopping): the classifier (timm's own state_dict keys), optimizer,
+  scheduler, epoch and step, the running epoch sums, the args, and every rank's RNG states (torch, CUDA,
+  numpy, python and the DiffAug generator). ``--resume`` (DIR/checkpoint.pt, or ``--resume PATH``) continues
+  exactly: the data order is a function of (seed, epoch), the mid-epoch position is skipped to, and the
+  generators are restored, so an interrupted run ends with the same weights as an uninterrupted one (for
+  deterministic data pipelines; with random transforms in DataLoader workers the per-sample transform
+  randomness after a mid-epoch resume is fresh, at epoch boundaries it is reproduced). ``--stop-at-step N``
+  stops after step N as if interrupted (chunked jobs on time-limited queues).
+- Logging: a tqdm bar on rank 0 when stderr is a terminal, plain progress lines otherwise; DIR/log.jsonl gets
+  one JSON record per epoch (train loss and accuracy on clean and DiffAug'd images, val accuracy clean and
+  DiffAug'd, lr, step, time) and a final record; the final clean and DiffAug'd val accuracies are printed.
+  The DiffAug'd val accuracy draws t ~ U{t_range} per image from a generator reset at every evaluation, so
+  epochs are compared on the same noise.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "log.jsonl"
+CHECKPOINT_FORMAT = "diffaug_kernels.train_classifier/1"
+NORMS = {
+    "identity": None,
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+# args that change what is trained: a resume with different values warns
+_RUN_DEFINING = ("data", "model", "seed", "batch_size", "opt", "no_diffaug", "score_model", "score_config",
+                 "score_flag", "image_size", "channels", "normalize", "augmix", "augmix_config", "limit_train",
+                 "t_range", "schedule", "lr", "weight_decay")
+
+
+
+
+class UsageError(ValueError):
+    """A bad option or combination of options (main prints it as one line, like a missing data path)."""
+
+
+# ------------------------------------------------------------------------------------------------ args
+def _t_range(s: str) -> tuple:
+    try:
+        lo, hi = (int(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"t-range must look like 0,1000, got {s!r}") from None
+    return lo, hi
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train_classifier",
+        description="Train a timm classifier with DiffAug (loss = CE(f(x), y) + CE(f(x0_hat), y), "
+                    "t ~ U{0..999}); torchrun-ready. Images are in [-1, 1].",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="digits",
+                   help="'digits' (scikit-learn's, shipped), 'cifar10:<root>' (python batches) or an ImageFolder "
+                        "path (with train/ and val/ inside, or one tree used for both)")
+    g.add_argument("--val-data", default=None, help="validation data (default: the held-out split of --data)")
+    g.add_argument("--no-val", action="store_true", help="skip validation")
+    g.add_argument("--image-size", type=int, default=None, help="default: 32 for digits and CIFAR-10, 224 for folders")
+    g.add_argument("--channels", type=int, default=None, choices=(1, 3),
+                   help="image channels (digits only: 1 default, or 3 = grey repeated)")
+    g.add_argument("--num-classes", type=int, default=None, help="default: from the data")
+    g.add_argument("--limit-train", type=int, default=None, help="use only the first N training samples")
+    g.add_argument("--limit-val", type=int, default=None, help="use only the first N validation samples")
+    g.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers per process (default: 0 for in-memory digits, else min(8, cpus))")
+    g.add_argument("--augmix", action="store_true", help="timm's AugMix on each training image (before DiffAug)")
+    g.add_argument("--augmix-config", default="augmix-m3-w3-d1", help="timm AugMix config string")
+
+    g = p.add_argument_group("classifier")
+    g.add_argument("--model", default="resnet18", help="timm model name (created with pretrained=False)")
+    g.add_argument("--normalize", default=None,
+                   help="classifier input normalisation: identity | imagenet | cifar10 | 'm1,m2,m3:s1,s2,s3' "
+                        "(default: identity for digits, cifar10 for CIFAR-10, imagenet for folders)")
+    g.add_argument("--drop-rate", type=float, default=0.0)
+    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across ranks")
+    g.add_argument("--compile", action="store_true", help="torch.compile the classifier")
+    g.add_argument("--channels-last", action="store_true")
+
+    g = p.add_argument_group("DiffAug")
+    g.add_argument("--no-diffaug", action="store_true", help="train the plain baseline CE(f(x), y)")
+    g.add_argument("--score-model", default=None,
+                   help="'default' (dk.pretrained's embedded digits model), a guided-diffusion checkpoint "
+                        "(.pt state_dict or .safetensors), or 'random' (random init, for tests only). Default: "
+                        "'default' with DiffAug; with --no-diffaug none (give one to also report DiffAug'd val "
+                        "accuracy)")
+    g.add_argument("--score-config", default=None,
+                   help="an ADM_CONFIGS name for a checkpoint or 'random' (default: digits32 for digits, "
+                        "imagenet256_uncond for folders; CIFAR-10 needs flags)")
+    g.add_argument("--score-flag", action="append", default=[], metavar="KEY=VALUE",
+                   help="guided-diffusion create_model flag overriding --score-config (repeatable), "
+                        "e.g. --score-flag channel_mult=1,2 --score-flag attention_resolutions=")
+    g.add_argument("--score-prediction", default="eps", choices=("eps", "v", "x0", "score"))
+    g.add_argument("--schedule", default="linear", choices=("linear", "cosine"))
+    g.add_argument("--diffusion-steps", type=int, default=1000)
+    g.add_argument("--t-range", type=_t_range, default=(0, 1000), help="t ~ U{lo..hi-1}")
+    g.add_argument("--backend", default="auto", help="dk op backend: auto | reference | cpu | cuda | triton")
+    g.add_argument("--compile-score", action="store_true", help="torch.compile the score model (fullgraph)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=64, help="per process")
+    g.add_argument("--val-batch-size", type=int, default=None, help="default: 2 x batch size")
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")
+    g.add_argument("--opt", default="sgd", choices=("sgd", "adamw"))
+    g.add_argument("--lr", type=float, default=0.05)
+    g.add_argument("--min-lr", type=float, default=0.0, help="the cosine schedule's final lr")
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--nesterov", action="store_true")
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--amp", action="store_true", help="bfloat16 autocast for the classifier and the score model")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=None, help="output folder: checkpoint.pt, log.jsonl (rank 0 only)")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                   help="resume from PATH, or (no value) from OUT/checkpoint.pt when it exists")
+    g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: epoch ends only)")
+    g.add_argument("--stop-at-step", type=int, default=None,
+                   help="checkpoint and stop after this global step, as if interrupted (the schedule is "
+                        "unchanged; --resume continues)")
+    g.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (0: only at the end)")
+    g.add_argument("--log-interval", type=int, default=10, help="progress every N steps")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)")
+    g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for this process")
+    g.add_argument("--debug-noise", action="store_true",
+                   help="each rank writes OUT/debug_noise_rank<r>.json: a hash of its first DiffAug batch's t "
+                        "values and seed (to check that ranks draw different noise)")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------ seeds, ranks
+def derive_seed(seed: int, rank: int, tag: str) -> int:
+    """A 64-bit seed for the stream `tag` of process `rank` of a run seeded with `seed` (numpy's SeedSequence:
+    distinct (seed, rank, tag) give independent streams)."""
+    tag_int = int.from_bytes(hashlib.sha256(tag.encode()).digest()[:4], "little")
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(rank), tag_int]).generate_state(1, np.uint64)[0])
+
+
+@dataclasses.dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    initialized_here: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Reads torchrun's WORLD_SIZE / RANK / LOCAL_RANK; with more than one process, joins the process group
+    (nccl on CUDA, gloo on CPU). The device: cuda:LOCAL_RANK when CUDA is there (and not --device cpu)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for but torch sees no CUDA device")
+        dev = torch.device("cuda", local if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+    info = DistInfo(rank, world, local, dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        info.initialized_here = True
+    return info
+
+
+def _all_reduce(t: Tensor, info: DistInfo) -> Tensor:
+    if info.distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    return t
+
+
+def _all_gather_object(obj, info: DistInfo) -> list:
+    if not info.distributed:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ classifier
+def parse_normalize(spec: Optional[str], channels: int):
+    """None / 'identity' -> None; 'imagenet' | 'cifar10' | 'm1,m2,m3:s1,s2,s3' -> (mean, std) tuples of
+    `channels` floats (a 3-channel preset on grey images takes the channel average)."""
+    if spec is None or spec == "identity":
+        return None
+    if spec in NORMS:
+        mean, std = NORMS[spec]
+    else:
+        try:
+            m, s = spec.split(":")
+            mean, std = tuple(float(v) for v in m.split(",")), tuple(float(v) for v in s.split(","))
+        except ValueError:
+            raise UsageError(f"--normalize must be identity, imagenet, cifar10 or 'm1,m2,m3:s1,s2,s3', "
+                             f"got {spec!r}") from None
+    if len(mean) != len(std) or any(v <= 0 for v in std):
+        raise UsageError(f"--normalize needs as many means as stds, stds positive; got {spec!r}")
+    if len(mean) != channels:
+        if channels == 1:
+            mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
+        elif len(mean) == 1:
+            mean, std = mean * channels, std * channels
+        else:
+            raise UsageError(f"--normalize {spec!r} has {len(mean)} channels but the images have {channels}")
+    return tuple(mean), tuple(std)
+
+
+class NormalizedClassifier(nn.Module):
+    """x in [-1, 1] -> net(normalised x). normalize=None feeds x as is; (mean, std) maps x to [0, 1] first and
+    then applies (x - mean) / std per channel (the affine is folded: x * a + b)."""
+
+    def __init__(self, net: nn.Module, normalize=None):
+        super().__init__()
+        self.net = net
+        self.normalize = normalize
+        if normalize is not None:
+            mean, std = (torch.tensor(v, dtype=torch.float32) for v in normalize)
+            self.register_buffer("scale", (0.5 / std).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer("shift", ((0.5 - mean) / std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.normalize is not None:
+            x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+        return self.net(x)
+
+
+def create_classifier(name: str, num_classes: int, in_chans: int, normalize=None, **kwargs) -> NormalizedClassifier:
+    """timm.create_model(name, pretrained=False, ...) behind the input normalisation (nothing is downloaded)."""
+    import timm
+
+    try:
+        net = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise UsageError(f"--model {name!r} is not a timm model ({e}); see timm.list_models()") from None
+        raise
+    return NormalizedClassifier(net, normalize)
+
+
+def load_classifier(path, device=None) -> NormalizedClassifier:
+    """The classifier of a train_classifier checkpoint, in eval mode, with its normalisation."""
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    if ck.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"{path} is not a train_classifier checkpoint (format {ck.get('format')!r})")
+    norm = ck["normalize"]
+    model = create_classifier(ck["model_name"], ck["num_classes"], ck["in_chans"],
+                              None if norm is None else (tuple(norm[0]), tuple(norm[1])))
+    model.net.load_state_dict(ck["model"])
+    return model.to(device or "cpu").eval()
+
+
+# ------------------------------------------------------------------------------------------------ score model
+def _coerce_flag(key: str, value: str):
+    from .models import ADMConfig
+
+    fields = {f.name: f for f in dataclasses.fields(ADMConfig)}
+    if key not in fields:
+        raise UsageError(f"--score-flag {key}: not a guided-diffusion create_model flag; known: {sorted(fields)}")
+    default = fields[key].default
+    if key in ("image_size", "num_channels", "num_res_blocks"):
+        default = 0
+    if isinstance(default, bool):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise UsageError(f"--score-flag {key}={value}: expected true or false")
+    if isinstance(default, int):
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    return value
+
+
+def _score_flags(items: Sequence[str]) -> dict:
+    flags = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"--score-flag must be KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        flags[k.strip()] = _coerce_flag(k.strip(), v.strip())
+    return flags
+
+
+def _default_score_config(data: str) -> Optional[str]:
+    if data == "digits":
+        return "digits32"
+    if data.startswith("cifar10:"):
+        return None
+    return "imagenet256_uncond"
+
+
+def load_score_model(spec: str, data: str, config: Optional[str] = None, flags: Sequence[str] = (),
+                     channels: Optional[int] = None):
+    """-> (score model in eval mode with requires_grad False, NoiseSchedule or None when the caller picks it).
+
+    spec: 'default' -> dk.pretrained.load_default_score_model() (the package's digits model, imported lazily);
+    'random' -> a randomly initialised ADM UNet from config/flags (tests and smoke runs only); otherwise a
+    checkpoint path loaded with dk.models.load_guided_diffusion(path, config, **flags)."""
+    from .models import ADM_CONFIGS, create_adm_unet, load_guided_diffusion
+    from .schedule import NoiseSchedule
+
+    schedule = None
+    overrides = _score_flags(flags)
+    if spec == "default":
+        if config is not None or overrides:
+            raise UsageError("--score-config / --score-flag describe a checkpoint given with --score-model PATH "
+                             "(or 'random'); the default score model carries its own architecture")
+        try:
+            from . import pretrained  # written beside this module; imported only when asked for
+            loader = pretrained.load_default_score_model
+        except (ImportError, AttributeError) as e:
+            raise UsageError(
+                "the default score model (diffaug_kernels.pretrained.load_default_score_model) is not available "
+                f"in this installation ({e}). Pass a checkpoint with --score-model PATH [--score-config NAME] "
+                "[--score-flag KEY=VALUE ...], or train the baseline with --no-diffaug.") from None
+        got = loader()
+        model = got
+        if isinstance(got, (tuple, list)):
+            model = next(v for v in got if isinstance(v, nn.Module))
+            schedule = next((v for v in got if isinstance(v, NoiseSchedule)), None)
+        schedule = schedule or getattr(model, "schedule", None)
+    else:
+        if config is None:
+            config = _default_score_config(data)
+        if config is None and not overrides:
+            raise UsageError(f"no score-model architecture is known for --data {data!r}: give --score-config "
+                             f"(one of {sorted(ADM_CONFIGS)}) and/or --score-flag KEY=VALUE flags")
+        if config is not None and config not in ADM_CONFIGS:
+            raise UsageError(f"--score-config {config!r} is unknown; known: {sorted(ADM_CONFIGS)}")
+        base = dataclasses.asdict(ADM_CONFIGS[config]) if config is not None else {}
+        kwargs = {**base, **overrides}
+        if channels is not None and "in_channels" not in overrides and kwargs.get("in_channels", 3) != channels:
+            kwargs["in_channels"] = channels  # e.g. digits32 (grey) for --channels 3: in_channels follows the data
+        if spec == "random":
+            missing = [k for k in ("image_size", "num_channels", "num_res_blocks") if k not in kwargs]
+            if missing:
+                raise UsageError(f"--score-model random needs --score-config or the flags {missing}")
+            model = create_adm_unet(**kwargs)
+        else:
+            model = load_guided_diffusion(spec, **kwargs)
+    if getattr(model, "num_classes", None) is not None:
+        raise UsageError("the score model is class-conditional; DiffAug training uses an unconditional one "
+                         "(class_cond=False)")
+    model.eval().requires_grad_(False)
+    return model, schedule
+
+
+# ------------------------------------------------------------------------------------------------ data
+class AugMixDataset(Dataset):
+    """Applies timm's AugMix (augment_and_mix_transform) to each image of a dataset of ([C, H, W] tensors in
+    [-1, 1], label): tensor -> uint8 PIL (lossless for 8-bit sources) -> AugMix -> tensor in [-1, 1]. The fill
+    colour of geometric ops is timm's ImageNet mean for RGB and black (the digits background) for grey."""
+
+    def __init__(self, base: Dataset, config: str = "augmix-m3-w3-d1", image_size: int = 32, channels: int = 3):
+        from timm.data.auto_augment import augment_and_mix_transform
+        from timm.data.constants import IMAGENET_DEFAULT_MEAN
+
+        self.base = base
+        fill = tuple(round(255 * m) for m in IMAGENET_DEFAULT_MEAN) if channels == 3 else 0
+        self.transform = augment_and_mix_transform(
+            config, dict(translate_const=int(image_size * 0.45), img_mean=fill))
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        x, y = self.base[i]
+        u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        img = Image.fromarray(u8[0].numpy(), "L") if u8.shape[0] == 1 else Image.fromarray(
+            u8.permute(1, 2, 0).numpy(), "RGB")
+        out = torch.from_numpy(np.asarray(self.transform(img), dtype=np.uint8).copy())
+        out = out[None] if out.dim() == 2 else out.permute(2, 0, 1)
+        return out.float() / 127.5 - 1, y
+
+
+def _num_classes(ds: Dataset) -> int:
+    while isinstance(ds, (Subset, AugMixDataset)):
+        ds = ds.dataset if isinstance(ds, Subset) else ds.base
+    if hasattr(ds, "classes"):
+        return len(ds.classes)
+    labels = ds.y if hasattr(ds, "y") else getattr(ds, "tensors", (None, None))[1]
+    if labels is None:
+        raise UsageError("cannot tell the number of classes of this dataset: pass --num-classes")
+    return int(labels.max()) + 1
+
+
+def build_datasets(args):
+    """-> train dataset, val dataset (or None), channels, image size, number of classes."""
+    from .data import make_dataset
+
+    is_digits = args.data == "digits"
+    if args.channels is not None and not is_digits and args.channels != 3:
+        raise UsageError("--channels 1 is only for --data digits (CIFAR-10 and folders are RGB)")
+    channels = (args.channels or 1) if is_digits else 3
+    size = args.image_size or (224 if not (is_digits or args.data.startswith("cifar10:")) else 32)
+    if args.data.startswith("cifar10:") and size != 32:
+        raise UsageError("CIFAR-10 is 32x32; --image-size must be 32 (or left out)")
+    train = make_dataset(args.data, "train", size, channels)
+    val = None
+    if not args.no_val:
+        vspec = args.val_data or args.data
+        val = make_dataset(vspec, "test", size, channels)
+        if (args.val_data is None and not is_digits and not args.data.startswith("cifar10:")
+                and not os.path.isdir(os.path.join(args.data, "val"))):
+            warnings.warn(f"{args.data} has no val/ folder: validating on the training images (give --val-data)")
+    num_classes = args.num_classes or _num_classes(train)
+    if args.limit_train:
+        train = Subset(train, range(min(args.limit_train, len(train))))
+    if val is not None and args.limit_val:
+        val = Subset(val, range(min(args.limit_val, len(val))))
+    if args.augmix:
+        train = AugMixDataset(train, args.augmix_config, size, channels)
+    return train, val, channels, size, num_classes
+
+
+class EpochSampler(Sampler):
+    """The run's data order: a permutation of the dataset that depends only on (seed, epoch), split across
+    ranks as DistributedSampler does (drop_last: every rank gets len // world samples), with the first
+    `skip` samples of this rank's share left out (a mid-epoch resume)."""
+
+    def __init__(self, n: int, rank: int, world_size: int, seed: int):
+        self.n, self.rank, self.world, self.seed = n, rank, world_size, seed
+        self.epoch, self.skip = 0, 0
+        self.per_rank = n // world_size
+        if self.per_rank == 0:
+            raise UsageError(f"{n} training samples cannot be split over {world_size} processes")
+
+    def set_epoch(self, epoch: int, skip: int = 0):
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, "data-order"))
+        perm = torch.randperm(self.n, generator=g)[: self.per_rank * self.world]
+        return iter(perm[self.rank::self.world][self.skip:].tolist())
+
+    def __len__(self):
+        return self.per_rank - self.skip
+
+
+# ------------------------------------------------------------------------------------------------ steps
+def diffaug_batch(aug, x: Tensor, gen: torch.Generator):
+    """x0_hat = aug(x) with t ~ U{t_range} and a Philox seed drawn from `gen` (a CPU generator); -> (x0_hat, t,
+    seed). No autograd graph: the score model is frozen."""
+    lo, hi = aug.t_range
+    t = torch.randint(lo, hi, (x.shape[0],), generator=gen)
+    seed = int(torch.randint(0, 2**62, (), generator=gen))
+    with torch.no_grad():
+        x0_hat = aug(x, t=t.to(x.device, non_blocking=True), seed=seed)
+    return x0_hat, t, seed
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def train_step(model: nn.Module, aug, x: Tensor, y: Tensor, optimizer, gen: Optional[torch.Generator] = None,
+               scheduler=None, label_smoothing: float = 0.0, amp: bool = False) -> dict:
+    """One optimizer step. With aug (a dk.DiffAug): loss = CE(f(x), y) + CE(f(x0_hat), y), the clean and
+    DiffAug'd images as one batch through f; without: CE(f(x), y). Returns detached per-batch sums
+    (loss_clean, loss_diffaug, correct_clean, correct_diffaug, n) and, with aug, the t values and seed."""
+    model.train()
+    B = x.shape[0]
+    info = {}
+    if aug is not None:
+        x0_hat, t, seed = diffaug_batch(aug, x, gen if gen is not None else torch.default_generator)
+        inp = torch.cat([x, x0_hat.to(x.dtype)])
+        info.update(t=t, seed=seed)
+    else:
+        inp = x
+    with _autocast(x.device, amp):
+        logits = model(inp).float()
+    loss_clean = F.cross_entropy(logits[:B], y, label_smoothing=label_smoothing)
+    loss = loss_clean
+    stats = torch.zeros(5, dtype=torch.float64, device=x.device)
+    stats[0] = loss_clean.detach() * B
+    stats[2] = (logits[:B].detach().argmax(1) == y).sum()
+    stats[4] = B
+    if aug is not None:
+        loss_aug = F.cross_entropy(logits[B:], y, label_smoothing=label_smoothing)
+        loss = loss_clean + loss_aug
+        stats[1] = loss_aug.detach() * B
+        stats[3] = (logits[B:].detach().argmax(1) == y).sum()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    info.update(loss=loss.detach(), stats=stats)
+    return info
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, aug, device: torch.device, info: DistInfo, seed: int, amp: bool = False):
+    """Clean and DiffAug'd (t ~ U{t_range} per image, noise from a generator reset here) top-1 accuracy over
+    the whole val set (each rank holds a disjoint shard; the counts are summed)."""
+    model.eval()
+    gen = torch.Generator().manual_seed(derive_seed(seed, info.rank, "val-diffaug"))
+    counts = torch.zeros(3, dtype=torch.float64, device=device)
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with _autocast(device, amp):
+            counts[0] += (model(x).argmax(1) == y).sum()
+        if aug is not None:
+            x0_hat, _, _ = diffaug_batch(aug, x, gen)  # DiffAug handles its own autocast (its dtype)
+            with _autocast(device, amp):
+                counts[1] += (model(x0_hat).argmax(1) == y).sum()
+        counts[2] += y.shape[0]
+    _all_reduce(counts, info)
+    n = counts[2].item()
+    return {"val_acc_clean": counts[0].item() / max(n, 1),
+            "val_acc_diffaug": counts[1].item() / max(n, 1) if aug is not None else None,
+            "val_n": int(n)}
+
+
+def _cosine_lambda(total: int, warmup: int, floor: float):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        p = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
+    return f
+
+
+# ------------------------------------------------------------------------------------------------ RNG, checkpoints
+def _rng_state(noise_gen: torch.Generator) -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "noise": noise_gen.get_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+             "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict, noise_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    noise_gen.set_state(state["noise"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _atomic_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _resolve_resume(args) -> Optional[str]:
+    if args.resume is None:
+        return None
+    if args.resume == "auto":
+        if args.out is None:
+            raise UsageError("--resume without a path needs --out (it resumes from OUT/checkpoint.pt)")
+        path = os.path.join(args.out, CHECKPOINT_NAME)
+        return path if os.path.isfile(path) else None
+    if not os.path.isfile(args.resume):
+        raise FileNotFoundError(f"--resume checkpoint not found: {args.resume!r}")
+    return args.resume
+
+
+def _jsonable(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+# ------------------------------------------------------------------------------------------------ the run
+class _Progress:
+    """tqdm on a terminal, plain lines otherwise (rank 0 only)."""
+
+    def __init__(self, enabled: bool, total: int, initial: int, log_interval: int):
+        self.enabled, self.interval, self.bar = enabled, max(1, log_interval), None
+        self.total = total
+        if enabled and sys.stderr.isatty():
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, step: int, epoch: int, loss: Tensor, lr: float):
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            if step % self.interval == 0:
+                self.bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", lr=f"{lr:.4g}")
+        elif step % self.interval == 0 or step == self.total:
+            print(f"step {step}/{self.total} epoch {epoch} loss {loss.item():.4f} lr {lr:.4g}", flush=True)
+
+    def write(self, msg: str):
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(args) -> dict:
+    """Runs the training that `args` (build_parser's namespace) describes; returns the final metrics
+    (identical on every rank)."""
+    old_threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = init_distributed(args.device)
+    try:
+        return _train(args, info)
+    finally:
+        if info.initialized_here:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+        torch.set_num_threads(old_threads)
+
+
+def _train(args, info: DistInfo) -> dict:
+    from .augment import DiffAug
+    from .schedule import NoiseSchedule
+
+    device, main = info.device, info.is_main
+    say = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
+    if args.batch_size < 1 or args.epochs < 1 or (args.steps is not None and args.steps < 1):
+        raise UsageError("--batch-size, --epochs and --steps must be positive")
+
+    # data first: a missing path fails before anything is built
+    train_ds, val_ds, channels, size, num_classes = build_datasets(args)
+    workers = args.workers if args.workers is not None else (
+        0 if args.data == "digits" and not args.augmix else min(8, os.cpu_count() or 1))
+    if len(train_ds) // info.world_size < args.batch_size:
+        raise UsageError(f"{len(train_ds)} training samples over {info.world_size} process(es) do not fill one "
+                         f"batch of {args.batch_size}")
+    sampler = EpochSampler(len(train_ds), info.rank, info.world_size, args.seed)
+    loader_gen = torch.Generator()
+    train_loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                              num_workers=workers, pin_memory=device.type == "cuda", generator=loader_gen)
+    steps_per_epoch = len(sampler) // args.batch_size
+    total_steps = args.steps or args.epochs * steps_per_epoch
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    val_loader = None
+    if val_ds is not None:
+        shard = Subset(val_ds, range(info.rank, len(val_ds), info.world_size))
+        val_loader = DataLoader(shard, batch_size=args.val_batch_size or 2 * args.batch_size, shuffle=False,
+                                num_workers=workers, pin_memory=device.type == "cuda")
+
+    # the classifier: the same init on every rank
+    norm_spec = args.normalize or ("identity" if args.data == "digits" else
+                                   "cifar10" if args.data.startswith("cifar10:") else "imagenet")
+    normalize = parse_normalize(norm_spec, channels)
+    torch.manual_seed(args.seed)
+    model = create_classifier(args.model, num_classes, channels, normalize, drop_rate=args.drop_rate).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    # the score model and the augmentation
+    aug = None
+    score_spec = args.score_model or (None if args.no_diffaug else "default")
+    if score_spec is not None:
+        score, schedule = load_score_model(score_spec, args.data, args.score_config, args.score_flag, channels)
+        if score.in_channels != channels:
+            raise UsageError(f"the score model takes {score.in_channels} channels but the images have {channels} "
+                             f"(digits: --channels {score.in_channels})")
+        if schedule is None:
+            schedule = getattr(NoiseSchedule, args.schedule)(args.diffusion_steps)
+        aug = DiffAug(score.to(device), schedule, t_range=args.t_range, prediction=args.score_prediction,
+                      backend=args.backend, compile=args.compile_score, dtype=torch.bfloat16 if args.amp else None)
+        if score_spec == "random":
+            say("note: --score-model random: an untrained score model (tests and smoke runs only)")
+    train_aug = None if args.no_diffaug else aug
+
+    # per-rank randomness (the model is built: from here on ranks differ)
+    noise_gen = torch.Generator().manual_seed(derive_seed(args.seed, info.rank, "diffaug"))
+    torch.manual_seed(derive_seed(args.seed, info.rank, "torch"))
+    random.seed(derive_seed(args.seed, info.rank, "python"))
+    np.random.seed(derive_seed(args.seed, info.rank, "numpy") & 0xFFFFFFFF)
+
+    if args.opt == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                    nesterov=args.nesterov and args.momentum > 0, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _cosine_lambda(total_steps, args.warmup_steps, args.min_lr / args.lr if args.lr else 0.0))
+
+    # resume
+    epoch, step_in_epoch, global_step = 0, 0, 0
+    epoch_stats = torch.zeros(5, dtype=torch.float64, device=device)
+    ckpt_path = _resolve_resume(args)
+    if ckpt_path is not None:
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ck.get("format") != CHECKPOINT_FORMAT:
+            raise UsageError(f"{ckpt_path} is not a train_classifier checkpoint")
+        model.net.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        epoch, step_in_epoch, global_step = ck["epoch"], ck["step_in_epoch"], ck["global_step"]
+        if main:
+            epoch_stats.copy_(ck["epoch_stats"])  # the epoch's sums so far, over all ranks
+        changed = [k for k in _RUN_DEFINING if _jsonable(ck["args"].get(k)) != _jsonable(getattr(args, k, None))]
+        if changed:
+            say(f"warning: resuming with different {', '.join(changed)} than the checkpoint's run")
+        if ck["total_steps"] != total_steps:
+            say(f"warning: the run now has {total_steps} steps (the checkpoint's had {ck['total_steps']}): "
+                f"the cosine schedule is stretched from here")
+        if ck["world_size"] == info.world_size:
+            _set_rng_state(ck["rng"][info.rank], noise_gen)
+        else:
+            say(f"warning: the checkpoint was written by {ck['world_size']} processes, this run has "
+                f"{info.world_size}: generators are re-seeded from (seed, rank, step), the data order is kept")
+            noise_gen.manual_seed(derive_seed(args.seed + global_step, info.rank, "diffaug"))
+            step_in_epoch = min(step_in_epoch * ck["world_size"] // info.world_size, steps_per_epoch)
+        say(f"resumed from {ckpt_path} at step {global_step} (epoch {epoch}, step {step_in_epoch} of it)")
+    elif args.resume == "auto":
+        say(f"--resume: no checkpoint in {args.out}, starting fresh")
+
+    if args.sync_bn and info.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    net = model
+    if info.distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        net = torch.compile(net)
+
+    out = args.out
+    if main and out:
+        os.makedirs(out, exist_ok=True)
+    log_path = os.path.join(out, LOG_NAME) if out else None
+
+    def log(record: dict):
+        if main and log_path:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save_checkpoint():
+        reduced = _all_reduce(epoch_stats.clone(), info)  # collective: every rank calls this
+        rngs = _all_gather_object(_rng_state(noise_gen), info)
+        if not (main and out):
+            return
+        _atomic_save({
+            "format": CHECKPOINT_FORMAT, "model": model.net.state_dict(), "model_name": args.model,
+            "num_classes": num_classes, "in_chans": channels,
+            "normalize": None if normalize is None else [list(normalize[0]), list(normalize[1])],
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "total_steps": total_steps,
+            "epoch_stats": reduced.cpu(), "args": {k: _jsonable(v) for k, v in vars(args).items()},
+            "world_size": info.world_size, "writer_rank": info.rank, "rng": rngs,
+        }, os.path.join(out, CHECKPOINT_NAME))
+
+    def epoch_record(stats: Tensor, ep: int, complete: bool) -> dict:
+        s = _all_reduce(stats.clone(), info).tolist()
+        n = max(s[4], 1)
+        rec = {"epoch": ep, "complete": complete, "step": global_step, "lr": optimizer.param_groups[0]["lr"],
+               "train_loss_clean": s[0] / n, "train_acc_clean": s[2] / n, "train_n": int(s[4])}
+        if train_aug is not None:
+            rec.update(train_loss_diffaug=s[1] / n, train_acc_diffaug=s[3] / n,
+                       train_loss=(s[0] + s[1]) / n)
+        else:
+            rec["train_loss"] = s[0] / n
+        return rec
+
+    say(f"train_classifier: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
+        f"{args.data} ({len(train_ds)} train, {len(val_ds) if val_ds is not None else 0} val, {channels}x{size}x"
+        f"{size}, {num_classes} classes), {'DiffAug' if train_aug is not None else 'no DiffAug'}, "
+        f"{info.world_size} process(es) on {device}, {total_steps} steps = {num_epochs} epoch(s) of "
+        f"{steps_per_epoch}")
+    progress = _Progress(main, total_steps, global_step, args.log_interval)
+    debug_written = False
+    stopped = False
+    t_start = time.time()
+    metrics: dict = {}
+    while global_step < total_steps and not stopped:
+        sampler.set_epoch(epoch, skip=step_in_epoch * args.batch_size)
+        loader_gen.manual_seed(derive_seed(args.seed, info.rank, f"loader-epoch-{epoch}"))  # worker seeds
+        for x, y in train_loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            res = train_step(net, train_aug, x, y, optimizer, noise_gen, scheduler, args.label_smoothing, args.amp)
+            epoch_stats += res["stats"]
+            step_in_epoch += 1
+            global_step += 1
+            if args.debug_noise and not debug_written and out and "t" in res:
+                os.makedirs(out, exist_ok=True)
+                digest = hashlib.sha256(res["t"].numpy().tobytes() + str(res["seed"]).encode()).hexdigest()
+                with open(os.path.join(out, f"debug_noise_rank{info.rank}.json"), "w") as f:
+                    json.dump({"rank": info.rank, "world_size": info.world_size, "step": global_step,
+                               "t_hash": digest, "t": res["t"].tolist(), "seed": res["seed"]}, f)
+                debug_written = True
+            progress.update(global_step, epoch, res["loss"], optimizer.param_groups[0]["lr"])
+            if global_step % max(1, args.log_interval) == 0 and not torch.isfinite(res["loss"]):  # no sync per step
+                raise FloatingPointError(f"the loss is {res['loss'].item()} at step {global_step}")
+            if global_step >= total_steps or (args.stop_at_step is not None and global_step >= args.stop_at_step):
+                break
+            if args.save_every and global_step % args.save_every == 0:
+                save_checkpoint()
+        complete = step_in_epoch >= steps_per_epoch
+        stopped = args.stop_at_step is not None and global_step >= args.stop_at_step and global_step < total_steps
+        if complete or global_step >= total_steps:
+            rec = epoch_record(epoch_stats, epoch, complete)
+            last = global_step >= total_steps
+            if val_loader is not None and (last or (args.eval_every and (epoch + 1) % args.eval_every == 0)):
+                rec.update(evaluate(model, val_loader, aug, device, info, args.seed, args.amp))
+            rec["time_s"] = round(time.time() - t_start, 3)
+            log(rec)
+            progress.write(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+            metrics = rec
+            epoch, step_in_epoch = epoch + 1, 0
+            epoch_stats.zero_()
+        save_checkpoint()
+    progress.close()
+
+    if stopped:
+        say(f"stopped at step {global_step} of {total_steps} (--stop-at-step); continue with --resume")
+        return {"stopped": True, "step": global_step}
+    final = {"final": True, "step": global_step, "epoch": epoch, "world_size": info.world_size,
+             "val_acc_clean": metrics.get("val_acc_clean"), "val_acc_diffaug": metrics.get("val_acc_diffaug"),
+             "val_n": metrics.get("val_n")}
+    if val_loader is not None and "val_acc_clean" not in metrics:  # resumed after the last step: evaluate now
+        final.update(evaluate(model, val_loader, aug, device, info, args.seed, args.amp))
+    log(final)
+    if final["val_acc_clean"] is not None:
+        da = final["val_acc_diffaug"]
+        say(f"final val accuracy ({final['val_n']} images): clean {100 * final['val_acc_clean']:.2f}%, DiffAug'd "
+            + (f"{100 * da:.2f}%" if da is not None else "n/a (no score model)"))
+    return final
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        train(args)
+    except (FileNotFoundError, UsageError) as e:  # a missing path or a bad option: one clear line, no traceback
+        raise SystemExit(f"train_classifier: error: {e}") from None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
