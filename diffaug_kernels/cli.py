@@ -97,8 +97,54 @@ def _run_bench(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------- train-score
+def _add_train_score(sub) -> None:
+    p = sub.add_parser("train-score", help="train an eps-prediction ADM UNet (the DiffAug score model) with DDPM",
+                       description="DDPM training (simple eps loss, t ~ U{0..T-1}, x_t from dk.forward_noise) of "
+                                   "an ADM UNet: AdamW, EMA, gradient clipping, bf16 autocast, checkpoints with "
+                                   "resume, export of the EMA weights to safetensors. Options left out take the "
+                                   "defaults shown, or the checkpoint's values with --resume.")
+    p.add_argument("--data", default=None, help="'digits' (embedded scikit-learn digits; default), "
+                   "'cifar10:<root>' or a local ImageFolder directory")
+    p.add_argument("--config", default=None, help="a key of dk.models.ADM_CONFIGS (default digits32)")
+    p.add_argument("--model", action="append", default=None, metavar="NAME=VALUE",
+                   help="override an ADM config flag, e.g. --model num_channels=16 (repeatable)")
+    p.add_argument("--steps", type=int, default=None, help="total optimisation steps to reach (default 2000)")
+    p.add_argument("--batch-size", type=_positive, default=None, help="default 64")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 2e-4)")
+    p.add_argument("--lr-warmup", type=int, default=None, help="linear learning-rate warm-up steps (default 100)")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0)")
+    p.add_argument("--ema", type=float, default=None, help="EMA decay, with warm-up (default 0.999)")
+    p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm, 0 = off (default 1.0)")
+    p.add_argument("--schedule", choices=("linear", "cosine"), default=None, help="noise schedule (default linear)")
+    p.add_argument("--T", type=_positive, default=None, help="diffusion steps (default 1000)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for the UNet (default off)")
+    p.add_argument("--seed", type=int, default=None, help="seed of init, data order, t and noise (default 0)")
+    p.add_argument("--out", default="runs/train-score", help="checkpoint directory (default runs/train-score)")
+    p.add_argument("--save-every", type=_positive, default=None, help="checkpoint period in steps (default 500)")
+    p.add_argument("--keep", type=int, default=2, help="newest checkpoints kept (default 2; 0 keeps all)")
+    p.add_argument("--log-every", type=_positive, default=None, help="log period in steps (default 50)")
+    p.add_argument("--export", metavar="PATH.safetensors", default=None,
+                   help="write the EMA weights here, with the config and schedule in the metadata")
+    p.add_argument("--export-dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                   help="dtype of the exported weights (default float16; loaded back as float32)")
+    p.add_argument("--resume", metavar="PATH", default=None, help="a checkpoint file, or a directory (its newest)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available, else cpu)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 0)")
+    p.add_argument("--threads", type=_positive, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
+
+    def run(args) -> int:
+        from . import train_score
+
+        return train_score.run_cli(args)
+
+    p.set_defaults(func=run)
+
+
 # -------------------------------------------------------------------------------------------- main
-COMMANDS = (_add_bench,)
+COMMANDS = (_add_bench, _add_train_score)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import _ext, reference
+from .reference import _compute_dtype, _per_sample
 from .schedule import PREDICTIONS, NoiseSchedule
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -242,10 +243,6 @@ def _as_seed(name: str, v, device: torch.device) -> Tensor:
     raise TypeError(f"{name} must be an integer (or None for a fresh seed), got {type(v).__name__}: {v!r}")
 
 
-def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
 def _empty_out(x: Tensor, rows, dtype: torch.dtype, device=None) -> Tensor:
     """The output of a fused op: x's shape with `rows` rows; channels_last when x is."""
     shape = (rows, *x.shape[1:])
@@ -264,10 +261,6 @@ def _alloc(x: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
     else:
         out = _empty_out(x, rows, dtype)
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
-
-
-def _per_sample(v: Tensor, ndim: int) -> Tensor:
-    return v.reshape(v.shape[0], *([1] * (ndim - 1)))
 
 
 # ------------------------------------------------------------------------------------ custom op: noise
@@ -326,7 +319,7 @@ def _tweedie_setup(ctx, inputs, output):
 def _tweedie_backward(ctx, grad):
     x_t, m, t, coef_a, coef_b, scale = ctx.saved_tensors
     cd = coef_a.dtype
-    a, b = _per_sample(coef_a[t], x_t.dim()), _per_sample(coef_b[t], x_t.dim())
+    a, b = _per_sample(coef_a, t, x_t.dim()), _per_sample(coef_b, t, x_t.dim())
     g = grad.to(cd)
     if scale is not None:
         g = g * scale.reshape(1, -1, *([1] * (x_t.dim() - 2)))

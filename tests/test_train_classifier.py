@@ -1,0 +1,161 @@
+"""diffaug_kernels.train_classifier: the DiffAug loss step, checkpoint/resume, torchrun (gloo), clear errors.
+
+Tiny everything: digits at 16x16, timm's test_resnet, a random ADM UNet (32 channels, one level, no
+attention), batches of 8, a handful of steps, one thread per process.
+"""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import diffaug_kernels as dk
+from diffaug_kernels import train_classifier as tc
+from diffaug_kernels.data import digits
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "python", "train_classifier.py")
+TINY_UNET = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1", attention_resolutions="",
+                 in_channels=1)
+TINY_ARGS = ["--data", "digits", "--image-size", "16", "--model", "test_resnet", "--batch-size", "8",
+             "--limit-train", "32", "--limit-val", "16", "--threads", "1", "--log-interval", "1",
+             "--score-model", "random", "--score-config", "digits32",
+             "--score-flag", "num_channels=32", "--score-flag", "num_res_blocks=1", "--score-flag", "channel_mult=1",
+             "--score-flag", "attention_resolutions=", "--score-flag", "resblock_updown=false"]
+
+
+def _read_log(out):
+    with open(os.path.join(out, tc.LOG_NAME)) as f:
+        return [json.loads(line) for line in f]
+
+
+def _ckpt(out):
+    return torch.load(os.path.join(out, tc.CHECKPOINT_NAME), map_location="cpu", weights_only=True)
+
+
+def test_one_diffaug_step_trains_the_classifier_not_the_unet():
+    torch.manual_seed(0)
+    unet = dk.models.create_adm_unet(**TINY_UNET).eval().requires_grad_(False)
+    aug = dk.DiffAug(unet, dk.NoiseSchedule.linear(1000), t_range=(0, 1000))
+    clf = tc.create_classifier("test_resnet", num_classes=10, in_chans=1)
+    x, y = digits("train", size=16, channels=1)[:8]
+    assert x.shape == (8, 1, 16, 16) and x.min() >= -1 and x.max() <= 1
+    opt = torch.optim.SGD(clf.parameters(), lr=0.1, momentum=0.9)
+    clf_before = copy.deepcopy(clf)
+    unet_before = {k: v.clone() for k, v in unet.state_dict().items()}
+    gen = torch.Generator().manual_seed(1)
+
+    # the paper's loss, computed by hand on the same x0_hat (same generator state, same classifier state)
+    x0_hat, t, _ = tc.diffaug_batch(aug, x, torch.Generator().set_state(gen.get_state()))
+    assert x0_hat.shape == x.shape and not torch.equal(x0_hat, x) and x0_hat.abs().max() <= 1
+    ref = copy.deepcopy(clf).train()
+    logits = ref(torch.cat([x, x0_hat]))
+    expected = F.cross_entropy(logits[:8], y) + F.cross_entropy(logits[8:], y)
+
+    res = tc.train_step(clf, aug, x, y, opt, gen)
+    assert torch.isfinite(res["loss"]) and torch.allclose(res["loss"], expected, atol=1e-5)
+    assert torch.equal(res["t"], t) and 0 <= int(t.min()) and int(t.max()) < 1000
+    assert res["stats"][4] == 8
+    changed = {n for (n, a), b in zip(clf.named_parameters(), clf_before.parameters()) if not torch.equal(a, b)}
+    # the stem and the head move (inside residual blocks timm zero-inits the last norm, so the first step
+    # leaves the convs before it alone)
+    first, last = next(iter(dict(clf.named_parameters()))), list(dict(clf.named_parameters()))[-1]
+    assert first in changed and last in changed and len(changed) >= 8, sorted(changed)
+    assert all(p.grad is None for p in unet.parameters()), "no gradient reaches the score model"
+    assert all(torch.equal(v, unet_before[k]) for k, v in unet.state_dict().items())
+
+
+def test_checkpoint_and_resume_continue_exactly(tmp_path, capsys):
+    # 32 samples / batch 8 = 4 steps per epoch; 10 steps cross two epoch ends and stop mid-epoch.
+    common = TINY_ARGS + ["--steps", "10", "--save-every", "2"]
+    straight, chunked = str(tmp_path / "straight"), str(tmp_path / "chunked")
+    assert tc.main(common + ["--out", straight]) == 0
+    assert tc.main(common + ["--out", chunked, "--stop-at-step", "3"]) == 0
+    ck = _ckpt(chunked)
+    assert (ck["global_step"], ck["epoch"], ck["step_in_epoch"]) == (3, 0, 3)
+    assert ck["writer_rank"] == 0 and ck["world_size"] == 1 and ck["args"]["steps"] == 10
+    assert set(ck) >= {"model", "optimizer", "scheduler", "rng", "args", "epoch_stats"}
+    capsys.readouterr()
+    assert tc.main(common + ["--out", chunked, "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+
+    a, b = _ckpt(straight), _ckpt(chunked)
+    assert a["global_step"] == b["global_step"] == 10
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs after resume"
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 10
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "time_s"} for r in recs]  # noqa: E731
+    log_a, log_b = strip(_read_log(straight)), strip(_read_log(chunked))
+    assert log_a == log_b, "the interrupted run logs the same epochs and numbers as the straight one"
+    assert [r.get("epoch") for r in log_a[:-1]] == [0, 1, 2] and log_a[-1]["final"]
+    assert 0 <= log_a[-1]["val_acc_clean"] <= 1 and 0 <= log_a[-1]["val_acc_diffaug"] <= 1
+
+    # the saved classifier loads on its own (timm keys + normalisation)
+    clf = tc.load_classifier(os.path.join(straight, tc.CHECKPOINT_NAME))
+    assert clf(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    out = str(tmp_path / "ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
+           *TINY_ARGS, "--steps", "3", "--out", out, "--debug-noise"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.stdout.count("train_classifier:") == 1 and p.stdout.count("final val accuracy") == 1, p.stdout
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "debug_noise_rank0.json", "debug_noise_rank1.json",
+                                       "log.jsonl"]
+    ck = _ckpt(out)
+    assert ck["world_size"] == 2 and ck["writer_rank"] == 0 and len(ck["rng"]) == 2 and ck["global_step"] == 3
+    recs = _read_log(out)
+    epochs = [r["epoch"] for r in recs if "final" not in r]
+    assert epochs == sorted(set(epochs)) and sum("final" in r for r in recs) == 1, "one writer: no duplicates"
+    assert recs[0]["train_n"] == 32, "epoch sums are over both ranks (2 x 2 steps x 8)"
+    assert recs[-1]["val_n"] == 16, "the val shards add up to the whole val set"
+    noise = [json.load(open(os.path.join(out, f"debug_noise_rank{r}.json"))) for r in (0, 1)]
+    assert [n["rank"] for n in noise] == [0, 1]
+    assert noise[0]["t_hash"] != noise[1]["t_hash"] and noise[0]["seed"] != noise[1]["seed"], \
+        "the ranks draw different DiffAug noise"
+
+
+@pytest.mark.parametrize("flag,spec", [("--data", "{}"), ("--data", "cifar10:{}"), ("--val-data", "{}")])
+def test_missing_data_path_is_a_clear_error(tmp_path, flag, spec):
+    spec = spec.format(tmp_path / "nope")
+    argv = TINY_ARGS + ["--steps", "1", flag, spec]  # the last --data wins
+    if flag == "--data":
+        argv += ["--image-size", "32"]  # CIFAR-10 is 32x32
+    with pytest.raises(FileNotFoundError, match="nope"):
+        tc.train(tc.build_parser().parse_args(argv))
+    with pytest.raises(SystemExit) as e:
+        tc.main(argv)
+    msg = str(e.value)
+    assert msg.startswith("train_classifier: error:") and "not found" in msg and "nope" in msg, msg
+
+
+def test_default_score_model_missing_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffaug_kernels.pretrained", None)  # as if pretrained.py were not there
+    with pytest.raises(tc.UsageError, match="--score-model PATH"):
+        tc.load_score_model("default", "digits")
+
+
+def test_augmix_and_normalisation():
+    base = digits("test", size=16, channels=1)
+    ds = tc.AugMixDataset(base, "augmix-m3-w3-d1", image_size=16, channels=1)
+    x, y = ds[0]
+    assert x.shape == (1, 16, 16) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
+    assert y == base[0][1]
+    rgb = tc.AugMixDataset(digits("test", size=16, channels=3), image_size=16, channels=3)
+    assert rgb[0][0].shape == (3, 16, 16)
+
+    mean, std = tc.parse_normalize("imagenet", 3)
+    clf = tc.NormalizedClassifier(torch.nn.Identity(), (mean, std))
+    x = torch.rand(2, 3, 4, 4) * 2 - 1
+    expected = ((x + 1) / 2 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert torch.allclose(clf(x), expected, atol=1e-6)
+    assert tc.parse_normalize("identity", 1) is None and len(tc.parse_normalize("imagenet", 1)[0]) == 1
+    with pytest.raises(tc.UsageError, match="--normalize"):
+        tc.parse_normalize("0.5,0.5:0.5", 3)
