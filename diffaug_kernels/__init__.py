@@ -1,5 +1,5 @@
 """diffaug_kernels: fused kernels for DiffAug (diffuse-and-denoise augmentation), checked against PyTorch."""
-from . import models, ood, reference
+from . import data, models, ood, reference
 from .augment import DiffAug
 from .ensemble import diffaug_ensemble
 from .ops import (
@@ -18,6 +18,7 @@ __all__ = [
     "IMAGENET_NORM",
     "NoiseSchedule",
     "available_backends",
+    "data",
     "diffaug_ensemble",
     "models",
     "ood",

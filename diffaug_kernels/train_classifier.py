@@ -11,7 +11,7 @@ Run it (``python/train_classifier.py`` is the thin script; ``torchrun`` works as
     python python/train_classifier.py --data digits --out runs/digits-diffaug
     # the baseline, for comparison
     python python/train_classifier.py --data digits --no-diffaug --out runs/digits-plain
-    # CIFAR-10 (python batches) with a 32x32 ADM checkpoint described by its guided-diffusion flags
+    # CIFAR-10 (python batches) with a 32x32 ADM checkpoint (guided-diffusion keys) described by its flags
     torchrun --nproc_per_node=4 python/train_classifier.py --data cifar10:/data/cifar-10-batches-py \\
         --model resnet18 --score-model cifar_adm.pt --score-flag image_size=32 --score-flag num_channels=128 \\
         --score-flag num_res_blocks=3 --score-flag learn_sigma=true --out runs/cifar-diffaug
@@ -37,7 +37,8 @@ Choices and what they guarantee:
   dataset path (``AugMixDataset``), before DiffAug; it works for every data source (digits, CIFAR-10 and
   ImageFolder tensors are turned into uint8 PIL images losslessly and back).
 - Distributed (torchrun): WORLD_SIZE/RANK/LOCAL_RANK from the environment; gloo on CPU, nccl on GPU; a
-  DistributedSampler; the classifier wrapped in DistributedDataParallel; ``--batch-size`` is per process.
+  DistributedSampler (shuffled by seed + epoch; ``EpochSampler`` adds the mid-epoch skip of a resume); the
+  classifier wrapped in DistributedDataParallel; ``--batch-size`` is per process.
   Every rank starts from the same weights (``torch.manual_seed(seed)`` before the model is built, and DDP
   broadcasts rank 0's), then draws its own randomness: the DiffAug times t and Philox seeds come from a
   dedicated generator seeded with ``derive_seed(seed, rank, "diffaug")`` (numpy's SeedSequence of
@@ -79,7 +80,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
@@ -157,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--score-flag", action="append", default=[], metavar="KEY=VALUE",
                    help="guided-diffusion create_model flag overriding --score-config (repeatable), "
                         "e.g. --score-flag channel_mult=1,2 --score-flag attention_resolutions=")
-    g.add_argument("--score-prediction", default="eps", choices=("eps", "v", "x0", "score"))
+    g.add_argument("--score-prediction", default=None, choices=("eps", "v", "x0", "score"),
+                   help="what the score model predicts (default: the model's own `prediction`, else eps)")
     g.add_argument("--schedule", default="linear", choices=("linear", "cosine"))
     g.add_argument("--diffusion-steps", type=int, default=1000)
     g.add_argument("--t-range", type=_t_range, default=(0, 1000), help="t ~ U{lo..hi-1}")
@@ -375,13 +377,30 @@ def _default_score_config(data: str) -> Optional[str]:
     return "imagenet256_uncond"
 
 
+def _train_score_export(path: str):
+    """(model, schedule) when `path` is a dk train-score export (safetensors whose metadata holds the config and
+    the schedule), else None."""
+    if not str(path).endswith(".safetensors") or not os.path.isfile(path):
+        return None
+    try:
+        from . import pretrained  # written beside this module; imported only when asked for
+
+        meta = pretrained.read_metadata(path)
+        loader = pretrained.load_score_model
+    except (ImportError, AttributeError):
+        return None
+    return loader(path) if "config" in meta and "schedule" in meta else None
+
+
 def load_score_model(spec: str, data: str, config: Optional[str] = None, flags: Sequence[str] = (),
                      channels: Optional[int] = None):
     """-> (score model in eval mode with requires_grad False, NoiseSchedule or None when the caller picks it).
 
     spec: 'default' -> dk.pretrained.load_default_score_model() (the package's digits model, imported lazily);
     'random' -> a randomly initialised ADM UNet from config/flags (tests and smoke runs only); otherwise a
-    checkpoint path loaded with dk.models.load_guided_diffusion(path, config, **flags)."""
+    file: a dk train-score export (.safetensors with its config and schedule in the metadata) loads with
+    dk.pretrained.load_score_model when no config or flag is given, anything else (a guided-diffusion .pt
+    state_dict or .safetensors) with dk.models.load_guided_diffusion(path, config, **flags)."""
     from .models import ADM_CONFIGS, create_adm_unet, load_guided_diffusion
     from .schedule import NoiseSchedule
 
@@ -405,6 +424,8 @@ def load_score_model(spec: str, data: str, config: Optional[str] = None, flags: 
             model = next(v for v in got if isinstance(v, nn.Module))
             schedule = next((v for v in got if isinstance(v, NoiseSchedule)), None)
         schedule = schedule or getattr(model, "schedule", None)
+    elif spec != "random" and config is None and not overrides and (export := _train_score_export(spec)):
+        model, schedule = export
     else:
         if config is None:
             config = _default_score_config(data)
@@ -415,15 +436,15 @@ def load_score_model(spec: str, data: str, config: Optional[str] = None, flags: 
             raise UsageError(f"--score-config {config!r} is unknown; known: {sorted(ADM_CONFIGS)}")
         base = dataclasses.asdict(ADM_CONFIGS[config]) if config is not None else {}
         kwargs = {**base, **overrides}
-        if channels is not None and "in_channels" not in overrides and kwargs.get("in_channels", 3) != channels:
-            kwargs["in_channels"] = channels  # e.g. digits32 (grey) for --channels 3: in_channels follows the data
-        if spec == "random":
-            missing = [k for k in ("image_size", "num_channels", "num_res_blocks") if k not in kwargs]
-            if missing:
-                raise UsageError(f"--score-model random needs --score-config or the flags {missing}")
-            model = create_adm_unet(**kwargs)
-        else:
-            model = load_guided_diffusion(spec, **kwargs)
+        if spec == "random" and channels is not None and "in_channels" not in overrides:
+            kwargs["in_channels"] = channels  # a random model follows the data (a checkpoint is what it is)
+        missing = [k for k in ("image_size", "num_channels", "num_res_blocks") if k not in kwargs]
+        if missing:
+            raise UsageError(f"--score-model {spec} needs --score-config or the flags {missing}")
+        try:
+            model = create_adm_unet(**kwargs) if spec == "random" else load_guided_diffusion(spec, **kwargs)
+        except (ValueError, RuntimeError) as e:  # flags that build no UNet, or a checkpoint that does not fit
+            raise UsageError(f"score model ({spec}): {e}") from None
     if getattr(model, "num_classes", None) is not None:
         raise UsageError("the score model is class-conditional; DiffAug training uses an unconditional one "
                          "(class_cond=False)")
@@ -501,28 +522,26 @@ def build_datasets(args):
     return train, val, channels, size, num_classes
 
 
-class EpochSampler(Sampler):
-    """The run's data order: a permutation of the dataset that depends only on (seed, epoch), split across
-    ranks as DistributedSampler does (drop_last: every rank gets len // world samples), with the first
-    `skip` samples of this rank's share left out (a mid-epoch resume)."""
+class EpochSampler(DistributedSampler):
+    """torch's DistributedSampler (shuffled by seed + epoch, drop_last: every rank gets len // world samples)
+    with the first `skip` samples of this rank's share left out, for a mid-epoch resume:
+    set_epoch(epoch, skip)."""
 
-    def __init__(self, n: int, rank: int, world_size: int, seed: int):
-        self.n, self.rank, self.world, self.seed = n, rank, world_size, seed
-        self.epoch, self.skip = 0, 0
-        self.per_rank = n // world_size
-        if self.per_rank == 0:
-            raise UsageError(f"{n} training samples cannot be split over {world_size} processes")
+    def __init__(self, dataset, rank: int, world_size: int, seed: int):
+        if len(dataset) < world_size:
+            raise UsageError(f"{len(dataset)} training samples cannot be split over {world_size} processes")
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
 
     def set_epoch(self, epoch: int, skip: int = 0):
-        self.epoch, self.skip = epoch, skip
+        super().set_epoch(epoch)
+        self.skip = skip
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, "data-order"))
-        perm = torch.randperm(self.n, generator=g)[: self.per_rank * self.world]
-        return iter(perm[self.rank::self.world][self.skip:].tolist())
+        return iter(list(super().__iter__())[self.skip:])
 
     def __len__(self):
-        return self.per_rank - self.skip
+        return self.num_samples - self.skip
 
 
 # ------------------------------------------------------------------------------------------------ steps
@@ -725,7 +744,7 @@ def _train(args, info: DistInfo) -> dict:
     if len(train_ds) // info.world_size < args.batch_size:
         raise UsageError(f"{len(train_ds)} training samples over {info.world_size} process(es) do not fill one "
                          f"batch of {args.batch_size}")
-    sampler = EpochSampler(len(train_ds), info.rank, info.world_size, args.seed)
+    sampler = EpochSampler(train_ds, info.rank, info.world_size, args.seed)
     loader_gen = torch.Generator()
     train_loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                               num_workers=workers, pin_memory=device.type == "cuda", generator=loader_gen)
@@ -749,7 +768,13 @@ def _train(args, info: DistInfo) -> dict:
 
     # the score model and the augmentation
     aug = None
-    score_spec = args.score_model or (None if args.no_diffaug else "default")
+    score_spec = args.score_model
+    if score_spec is None and not args.no_diffaug:
+        if args.data != "digits":
+            raise UsageError("DiffAug needs a score model for this data: --score-model PATH (a guided-diffusion "
+                             "checkpoint with --score-config/--score-flag, or a train-score export); the "
+                             "embedded default is for digits only. --no-diffaug trains the baseline.")
+        score_spec = "default"
     if score_spec is not None:
         score, schedule = load_score_model(score_spec, args.data, args.score_config, args.score_flag, channels)
         if score.in_channels != channels:
@@ -757,8 +782,9 @@ def _train(args, info: DistInfo) -> dict:
                              f"(digits: --channels {score.in_channels})")
         if schedule is None:
             schedule = getattr(NoiseSchedule, args.schedule)(args.diffusion_steps)
-        aug = DiffAug(score.to(device), schedule, t_range=args.t_range, prediction=args.score_prediction,
-                      backend=args.backend, compile=args.compile_score, dtype=torch.bfloat16 if args.amp else None)
+        prediction = args.score_prediction or getattr(score, "prediction", "eps")
+        aug = DiffAug(score.to(device), schedule, t_range=args.t_range, prediction=prediction, backend=args.backend,
+                      compile=args.compile_score, dtype=torch.bfloat16 if args.amp else None)
         if score_spec == "random":
             say("note: --score-model random: an untrained score model (tests and smoke runs only)")
     train_aug = None if args.no_diffaug else aug

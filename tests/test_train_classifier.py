@@ -159,3 +159,24 @@ def test_augmix_and_normalisation():
     assert tc.parse_normalize("identity", 1) is None and len(tc.parse_normalize("imagenet", 1)[0]) == 1
     with pytest.raises(tc.UsageError, match="--normalize"):
         tc.parse_normalize("0.5,0.5:0.5", 3)
+
+
+def test_score_model_from_a_train_score_export(tmp_path):
+    """A .safetensors whose metadata carries the config and schedule (what `diffaug train-score --export`
+    writes) loads through dk.pretrained with its own schedule and prediction; --score-flag goes to the
+    guided-diffusion loader instead."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    cfg = dk.models.ADMConfig(**TINY_UNET)
+    state = {k: v.half() for k, v in cfg.create().state_dict().items()}
+    path = str(tmp_path / "tiny.safetensors")
+    save_file(state, path, metadata={"config": json.dumps(dataclasses.asdict(cfg)), "prediction": "eps",
+                                     "schedule": json.dumps({"name": "cosine", "T": 1000})})
+    model, schedule = tc.load_score_model(path, "digits")
+    assert model.in_channels == 1 and schedule.num_timesteps == 1000 and not model.training
+    assert all(not p.requires_grad for p in model.parameters())
+    assert torch.allclose(schedule.betas, dk.NoiseSchedule.cosine(1000).betas)
+    with pytest.raises(tc.UsageError, match="score model"):  # the flags of another architecture do not fit
+        tc.load_score_model(path, "digits", "digits32")
