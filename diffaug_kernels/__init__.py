@@ -1,5 +1,5 @@
 """diffaug_kernels: fused kernels for DiffAug (diffuse-and-denoise augmentation), checked against PyTorch."""
-from . import data, models, ood, reference
+from . import data, dda, models, ood, reference
 from .augment import DiffAug
 from .ensemble import diffaug_ensemble
 from .ops import (
@@ -19,6 +19,7 @@ __all__ = [
     "NoiseSchedule",
     "available_backends",
     "data",
+    "dda",
     "diffaug_ensemble",
     "models",
     "ood",
