@@ -1,0 +1,28 @@
+"""The command line runs (smoke): argument errors are clear; the bench prints its table and writes JSON."""
+import json
+
+import pytest
+
+from diffaug_kernels import cli
+
+
+def test_bench_writes_table_and_json(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert cli.main(["bench", "--shapes", "2x3x8x8", "--dtypes", "float32", "--ops", "tweedie", "--reps", "1",
+                     "--warmup", "1", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "eager (published)" in table and "compiled (published)" in table and "fused (cpu)" in table
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["impl"] for r in rows} >= {"eager (published)", "fused (cpu)"} and all(r["ms"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["bench", "--shapes", "2x3x8"], "BxCxHxW"),
+    (["bench", "--dtypes", "int8"], "dtypes must be"),
+    (["bench", "--ops", "denoise"], "ops must be"),
+    (["bench", "--reps", "0"], "positive integer"),
+])
+def test_bad_arguments(argv, msg, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert msg in capsys.readouterr().err
