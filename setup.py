@@ -114,7 +114,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["diffaug_kernels", "diffaug_kernels.*"]),
-    package_data={"diffaug_kernels": ["*.safetensors"]},
+    package_data={"diffaug_kernels": ["weights/*.safetensors"]},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "scipy"]},
     entry_points={"console_scripts": ["diffaug=diffaug_kernels.cli:main"]},

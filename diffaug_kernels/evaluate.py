@@ -1,0 +1,791 @@
+"""Robustness evaluation: classifiers x test-time modes {Default, DE, DDA, DDA-SE} x datasets, as in the DiffAug
+paper's tables (rows: classifiers; columns: dataset x mode top-1 accuracy), plus MSP / energy OOD detection.
+
+    python -m diffaug_kernels evaluate --classifier runs/digits-plain/checkpoint.pt \\
+        --classifier runs/digits-diffaug/checkpoint.pt --datasets digits,digits-c:gaussian_noise:5 --out eval_out
+
+Modes (names as in the paper's tables):
+
+* ``Default``: softmax(f(x)).
+* ``DE``: DiffAug-Ensemble, dk.diffaug_ensemble over ``--de-times`` (default 0, 50, ..., 450).
+* ``DDA``: softmax(f(dk.dda.adapt(x))) with the published DDA settings (dk.dda.DDA_DEFAULTS: 100 respaced steps,
+  depth 50, low-pass factor 4) except the guidance scale: DDA's 6 is for 3x256x256 images and the step per
+  pixel shrinks like 1/sqrt(C*H*W) (see dk.dda.adapt), so ``--dda-scale auto`` (the default) uses
+  6 * sqrt(C*H*W / (3*256*256)), the same per-pixel step; at 256x256 RGB that is exactly 6.
+* ``DDA-SE``: the mean of the DDA and Default softmax (one adaptation serves DDA and DDA-SE).
+
+Datasets (``--datasets``, comma-separated; nothing is downloaded, a missing path is a clear error):
+
+* ``digits``: scikit-learn's digits, the held-out split (dk.data.digits), 32x32.
+* ``digits-c:<corruption>:<severity>[:<preset>]``: the same images corrupted on the fly (dk.corruptions; ``all``
+  for every corruption, severity defaults to 5; preset ``cifar`` (the default at 32x32) or ``imagenet``: the
+  CIFAR-10-C constants barely touch the smooth upsampled 8x8 digits, the ImageNet-C ones do).
+* ``cifar10:<root>``: CIFAR-10's test batch.
+* ``cifar10-c:<root>:<corruption>:<severity>``: CIFAR-10-C's released files ``<root>/<corruption>.npy``
+  ([50000, 32, 32, 3] uint8, severities 1..5 in blocks of 10000) and ``<root>/labels.npy``; ``all`` for every
+  ``.npy`` corruption file in root, severity defaults to 5.
+* ``imagenet-c:<root>:<severity>``: every ``<root>/<corruption>/<severity>`` (or ``<root>/<category>/<corruption>/
+  <severity>``) ImageFolder tree, severity defaulting to 5; the table also shows their mean (``imagenet-c@5``).
+* any other value: an ImageFolder tree (ImageNet val, one ImageNet-C ``<corruption>/<severity>`` folder,
+  ImageNet-R, -Sketch, -A, -D). Class folders named by WordNet id (``n01440764``...) are mapped to the 1000
+  ImageNet-1k indices (timm's ImageNetInfo) when the classifier has 1000 outputs; a tree with a subset of the
+  classes (ImageNet-R and -A: 200) is scored on those classes only (the logits of the others are masked out),
+  the standard protocol for these sets.
+
+Results: ``--out DIR`` gets one JSON per (classifier, dataset) as it finishes (``<classifier>__<dataset>.json``,
+with the accuracies, image counts per mode, settings and time); a re-run skips the pairs whose file already holds
+every requested mode with the same settings (and computes only the missing modes otherwise), so an interrupted
+evaluation resumes. ``summary.json`` and ``table.txt`` hold the whole table. OOD (``--ood-datasets``): the ID set is
+``--id-dataset`` (default the first of --datasets); MSP and energy scores on the Default and DE outputs
+(DE: MSP of the mean softmax, energy of the mean logits), AUROC and FPR@95%TPR with ID as positive (dk.ood).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from . import corruptions as C
+
+MODES = ("Default", "DE", "DDA", "DDA-SE")
+_MODE_ALIASES = {m.lower(): m for m in MODES} | {"dda_se": "DDA-SE", "ddase": "DDA-SE", "def": "Default"}
+DDA_REF_PIXELS = 3 * 256 * 256  # DDA's guidance scale 6 is for 3x256x256 images
+
+
+class EvalError(ValueError):
+    """A bad option or a missing path: printed as one line by the command."""
+
+
+# ------------------------------------------------------------------------------------------------ datasets
+class CIFAR10C(Dataset):
+    """CIFAR-10-C's released arrays: ``<root>/<corruption>.npy`` ([50000, 32, 32, 3] uint8: severities 1..5, 10000
+    images each, in order) and ``<root>/labels.npy``; images as float32 [3, 32, 32] in [-1, 1]."""
+
+    def __init__(self, root: str, corruption: str, severity: int = 5):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"CIFAR-10-C folder not found at {root!r} (nothing is downloaded)")
+        path = os.path.join(root, f"{corruption}.npy")
+        labels = os.path.join(root, "labels.npy")
+        for p in (path, labels):
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"CIFAR-10-C file {p!r} is missing")
+        if severity not in C.SEVERITIES:
+            raise EvalError(f"CIFAR-10-C severity must be 1..5, got {severity}")
+        x = np.load(path, mmap_mode="r")
+        y = np.load(labels)
+        if x.ndim != 4 or x.shape[-1] != 3 or x.shape[0] % 5 or len(y) < x.shape[0]:
+            raise EvalError(f"{path}: expected [5 * N, H, W, 3] uint8 images and >= 5 * N labels, got {x.shape} "
+                            f"and {y.shape}")
+        n = x.shape[0] // 5
+        lo = (severity - 1) * n
+        self.x, self.y = x[lo:lo + n], np.asarray(y[lo:lo + n], dtype=np.int64)
+        self.classes = [str(i) for i in range(10)]
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        img = torch.from_numpy(np.array(self.x[i])).permute(2, 0, 1).float() / 127.5 - 1
+        return img, int(self.y[i])
+
+
+@dataclass
+class DatasetSpec:
+    name: str  # the column name
+    kind: str  # digits | digits-c | cifar10 | cifar10-c | folder
+    args: tuple = ()
+    group: Optional[str] = None  # expanded from one spec (e.g. imagenet-c:root:5): the table shows their mean
+
+
+def _sev(s: Optional[str], spec: str) -> int:
+    if s is None or s == "":
+        return 5
+    if not s.isdigit() or int(s) not in C.SEVERITIES:
+        raise EvalError(f"dataset {spec!r}: severity must be 1..5, got {s!r}")
+    return int(s)
+
+
+def parse_datasets(specs: Sequence[str]) -> List[DatasetSpec]:
+    """Dataset strings (see the module docstring) -> DatasetSpecs, 'all' and imagenet-c expanded."""
+    out: List[DatasetSpec] = []
+    for spec in specs:
+        spec = spec.strip()
+        if not spec:
+            continue
+        if spec == "digits":
+            out.append(DatasetSpec("digits", "digits"))
+        elif spec.startswith("digits-c:"):
+            parts = spec.split(":")
+            if len(parts) not in (2, 3, 4):
+                raise EvalError(f"dataset {spec!r}: expected digits-c:<corruption>[:<severity>[:<preset>]]")
+            sev = _sev(parts[2] if len(parts) >= 3 else None, spec)
+            preset = parts[3] if len(parts) == 4 else None
+            if preset is not None and preset not in C.PRESETS:
+                raise EvalError(f"dataset {spec!r}: preset must be one of {C.PRESETS}, got {preset!r}")
+            names = C.CORRUPTIONS if parts[1] == "all" else [parts[1]]
+            for n in names:
+                if n not in C.CORRUPTIONS:
+                    raise EvalError(f"dataset {spec!r}: unknown corruption {n!r}; "
+                                    f"available: {', '.join(C.CORRUPTIONS)}")
+                tag = f"digits-c:{n}:{sev}" + (f":{preset}" if preset else "")
+                group = f"digits-c@{sev}" + (f":{preset}" if preset else "")
+                out.append(DatasetSpec(tag, "digits-c", (n, sev, preset), group if len(names) > 1 else None))
+        elif spec.startswith("cifar10:"):
+            out.append(DatasetSpec("cifar10", "cifar10", (spec.split(":", 1)[1],)))
+        elif spec.startswith("cifar10-c:"):
+            root, *rest = spec.split(":", 1)[1].split(":")
+            if len(rest) > 2:
+                raise EvalError(f"dataset {spec!r}: expected cifar10-c:<root>:<corruption>[:<severity>]")
+            corr = rest[0] if rest else "all"
+            sev = _sev(rest[1] if len(rest) > 1 else None, spec)
+            if corr == "all":
+                if not os.path.isdir(root):
+                    raise FileNotFoundError(f"CIFAR-10-C folder not found at {root!r} (nothing is downloaded)")
+                names = sorted(os.path.basename(p)[:-4] for p in glob.glob(os.path.join(root, "*.npy"))
+                               if os.path.basename(p) != "labels.npy")
+                if not names:
+                    raise FileNotFoundError(f"no <corruption>.npy files in CIFAR-10-C folder {root!r}")
+            else:
+                names = [corr]
+            for n in names:
+                out.append(DatasetSpec(f"cifar10-c:{n}:{sev}", "cifar10-c", (root, n, sev),
+                                       f"cifar10-c@{sev}" if len(names) > 1 else None))
+        elif spec.startswith("imagenet-c:"):
+            root, *rest = spec.split(":", 1)[1].split(":")
+            sev = _sev(rest[0] if rest else None, spec)
+            if not os.path.isdir(root):
+                raise FileNotFoundError(f"ImageNet-C folder not found at {root!r} (nothing is downloaded)")
+            dirs = sorted(set(glob.glob(os.path.join(root, "*", str(sev))) +
+                              glob.glob(os.path.join(root, "*", "*", str(sev)))))
+            dirs = [d for d in dirs if os.path.isdir(d)]
+            if not dirs:
+                raise FileNotFoundError(f"no <corruption>/{sev} folders under ImageNet-C root {root!r}")
+            for d in dirs:
+                corr = os.path.basename(os.path.dirname(d))
+                out.append(DatasetSpec(f"imagenet-c:{corr}:{sev}", "folder", (d,), f"imagenet-c@{sev}"))
+        else:
+            if not os.path.isdir(spec):
+                raise FileNotFoundError(f"dataset {spec!r} is neither a known name (digits, digits-c:..., "
+                                        f"cifar10:<root>, cifar10-c:<root>:..., imagenet-c:<root>:<sev>) nor an "
+                                        f"existing ImageFolder directory")
+            norm = os.path.normpath(spec)
+            base = os.path.basename(norm)
+            parent = os.path.basename(os.path.dirname(norm))
+            name = f"{parent}/{base}" if base.isdigit() or base in ("val", "test", "train") else base
+            out.append(DatasetSpec(name, "folder", (spec,)))
+    names = [d.name for d in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise EvalError(f"datasets with the same name {dup}: give distinct folders")
+    return out
+
+
+def build_dataset(ds: DatasetSpec, size: int, channels: int, seed: int = 0) -> Dataset:
+    from . import data
+
+    if ds.kind == "digits":
+        return data.digits("test", size, channels)
+    if ds.kind == "digits-c":
+        return C.CorruptedDataset(data.digits("test", size, channels), *ds.args[:2], seed=seed, preset=ds.args[2])
+    if ds.kind == "cifar10":
+        return data.CIFAR10(ds.args[0], train=False)
+    if ds.kind == "cifar10-c":
+        return CIFAR10C(*ds.args)
+    if ds.kind == "folder":
+        return data.image_folder(ds.args[0], size, train=False)
+    raise EvalError(f"unknown dataset kind {ds.kind!r}")
+
+
+def label_map(dataset: Dataset, num_classes: int):
+    """(label -> classifier index tensor or None, allowed classifier indices or None) for a dataset's classes.
+    ImageFolder trees with WordNet-id folders map onto ImageNet-1k's order when the classifier has 1000 outputs;
+    a strict subset of them restricts the prediction to those classes (ImageNet-R/-A protocol)."""
+    classes = getattr(dataset, "classes", None)
+    if classes is None:
+        return None, None
+    if num_classes == 1000 and len(classes) and all(len(c) == 9 and c[0] == "n" and c[1:].isdigit() for c in classes):
+        from timm.data import ImageNetInfo
+
+        wnids = ImageNetInfo().label_names()
+        index = {w: i for i, w in enumerate(wnids)}
+        missing = [c for c in classes if c not in index]
+        if missing:
+            raise EvalError(f"class folders {missing[:5]} are not ImageNet-1k WordNet ids")
+        idx = torch.tensor([index[c] for c in classes])
+        return idx, (None if len(classes) == 1000 else idx)
+    if len(classes) != num_classes:
+        raise EvalError(f"the dataset has {len(classes)} classes but the classifier {num_classes} outputs (and its "
+                        f"folders are not ImageNet WordNet ids to map)")
+    return None, None
+
+
+# ------------------------------------------------------------------------------------------------ models
+@dataclass
+class ClassifierSpec:
+    name: str
+    path: str
+
+
+def parse_classifiers(items: Sequence[str]) -> List[ClassifierSpec]:
+    """'PATH' or 'NAME=PATH'; the name defaults to the checkpoint's folder (for .../checkpoint.pt) or file stem."""
+    out = []
+    for it in items:
+        name, path = it.split("=", 1) if "=" in it and not os.path.exists(it) else (None, it)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--classifier checkpoint not found: {path!r}")
+        if name is None:
+            stem = os.path.splitext(os.path.basename(path))[0]
+            name = os.path.basename(os.path.dirname(os.path.abspath(path))) if stem == "checkpoint" else stem
+        out.append(ClassifierSpec(name, path))
+    names = [c.name for c in out]
+    if len(set(names)) != len(names):
+        raise EvalError(f"classifier names must differ, got {names}: use NAME=PATH")
+    return out
+
+
+def default_dda_scale(shape) -> float:
+    C_, H, W = shape[-3:]
+    return 6.0 * math.sqrt(C_ * H * W / DDA_REF_PIXELS)
+
+
+def _derive(*parts) -> int:
+    ints = [p if isinstance(p, int) else zlib.crc32(str(p).encode()) for p in parts]
+    return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in ints]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class _Recorder:
+    """Stands in for the classifier inside dk.diffaug_ensemble: runs EVERY classifier on each batch of denoised
+    images (so the score model's work is shared by all of them) and keeps their logits; returns the first's."""
+
+    def __init__(self, clfs: Dict[str, Callable], allowed: Optional[Tensor]):
+        self.clfs, self.allowed = clfs, allowed
+        self.calls: Dict[str, List[Tensor]] = {n: [] for n in clfs}
+
+    def __call__(self, x):
+        first = None
+        for n, clf in self.clfs.items():
+            z = _restrict(clf(x).float(), self.allowed)
+            self.calls[n].append(z)
+            first = z if first is None else first
+        return first
+
+
+def _restrict(logits: Tensor, allowed: Optional[Tensor]) -> Tensor:
+    if allowed is None:
+        return logits
+    out = torch.full_like(logits, float("-inf"))
+    idx = allowed.to(logits.device)
+    out[:, idx] = logits[:, idx]
+    return out
+
+
+def de_predict(clfs: Dict[str, Callable], aug, x: Tensor, times, seed: int, allowed=None, max_batch=None) -> dict:
+    """DiffAug-Ensemble for several classifiers on the SAME denoised images: {name: (mean softmax [B, K], mean
+    logits [B, K])}. The mean softmax is dk.diffaug_ensemble's (the mean over t in times of softmax(f(x0_hat_t)),
+    t = 0 the raw image); the mean logits feed the energy score."""
+    from .ensemble import diffaug_ensemble
+
+    rec = _Recorder(clfs, allowed)
+    diffaug_ensemble(rec, aug, x, times=times, seed=seed, max_batch=max_batch)
+    B = x.shape[0]
+    n_raw = sum(int(t) == 0 for t in times)
+    out = {}
+    for n, calls in rec.calls.items():
+        # diffaug_ensemble's call order: the raw batch (when t = 0 is in times) first, then the expanded rows,
+        # row r belonging to image r % B
+        z = torch.cat(calls).cpu()
+        zf = z.nan_to_num(neginf=-1e4)
+        p = torch.softmax(z, -1)
+        probs, logits = torch.zeros(B, z.shape[-1]), torch.zeros(B, z.shape[-1])
+        k = 0
+        if n_raw:
+            probs += n_raw * p[:B]
+            logits += n_raw * zf[:B]
+            k = B
+        rows = torch.arange(z.shape[0] - k) % B
+        probs.index_add_(0, rows, p[k:])
+        logits.index_add_(0, rows, zf[k:])
+        out[n] = (probs / len(times), _restrict(logits / len(times), allowed))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ settings
+@dataclass
+class EvalConfig:
+    modes: tuple = MODES
+    batch_size: int = 64
+    max_images: Optional[int] = None
+    dda_max_images: Optional[int] = None
+    de_times: tuple = tuple(range(0, 451, 50))
+    dda_steps: int = 100
+    dda_depth: int = 50
+    dda_down: int = 4
+    dda_scale: Optional[float] = None  # None: default_dda_scale(image shape)
+    # rows per score-model call in DE: None = the batch size on CPU (timing candidate chunks there costs more
+    # than it saves), dk.ensemble.pick_chunk's measured best on GPU
+    de_max_batch: Optional[int] = None
+    image_size: Optional[int] = None
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    extra: Dict = field(default_factory=dict)
+
+    def mode_settings(self, mode: str) -> dict:
+        """What one mode's number depends on (resume compares it)."""
+        s = {"max_images": self.max_images, "seed": self.seed, "image_size": self.image_size, **self.extra}
+        if mode == "DE":
+            s["de_times"] = list(self.de_times)
+        if mode in ("DDA", "DDA-SE"):
+            s.update(dda_steps=self.dda_steps, dda_depth=self.dda_depth, dda_down=self.dda_down,
+                     dda_scale=self.dda_scale, dda_max_images=self.dda_max_images)
+        if mode == "Default":
+            s.pop("score_model", None)
+        return _jsonable(s)
+
+
+def parse_modes(s) -> tuple:
+    items = s.split(",") if isinstance(s, str) else list(s)
+    modes = []
+    for m in items:
+        m = m.strip()
+        if not m:
+            continue
+        key = _MODE_ALIASES.get(m.lower())
+        if key is None:
+            raise EvalError(f"unknown mode {m!r}; modes: {', '.join(MODES)}")
+        if key not in modes:
+            modes.append(key)
+    if not modes:
+        raise EvalError("no modes given")
+    return tuple(sorted(modes, key=MODES.index))
+
+
+def parse_times(s: str) -> tuple:
+    """'0,50,100' or 'start:stop:step' -> ints."""
+    try:
+        if ":" in s:
+            a, b, c = (int(v) for v in s.split(":"))
+            times = tuple(range(a, b, c))
+        else:
+            times = tuple(int(v) for v in s.split(",") if v.strip())
+    except ValueError:
+        raise EvalError(f"times must look like 0,50,100 or 0:451:50, got {s!r}") from None
+    if not times:
+        raise EvalError(f"no times in {s!r}")
+    return times
+
+
+def _subset(ds: Dataset, n: Optional[int], seed: int) -> Dataset:
+    """A fixed random subset of n images (the same every run), in index order; all when n is None or >= len."""
+    if n is None or n >= len(ds):
+        return ds
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(ds), generator=g)[:n].sort().values.tolist()
+    return Subset(ds, idx)
+
+
+def _bar(total, desc, enabled):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False, file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------------ one pair
+@torch.no_grad()
+def evaluate_dataset(clfs, aug, dataset: Dataset, modes: Sequence[str], cfg: EvalConfig, name: str = "",
+                     want_scores: bool = False, desc: str = "") -> Dict[str, dict]:
+    """Accuracies of classifiers on one dataset in each mode. clfs: {name: classifier} (or one classifier,
+    named "classifier"), all fed the SAME DiffAug and DDA images (the score model runs once per batch for all).
+    Returns {name: {'acc': {mode: float}, 'n': {mode: int}, 'correct': {...}, 'seconds': float}} (+ 'scores':
+    per-image msp / energy arrays of the Default and DE outputs when want_scores). aug: a dk.DiffAug (its model
+    and schedule also serve DDA); None is allowed for Default only."""
+    from . import dda as dda_mod
+    from . import ood
+
+    if not isinstance(clfs, dict):
+        clfs = {"classifier": clfs}
+    modes = tuple(modes)
+    if any(m != "Default" for m in modes) and aug is None:
+        raise EvalError(f"modes {[m for m in modes if m != 'Default']} need a score model")
+    device = torch.device(cfg.device)
+    ncs = {getattr(getattr(c, "net", c), "num_classes", None) for c in clfs.values()}
+    if len(ncs) != 1:
+        raise EvalError(f"classifiers evaluated together must have the same number of classes, got {ncs}")
+    nc = ncs.pop()
+    lmap, allowed = label_map(dataset, nc) if nc else (None, None)
+    ds = _subset(dataset, cfg.max_images, _derive(cfg.seed, "subset", name))
+    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=0)
+    need_dda = any(m in ("DDA", "DDA-SE") for m in modes)
+    # DDA / DDA-SE on a fixed random subset of the images when capped (not the first ones: folders are sorted by
+    # class)
+    dda_mask = torch.zeros(len(ds), dtype=torch.bool)
+    if need_dda:
+        cap = len(ds) if cfg.dda_max_images is None else min(cfg.dda_max_images, len(ds))
+        g = torch.Generator().manual_seed(_derive(cfg.seed, "dda-subset", name))
+        dda_mask[torch.randperm(len(ds), generator=g)[:cap]] = True
+    need_de = "DE" in modes or (want_scores and aug is not None)
+    correct = {n: {m: 0 for m in modes} for n in clfs}
+    count = {m: 0 for m in modes}
+    scores: Dict[str, Dict[str, list]] = {n: {} for n in clfs}
+    t0 = time.time()
+    bar = _bar(len(ds), desc or name, cfg.progress)
+    seen = 0
+    for b, (x, y) in enumerate(loader):
+        x = x.to(device)
+        y = torch.as_tensor(y)
+        if lmap is not None:
+            y = lmap[y]
+        y = y.to(device)
+        B = x.shape[0]
+        sel = torch.nonzero(dda_mask[seen:seen + B]).flatten().to(device)
+        k = sel.numel()
+        de = None
+        if need_de:
+            mb = cfg.de_max_batch or (cfg.batch_size if device.type == "cpu" else None)
+            de = de_predict(clfs, aug, x, cfg.de_times, _derive(cfg.seed, "de", name, b), allowed, max_batch=mb)
+        adapted = None
+        if k > 0:
+            xs = x[sel]
+            scale = cfg.dda_scale if cfg.dda_scale is not None else default_dda_scale(xs.shape)
+            adapted = dda_mod.adapt(aug, aug.schedule, xs, steps=cfg.dda_steps, depth=cfg.dda_depth,
+                                    down_factor=cfg.dda_down, guidance_scale=scale,
+                                    seed=_derive(cfg.seed, "dda", name, b), prediction=aug.prediction, clip=aug.clip)
+        for n, clf in clfs.items():
+            logits0 = _restrict(clf(x).float(), allowed)
+            p0 = torch.softmax(logits0, -1)
+            c = correct[n]
+            if "Default" in modes:
+                c["Default"] += int((p0.argmax(1) == y).sum())
+            if want_scores:
+                scores[n].setdefault("Default/msp", []).append(ood.msp(logits0).cpu())
+                scores[n].setdefault("Default/energy", []).append(ood.energy(logits0).cpu())
+            if de is not None:
+                p_de, z_de = de[n]
+                if "DE" in modes:
+                    c["DE"] += int((p_de.argmax(1) == y.cpu()).sum())
+                if want_scores:
+                    scores[n].setdefault("DE/msp", []).append(p_de.max(1).values)
+                    scores[n].setdefault("DE/energy", []).append(ood.energy(z_de))
+            if adapted is not None:
+                p_a = torch.softmax(_restrict(clf(adapted).float(), allowed), -1)
+                if "DDA" in modes:
+                    c["DDA"] += int((p_a.argmax(1) == y[sel]).sum())
+                if "DDA-SE" in modes:
+                    c["DDA-SE"] += int(((0.5 * (p_a + p0[sel])).argmax(1) == y[sel]).sum())
+        for m in modes:
+            count[m] += k if m in ("DDA", "DDA-SE") else B
+        seen += B
+        if bar is not None:
+            bar.update(B)
+            first = next(iter(clfs))
+            bar.set_postfix({m: f"{100 * correct[first][m] / count[m]:.1f}" for m in modes if count[m]})
+    if bar is not None:
+        bar.close()
+    secs = round(time.time() - t0, 2)
+    res = {}
+    for n in clfs:
+        res[n] = {"acc": {m: (correct[n][m] / count[m] if count[m] else None) for m in modes},
+                  "n": dict(count), "correct": dict(correct[n]), "seconds": secs}
+        if want_scores:
+            res[n]["scores"] = {k: torch.cat(v).numpy() for k, v in scores[n].items()}
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def _safe(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.@" else "_" for c in s)
+
+
+def _load_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_json(path, obj):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def run(classifiers, aug, datasets: Sequence[DatasetSpec], cfg: EvalConfig, out: Optional[str] = None,
+        ood_datasets: Sequence[DatasetSpec] = (), id_dataset: Optional[DatasetSpec] = None,
+        log=print) -> dict:
+    """classifiers: [(name, nn.Module)] (inputs in [-1, 1]); aug: dk.DiffAug or None. Evaluates every (classifier,
+    dataset) pair (all classifiers of a dataset together: one DiffAug / DDA pass serves them all), writes and
+    reads OUT/<clf>__<dataset>.json (resume: modes already there with the same settings are not recomputed),
+    returns {'results': {clf: {dataset: record}}, 'ood': ..., 'table': str}."""
+    if out:
+        os.makedirs(out, exist_ok=True)
+    classifiers = [(n, c.to(cfg.device).eval()) for n, c in classifiers]
+    channels, size = _clf_input([c for _, c in classifiers], aug, cfg)
+    results: Dict[str, Dict[str, dict]] = {n: {} for n, _ in classifiers}
+    for ds in datasets:
+        recs, todo = {}, {}
+        for cname, _ in classifiers:
+            path = os.path.join(out, f"{_safe(cname)}__{_safe(ds.name)}.json") if out else None
+            prev = _load_json(path) if path and os.path.isfile(path) else None
+            rec = prev if prev is not None and isinstance(prev.get("settings"), dict) else None
+            todo[cname] = [m for m in cfg.modes if rec is None or rec["acc"].get(m) is None
+                           or rec["settings"].get(m) != cfg.mode_settings(m)]
+            if rec is not None:
+                changed = [m for m in todo[cname] if m in rec["settings"]]
+                if changed:
+                    log(f"[{cname} | {ds.name}] settings of {changed} changed since {path}: recomputing them")
+                if not todo[cname]:
+                    log(f"[{cname} | {ds.name}] done already ({path}): skipped")
+            if rec is None:
+                rec = {"classifier": cname, "dataset": ds.name, "group": ds.group, "acc": {}, "n": {},
+                       "correct": {}, "seconds": {}, "settings": {}}
+            recs[cname] = (rec, path)
+        modes = tuple(m for m in cfg.modes if any(m in t for t in todo.values()))
+        if modes:
+            clfs = {n: c for n, c in classifiers if todo[n]}
+            dataset = build_dataset(ds, size, channels, cfg.seed)
+            r = evaluate_dataset(clfs, aug, dataset, modes, cfg, name=ds.name,
+                                 desc=f"{ds.name} [{', '.join(modes)}]")
+            for cname in clfs:
+                rec, path = recs[cname]
+                for m in todo[cname]:
+                    rec["acc"][m], rec["n"][m], rec["correct"][m] = (r[cname]["acc"][m], r[cname]["n"][m],
+                                                                     r[cname]["correct"][m])
+                    rec["seconds"][m] = r[cname]["seconds"]
+                    rec["settings"][m] = cfg.mode_settings(m)
+                log(f"[{cname} | {ds.name}] " + "  ".join(
+                    f"{m} {100 * rec['acc'][m]:.2f}% (n={rec['n'][m]})" for m in cfg.modes
+                    if rec["acc"].get(m) is not None) + f"  ({r[cname]['seconds']:.1f}s for all classifiers)")
+                if path:
+                    _write_json(path, rec)
+        for cname, (rec, _) in recs.items():
+            results[cname][ds.name] = rec
+    ood_res = {}
+    if ood_datasets:
+        ood_res = run_ood(classifiers, aug, id_dataset or datasets[0], ood_datasets, cfg, out, log)
+    table = format_table(results, datasets, cfg.modes)
+    text = table + ("\n\n" + format_ood_table(ood_res) if ood_res else "")
+    if out:
+        _write_json(os.path.join(out, "summary.json"), {"results": results, "ood": ood_res,
+                                                        "settings": {m: cfg.mode_settings(m) for m in cfg.modes}})
+        with open(os.path.join(out, "table.txt"), "w") as f:
+            f.write(text + "\n")
+    return {"results": results, "ood": ood_res, "table": text}
+
+
+def run_ood(classifiers, aug, id_ds: DatasetSpec, ood_datasets, cfg: EvalConfig, out, log=print) -> dict:
+    """MSP / energy AUROC and FPR@95 of each classifier (Default and DE outputs) with id_ds as in-distribution.
+    Per-image scores are cached in OUT/<clf>__<dataset>.scores.npz (with the settings they were computed with)."""
+    from . import ood
+
+    modes = ("Default", "DE") if aug is not None else ("Default",)
+    keys = [f"{m}/{s}" for m in modes for s in ("msp", "energy")]
+    classifiers = [(n, c.to(cfg.device).eval()) for n, c in classifiers]
+    channels, size = _clf_input([c for _, c in classifiers], aug, cfg)
+    stamp = json.dumps({m: cfg.mode_settings(m) for m in modes}, sort_keys=True)
+
+    def scores_of(ds: DatasetSpec) -> Dict[str, dict]:
+        got, missing = {}, {}
+        for cname, clf in classifiers:
+            path = os.path.join(out, f"{_safe(cname)}__{_safe(ds.name)}.scores.npz") if out else None
+            if path and os.path.isfile(path):
+                with np.load(path) as z:
+                    if all(k in z for k in keys) and "settings" in z and str(z["settings"]) == stamp:
+                        got[cname] = {k: z[k] for k in keys}
+                        continue
+            missing[cname] = clf
+        if missing:
+            dataset = _NoClasses(build_dataset(ds, size, channels, cfg.seed))
+            r = evaluate_dataset(missing, aug, dataset, (), cfg, name=ds.name, want_scores=True,
+                                 desc=f"{ds.name} (OOD scores)")
+            for cname in missing:
+                got[cname] = r[cname]["scores"]
+                if out:
+                    np.savez(os.path.join(out, f"{_safe(cname)}__{_safe(ds.name)}.scores.npz"),
+                             settings=np.array(stamp), **got[cname])
+        return got
+
+    id_scores = scores_of(id_ds)
+    res: Dict[str, dict] = {n: {} for n, _ in classifiers}
+    for ds in ood_datasets:
+        sc = scores_of(ds)
+        for cname, _ in classifiers:
+            res[cname][ds.name] = {k: {"auroc": ood.auroc(id_scores[cname][k], sc[cname][k]),
+                                       "fpr95": ood.fpr_at_95_tpr(id_scores[cname][k], sc[cname][k])} for k in keys}
+            log(f"[{cname} | OOD {ds.name} vs {id_ds.name}] " + "  ".join(
+                f"{k} AUROC {100 * v['auroc']:.2f}" for k, v in res[cname][ds.name].items()))
+    if out:
+        _write_json(os.path.join(out, "ood.json"), {"id_dataset": id_ds.name, "results": res})
+    return res
+
+
+class _NoClasses(Dataset):
+    """A dataset view without class names (OOD sets: labels unused, no class mapping)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, _ = self.base[i]
+        return x, 0
+
+
+def in_channels(clf) -> int:
+    """The classifier's input channels (its first convolution's)."""
+    conv = next((m for m in clf.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    return conv.in_channels if conv is not None else 3
+
+
+def _clf_input(clfs, aug, cfg: EvalConfig):
+    chans = {in_channels(c) for c in clfs}
+    if len(chans) != 1:
+        raise EvalError(f"the classifiers take different numbers of input channels {sorted(chans)}")
+    channels = chans.pop()
+    size = cfg.image_size or 224
+    if aug is not None:
+        sc = getattr(aug.model, "in_channels", channels)
+        if sc != channels:
+            raise EvalError(f"the classifiers take {channels}-channel images but the score model {sc}")
+    return channels, size
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj))
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def _fmt(v):
+    return "  -  " if v is None else f"{100 * v:5.2f}"
+
+
+def format_table(results: Dict[str, Dict[str, dict]], datasets: Sequence[DatasetSpec], modes: Sequence[str]) -> str:
+    """Rows: classifiers; column groups: datasets (and the mean of each expanded group), each with its modes and
+    their average (as the paper's tables)."""
+    cols: List[tuple] = []  # (header, getter(rec_by_ds) -> {mode: acc})
+    groups: Dict[str, List[str]] = {}
+    for ds in datasets:
+        cols.append((ds.name, [ds.name]))
+        if ds.group:
+            groups.setdefault(ds.group, []).append(ds.name)
+    for g, names in groups.items():
+        if len(names) > 1:
+            cols.append((f"{g} (mean of {len(names)})", names))
+    show_avg = len(modes) > 1
+    sub = list(modes) + (["Avg"] if show_avg else [])
+    w = 7
+    base = w * len(sub) + len(sub) - 1
+    widths = [max(base, len(h)) for h, _ in cols]
+    name_w = max([10] + [len(c) for c in results])
+    head1 = " " * name_w + " | " + " | ".join(h.center(cw) for (h, _), cw in zip(cols, widths))
+    head2 = "classifier".ljust(name_w) + " | " + " | ".join(
+        " ".join(m.rjust(w) for m in sub).rjust(cw) for cw in widths)
+    lines = [head1, head2, "-" * len(head2)]
+    for cname, by_ds in results.items():
+        cells = []
+        for (_, names), cw in zip(cols, widths):
+            accs = []
+            for m in modes:
+                vals = [by_ds.get(n, {}).get("acc", {}).get(m) for n in names]
+                accs.append(None if any(v is None for v in vals) else sum(vals) / len(vals))
+            if show_avg:
+                accs.append(None if any(v is None for v in accs) else sum(accs) / len(accs))
+            cells.append(" ".join(_fmt(a).rjust(w) for a in accs).rjust(cw))
+        lines.append(cname.ljust(name_w) + " | " + " | ".join(cells))
+    return "Top-1 accuracy (%)\n" + "\n".join(lines)
+
+
+def format_ood_table(ood_res: dict) -> str:
+    if not ood_res:
+        return ""
+    lines = ["OOD detection: AUROC / FPR@95%TPR (%), ID = positive"]
+    for cname, by_ds in ood_res.items():
+        for ds, rec in by_ds.items():
+            lines.append(f"{cname:>12} vs {ds}: " + "  ".join(
+                f"{k} {100 * v['auroc']:.2f}/{100 * v['fpr95']:.2f}" for k, v in rec.items()))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+# (the options are declared in cli._add_evaluate, so `diffaug --help` imports no torch)
+def load_score(spec, config, flags, schedule_name, data_hint: str, channels: Optional[int]):
+    """(DiffAug or None). spec None -> the shipped default when present."""
+    from . import train_classifier as tc
+    from .augment import DiffAug
+    from .schedule import NoiseSchedule
+
+    if spec is None:
+        spec = "default"
+    try:
+        model, schedule = tc.load_score_model(spec, data_hint, config, flags, channels)
+    except tc.UsageError as e:
+        raise EvalError(str(e)) from None
+    if schedule is None:
+        schedule = getattr(NoiseSchedule, schedule_name)(1000)
+    return DiffAug(model, schedule, prediction=getattr(model, "prediction", "eps"))
+
+
+def main_from_args(args) -> int:
+    from . import train_classifier as tc
+
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        modes = parse_modes(args.modes)
+        cspecs = parse_classifiers(args.classifier)
+        dsets = parse_datasets(args.datasets.split(","))
+        if not dsets:
+            raise EvalError("--datasets is empty")
+        oods = parse_datasets(args.ood_datasets.split(",")) if args.ood_datasets else []
+        id_ds = parse_datasets([args.id_dataset])[0] if args.id_dataset else None
+        classifiers = []
+        for c in cspecs:
+            try:
+                classifiers.append((c.name, tc.load_classifier(c.path, device)))
+            except tc.UsageError as e:
+                raise EvalError(str(e)) from None
+        channels = in_channels(classifiers[0][1])
+        kinds = {d.kind for d in dsets + oods}
+        small = kinds <= {"digits", "digits-c", "cifar10", "cifar10-c"}
+        hint = "digits" if kinds <= {"digits", "digits-c"} else ("cifar10:" if small else "folder")
+        need_score = any(m != "Default" for m in modes) or bool(oods)
+        aug = None
+        if need_score:
+            aug = load_score(args.score_model, args.score_config, args.score_flag, args.schedule, hint, channels)
+            aug = aug.to(device)
+        elif args.score_model:
+            print("note: --score-model is unused with --modes Default and no OOD sets")
+        dda_scale = None if str(args.dda_scale) == "auto" else float(args.dda_scale)
+        cfg = EvalConfig(modes=modes, batch_size=args.batch_size, max_images=args.max_images,
+                         dda_max_images=args.dda_max_images, de_times=parse_times(args.de_times),
+                         dda_steps=args.dda_steps, dda_depth=args.dda_depth, dda_down=args.dda_down,
+                         dda_scale=dda_scale, image_size=args.image_size or (32 if small else 224), seed=args.seed,
+                         device=device, progress=not args.no_progress)
+        if aug is not None:
+            cfg.extra["score_model"] = args.score_model or "default"
+        res = run(classifiers, aug, dsets, cfg, args.out, oods, id_ds)
+    except (FileNotFoundError, EvalError) as e:
+        raise SystemExit(f"diffaug evaluate: error: {e}") from None
+    print(res["table"])
+    if args.out:
+        print(f"results in {args.out}/ (summary.json, table.txt, one JSON per classifier x dataset)")
+    return 0

@@ -1,0 +1,43 @@
+"""`diffaug demo --quick` end to end (tiny classifier, tiny image counts, an untrained tiny score model): every
+piece runs, writes its files, and a second run reuses the trained classifiers and finished evaluations."""
+import json
+
+from PIL import Image
+
+from diffaug_kernels import cli, demo
+
+
+def test_demo_quick_end_to_end_and_rerun(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--quick", "--score-model", "random", "--out", str(out), "--threads", "1"]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "Top-1 accuracy" in text and "no DiffAug" in text and "DDA-SE" in text
+    assert "UNTRAINED score model" in text  # the run says its numbers mean nothing
+    res = json.loads((out / "results.json").read_text())
+    assert res["quick"] and set(res["accuracy"]) == {"no DiffAug", "DiffAug"}
+    assert set(res["accuracy"]["DiffAug"]) == {"digits", "digits-c:gaussian_noise:5"}
+    assert set(res["accuracy"]["DiffAug"]["digits"]) == {"Default", "DE", "DDA", "DDA-SE"}
+    assert res["images"]["DiffAug"]["digits"] == {"Default": 16, "DE": 16, "DDA": 4, "DDA-SE": 4}
+    assert len(res["entropy_vs_t"]["t"]) == len(res["entropy_vs_t"]["DiffAug"]) == 3
+    for name in ("augmentation_grid.png", "entropy_vs_t.png"):
+        with Image.open(out / name) as im:
+            assert im.format == "PNG"
+    assert (out / "no-diffaug" / "checkpoint.pt").is_file() and (out / "diffaug" / "checkpoint.pt").is_file()
+
+    assert cli.main(argv) == 0  # resumable: nothing is trained or evaluated again
+    text2 = capsys.readouterr().out
+    assert "already trained" in text2 and "done already" in text2
+    assert json.loads((out / "results.json").read_text())["accuracy"] == res["accuracy"]
+
+
+def test_demo_missing_shipped_model_is_a_clear_error(tmp_path, monkeypatch):
+    from diffaug_kernels import pretrained
+
+    monkeypatch.setattr(pretrained, "DEFAULT_WEIGHTS", str(tmp_path / "absent.safetensors"))
+    try:
+        demo._score_model("default", str(tmp_path), 0)
+    except SystemExit as e:
+        assert "absent.safetensors" in str(e) and "--score-model random" in str(e)
+    else:
+        raise AssertionError("expected SystemExit")

@@ -1,0 +1,272 @@
+"""dk.corruptions, dk.evaluate (the Default / DE / DDA / DDA-SE harness, its dataset readers, JSON + resume, OOD)
+and dk.plots. Tiny everything: a random 2-level ADM UNet, timm's test_resnet, a few 16x16 images."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import diffaug_kernels as dk
+from diffaug_kernels import cli, corruptions as C, evaluate as ev, plots
+from diffaug_kernels import train_classifier as tc
+
+TINY_FLAGS = dict(num_channels=32, num_res_blocks=1, channel_mult="1", attention_resolutions="",
+                  resblock_updown=False)
+SCORE_ARGS = ["--score-model", "random", "--score-config", "digits32"] + [
+    a for k, v in TINY_FLAGS.items() for a in ("--score-flag", f"{k}={str(v).lower() if isinstance(v, bool) else v}")]
+
+
+# ------------------------------------------------------------------------------------------------ corruptions
+def _digits(n=8):
+    return dk.data.digits("test", 32, 1).tensors[0][:n]
+
+
+@pytest.mark.parametrize("name", C.CORRUPTIONS)
+@pytest.mark.parametrize("shape", [(3, 1, 32, 32), (2, 3, 20, 24), (3, 16, 16)])
+def test_corruption_shape_range_determinism(name, shape):
+    x = torch.rand(*shape) * 2 - 1
+    for sev in (1, 5):
+        a = C.corrupt(x, name, sev, seed=3)
+        assert a.shape == x.shape and a.dtype == x.dtype
+        assert a.min() >= -1 and a.max() <= 1 and torch.isfinite(a).all()
+        torch.testing.assert_close(C.corrupt(x, name, sev, seed=3), a, rtol=0, atol=0)
+    if name.endswith("noise"):  # random corruptions: another seed, other noise
+        assert not torch.equal(C.corrupt(x, name, 3, seed=4), C.corrupt(x, name, 3, seed=3))
+
+
+def _hf_energy(x):  # high-frequency energy: mean squared horizontal + vertical differences
+    return float(((x[..., 1:, :] - x[..., :-1, :]) ** 2).mean() + ((x[..., :, 1:] - x[..., :, :-1]) ** 2).mean())
+
+
+@pytest.mark.parametrize("preset", ["cifar", "imagenet"])
+def test_corruption_severity_is_monotonic(preset):
+    x = _digits(16)
+    xr = torch.rand(4, 3, 32, 32) * 1.6 - 0.8
+
+    def series(f, name, inp=x):
+        return [f(C.corrupt(inp, name, s, seed=0, preset=preset), inp) for s in C.SEVERITIES]
+
+    def mse(a, b):
+        return float(((a - b) ** 2).mean())
+
+    for name in ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "jpeg_compression"):
+        v = series(mse, name)
+        assert all(b >= a for a, b in zip(v, v[1:])), (name, v)  # more severe: further from the clean image
+        assert v[0] > 0
+    for name in ("gaussian_blur", "defocus_blur"):
+        v = series(lambda a, b: _hf_energy(a), name)
+        assert all(b <= a * 1.0001 for a, b in zip(v, v[1:])), (name, v)  # more severe: smoother
+        assert v[-1] < _hf_energy(x)
+    v = series(lambda a, b: float(a.std()), "contrast")
+    assert all(b < a for a, b in zip(v, v[1:])) and v[0] < float(x.std())
+    for inp in (x, xr):  # grey and RGB (HSV value)
+        v = series(lambda a, b: float(a.mean()), "brightness", inp)
+        assert all(b > a for a, b in zip(v, v[1:])) and v[0] > float(inp.mean())
+
+
+def test_pixelate_constant_blocks_and_errors():
+    x = torch.rand(1, 1, 64, 64) * 2 - 1
+    p = C.corrupt(x, "pixelate", 5, preset="imagenet")  # 64 -> 16 -> 64: 4x4 constant blocks
+    blocks = p.reshape(1, 1, 16, 4, 16, 4)
+    assert torch.allclose(blocks, blocks[:, :, :, :1, :, :1].expand_as(blocks))
+    with pytest.raises(ValueError, match="unknown corruption"):
+        C.corrupt(x, "fog", 1)
+    with pytest.raises(ValueError, match="severity"):
+        C.corrupt(x, "contrast", 6)
+    with pytest.raises(ValueError, match="preset"):
+        C.corrupt(x, "contrast", 1, preset="mnist")
+
+
+def test_corrupted_dataset_is_per_image_deterministic():
+    base = dk.data.digits("test", 32, 1)
+    ds = C.CorruptedDataset(base, "gaussian_noise", 5, seed=1)
+    a = torch.stack([ds[i][0] for i in range(4)])
+    b = torch.stack([ds[i][0] for i in (3, 2, 1, 0)]).flip(0)  # order does not matter
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert ds[0][1] == base[0][1] and not torch.equal(ds[0][0], base[0][0])
+
+
+# ------------------------------------------------------------------------------------------------ dataset readers
+def test_cifar10c_npy_layout(tmp_path):
+    rng = np.random.RandomState(0)
+    x = rng.randint(0, 256, size=(5 * 6, 32, 32, 3), dtype=np.uint8)
+    y = np.tile(np.arange(6) % 10, 5)
+    np.save(tmp_path / "fog.npy", x)
+    np.save(tmp_path / "contrast.npy", x[::-1].copy())
+    np.save(tmp_path / "labels.npy", y)
+    ds = ev.CIFAR10C(str(tmp_path), "fog", severity=3)
+    assert len(ds) == 6
+    img, lab = ds[2]
+    assert img.shape == (3, 32, 32) and img.dtype == torch.float32 and lab == y[14]
+    torch.testing.assert_close(img, torch.from_numpy(x[14]).permute(2, 0, 1).float() / 127.5 - 1)
+    specs = ev.parse_datasets([f"cifar10-c:{tmp_path}:all:2"])
+    assert [d.name for d in specs] == ["cifar10-c:contrast:2", "cifar10-c:fog:2"]
+    assert specs[0].group == "cifar10-c@2"
+    with pytest.raises(FileNotFoundError, match="snow.npy"):
+        ev.CIFAR10C(str(tmp_path), "snow")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        ev.parse_datasets([f"cifar10-c:{tmp_path}/nope"])
+
+
+def test_parse_datasets_and_errors(tmp_path):
+    names = [d.name for d in ev.parse_datasets(["digits", "digits-c:contrast:2", "digits-c:pixelate"])]
+    assert names == ["digits", "digits-c:contrast:2", "digits-c:pixelate:5"]
+    assert len(ev.parse_datasets(["digits-c:all:1"])) == len(C.CORRUPTIONS)
+    (spec,) = ev.parse_datasets(["digits-c:gaussian_blur:3:imagenet"])
+    ds = ev.build_dataset(spec, 32, 1)
+    torch.testing.assert_close(ds[0][0], C.corrupt_image(dk.data.digits("test")[0][0], "gaussian_blur", 3, 0, 0,
+                                                         "imagenet"))
+    with pytest.raises(ev.EvalError, match="preset"):
+        ev.parse_datasets(["digits-c:contrast:2:mnist"])
+    for sev in ("1", "5"):
+        for corr in ("fog", "blur/zoom_blur"):
+            (tmp_path / "inc" / corr / sev / "n01440764").mkdir(parents=True)
+    got = ev.parse_datasets([f"imagenet-c:{tmp_path / 'inc'}:5"])
+    assert sorted(d.name for d in got) == ["imagenet-c:fog:5", "imagenet-c:zoom_blur:5"]
+    with pytest.raises(FileNotFoundError, match="neither a known name"):
+        ev.parse_datasets([str(tmp_path / "missing")])
+    with pytest.raises(ev.EvalError, match="unknown corruption"):
+        ev.parse_datasets(["digits-c:fog:3"])
+    with pytest.raises(ev.EvalError, match="unknown mode"):
+        ev.parse_modes("Default,TTA")
+    assert ev.parse_modes("dda-se,de,default") == ("Default", "DE", "DDA-SE")
+    assert ev.parse_times("0:451:50") == tuple(range(0, 451, 50))
+
+
+def test_imagenet_wnid_folders_map_to_1k_indices(tmp_path):
+    from timm.data import ImageNetInfo
+
+    wnids = ImageNetInfo().label_names()
+    for w in (wnids[5], wnids[900]):
+        (tmp_path / w).mkdir()
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / w / "a.png")
+    ds = dk.data.image_folder(str(tmp_path), 8)
+    lmap, allowed = ev.label_map(ds, 1000)
+    assert lmap.tolist() == [5, 900] and allowed.tolist() == [5, 900]
+    z = ev._restrict(torch.zeros(1, 1000), allowed)
+    assert torch.isinf(z).sum() == 998
+    with pytest.raises(ev.EvalError, match="2 classes"):
+        ev.label_map(ds, 10)
+
+
+# ------------------------------------------------------------------------------------------------ the harness
+def _folder(root, n=3, seed=0, invert=False):
+    rng = np.random.RandomState(seed)
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            a = (rng.rand(20, 20, 3) * 255).astype(np.uint8)
+            if cls == "dog":
+                a = a // 2
+            Image.fromarray(255 - a if invert else a).save(root / cls / f"{i}.png")
+    return str(root)
+
+
+def _checkpoint(path, num_classes=2, in_chans=3, seed=0):
+    torch.manual_seed(seed)
+    clf = tc.create_classifier("test_resnet", num_classes, in_chans)
+    torch.save({"format": tc.CHECKPOINT_FORMAT, "model": clf.net.state_dict(), "model_name": "test_resnet",
+                "num_classes": num_classes, "in_chans": in_chans, "normalize": None}, path)
+    return str(path)
+
+
+def test_de_predict_matches_diffaug_ensemble():
+    torch.manual_seed(0)
+    unet = dk.models.create_adm_unet(image_size=16, in_channels=1, **TINY_FLAGS).eval()
+    aug = dk.DiffAug(unet, dk.NoiseSchedule.linear(1000))
+    clfs = {n: tc.create_classifier("test_resnet", 10, 1).eval() for n in ("a", "b")}
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    times = (0, 100, 400)
+    got = ev.de_predict(clfs, aug, x, times, seed=5, max_batch=4)
+    for n, clf in clfs.items():
+        ref = dk.diffaug_ensemble(clf, aug, x, times=times, seed=5, max_batch=4)
+        torch.testing.assert_close(got[n][0], ref, rtol=1e-5, atol=1e-6)
+        assert got[n][1].shape == ref.shape
+
+
+def test_harness_folder_all_modes_json_resume_and_ood(tmp_path, capsys):
+    data = _folder(tmp_path / "data")
+    ood = _folder(tmp_path / "ood", seed=1, invert=True)
+    a, b = _checkpoint(tmp_path / "a.pt", seed=0), _checkpoint(tmp_path / "b.pt", seed=1)
+    out = tmp_path / "out"
+    argv = ["evaluate", "--classifier", a, "--classifier", f"second={b}", "--datasets", data, "--image-size", "16",
+            "--batch-size", "4", "--dda-steps", "10", "--dda-depth", "3", "--dda-max-images", "2", "--de-times",
+            "0,300", "--out", str(out), "--ood-datasets", ood, "--no-progress", "--threads", "1"]
+    flags = SCORE_ARGS + ["--score-flag", "in_channels=3"]
+    assert cli.main(argv + flags) == 0
+    text = capsys.readouterr().out
+    assert "Default" in text and "DDA-SE" in text and "second" in text and "OOD detection" in text
+    rec = json.loads((out / "a__data.json").read_text())
+    assert set(rec["acc"]) == set(ev.MODES)
+    assert rec["n"] == {"Default": 6, "DE": 6, "DDA": 2, "DDA-SE": 2}
+    assert all(0 <= v <= 1 for v in rec["acc"].values())
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["results"]) == {"a", "second"}
+    o = json.loads((out / "ood.json").read_text())["results"]["a"]["ood"]
+    assert set(o) == {"Default/msp", "Default/energy", "DE/msp", "DE/energy"}
+    assert all(0 <= v["auroc"] <= 1 and 0 <= v["fpr95"] <= 1 for v in o.values())
+    mtime = os.path.getmtime(out / "a__data.json")
+
+    # a second run skips the finished pairs (and reuses the cached OOD scores)
+    assert cli.main(argv + flags) == 0
+    text2 = capsys.readouterr().out
+    assert "[a | data] done already" in text2 and "[second | data] done already" in text2
+    assert os.path.getmtime(out / "a__data.json") == mtime
+    assert text2.split("Top-1 accuracy")[1] == text.split("Top-1 accuracy")[1]
+
+    # changing one mode's settings recomputes only that mode
+    argv3 = [v if v != "0,300" else "0,200" for v in argv]
+    assert cli.main(argv3 + flags) == 0
+    assert "settings of ['DE'] changed" in capsys.readouterr().out
+    rec3 = json.loads((out / "a__data.json").read_text())
+    assert rec3["settings"]["DE"]["de_times"] == [0, 200] and rec3["acc"]["DDA"] == rec["acc"]["DDA"]
+
+
+def test_harness_digits_c_in_process():
+    torch.manual_seed(0)
+    unet = dk.models.create_adm_unet(image_size=32, in_channels=1, **TINY_FLAGS).eval()
+    aug = dk.DiffAug(unet, dk.NoiseSchedule.linear(1000))
+    clf = tc.create_classifier("test_resnet", 10, 1)
+    cfg = ev.EvalConfig(modes=("Default", "DE"), batch_size=8, max_images=8, de_times=(0, 250), image_size=32,
+                        progress=False)
+    res = ev.run([("c", clf)], aug, ev.parse_datasets(["digits", "digits-c:contrast:5"]), cfg, log=lambda m: None)
+    assert set(res["results"]["c"]) == {"digits", "digits-c:contrast:5"}
+    assert res["results"]["c"]["digits"]["n"] == {"Default": 8, "DE": 8}
+    assert "digits-c:contrast:5" in res["table"]
+
+
+def test_evaluate_clear_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="checkpoint not found"):
+        cli.main(["evaluate", "--classifier", str(tmp_path / "none.pt"), "--modes", "Default"])
+    ck = _checkpoint(tmp_path / "a.pt", num_classes=10, in_chans=1)
+    with pytest.raises(SystemExit, match="neither a known name"):
+        cli.main(["evaluate", "--classifier", ck, "--modes", "Default", "--datasets", str(tmp_path / "nope")])
+    with pytest.raises(SystemExit, match="unknown mode"):
+        cli.main(["evaluate", "--classifier", ck, "--modes", "TTA"])
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def test_plots_write_valid_pngs(tmp_path):
+    p = plots.plot_lines({"a": ([0, 500, 999], [0.1, 1.2, 2.0]), "b": ([0, 500, 999], [0.2, 0.5, 1.0])},
+                         str(tmp_path / "e.png"), title="t", xlabel="t", ylabel="H", hline=(2.3, "uniform"),
+                         use_matplotlib=False)
+    with Image.open(p) as im:
+        im.verify()
+    with Image.open(p) as im:
+        assert im.format == "PNG" and im.size == (640, 420)
+        assert len(set(im.convert("RGB").getdata())) > 4  # something was drawn
+    torch.manual_seed(0)
+    unet = dk.models.create_adm_unet(image_size=16, in_channels=1, **TINY_FLAGS).eval()
+    aug = dk.DiffAug(unet, dk.NoiseSchedule.linear(1000))
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    g = plots.augmentation_grid(aug, x, str(tmp_path / "g.png"))
+    with Image.open(g) as im:
+        assert im.format == "PNG"
+        W, H = im.size
+    cell = 16 * 4 + 2  # 16 px upscaled x4 (to >= 64 px) + padding
+    assert W == 9 * cell + 2 and H == 16 + 3 * cell + 2  # original + 8 times; header row
+    clf = tc.create_classifier("test_resnet", 10, 1).eval()
+    ent = plots.entropy_vs_t({"c": clf}, aug, x, times=(0, 999))
+    assert len(ent["c"]) == 2 and all(0 <= v <= np.log(10) + 1e-4 for v in ent["c"])
