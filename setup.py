@@ -115,7 +115,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["diffaug_kernels", "diffaug_kernels.*"]),
     package_data={"diffaug_kernels": ["weights/*.safetensors"]},
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "safetensors", "scikit-learn", "timm"],
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "scipy"]},
     entry_points={"console_scripts": ["diffaug=diffaug_kernels.cli:main"]},
     ext_modules=ext_modules,

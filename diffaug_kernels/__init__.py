@@ -1,7 +1,8 @@
 """diffaug_kernels: fused kernels for DiffAug (diffuse-and-denoise augmentation), checked against PyTorch."""
-from . import data, dda, models, ood, reference
+from . import data, dda, models, ood, pretrained, reference
 from .augment import DiffAug
 from .ensemble import diffaug_ensemble
+from .pretrained import load_default_score_model
 from .ops import (
     IMAGENET_NORM,
     available_backends,
@@ -24,6 +25,8 @@ __all__ = [
     "models",
     "ood",
     "forward_noise",
+    "load_default_score_model",
+    "pretrained",
     "forward_noise_multi",
     "philox_normal",
     "reference",

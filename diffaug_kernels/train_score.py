@@ -29,10 +29,11 @@ from . import ops
 from .models import ADM_CONFIGS, ADMConfig, create_adm_unet
 from .schedule import NoiseSchedule
 
-# The command that made the shipped diffaug_kernels/weights/digits32_eps.safetensors (2-core CPU, ~20 min).
-DEFAULT_COMMAND = ("python -m diffaug_kernels train-score --data digits --config digits32 --schedule linear "
-                   "--T 1000 --steps 1200 --batch-size 64 --lr 1e-3 --ema 0.999 --bf16 --seed 0 "
-                   "--out runs/digits32 --export diffaug_kernels/weights/digits32_eps.safetensors")
+# The command that made the shipped diffaug_kernels/weights/digits32_eps.safetensors (2-core CPU: 990 s measured
+# on a shared machine, ~0.8 s/step when quiet; final loss 0.0112, 3.9 MB in float16).
+DEFAULT_COMMAND = ("python -m diffaug_kernels train-score --data digits --config digits32 --schedule linear --T 1000 "
+                   "--steps 800 --batch-size 64 --lr 0.001 --lr-warmup 100 --ema 0.999 --grad-clip 1.0 --seed 0 "
+                   "--out runs/digits32 --export diffaug_kernels/weights/digits32_eps.safetensors --bf16")
 
 SCHEDULES = ("linear", "cosine")
 EXPORT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -257,8 +258,11 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
 
 def _batches(ds, batch_size: int, seed: int, start_step: int, num_workers: int):
+    # its own generator: the loader's worker seed must not draw from torch's default generator, whose state
+    # (t and noise) a checkpoint restores
     loader = torch.utils.data.DataLoader(ds, batch_sampler=EpochBatchSampler(len(ds), batch_size, seed, start_step),
-                                         num_workers=num_workers, persistent_workers=num_workers > 0)
+                                         num_workers=num_workers, persistent_workers=num_workers > 0,
+                                         generator=torch.Generator().manual_seed(seed + start_step))
     for batch in loader:
         yield batch[0] if isinstance(batch, (tuple, list)) else batch
 
@@ -310,6 +314,9 @@ def export_safetensors(model_or_state, path: str, config: ADMConfig, schedule_na
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata=meta)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # an ordinary file, not the 0600 of a temporary one
     os.replace(tmp, path)
     return path
 
@@ -420,7 +427,8 @@ def train(data: Optional[str] = None, config=None, steps: Optional[int] = None, 
         return path
 
     t0, window, ckpt_path = time.perf_counter(), [], ckpt["path"] if ckpt else None
-    batches = _batches(ds, args["batch_size"], args["seed"], start, args["num_workers"]) if start < args["steps"] else iter(())
+    batches = (_batches(ds, args["batch_size"], args["seed"], start, args["num_workers"])
+               if start < args["steps"] else iter(()))
     for step in range(start + 1, args["steps"] + 1):
         x0 = next(batches).to(dev, non_blocking=True)
         loss = trainer.step(x0)
