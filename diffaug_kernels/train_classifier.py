@@ -410,14 +410,9 @@ def load_score_model(spec: str, data: str, config: Optional[str] = None, flags: 
         if config is not None or overrides:
             raise UsageError("--score-config / --score-flag describe a checkpoint given with --score-model PATH "
                              "(or 'random'); the default score model carries its own architecture")
-        try:
-            from . import pretrained  # written beside this module; imported only when asked for
-            loader = pretrained.load_default_score_model
-        except (ImportError, AttributeError) as e:
-            raise UsageError(
-                "the default score model (diffaug_kernels.pretrained.load_default_score_model) is not available "
-                f"in this installation ({e}). Pass a checkpoint with --score-model PATH [--score-config NAME] "
-                "[--score-flag KEY=VALUE ...], or train the baseline with --no-diffaug.") from None
+        from . import pretrained
+
+        loader = pretrained.load_default_score_model  # a missing weights file is a FileNotFoundError naming it
         got = loader()
         model = got
         if isinstance(got, (tuple, list)):

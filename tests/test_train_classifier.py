@@ -136,9 +136,11 @@ def test_missing_data_path_is_a_clear_error(tmp_path, flag, spec):
     assert msg.startswith("train_classifier: error:") and "not found" in msg and "nope" in msg, msg
 
 
-def test_default_score_model_missing_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "diffaug_kernels.pretrained", None)  # as if pretrained.py were not there
-    with pytest.raises(tc.UsageError, match="--score-model PATH"):
+def test_default_score_model_missing_is_a_clear_error(monkeypatch, tmp_path):
+    from diffaug_kernels import pretrained
+
+    monkeypatch.setattr(pretrained, "DEFAULT_WEIGHTS", str(tmp_path / "gone.safetensors"))
+    with pytest.raises(FileNotFoundError, match="gone.safetensors"):
         tc.load_score_model("default", "digits")
 
 
