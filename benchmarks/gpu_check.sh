@@ -1,30 +1,58 @@
 #!/usr/bin/env bash
 # The whole GPU check in one script (../shared/GPU.md): build in place, GPU tests, compute-sanitizer, benchmarks.
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (default: $OUT, else benchmarks/results/gpu-run)
-# Writes logs and JSON into OUT_DIR and ends with a short table. Nothing is downloaded.
+# Logs and JSON go to a work folder; when OUT_DIR is given, a tarball of it (gpu-check.tgz) and summary.txt
+# are refreshed there after every step, so a run cut off by a time limit still returns what it finished.
+# Steps run in order of importance, each under its own time limit, within GPU_CHECK_BUDGET_S seconds (default
+# 540); a step that no longer fits is skipped and said so. Nothing is downloaded.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
 OUT_DIR="${1:-${OUT:-benchmarks/results/gpu-run}}"
-mkdir -p "$OUT_DIR"
+W=/tmp/gpu-check
+rm -rf "$W"; mkdir -p "$W" "$OUT_DIR"
+BUDGET="${GPU_CHECK_BUDGET_S:-540}"
+T0=$SECONDS
 status=0
-step() { echo; echo "=== $* ==="; }
+export PYTHONUNBUFFERED=1
+left() { echo $((BUDGET - (SECONDS - T0))); }
+snap() { tar czf "$OUT_DIR/gpu-check.tgz.tmp" -C "$W" . && mv "$OUT_DIR/gpu-check.tgz.tmp" "$OUT_DIR/gpu-check.tgz"
+         cp "$W/summary.txt" "$OUT_DIR/summary.txt" 2>/dev/null || true; }
+note() { echo "$*" | tee -a "$W/summary.txt"; }
+# step NAME MAX_S MIN_S CMD...: runs CMD under timeout min(MAX_S, time left), or skips when under MIN_S is left.
+step() {
+  local name=$1 max=$2 min=$3; shift 3
+  local l; l=$(left)
+  if [ "$l" -lt "$min" ]; then note "SKIPPED $name: ${l}s left of the budget"; status=1; return 1; fi
+  [ "$l" -lt "$max" ] && max=$l
+  echo; echo "=== $name (limit ${max}s, t=$((SECONDS - T0))s) ==="
+  local s=$SECONDS
+  timeout --kill-after=10 "$max" bash -c 'set -o pipefail; "$@"' _ "$@"; local rc=$?
+  note "$name: exit $rc in $((SECONDS - s))s$([ $rc -eq 124 ] && echo ' (TIMED OUT)')"
+  [ $rc -eq 0 ] || status=1
+  snap
+  return $rc
+}
 
-step "environment"
-{ nvidia-smi || true; python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"; nvcc --version | tail -2; } 2>&1 | tee "$OUT_DIR/env.log"
-
-step "build (in place, no downloads)"
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
-pip install --no-deps --no-build-isolation -e . > "$OUT_DIR/build.log" 2>&1 || status=1
-tail -3 "$OUT_DIR/build.log"
-python -c "import diffaug_kernels as dk; b = dk.available_backends(); print(b); assert {'cpu', 'cuda', 'triton'} <= set(b), b" \
-  2>&1 | tee -a "$OUT_DIR/build.log" || { echo "the CUDA/Triton backends are missing: see build.log"; status=1; }
-
-step "GPU tests (pytest -m cuda)"
-python -m pytest -m cuda -q -p no:cacheprovider --junitxml="$OUT_DIR/pytest-cuda.xml" tests 2>&1 | tee "$OUT_DIR/pytest-cuda.log" | tail -15
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-
-step "compute-sanitizer (memcheck, racecheck) on the CUDA kernels"
-cat > "$OUT_DIR/sanitize.py" <<'PY'
+env_info() {
+  nvidia-smi; nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0))"
+  which nvcc; ls -d /usr/local/cuda*; nvcc --version | tail -2; nproc; "$PY" -m pip list 2>/dev/null | grep -iE "^(torch|triton|timm|pytest|pytest-xdist|hypothesis|numpy) "
+}
+build() {
+  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+  "$PY" -m pip install --no-deps --no-build-isolation -e . > "$W/build.log" 2>&1 || { tail -30 "$W/build.log"; return 1; }
+  tail -2 "$W/build.log"
+  "$PY" -c "import diffaug_kernels as dk; b = dk.available_backends(); print(b); assert {'cpu', 'cuda', 'triton'} <= set(b), b" 2>&1 | tee -a "$W/build.log"
+}
+gpu_tests() {
+  # xdist spreads the Triton/inductor compilation over the cores; every cuda-marked test, -x off so all report
+  local par=(); "$PY" -c "import xdist" 2>/dev/null && par=(-n 8)
+  "$PY" -m pytest -m cuda -q -p no:cacheprovider "${par[@]}" --junitxml="$W/pytest-cuda.xml" tests > "$W/pytest-cuda.log" 2>&1
+  local rc=$?; tail -25 "$W/pytest-cuda.log"; return $rc
+}
+sanitize() {
+  cat > "$W/sanitize.py" <<'PY'
 import torch, diffaug_kernels as dk
 S = dk.NoiseSchedule.linear()
 for dtype in (torch.float32, torch.bfloat16, torch.float64):
@@ -37,41 +65,80 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
             z = dk.forward_noise_multi(xi, [0, 50, 450], S, seed=2, backend="cuda")
             m = torch.randn(shape[0], 2 * shape[1], *shape[2:], device="cuda").to(dtype)
             w = dk.tweedie(y, m, t, S, normalize=dk.IMAGENET_NORM, backend="cuda")
+            w = dk.tweedie(y, m.contiguous(memory_format=torch.channels_last), t, S, backend="cuda", out_dtype=torch.float16)
     dk.philox_normal((1001,), 3, device="cuda", backend="cuda")
 torch.cuda.synchronize()
 print("sanitize workload done")
 PY
-for tool in memcheck racecheck; do
-  compute-sanitizer --tool "$tool" --error-exitcode 9 python "$OUT_DIR/sanitize.py" > "$OUT_DIR/sanitizer-$tool.log" 2>&1
-  rc=$?; echo "$tool: exit $rc ($(grep -c 'ERROR SUMMARY: 0 errors' "$OUT_DIR/sanitizer-$tool.log") clean summary)"
-  [ $rc -eq 0 ] || status=1
-done
-
-step "benchmarks (twice, to know the run-to-run noise)"
-for run in 1 2; do
-  python -m diffaug_kernels bench --device cuda --reps 50 --warmup 10 --shapes 256x3x224x224 \
+  local rc=0 tool
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" "$W/sanitize.py" > "$W/sanitizer-$tool.log" 2>&1
+    local r=$?; echo "$tool: exit $r; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$W/sanitizer-$tool.log" | tail -1)"
+    [ $r -eq 0 ] || rc=1
+  done
+  return $rc
+}
+bench_ops() {  # bench_ops RUN
+  "$PY" -m diffaug_kernels bench --device cuda --reps 50 --warmup 10 --shapes 256x3x224x224 \
     --dtypes bfloat16,float32 --ops forward_noise,tweedie,forward_noise_multi \
-    --json "$OUT_DIR/bench-run$run.json" > "$OUT_DIR/bench-run$run.txt" 2> "$OUT_DIR/bench-run$run.log" || status=1
-done
-cat "$OUT_DIR/bench-run1.txt"
-
-step "end-to-end: UNet forward and DiffAug step (256x256 uncond model at 224x224, batch 64)"
-python -m diffaug_kernels bench-model --device cuda --batch 64 --reps 10 --json "$OUT_DIR/bench-model.json" \
-  > "$OUT_DIR/bench-model.txt" 2> "$OUT_DIR/bench-model.log" || status=1
-cat "$OUT_DIR/bench-model.txt"
-
-step "summary"
-python - "$OUT_DIR" <<'PY'
-import json, sys
+    --json "$W/bench-run$1.json" > "$W/bench-run$1.txt" 2> "$W/bench-run$1.log"
+  local rc=$?; cat "$W/bench-run$1.txt"; tail -5 "$W/bench-run$1.log"; return $rc
+}
+bench_ensemble() {
+  "$PY" -m diffaug_kernels bench-ensemble --device cuda --batch 8 --reps 5 --warmup 2 --json "$W/bench-ensemble.json" \
+    > "$W/bench-ensemble.txt" 2> "$W/bench-ensemble.log"
+  local rc=$?; cat "$W/bench-ensemble.txt"; tail -5 "$W/bench-ensemble.log"; return $rc
+}
+bench_model() {
+  "$PY" -m diffaug_kernels bench-model --device cuda --batch 64 --reps 3 --warmup 1 --json "$W/bench-model.json" \
+    > "$W/bench-model.txt" 2> "$W/bench-model.log"
+  local rc=$?; cat "$W/bench-model.txt"; tail -5 "$W/bench-model.log"; return $rc
+}
+summary() {
+  "$PY" - "$W" <<'PY'
+import json, os, sys
 d = sys.argv[1]
-runs = [json.load(open(f"{d}/bench-run{i}.json")) for i in (1, 2)]
-print(f"{runs[0]['env']['device_name']}: copy {runs[0]['copy_gb_s']:.0f} GB/s")
-print(f"{'op':<20}{'dtype':<10}{'impl':<22}{'ms run1':>9}{'ms run2':>9}{'%copy':>7}{'vs eager':>9}{'vs compiled':>12}")
-for r1, r2 in zip(runs[0]["rows"], runs[1]["rows"]):
-    comp = next(r["ms"] for r in runs[0]["rows"] if r["op"] == r1["op"] and r["dtype"] == r1["dtype"]
-                and r["impl"].startswith("compiled"))
-    print(f"{r1['op']:<20}{r1['dtype']:<10}{r1['impl']:<22}{r1['ms']:9.3f}{r2['ms']:9.3f}{r1['pct_copy']:6.0f}%"
-          f"{r1['speedup']:8.2f}x{comp / r1['ms']:11.2f}x")
+runs = [json.load(open(f"{d}/bench-run{i}.json")) for i in (1, 2) if os.path.exists(f"{d}/bench-run{i}.json")]
+if runs:
+    r0 = runs[0]
+    print(f"{r0['env']['device_name']}: copy {r0['copy_gb_s']:.0f} GB/s")
+    print(f"{'op':<20}{'dtype':<10}{'impl':<24}" + "".join(f"{'ms run' + str(i + 1):>9}" for i in range(len(runs)))
+          + f"{'GB/s':>7}{'%copy':>7}{'vs eager':>9}{'vs compiled':>12}")
+    for i, r1 in enumerate(r0["rows"]):
+        comp = next(r["ms"] for r in r0["rows"] if r["op"] == r1["op"] and r["dtype"] == r1["dtype"]
+                    and r["impl"].startswith("compiled"))
+        ms = "".join(f"{run['rows'][i]['ms']:9.3f}" for run in runs)
+        print(f"{r1['op']:<20}{r1['dtype']:<10}{r1['impl']:<24}{ms}{r1.get('gb_s', 0):7.0f}{r1['pct_copy']:6.0f}%"
+              f"{r1['speedup']:8.2f}x{comp / r1['ms']:11.2f}x")
+for name in ("bench-ensemble", "bench-model"):
+    p = f"{d}/{name}.txt"
+    if os.path.exists(p):
+        print(); print(open(p).read().rstrip())
 PY
-echo; echo "gpu_check status: $status (0 = everything passed)"
+}
+
+export PY W
+export -f env_info build gpu_tests sanitize bench_ops bench_ensemble bench_model
+step environment 60 5 env_info 2>&1 | tee "$W/env.log"
+step build 300 60 build
+# Without the CUDA kernels (a failed compile falls back to CPU) Triton is still worth testing and timing.
+if "$PY" -c "import diffaug_kernels" 2>/dev/null; then
+  # correctness: tests and sanitizer side by side (both mostly compile / instrumentation, no timing)
+  gpu_tests_rc=0
+  ( step "GPU tests (pytest -m cuda -n 8)" 240 30 gpu_tests > "$W/step-tests.out" 2>&1 ) &
+  pt=$!
+  step "compute-sanitizer (memcheck, racecheck)" 240 30 sanitize
+  wait $pt || status=1
+  cat "$W/step-tests.out"
+  grep -q "GPU tests.*exit 0" "$W/summary.txt" || status=1
+  step "benchmark ops, run 1" 180 40 bench_ops 1
+  step "benchmark DiffAug-Ensemble vs per-t loop vs DDA" 150 40 bench_ensemble
+  step "benchmark ops, run 2 (run-to-run noise)" 120 40 bench_ops 2
+  step "benchmark UNet forward + DiffAug step" 240 60 bench_model
+fi
+echo; echo "=== summary (t=$((SECONDS - T0))s) ==="
+summary 2>&1 | tee "$W/summary-table.txt"
+cat "$W/summary.txt"
+note "gpu_check status: $status (0 = everything passed)"
+snap
 exit $status

@@ -160,10 +160,10 @@ def time_fn(fn: Callable[[], object], reps: int = 10, warmup: int = 2, device="c
 
 def copy_bandwidth(device="cpu", nbytes: Optional[int] = None, reps: int = 10) -> float:
     """GB/s of out.copy_(src) on buffers far larger than the caches (bytes read + written): the ceiling.
-    Default size: 256 MB, or 4x the last-level cache on CPUs whose cache is larger than 64 MB."""
+    Default size: 1 GB on GPUs; on CPUs 256 MB, or 4x the last-level cache where that is larger than 64 MB."""
     device = torch.device(device)
-    nbytes = nbytes or max(256 << 20, 4 * _llc_bytes() if device.type == "cpu" else 0)
-    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)  # touched, so no zero-page reads
+    nbytes = nbytes or max(256 << 20, 4 * _llc_bytes() if device.type == "cpu" else 1 << 30)
+    src = torch.rand(nbytes // 4, dtype=torch.float32, device=device)  # random data: no zero pages, no zeros
     out = torch.empty_like(src)
     t = time_fn(lambda: out.copy_(src), reps=reps, warmup=2, device=device, flush=False)  # far beyond caches
     return 2 * nbytes / (t.ms * 1e-3) / 1e9

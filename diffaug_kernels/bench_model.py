@@ -139,3 +139,112 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
             json.dump(result, f, indent=1)
         log(f"[bench-model] wrote {json_path}")
     return result
+
+
+def _per_t_loop(classifier, aug: DiffAug, x, times, tables=None):
+    """The per-t loop of the published DE evaluation: one forward noise + UNet + Tweedie + classifier call per t.
+    tables given: the published ops (randn_like, per-call table gathers, pred_xstart); else the dk ops."""
+    total = None
+    for tv in times:
+        if tv == 0:
+            v = x
+        else:
+            t = torch.full((x.shape[0],), tv, device=x.device, dtype=torch.long)
+            if tables is None:
+                v = aug(x, t=t)
+            else:
+                ext = bench._extract_into_tensor
+                x_t = ext(tables["sqrt_alphas_cumprod"], t, x.shape) * x + \
+                    ext(tables["sqrt_one_minus_alphas_cumprod"], t, x.shape) * torch.randn_like(x)
+                eps = aug.denoise(x_t, t)[:, :x.shape[1]].float()
+                v = (ext(tables["sqrt_recip_alphas_cumprod"], t, x.shape) * x_t -
+                     ext(tables["sqrt_recipm1_alphas_cumprod"], t, x.shape) * eps).clamp(-1, 1)
+        p = torch.softmax(classifier(v).float(), dim=-1)
+        total = p if total is None else total + p
+    return total / len(times)
+
+
+def run_ensemble(device=None, batch: int = 8, size: Optional[int] = None, flags: Optional[dict] = None,
+                 classifier: Optional[str] = None, reps: int = 5, warmup: int = 2, dda_reps: int = 1,
+                 json_path: Optional[str] = None) -> dict:
+    """DiffAug-Ensemble (times 0, 50, ..., 450) with batched times (dk.diffaug_ensemble, chunk measured by
+    pick_chunk, and all 9 noisy times in one UNet call) against the per-t loop of the published evaluation,
+    and against DDA (official settings: 100 respaced steps, depth 50, guided) at the same batch, in one run.
+
+    CPU default: the 8M-parameter UNet at 32x32 with a timm resnet18, batch 8. GPU: the paper's 256x256
+    unconditional model at 256x256 with a timm resnet50, batch 8 (one t alone does not fill the GPU). The UNet
+    runs under bf16 autocast, eager (the same module for every mode, so the ratios are the batching policy's)."""
+    import timm
+
+    from .dda import dda_predict
+    from .ensemble import DEFAULT_TIMES, diffaug_ensemble, pick_chunk
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    if flags is None:
+        if gpu:
+            from .models import ADM_CONFIGS
+            flags = dict(ADM_CONFIGS["imagenet256_uncond"])
+        else:
+            flags = dict(CPU_UNET)
+    size = size or flags["image_size"]
+    classifier = classifier or ("resnet50" if gpu else "resnet18")
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    torch.manual_seed(0)
+    model = create_adm_unet(**flags).to(device).eval()
+    clf_net = timm.create_model(classifier, pretrained=False, num_classes=1000 if gpu else 10).to(device).eval()
+    clf_net = clf_net.to(memory_format=torch.channels_last)
+
+    def clf(v):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return clf_net(v.contiguous(memory_format=torch.channels_last))
+
+    sched = NoiseSchedule.linear(1000)
+    tables = {k: sched._np[k] for k in ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+                                        "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod")}
+    aug = DiffAug(model, sched, dtype=torch.bfloat16)
+    x = torch.rand(batch, flags.get("in_channels", 3), size, size, device=device) * 2 - 1
+    times = list(DEFAULT_TIMES)
+    n_noisy = sum(t != 0 for t in times)
+    with torch.no_grad():
+        x_t = torch.randn(n_noisy * batch, *x.shape[1:], device=device)
+        chunk = pick_chunk(aug, x_t, torch.zeros(n_noisy * batch, dtype=torch.long, device=device), batch)
+    log(f"[bench-ensemble] {bench.device_name(device)}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-param "
+        f"UNet at {size}x{size}, {classifier}, batch {batch}, times {times}; measured chunk {chunk} rows "
+        f"({chunk // batch} times) per UNet call")
+    cases = {
+        "per-t loop, published ops": lambda: _per_t_loop(clf, aug, x, times, tables),
+        "per-t loop, dk ops": lambda: _per_t_loop(clf, aug, x, times),
+        f"dk.diffaug_ensemble (measured chunk: {chunk // batch} t per call)": lambda: diffaug_ensemble(clf, aug, x,
+                                                                                                      times),
+        f"dk.diffaug_ensemble (all {n_noisy} t in one call)": lambda: diffaug_ensemble(clf, aug, x, times,
+                                                                                      max_batch=n_noisy * batch),
+        "DDA (100 steps, depth 50, guided)": lambda: dda_predict(clf, aug, sched, x),
+    }
+    rows = []
+    base = None
+    with torch.no_grad():
+        for name, fn in cases.items():
+            is_dda = name.startswith("DDA")
+            r = dda_reps if is_dda else reps
+            tm = bench.time_fn(fn, reps=r, warmup=1 if is_dda else warmup, device=device, flush=False)
+            ips = batch / (tm.ms * 1e-3)
+            base = base or ips
+            rows.append(dict(impl=name, ms=tm.ms, images_per_s=ips, vs_loop=ips / base, reps=r))
+            log(f"[bench-ensemble] {name:<52} {tm.ms:10.1f} ms  {ips:8.2f} img/s")
+    de = max(r["images_per_s"] for r in rows if r["impl"].startswith("dk.diffaug_ensemble (measured"))
+    dda = rows[-1]["images_per_s"]
+    print(f"{bench.device_name(device)} ({device.type}), torch {torch.__version__}; DE over times {times[0]}..{times[-1]} "
+          f"(step {times[1] - times[0]}), batch {batch} at {size}x{size}, {classifier}; median of {reps} (DDA {dda_reps})")
+    w = max(len(r["impl"]) for r in rows)
+    for r in rows:
+        print(f"{r['impl']:<{w}}  {r['ms']:10.1f} ms  {r['images_per_s']:8.2f} img/s  {r['vs_loop']:5.2f}x the loop")
+    print(f"DE (measured chunk) vs DDA at the same batch: {de / dda:.1f}x")
+    result = dict(env=bench.environment(device), flags=flags, classifier=classifier, batch=batch, size=size,
+                  times=times, chunk_rows=chunk, reps=reps, dda_reps=dda_reps, rows=rows, de_vs_dda=de / dda)
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+        log(f"[bench-ensemble] wrote {json_path}")
+    return result
