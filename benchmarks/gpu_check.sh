@@ -47,7 +47,7 @@ build() {
 }
 gpu_tests() {
   # xdist spreads the Triton/inductor compilation over the cores; every cuda-marked test, -x off so all report
-  local par=(); "$PY" -c "import xdist" 2>/dev/null && par=(-n 8)
+  local par=(); "$PY" -c "import xdist" 2>/dev/null && par=(-n "${GPU_TEST_WORKERS:-8}")
   "$PY" -m pytest -m cuda -q -p no:cacheprovider "${par[@]}" --junitxml="$W/pytest-cuda.xml" tests > "$W/pytest-cuda.log" 2>&1
   local rc=$?; tail -25 "$W/pytest-cuda.log"; return $rc
 }
@@ -94,6 +94,9 @@ bench_model() {
     > "$W/bench-model.txt" 2> "$W/bench-model.log"
   local rc=$?; cat "$W/bench-model.txt"; tail -5 "$W/bench-model.log"; return $rc
 }
+rng_floor() {
+  "$PY" benchmarks/gpu_floor.py "$W/floor.json" > "$W/floor.txt" 2>&1; local rc=$?; cat "$W/floor.txt"; return $rc
+}
 summary() {
   "$PY" - "$W" <<'PY'
 import json, os, sys
@@ -110,7 +113,7 @@ if runs:
         ms = "".join(f"{run['rows'][i]['ms']:9.3f}" for run in runs)
         print(f"{r1['op']:<20}{r1['dtype']:<10}{r1['impl']:<24}{ms}{r1.get('gb_s', 0):7.0f}{r1['pct_copy']:6.0f}%"
               f"{r1['speedup']:8.2f}x{comp / r1['ms']:11.2f}x")
-for name in ("bench-ensemble", "bench-model"):
+for name in ("floor", "bench-ensemble", "bench-model"):
     p = f"{d}/{name}.txt"
     if os.path.exists(p):
         print(); print(open(p).read().rstrip())
@@ -118,23 +121,24 @@ PY
 }
 
 export PY W
-export -f env_info build gpu_tests sanitize bench_ops bench_ensemble bench_model
+export -f env_info build gpu_tests sanitize bench_ops bench_ensemble bench_model rng_floor
 step environment 60 5 env_info 2>&1 | tee "$W/env.log"
 step build 300 60 build
 # Without the CUDA kernels (a failed compile falls back to CPU) Triton is still worth testing and timing.
 if "$PY" -c "import diffaug_kernels" 2>/dev/null; then
   # correctness: tests and sanitizer side by side (both mostly compile / instrumentation, no timing)
   gpu_tests_rc=0
-  ( step "GPU tests (pytest -m cuda -n 8)" 240 30 gpu_tests > "$W/step-tests.out" 2>&1 ) &
+  ( step "GPU tests (pytest -m cuda, xdist)" 240 30 gpu_tests > "$W/step-tests.out" 2>&1 ) &
   pt=$!
   step "compute-sanitizer (memcheck, racecheck)" 240 30 sanitize
   wait $pt || status=1
   cat "$W/step-tests.out"
   grep -q "GPU tests.*exit 0" "$W/summary.txt" || status=1
   step "benchmark ops, run 1" 180 40 bench_ops 1
-  step "benchmark DiffAug-Ensemble vs per-t loop vs DDA" 150 40 bench_ensemble
-  step "benchmark ops, run 2 (run-to-run noise)" 120 40 bench_ops 2
-  step "benchmark UNet forward + DiffAug step" 240 60 bench_model
+  step "what bounds the ops: RNG rate alone, per-call cost" 60 15 rng_floor
+  step "benchmark DiffAug-Ensemble vs per-t loop vs DDA" 150 60 bench_ensemble
+  step "benchmark ops, run 2 (run-to-run noise)" 120 30 bench_ops 2
+  [ -n "${GPU_CHECK_SKIP_MODEL:-}" ] || step "benchmark UNet forward + DiffAug step" 240 60 bench_model
 fi
 echo; echo "=== summary (t=$((SECONDS - T0))s) ==="
 summary 2>&1 | tee "$W/summary-table.txt"

@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(kThreads) tweedie_kernel(
     const in_t* __restrict__ x, const in_t* __restrict__ m, out_t* __restrict__ out, const int64_t* __restrict__ t,
     int64_t tb, const acc_t<in_t>* __restrict__ ca, const acc_t<in_t>* __restrict__ cb, int64_t T, bool clip,
     const acc_t<in_t>* __restrict__ scale, const acc_t<in_t>* __restrict__ shift, int64_t N, View3 xv, View3 mv,
-    View3 ov, bool x_vec, bool m_vec, bool o_vec) {
+    View3 ov, bool x_vec, bool m_vec, bool o_vec, bool plane_units) {
   using acc = acc_t<in_t>;
   const int64_t CS = xv.C * xv.S, units = (N + E - 1) / E;
   for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < units;
@@ -179,19 +179,36 @@ __global__ void __launch_bounds__(kThreads) tweedie_kernel(
 #pragma unroll
       for (int e = 0; e < E; ++e) mr[e] = i0 + e < N ? static_cast<acc>(m[offset_of(i0 + e, mv)]) : acc(0);
     }
+    // Sample b, channel c and position s of the unit's first element; later ones follow by carrying, so no
+    // element pays a 64-bit division. With S % E == 0 (plane_units) the whole unit lies in one (b, c) plane.
+    const int64_t rem0 = i0 - b0 * CS, c0 = rem0 / xv.S;
     out_t res[E];
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-      const int64_t i = i0 + e, b = i / CS;
-      const int64_t ti = i < N ? t[b * tb] : 0;
+    if (plane_units) {
+      const int64_t ti = t[b0 * tb];
       CUDA_KERNEL_ASSERT(ti >= 0 && ti < T);
-      acc y = ca[ti] * xr[e] + cb[ti] * mr[e];
-      if (clip) y = y != y ? y : (y < acc(-1) ? acc(-1) : (y > acc(1) ? acc(1) : y));  // NaN passes through
-      if (scale != nullptr) {
-        const int64_t c = (i - b * CS) / xv.S;
-        y = y * scale[c] + shift[c];
+      const acc a = ca[ti], bb = cb[ti];
+      const acc g = scale != nullptr ? scale[c0] : acc(1), h = scale != nullptr ? shift[c0] : acc(0);
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        acc y = a * xr[e] + bb * mr[e];
+        if (clip) y = y != y ? y : (y < acc(-1) ? acc(-1) : (y > acc(1) ? acc(1) : y));  // NaN passes through
+        res[e] = static_cast<out_t>(scale != nullptr ? y * g + h : y);
       }
-      res[e] = static_cast<out_t>(y);
+    } else {
+      int64_t b = b0, c = c0, sp = rem0 - c0 * xv.S;
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        const int64_t ti = i0 + e < N ? t[b * tb] : 0;
+        CUDA_KERNEL_ASSERT(ti >= 0 && ti < T);
+        acc y = ca[ti] * xr[e] + cb[ti] * mr[e];
+        if (clip) y = y != y ? y : (y < acc(-1) ? acc(-1) : (y > acc(1) ? acc(1) : y));
+        if (scale != nullptr) y = y * scale[c] + shift[c];
+        res[e] = static_cast<out_t>(y);
+        if (++sp == xv.S) {
+          sp = 0;
+          if (++c == xv.C) c = 0, ++b;
+        }
+      }
     }
     if (full && o_vec) {
       Vec<out_t, E> vo;
@@ -228,7 +245,7 @@ void tweedie_out(const Tensor& x_t, const Tensor& model_output, const Tensor& t,
           x.data_ptr<in_t>(), m.data_ptr<in_t>(), out.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), t.stride(0),
           ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), clip, sc.defined() ? sc.data_ptr<acc>() : nullptr,
           sh.defined() ? sh.data_ptr<acc>() : nullptr, N, xv, mv, ov, vectorizable<in_t, E>(x, xv),
-          vectorizable<in_t, E>(m, mv), vectorizable<scalar_t, E>(out, ov));
+          vectorizable<in_t, E>(m, mv), vectorizable<scalar_t, E>(out, ov), xv.S % E == 0);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

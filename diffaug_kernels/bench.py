@@ -127,7 +127,10 @@ def flush_cache(device="cpu") -> None:
 
 def time_fn(fn: Callable[[], object], reps: int = 10, warmup: int = 2, device="cpu", flush: bool = True) -> Timing:
     """Median time of fn() over reps calls after warmup calls, caches flushed before each timed call
-    (untimed) unless flush=False. CPU: perf_counter; CUDA: one event pair per call, one sync at the end."""
+    (untimed) unless flush=False. CPU: perf_counter; CUDA: one event pair per call, one sync at the end, and
+    the GPU held busy for ~0.1 ms (torch.cuda._sleep) before each start event, so the host has queued the
+    call's kernels before the clock starts: the span is GPU time, not the host's launch cost (which
+    benchmarks/gpu_floor.py measures on its own)."""
     device = torch.device(device)
     _sync(device)
     t0 = time.perf_counter()
@@ -142,6 +145,7 @@ def time_fn(fn: Callable[[], object], reps: int = 10, warmup: int = 2, device="c
         for start, end in ev:
             if flush:
                 flush_cache(device)  # queued before start, so outside the timed span
+            torch.cuda._sleep(200_000)  # ~0.1 ms of GPU spin: the host gets ahead (outside the span)
             start.record()
             fn()
             end.record()

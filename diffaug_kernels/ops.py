@@ -407,7 +407,7 @@ def forward_noise_multi(x0: Tensor, times, schedule: NoiseSchedule, seed=None, o
     return run((backend == "auto" and _auto_pick(f"forward_noise_multi{K}", x0, run)) or name)
 
 
-_norm_cache: dict = {}
+_norm_keys: dict = {}  # (mean, std, which, device, dtype) -> attribute of _NORM_STORE
 
 
 def _norm_affine(normalize, C: int, device: torch.device, dtype: torch.dtype):
@@ -422,13 +422,26 @@ def _norm_affine(normalize, C: int, device: torch.device, dtype: torch.dtype):
         raise ValueError(f"normalize needs {C} means and stds (one per channel), got {len(mean)} and {len(std)}")
     if any(s == 0 or not math.isfinite(s) for s in std):
         raise ValueError(f"normalize std must be finite and non-zero, got {std}")
-    key = (tuple(mean), tuple(std), device, dtype)
-    hit = _norm_cache.get(key)
-    if hit is None:
+    mean, std, device = tuple(mean), tuple(std), torch.device(device)
+    return tuple(getattr(_NORM_STORE, _norm_table_attr(mean, std, w, device, dtype)) for w in ("scale", "shift"))
+
+
+class _NormStore:
+    pass
+
+
+_NORM_STORE = _NormStore()
+
+
+@torch.compiler.assume_constant_result  # a constant to torch.compile, as schedule tables are (see schedule.py)
+def _norm_table_attr(mean: tuple, std: tuple, which: str, device: torch.device, dtype: torch.dtype) -> str:
+    key = (mean, std, which, device, dtype)
+    attr = _norm_keys.get(key)
+    if attr is None:
         m, s = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
-        hit = ((0.5 / s).to(device, dtype), ((0.5 - m) / s).to(device, dtype))
-        _norm_cache[key] = hit
-    return hit
+        attr = _norm_keys[key] = f"t{len(_norm_keys)}"
+        setattr(_NORM_STORE, attr, (0.5 / s if which == "scale" else (0.5 - m) / s).to(device, dtype))
+    return attr
 
 
 def tweedie(x_t: Tensor, model_output: Tensor, t, schedule: NoiseSchedule, prediction: str = "eps",

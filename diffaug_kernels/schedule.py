@@ -1,6 +1,7 @@
 """Diffusion noise schedules: float64 tables exactly as guided-diffusion computes them, float32 copies cached."""
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -23,6 +24,28 @@ _X0_COEFFICIENTS = {
     "score": ("sqrt_recip_alphas_cumprod", "one_minus_alphas_cumprod_over_sqrt"),
 }
 PREDICTIONS = tuple(_X0_COEFFICIENTS)
+
+# Device copies of the tables, content-addressed (a schedule's digest is that of its betas, so copies of a
+# schedule share them), held as attributes of one store object. _device_table_attr is a constant to
+# torch.compile: inside a compiled region its first call runs eagerly at trace time, and the graph then reads
+# the stored tensor as an input. So no table is ever made inside a graph (under mode="reduce-overhead" it
+# would be a graph output in the CUDA-graph pool, overwritten by the next replay while still cached).
+_NP_BY_DIGEST: dict = {}
+
+
+class _TableStore:
+    pass
+
+
+_STORE = _TableStore()
+
+
+@torch.compiler.assume_constant_result
+def _device_table_attr(digest: str, name: str, device: torch.device, dtype: torch.dtype) -> str:
+    attr = f"{name}__{digest}__{device.type}{'' if device.index is None else device.index}__{str(dtype)[6:]}"
+    if not hasattr(_STORE, attr):
+        setattr(_STORE, attr, torch.from_numpy(_NP_BY_DIGEST[digest][name]).to(device=device, dtype=dtype))
+    return attr
 
 
 class NoiseSchedule:
@@ -60,7 +83,8 @@ class NoiseSchedule:
         self._np = np_tables
         for k in _TABLES:
             setattr(self, k, torch.from_numpy(np_tables[k]))
-        self._cache: dict = {}
+        self._digest = hashlib.sha1(b.tobytes()).hexdigest()
+        _NP_BY_DIGEST.setdefault(self._digest, np_tables)
 
     # --- constructors (guided-diffusion's get_named_beta_schedule) ---
     @classmethod
@@ -85,12 +109,9 @@ class NoiseSchedule:
 
     # --- device copies ---
     def table(self, name: str, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        key = (name, torch.device(device or "cpu"), dtype)
-        hit = self._cache.get(key)
-        if hit is None:
-            hit = torch.from_numpy(self._np[name]).to(device=key[1], dtype=dtype)
-            self._cache[key] = hit
-        return hit
+        if name not in self._np:
+            raise KeyError(f"no table {name!r}; tables: {sorted(self._np)}")
+        return getattr(_STORE, _device_table_attr(self._digest, name, torch.device(device or "cpu"), dtype))
 
     def x0_coefficients(self, prediction: str, device=None, dtype=torch.float32):
         """(A, B) tables with x0_hat = A[t] * x_t + B[t] * model_output for this prediction type."""

@@ -125,11 +125,64 @@ if triton is not None:
         s = tl.load(cb_ptr + t, mask=mask, other=0.0)
         y = a * xv.to(cdt) + s * mv.to(cdt)
         if CLIP:
-            y = tl.clamp(y, -1.0, 1.0, propagate_nan=tl.PropagateNan.ALL)
+            y = _clip(y)
         if NORM:
             c = (i // S) % C
             y = y * tl.load(sc_ptr + c, mask=mask, other=1.0) + tl.load(sh_ptr + c, mask=mask, other=0.0)
         tl.store(out_ptr + _offset3(i, C, S, osb, osc, oss, O_CONTIG), _cast_out(y, out_ptr), mask=mask)
+
+    # Planar kernels: program (p, j) handles block j of plane p = b * C + c, so sample, channel, time and
+    # coefficients are per-program scalars and no element pays a 64-bit division (the flat kernels above do).
+    # Taken when planes are large (S >= PLANE_MIN); the noise one also needs S % 4 == 0 (rows on counters).
+    @triton.jit
+    def _noise_plane_kernel(x_ptr, out_ptr, t_ptr, ca_ptr, cb_ptr, seed_ptr, off_ptr, N, K, B, C, S,
+                            xsb, xsc, xss, osb, osc, oss, tk, tb, F64: tl.constexpr, BLOCK: tl.constexpr):
+        k0, k1 = _key(seed_ptr)
+        off = tl.load(off_ptr)
+        plane = tl.program_id(0).to(tl.int64)
+        b = plane // C
+        c = plane % C
+        row = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # counter in the plane
+        lane = tl.arange(0, 4).to(tl.int64)
+        sp = row[:, None] * 4 + lane[None, :]
+        mask = sp < S
+        xv = tl.load(x_ptr + b * xsb + c * xsc + sp * xss, mask=mask, other=0.0)
+        xv = xv.to(tl.float64) if F64 else xv.to(tl.float32)
+        o_off = c * osc + sp * oss
+        for k in range(K):
+            tv = tl.load(t_ptr + k * tk + b * tb)
+            a = tl.load(ca_ptr + tv)
+            sg = tl.load(cb_ptr + tv)
+            n0, n1, n2, n3 = _randn4(k0, k1, off + (k * N + plane * S) // 4 + row[:, None])
+            y = a * xv + sg * _pick(lane[None, :], n0, n1, n2, n3).to(xv.dtype)
+            tl.store(out_ptr + (k * B + b) * osb + o_off, _cast_out(y, out_ptr), mask=mask)
+
+    @triton.jit
+    def _tweedie_plane_kernel(x_ptr, m_ptr, out_ptr, t_ptr, ca_ptr, cb_ptr, sc_ptr, sh_ptr, C, S,
+                              xsb, xsc, xss, msb, msc, mss, osb, osc, oss, tb,
+                              CLIP: tl.constexpr, NORM: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
+        plane = tl.program_id(0).to(tl.int64)
+        b = plane // C
+        c = plane % C
+        sp = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        mask = sp < S
+        cdt = tl.float64 if F64 else tl.float32
+        tv = tl.load(t_ptr + b * tb)
+        a = tl.load(ca_ptr + tv)
+        sg = tl.load(cb_ptr + tv)
+        xv = tl.load(x_ptr + b * xsb + c * xsc + sp * xss, mask=mask, other=0.0)
+        mv = tl.load(m_ptr + b * msb + c * msc + sp * mss, mask=mask, other=0.0)
+        y = a * xv.to(cdt) + sg * mv.to(cdt)
+        if CLIP:
+            y = _clip(y)
+        if NORM:
+            y = y * tl.load(sc_ptr + c) + tl.load(sh_ptr + c)
+        tl.store(out_ptr + b * osb + c * osc + sp * oss, _cast_out(y, out_ptr), mask=mask)
+
+    @triton.jit
+    def _clip(y):
+        """Clamp to [-1, 1], NaN passing through (tl.clamp's NaN option does not lower for float64)."""
+        return tl.where(y != y, y, tl.minimum(tl.maximum(y, -1.0), 1.0))
 
     @triton.jit
     def _normal_kernel(out_ptr, seed_ptr, off_ptr, N, BLOCK: tl.constexpr):
@@ -145,13 +198,20 @@ if triton is not None:
         _noise = _noise_kernel
         _tweedie = _tweedie_kernel
         _normal = _normal_kernel
+        _noise_plane = _noise_plane_kernel
+        _tweedie_plane = _tweedie_plane_kernel
         _FIXED = {"BLOCK": 64}
     else:
         _noise = triton.autotune(_CONFIGS, key=["N", "K", "X_CONTIG", "O_CONTIG", "ALIGNED", "F64"])(_noise_kernel)
         _tweedie = triton.autotune([triton.Config({"BLOCK": 4 * c.kwargs["BLOCK"]}, num_warps=c.num_warps)
                                     for c in _CONFIGS], key=["N", "X_CONTIG", "M_CONTIG", "O_CONTIG"])(_tweedie_kernel)
         _normal = triton.autotune(_CONFIGS, key=["N"])(_normal_kernel)
+        _noise_plane = triton.autotune(_CONFIGS, key=["S", "K", "F64"])(_noise_plane_kernel)
+        _tweedie_plane = triton.autotune([triton.Config({"BLOCK": 4 * c.kwargs["BLOCK"]}, num_warps=c.num_warps)
+                                          for c in _CONFIGS], key=["S", "CLIP", "NORM", "F64"])(_tweedie_plane_kernel)
         _FIXED = {}
+
+PLANE_MIN = 256  # planes at least this large take the planar kernels (smaller ones would idle most lanes)
 
 
 def _view3(x: torch.Tensor):
@@ -188,6 +248,13 @@ def noise_out(x0, t, coef_a, coef_b, seed, offset, out):
     if N == 0:
         return
     seed, offset = seed.to(x0.device).reshape(1), offset.to(x0.device).reshape(1)
+    F64 = coef_a.dtype == torch.float64
+    if S >= PLANE_MIN and S % 4 == 0 and (S // 4 + 127) // 128 < 65536:
+        B = N // (C * S)
+        _noise_plane[lambda meta: (B * C, triton.cdiv(S // 4, meta["BLOCK"]))](
+            x0, out, t, coef_a, coef_b, seed, offset, N, K, B, C, S, *xs, *os_, t.stride(0), t.stride(1), F64=F64,
+            **_FIXED)
+        return
     _noise[_grid((N + 3) // 4)](x0, out, t, coef_a, coef_b, seed, offset, N, K, C, S, *xs, *os_,
                                 t.stride(0), t.stride(1), X_CONTIG=xc, O_CONTIG=oc, ALIGNED=(K == 1 or N % 4 == 0),
                                 F64=coef_a.dtype == torch.float64, **_FIXED)
@@ -201,6 +268,13 @@ def tweedie_out(x_t, m, t, coef_a, coef_b, clip, scale, shift, out):
     if N == 0:
         return
     norm = scale is not None
+    if S >= PLANE_MIN and (S + 511) // 512 < 65536:
+        B = N // (C * S)
+        _tweedie_plane[lambda meta: (B * C, triton.cdiv(S, meta["BLOCK"]))](
+            x_t, m, out, t, coef_a, coef_b, scale if norm else coef_a, shift if norm else coef_a, C, S, *xs, *ms,
+            *os_, t.stride(0), CLIP=clip, NORM=norm, F64=coef_a.dtype == torch.float64,
+            **{k: 4 * v for k, v in _FIXED.items()})
+        return
     _tweedie[_grid(N)](x_t, m, out, t, coef_a, coef_b, scale if norm else coef_a, shift if norm else coef_a, N, C, S,
                        *xs, *ms, *os_, t.stride(0), X_CONTIG=xc, M_CONTIG=mc, O_CONTIG=oc, CLIP=clip, NORM=norm,
                        F64=coef_a.dtype == torch.float64, **{k: 4 * v for k, v in _FIXED.items()})

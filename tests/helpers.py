@@ -25,7 +25,7 @@ def make_layout(x, layout):
     if layout == "transposed":  # dense but permuted: H and W swapped in memory
         return x.transpose(2, 3).contiguous().transpose(2, 3)
     if layout == "strided":  # not dense: every other column of a wider tensor
-        wide = torch.empty(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype)
+        wide = torch.empty(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype, device=x.device)
         wide[..., ::2] = x
         return wide[..., ::2]
     return x.contiguous()

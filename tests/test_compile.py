@@ -88,6 +88,32 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(_tweedie_op, (x, m, torch.tensor([5, 6]), A, B, True, sc, sh, torch.bfloat16, "cpu"))
 
 
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_tables_first_used_inside_a_compiled_region_are_not_graph_outputs(backend):
+    """A schedule's device tables and the normalisation constants are made eagerly at trace time and read by
+    the graph as inputs: a table made inside the graph would be a graph output that CUDA graphs
+    (mode="reduce-overhead") overwrite on the next replay while the cache still holds it."""
+    sched = dk.NoiseSchedule.from_betas(torch.linspace(1e-4, 0.03, 321, dtype=torch.float64))  # never used yet
+    norm = ([0.11, 0.22, 0.33], [0.5, 0.6, 0.7])
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def f(x, m, t):
+        xt = dk.forward_noise(x, t, sched, seed=3, backend=backend)
+        return dk.tweedie(xt, m, t, sched, normalize=norm, backend=backend)
+
+    x, m, t = torch.rand(2, 3, 8, 8) * 2 - 1, torch.randn(2, 6, 8, 8), torch.tensor([5, 300])
+    got = torch.compile(f, backend=capture, fullgraph=True)(x, m, t)
+    (gm,) = graphs
+    (outputs,) = [n.args[0] for n in gm.graph.nodes if n.op == "output"]
+    assert len(outputs) == 1  # x0_hat alone
+    torch.testing.assert_close(got, f(x, m, t))
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x, m, t), f(x, m, t))
+
+
 # ------------------------------------------------------------------------------- on a GPU (-m cuda)
 CUDA = torch.device("cuda")
 

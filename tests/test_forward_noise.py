@@ -139,6 +139,19 @@ def test_large_outputs_from_the_buffer_pool_stay_independent(backend):
     assert_matches(y3, want[2])
 
 
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(2, 3, 16, 16), (2, 2, 20, 24), (1, 3, 17, 19)])
+def test_large_planes_match_reference(backend, layout, shape):
+    """Planes of 256+ elements (Triton's planar kernels; S % 4 != 0 keeps the flat one), single and multi."""
+    x = make_layout(torch.rand(*shape, dtype=torch.float64).float() * 2 - 1, layout)
+    t = torch.randint(0, 1000, (shape[0],))
+    assert_matches(dk.forward_noise(x, t, S, seed=5, offset=2**32 - 3, backend=backend),
+                   reference.forward_noise(x, t, S, 5, 2**32 - 3))
+    assert_matches(dk.forward_noise_multi(x, [0, 450, 999], S, seed=6, offset=1, backend=backend),
+                   reference.forward_noise_multi(x, [0, 450, 999], S, 6, 1))
+
+
 # ------------------------------------------------------------------------------- on a GPU (-m cuda)
 CUDA = torch.device("cuda")
 

@@ -193,6 +193,7 @@ def test_stream_is_tritons_randn4x():
 
 # ------------------------------------------------------------------------------- on a GPU (-m cuda)
 CUDA = torch.device("cuda")
+S = dk.NoiseSchedule.linear(1000)
 
 
 @pytest.mark.cuda

@@ -112,6 +112,21 @@ def test_gradient_equals_reference_autograd_mixed_dtypes(backend):
     assert_matches(got[1], want[1], atol32=1e-4)
 
 
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_large_planes_match_reference(backend, layout, dtype):
+    """Planes of 256+ elements (Triton's planar kernel), learned-sigma split, clip and normalise."""
+    B, C = 2, 3
+    x = make_layout(torch.randn(B, C, 17, 19).to(dtype), layout)
+    m = make_layout(torch.randn(B, 2 * C, 17, 19).to(dtype), layout)
+    t = torch.tensor([3, 870])
+    for normalize, clip in ((None, False), (dk.IMAGENET_NORM, True)):
+        got = dk.tweedie(x, m, t, S, "eps", clip, normalize, backend=backend)
+        want = reference.tweedie(x, m, t, S, "eps", clip, normalize)
+        assert_matches(got, want, mag=magnitude(x, m, t, "eps", normalize, C))
+
+
 # ------------------------------------------------------------------------------- on a GPU (-m cuda)
 CUDA = torch.device("cuda")
 
