@@ -86,3 +86,18 @@ def test_bad_arguments(parts):
         dk.diffaug_ensemble(clf, aug.model, x)
     with pytest.raises(ValueError, match=r"times must lie in \[0, 1000\)"):
         dk.diffaug_ensemble(clf, aug, x, times=[0, 1000])
+
+
+def test_bench_ensemble_runs_and_reports(tmp_path):
+    """The DE benchmark at toy size: every mode timed, ratios consistent, JSON written."""
+    from diffaug_kernels import bench_model
+
+    flags = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
+                 num_head_channels=16, learn_sigma=True)
+    res = bench_model.run_ensemble(device="cpu", batch=2, flags=flags, classifier="resnet10t", reps=1, warmup=1,
+                                   json_path=str(tmp_path / "de.json"))
+    names = [r["impl"] for r in res["rows"]]
+    assert names[0] == "per-t loop, published ops" and names[-1].startswith("DDA") and len(names) == 5
+    assert all(r["ms"] > 0 for r in res["rows"]) and res["rows"][0]["vs_loop"] == 1.0
+    assert res["chunk_rows"] % 2 == 0 and 2 <= res["chunk_rows"] <= 18
+    assert (tmp_path / "de.json").exists()
