@@ -86,6 +86,10 @@ class NoiseSchedule:
         self._digest = hashlib.sha1(b.tobytes()).hexdigest()
         _NP_BY_DIGEST.setdefault(self._digest, np_tables)
 
+    def __setstate__(self, state):  # unpickled in another process: register the tables there too
+        self.__dict__.update(state)
+        _NP_BY_DIGEST.setdefault(self._digest, self._np)
+
     # --- constructors (guided-diffusion's get_named_beta_schedule) ---
     @classmethod
     def linear(cls, T: int = 1000) -> "NoiseSchedule":

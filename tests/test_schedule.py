@@ -72,3 +72,16 @@ def test_from_betas_rejects_bad_betas(bad):
 def test_bad_T(T):
     with pytest.raises(ValueError, match="T must"):
         dk.NoiseSchedule.linear(T)
+
+
+def test_unpickled_schedule_finds_its_tables_in_a_fresh_registry(monkeypatch):
+    """A schedule sent to another process (pickle, spawn workers) registers its tables there."""
+    import pickle
+
+    from diffaug_kernels import schedule as sm
+
+    blob = pickle.dumps(dk.NoiseSchedule.cosine(50))
+    monkeypatch.setattr(sm, "_NP_BY_DIGEST", {})  # what a fresh process holds
+    monkeypatch.setattr(sm, "_STORE", sm._TableStore())
+    s = pickle.loads(blob)
+    torch.testing.assert_close(s.table("sqrt_alphas_cumprod"), s.sqrt_alphas_cumprod.float())
