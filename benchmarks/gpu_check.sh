@@ -4,7 +4,10 @@
 # Logs and JSON go to a work folder; when OUT_DIR is given, a tarball of it (gpu-check.tgz) and summary.txt
 # are refreshed there after every step, so a run cut off by a time limit still returns what it finished.
 # Steps run in order of importance, each under its own time limit, within GPU_CHECK_BUDGET_S seconds (default
-# 540); a step that no longer fits is skipped and said so. Nothing is downloaded.
+# 540); a step that no longer fits is skipped and said so. GPU_CHECK_STEPS picks and orders the steps after
+# the build; GPU_TEST_WORKERS sets pytest-xdist's workers (default 8: 14 was slower). Nothing is downloaded.
+# Measured on an H200 (2026-11-26): environment 6-9 s, build 54-69 s, tests with the sanitizer beside them
+# 150-215 s, ops benchmark 22-41 s, RNG floor 18 s, DE benchmark 64 s, UNet/DiffAug-step benchmark 111 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -125,20 +128,28 @@ export -f env_info build gpu_tests sanitize bench_ops bench_ensemble bench_model
 step environment 60 5 env_info 2>&1 | tee "$W/env.log"
 step build 300 60 build
 # Without the CUDA kernels (a failed compile falls back to CPU) Triton is still worth testing and timing.
+# GPU_CHECK_STEPS picks and orders the steps after the build (default: all, correctness first), e.g.
+# GPU_CHECK_STEPS=bench1,floor,bench2 when only the timings are missing and device time is short.
+STEPS="${GPU_CHECK_STEPS:-tests,bench1,floor,ensemble,bench2,model}"
+# Without the CUDA kernels (a failed compile falls back to CPU) Triton is still worth testing and timing.
 if "$PY" -c "import diffaug_kernels" 2>/dev/null; then
-  # correctness: tests and sanitizer side by side (both mostly compile / instrumentation, no timing)
-  gpu_tests_rc=0
-  ( step "GPU tests (pytest -m cuda, xdist)" 240 30 gpu_tests > "$W/step-tests.out" 2>&1 ) &
-  pt=$!
-  step "compute-sanitizer (memcheck, racecheck)" 240 30 sanitize
-  wait $pt || status=1
-  cat "$W/step-tests.out"
-  grep -q "GPU tests.*exit 0" "$W/summary.txt" || status=1
-  step "benchmark ops, run 1" 180 40 bench_ops 1
-  step "what bounds the ops: RNG rate alone, per-call cost" 60 15 rng_floor
-  step "benchmark DiffAug-Ensemble vs per-t loop vs DDA" 150 60 bench_ensemble
-  step "benchmark ops, run 2 (run-to-run noise)" 120 30 bench_ops 2
-  [ -n "${GPU_CHECK_SKIP_MODEL:-}" ] || step "benchmark UNet forward + DiffAug step" 240 60 bench_model
+  for s in ${STEPS//,/ }; do
+    case $s in
+      tests)  # correctness: tests and sanitizer side by side (compile / instrumentation bound, no timing)
+        ( step "GPU tests (pytest -m cuda, xdist)" 240 30 gpu_tests > "$W/step-tests.out" 2>&1 ) &
+        pt=$!
+        step "compute-sanitizer (memcheck, racecheck)" 240 30 sanitize
+        wait $pt || status=1
+        cat "$W/step-tests.out"
+        grep -q "GPU tests.*exit 0" "$W/summary.txt" || status=1 ;;
+      bench1) step "benchmark ops, run 1" 180 40 bench_ops 1 ;;
+      floor) step "what bounds the ops: RNG rate alone, per-call cost" 60 15 rng_floor ;;
+      ensemble) step "benchmark DiffAug-Ensemble vs per-t loop vs DDA" 150 60 bench_ensemble ;;
+      bench2) step "benchmark ops, run 2 (run-to-run noise)" 120 30 bench_ops 2 ;;
+      model) step "benchmark UNet forward + DiffAug step" 240 60 bench_model ;;
+      *) note "unknown step '$s' in GPU_CHECK_STEPS"; status=1 ;;
+    esac
+  done
 fi
 echo; echo "=== summary (t=$((SECONDS - T0))s) ==="
 summary 2>&1 | tee "$W/summary-table.txt"
