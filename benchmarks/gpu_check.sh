@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check in one script (../shared/GPU.md): build in place, GPU tests, compute-sanitizer, benchmarks.
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (default: $OUT, else benchmarks/results/gpu-run)
+# On a machine that gets a copy of the tree, name the commit: DIFFAUG_GIT_COMMIT=<hash> bash ... (the copy's
+# .git can be stale; the result files record this name).
 # Logs and JSON go to a work folder; when OUT_DIR is given, a tarball of it (gpu-check.tgz) and summary.txt
 # are refreshed there after every step, so a run cut off by a time limit still returns what it finished.
 # Steps run in order of importance, each under its own time limit, within GPU_CHECK_BUDGET_S seconds (default

@@ -257,7 +257,11 @@ def _version(pkg: str) -> Optional[str]:
 
 
 def _git_state() -> Optional[dict]:
-    """The source tree's commit and whether it has uncommitted changes (a result names the code behind it)."""
+    """The source tree's commit and whether it has uncommitted changes (a result names the code behind it).
+    DIFFAUG_GIT_COMMIT, when set, names the commit instead: a copy of the tree made for a remote machine
+    can carry a stale .git (the lent GPU machines' copies did)."""
+    if os.environ.get("DIFFAUG_GIT_COMMIT"):
+        return {"commit": os.environ["DIFFAUG_GIT_COMMIT"], "dirty": None, "source": "DIFFAUG_GIT_COMMIT"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         run = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True, timeout=10)

@@ -26,3 +26,15 @@ def test_bad_arguments(argv, msg, capsys):
     with pytest.raises(SystemExit):
         cli.main(argv)
     assert msg in capsys.readouterr().err
+
+
+def test_results_name_their_commit(monkeypatch):
+    """A result file names the code behind it: the git HEAD, or DIFFAUG_GIT_COMMIT where a copied tree's .git
+    is stale (the lent GPU machines)."""
+    from diffaug_kernels import bench
+
+    monkeypatch.setenv("DIFFAUG_GIT_COMMIT", "0123abc")
+    assert bench.environment("cpu")["git"]["commit"] == "0123abc"
+    monkeypatch.delenv("DIFFAUG_GIT_COMMIT")
+    state = bench.environment("cpu")["git"]
+    assert state is None or len(state["commit"]) == 40
