@@ -52,24 +52,32 @@ def unet_flops(model, x, t) -> int:
     return fc.get_total_flops()
 
 
-def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optional[dict] = None, reps: int = 5,
-        warmup: int = 2, json_path: Optional[str] = None) -> dict:
+def _device_and_unet(device, flags: Optional[dict]):
+    """(device, on a GPU?, UNet flags): the paper's 256x256 uncond model on a GPU, CPU_UNET on the CPU."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
     if flags is None:
-        if gpu:
-            from .models import ADM_CONFIGS
-            flags = dict(ADM_CONFIGS["imagenet256_uncond"])
-        else:
-            flags = dict(CPU_UNET)
+        from .models import ADM_CONFIGS
+        flags = dict(ADM_CONFIGS["imagenet256_uncond"] if gpu else CPU_UNET)
+    return device, gpu, flags
+
+
+def _published_tables(sched: NoiseSchedule) -> dict:
+    """The float64 numpy tables guided-diffusion's q_sample and pred_xstart gather from."""
+    return {k: sched._np[k] for k in ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+                                      "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod")}
+
+
+def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optional[dict] = None, reps: int = 5,
+        warmup: int = 2, json_path: Optional[str] = None) -> dict:
+    device, gpu, flags = _device_and_unet(device, flags)
     size = size or (224 if gpu else flags["image_size"])
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     torch.manual_seed(0)
     model = create_adm_unet(**flags).to(device).eval()
     params = sum(p.numel() for p in model.parameters())
     sched = NoiseSchedule.linear(1000)
-    tables = {k: sched._np[k] for k in ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-                                        "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod")}
+    tables = _published_tables(sched)
     x = torch.rand(batch, flags.get("in_channels", 3), size, size, device=device) * 2 - 1
     t = torch.randint(0, 1000, (batch,), device=device)
     flops = unet_flops(model, x, t)
@@ -179,14 +187,7 @@ def run_ensemble(device=None, batch: int = 8, size: Optional[int] = None, flags:
     from .dda import dda_predict
     from .ensemble import DEFAULT_TIMES, diffaug_ensemble, pick_chunk
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    gpu = device.type == "cuda"
-    if flags is None:
-        if gpu:
-            from .models import ADM_CONFIGS
-            flags = dict(ADM_CONFIGS["imagenet256_uncond"])
-        else:
-            flags = dict(CPU_UNET)
+    device, gpu, flags = _device_and_unet(device, flags)
     size = size or flags["image_size"]
     classifier = classifier or ("resnet50" if gpu else "resnet18")
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -200,8 +201,7 @@ def run_ensemble(device=None, batch: int = 8, size: Optional[int] = None, flags:
             return clf_net(v.contiguous(memory_format=torch.channels_last))
 
     sched = NoiseSchedule.linear(1000)
-    tables = {k: sched._np[k] for k in ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-                                        "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod")}
+    tables = _published_tables(sched)
     aug = DiffAug(model, sched, dtype=torch.bfloat16)
     x = torch.rand(batch, flags.get("in_channels", 3), size, size, device=device) * 2 - 1
     times = list(DEFAULT_TIMES)

@@ -143,27 +143,36 @@ def _add_train_score(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _model_bench_args(p, batch: int, size_help: str) -> None:
+    """The options bench-model and bench-ensemble share."""
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
+    p.add_argument("--batch", type=_positive, default=batch, help=f"images per call (default {batch})")
+    p.add_argument("--size", type=_positive, default=None, help=f"image size (default {size_help})")
+    p.add_argument("--reps", type=_positive, default=5, help="timed repetitions, median reported (default 5)")
+    p.add_argument("--warmup", type=_positive, default=2, help="untimed calls first, compiling (default 2)")
+    p.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON here")
+
+
+def _model_bench_device(name: str, device) -> None:
+    import torch
+
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"{name}: --device cuda asked for, but torch sees no CUDA device")
+
+
 def _add_bench_model(sub) -> None:
     p = sub.add_parser("bench-model", help="time the UNet forward and the whole DiffAug step (images/s)",
                        description="The ADM UNet forward (eager fp32, bf16 autocast + channels_last, compiled) and "
                                    "the DiffAug step against the published pipeline, in one run. CPU: an 8M-param "
                                    "UNet at 32x32; GPU: the 256x256 uncond model at 224x224.")
-    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
-    p.add_argument("--batch", type=_positive, default=64, help="images per call (default 64)")
-    p.add_argument("--size", type=_positive, default=None, help="image size (default 32 on CPU, 224 on GPU)")
-    p.add_argument("--reps", type=_positive, default=5, help="timed repetitions, median reported (default 5)")
-    p.add_argument("--warmup", type=_positive, default=2, help="untimed calls first, compiling (default 2)")
-    p.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON here")
+    _model_bench_args(p, 64, "32 on CPU, 224 on GPU")
     p.set_defaults(func=_run_bench_model)
 
 
 def _run_bench_model(args) -> int:
-    import torch
-
     from . import bench_model
 
-    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("bench-model: --device cuda asked for, but torch sees no CUDA device")
+    _model_bench_device("bench-model", args.device)
     bench_model.run(device=args.device, batch=args.batch, size=args.size, reps=args.reps, warmup=args.warmup,
                     json_path=args.json)
     return 0
@@ -175,23 +184,15 @@ def _add_bench_ensemble(sub) -> None:
                                    "the per-t loop of the published evaluation and against DDA at the same batch. "
                                    "CPU: an 8M-param UNet at 32x32 and resnet18; GPU: the 256x256 uncond model "
                                    "and resnet50.")
-    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
-    p.add_argument("--batch", type=_positive, default=8, help="images per call (default 8)")
-    p.add_argument("--size", type=_positive, default=None, help="image size (default: the UNet's, 32 or 256)")
-    p.add_argument("--reps", type=_positive, default=5, help="timed repetitions, median reported (default 5)")
-    p.add_argument("--warmup", type=_positive, default=2, help="untimed calls first (default 2)")
+    _model_bench_args(p, 8, "the UNet's, 32 on CPU, 256 on GPU")
     p.add_argument("--dda-reps", type=_positive, default=1, help="timed DDA runs (default 1: it is slow)")
-    p.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON here")
     p.set_defaults(func=_run_bench_ensemble)
 
 
 def _run_bench_ensemble(args) -> int:
-    import torch
-
     from . import bench_model
 
-    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("bench-ensemble: --device cuda asked for, but torch sees no CUDA device")
+    _model_bench_device("bench-ensemble", args.device)
     bench_model.run_ensemble(device=args.device, batch=args.batch, size=args.size, reps=args.reps,
                              warmup=args.warmup, dda_reps=args.dda_reps, json_path=args.json)
     return 0

@@ -474,3 +474,15 @@ def test_xformers_requested_but_missing():
 def test_unknown_attention_backend():
     with pytest.raises(ValueError, match="attention_backend"):
         M.create_adm_unet(**TINY, attention_backend="flash")
+
+
+def test_bench_model_runs_at_toy_size(tmp_path):
+    """bench-model at toy size: every UNet and DiffAug-step variant timed, JSON written."""
+    from diffaug_kernels import bench_model
+
+    flags = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
+                 num_head_channels=16, learn_sigma=True)
+    res = bench_model.run(device="cpu", batch=2, flags=flags, reps=1, warmup=1, json_path=str(tmp_path / "m.json"))
+    assert [r["group"] for r in res["rows"]] == ["unet forward"] * 3 + ["DiffAug step"] * 3
+    assert all(r["ms"] > 0 and r["images_per_s"] > 0 for r in res["rows"])
+    assert res["flops_per_forward"] > 0 and (tmp_path / "m.json").exists()
