@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _ext, reference
+from . import _constants, _ext, reference
 from .reference import _compute_dtype, _per_sample
 from .schedule import PREDICTIONS, NoiseSchedule
 
@@ -407,9 +407,6 @@ def forward_noise_multi(x0: Tensor, times, schedule: NoiseSchedule, seed=None, o
     return run((backend == "auto" and _auto_pick(f"forward_noise_multi{K}", x0, run)) or name)
 
 
-_norm_keys: dict = {}  # (mean, std, which, device, dtype) -> attribute of _NORM_STORE
-
-
 def _norm_affine(normalize, C: int, device: torch.device, dtype: torch.dtype):
     """(x + 1) / 2 then (x - mean) / std, folded to x * scale + shift, per channel."""
     try:
@@ -422,26 +419,19 @@ def _norm_affine(normalize, C: int, device: torch.device, dtype: torch.dtype):
         raise ValueError(f"normalize needs {C} means and stds (one per channel), got {len(mean)} and {len(std)}")
     if any(s == 0 or not math.isfinite(s) for s in std):
         raise ValueError(f"normalize std must be finite and non-zero, got {std}")
-    mean, std, device = tuple(mean), tuple(std), torch.device(device)
-    return tuple(getattr(_NORM_STORE, _norm_table_attr(mean, std, w, device, dtype)) for w in ("scale", "shift"))
+    args, device = (tuple(mean), tuple(std)), torch.device(device)
+    return (_constants.device_constant("norm_scale", args, device, dtype),
+            _constants.device_constant("norm_shift", args, device, dtype))
 
 
-class _NormStore:
-    pass
+def _norm_values(mean: tuple, std: tuple, shift: bool) -> Tensor:
+    """(x + 1) / 2 then (x - mean) / std is x * scale + shift with scale = 0.5 / std, shift = (0.5 - mean) / std."""
+    m, s = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
+    return (0.5 - m) / s if shift else 0.5 / s
 
 
-_NORM_STORE = _NormStore()
-
-
-@torch.compiler.assume_constant_result  # a constant to torch.compile, as schedule tables are (see schedule.py)
-def _norm_table_attr(mean: tuple, std: tuple, which: str, device: torch.device, dtype: torch.dtype) -> str:
-    key = (mean, std, which, device, dtype)
-    attr = _norm_keys.get(key)
-    if attr is None:
-        m, s = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
-        attr = _norm_keys[key] = f"t{len(_norm_keys)}"
-        setattr(_NORM_STORE, attr, (0.5 / s if which == "scale" else (0.5 - m) / s).to(device, dtype))
-    return attr
+_constants.register("norm_scale", lambda mean, std: _norm_values(mean, std, False))
+_constants.register("norm_shift", lambda mean, std: _norm_values(mean, std, True))
 
 
 def tweedie(x_t: Tensor, model_output: Tensor, t, schedule: NoiseSchedule, prediction: str = "eps",

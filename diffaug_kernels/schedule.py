@@ -7,6 +7,8 @@ import math
 import numpy as np
 import torch
 
+from . import _constants
+
 _TABLES = (
     "betas",
     "alphas_cumprod",
@@ -25,27 +27,10 @@ _X0_COEFFICIENTS = {
 }
 PREDICTIONS = tuple(_X0_COEFFICIENTS)
 
-# Device copies of the tables, content-addressed (a schedule's digest is that of its betas, so copies of a
-# schedule share them), held as attributes of one store object. _device_table_attr is a constant to
-# torch.compile: inside a compiled region its first call runs eagerly at trace time, and the graph then reads
-# the stored tensor as an input. So no table is ever made inside a graph (under mode="reduce-overhead" it
-# would be a graph output in the CUDA-graph pool, overwritten by the next replay while still cached).
+# Each schedule's float64 tables by the digest of its betas (copies of a schedule share them): the source of
+# the cached device copies (_constants.device_constant, kind "schedule").
 _NP_BY_DIGEST: dict = {}
-
-
-class _TableStore:
-    pass
-
-
-_STORE = _TableStore()
-
-
-@torch.compiler.assume_constant_result
-def _device_table_attr(digest: str, name: str, device: torch.device, dtype: torch.dtype) -> str:
-    attr = f"{name}__{digest}__{device.type}{'' if device.index is None else device.index}__{str(dtype)[6:]}"
-    if not hasattr(_STORE, attr):
-        setattr(_STORE, attr, torch.from_numpy(_NP_BY_DIGEST[digest][name]).to(device=device, dtype=dtype))
-    return attr
+_constants.register("schedule", lambda digest, name: _NP_BY_DIGEST[digest][name])
 
 
 class NoiseSchedule:
@@ -115,7 +100,7 @@ class NoiseSchedule:
     def table(self, name: str, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if name not in self._np:
             raise KeyError(f"no table {name!r}; tables: {sorted(self._np)}")
-        return getattr(_STORE, _device_table_attr(self._digest, name, torch.device(device or "cpu"), dtype))
+        return _constants.device_constant("schedule", (self._digest, name), torch.device(device or "cpu"), dtype)
 
     def x0_coefficients(self, prediction: str, device=None, dtype=torch.float32):
         """(A, B) tables with x0_hat = A[t] * x_t + B[t] * model_output for this prediction type."""

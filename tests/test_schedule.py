@@ -78,10 +78,12 @@ def test_unpickled_schedule_finds_its_tables_in_a_fresh_registry(monkeypatch):
     """A schedule sent to another process (pickle, spawn workers) registers its tables there."""
     import pickle
 
+    from diffaug_kernels import _constants
     from diffaug_kernels import schedule as sm
 
     blob = pickle.dumps(dk.NoiseSchedule.cosine(50))
     monkeypatch.setattr(sm, "_NP_BY_DIGEST", {})  # what a fresh process holds
-    monkeypatch.setattr(sm, "_STORE", sm._TableStore())
+    monkeypatch.setattr(_constants, "_KEYS", {})
+    monkeypatch.setattr(_constants, "_STORE", _constants._Store())
     s = pickle.loads(blob)
     torch.testing.assert_close(s.table("sqrt_alphas_cumprod"), s.sqrt_alphas_cumprod.float())
