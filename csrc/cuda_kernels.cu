@@ -50,6 +50,12 @@ __device__ __forceinline__ int64_t offset_of(int64_t i, const View3& v) {
   return (bc / v.C) * v.sb + (bc % v.C) * v.sc + s * v.ss;
 }
 
+// Clamp to [-1, 1]; NaN passes through.
+template <typename T>
+__device__ __forceinline__ T clip1(T y) {
+  return y != y ? y : (y < T(-1) ? T(-1) : (y > T(1) ? T(1) : y));
+}
+
 __device__ __forceinline__ void normals4(uint64_t ctr, uint32_t k0, uint32_t k1, float* n) {
   uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32), c2 = 0, c3 = 0;
   dk::philox4x32_10(c0, c1, c2, c3, k0, k1);
@@ -191,7 +197,7 @@ __global__ void __launch_bounds__(kThreads) tweedie_kernel(
 #pragma unroll
       for (int e = 0; e < E; ++e) {
         acc y = a * xr[e] + bb * mr[e];
-        if (clip) y = y != y ? y : (y < acc(-1) ? acc(-1) : (y > acc(1) ? acc(1) : y));  // NaN passes through
+        if (clip) y = clip1(y);
         res[e] = static_cast<out_t>(scale != nullptr ? y * g + h : y);
       }
     } else {
@@ -201,7 +207,7 @@ __global__ void __launch_bounds__(kThreads) tweedie_kernel(
         const int64_t ti = i0 + e < N ? t[b * tb] : 0;
         CUDA_KERNEL_ASSERT(ti >= 0 && ti < T);
         acc y = ca[ti] * xr[e] + cb[ti] * mr[e];
-        if (clip) y = y != y ? y : (y < acc(-1) ? acc(-1) : (y > acc(1) ? acc(1) : y));
+        if (clip) y = clip1(y);
         if (scale != nullptr) y = y * scale[c] + shift[c];
         res[e] = static_cast<out_t>(y);
         if (++sp == xv.S) {

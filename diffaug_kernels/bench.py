@@ -336,6 +336,13 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_json(result: dict, path: str) -> None:
+    """A benchmark's result as JSON at path (its folders made)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def run_bench(shapes=((64, 3, 224, 224), (256, 3, 32, 32)), dtypes=(torch.float32, torch.bfloat16), reps: int = 10,
               device="cpu", json_path=None, warmup: int = 2, op_names=OPS, flush: bool = True,
               print_table: bool = True, progress: bool = True) -> dict:
@@ -378,9 +385,7 @@ def run_bench(shapes=((64, 3, 224, 224), (256, 3, 32, 32)), dtypes=(torch.float3
               f"{', caches flushed before each' if flush else ', warm caches'}")
         print(format_table(rows), flush=True)
     if json_path is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(result, json_path)
         log(f"[bench] wrote {json_path}")
     return result
 

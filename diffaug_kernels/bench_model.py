@@ -5,8 +5,6 @@ CPU default: an 8M-parameter guided-diffusion-style UNet at 32x32, batch 64. GPU
 unconditional model at 224x224, batch 64 (random weights: speed does not depend on them)."""
 from __future__ import annotations
 
-import json
-import os
 import sys
 from typing import Optional
 
@@ -142,9 +140,7 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
     result = dict(env=bench.environment(device), flags=flags, params=params, batch=batch, size=size,
                   flops_per_forward=flops, matmul_flops_per_s=rate, reps=reps, rows=rows)
     if json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=1)
+        bench.write_json(result, json_path)
         log(f"[bench-model] wrote {json_path}")
     return result
 
@@ -243,8 +239,6 @@ def run_ensemble(device=None, batch: int = 8, size: Optional[int] = None, flags:
     result = dict(env=bench.environment(device), flags=flags, classifier=classifier, batch=batch, size=size,
                   times=times, chunk_rows=chunk, reps=reps, dda_reps=dda_reps, rows=rows, de_vs_dda=de / dda)
     if json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=1)
+        bench.write_json(result, json_path)
         log(f"[bench-ensemble] wrote {json_path}")
     return result

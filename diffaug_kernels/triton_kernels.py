@@ -194,6 +194,8 @@ if triton is not None:
         tl.store(out_ptr + i, _pick(lane[None, :], n0, n1, n2, n3), mask=i < N)
 
     _CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b in (128, 256, 512) for w in (4, 8)]
+    # tweedie blocks count elements, not 4-element rows: the same configs with 4x the block
+    _CONFIGS_X4 = [triton.Config({"BLOCK": 4 * c.kwargs["BLOCK"]}, num_warps=c.num_warps) for c in _CONFIGS]
     if INTERPRET:  # the interpreter runs every config: one small block is enough for tests
         _noise = _noise_kernel
         _tweedie = _tweedie_kernel
@@ -203,12 +205,10 @@ if triton is not None:
         _FIXED = {"BLOCK": 64}
     else:
         _noise = triton.autotune(_CONFIGS, key=["N", "K", "X_CONTIG", "O_CONTIG", "ALIGNED", "F64"])(_noise_kernel)
-        _tweedie = triton.autotune([triton.Config({"BLOCK": 4 * c.kwargs["BLOCK"]}, num_warps=c.num_warps)
-                                    for c in _CONFIGS], key=["N", "X_CONTIG", "M_CONTIG", "O_CONTIG"])(_tweedie_kernel)
+        _tweedie = triton.autotune(_CONFIGS_X4, key=["N", "X_CONTIG", "M_CONTIG", "O_CONTIG"])(_tweedie_kernel)
         _normal = triton.autotune(_CONFIGS, key=["N"])(_normal_kernel)
         _noise_plane = triton.autotune(_CONFIGS, key=["S", "K", "F64"])(_noise_plane_kernel)
-        _tweedie_plane = triton.autotune([triton.Config({"BLOCK": 4 * c.kwargs["BLOCK"]}, num_warps=c.num_warps)
-                                          for c in _CONFIGS], key=["S", "CLIP", "NORM", "F64"])(_tweedie_plane_kernel)
+        _tweedie_plane = triton.autotune(_CONFIGS_X4, key=["S", "CLIP", "NORM", "F64"])(_tweedie_plane_kernel)
         _FIXED = {}
 
 PLANE_MIN = 256  # planes at least this large take the planar kernels (smaller ones would idle most lanes)
