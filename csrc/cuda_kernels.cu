@@ -50,6 +50,22 @@ __device__ __forceinline__ int64_t offset_of(int64_t i, const View3& v) {
   return (bc / v.C) * v.sb + (bc % v.C) * v.sc + s * v.ss;
 }
 
+// The E logical elements from i0 (CS elements per sample) into r: one vector load where vec (the unit is
+// full and the layout allows it), else one strided load per element, zeros past N.
+template <int E, typename T, typename A>
+__device__ __forceinline__ void load_unit(const T* __restrict__ p, int64_t i0, int64_t CS, int64_t N,
+                                          const View3& v, bool vec, A* r) {
+  if (vec) {
+    const int64_t b = i0 / CS;
+    const auto w = *reinterpret_cast<const Vec<T, E>*>(p + b * v.sb + (i0 - b * CS));
+#pragma unroll
+    for (int e = 0; e < E; ++e) r[e] = static_cast<A>(w.v[e]);
+  } else {
+#pragma unroll
+    for (int e = 0; e < E; ++e) r[e] = i0 + e < N ? static_cast<A>(p[offset_of(i0 + e, v)]) : A(0);
+  }
+}
+
 // Clamp to [-1, 1]; NaN passes through.
 template <typename T>
 __device__ __forceinline__ T clip1(T y) {
@@ -81,15 +97,7 @@ __global__ void __launch_bounds__(kThreads) noise_kernel(
     const int64_t i0 = u * E;
     const bool full = i0 + E <= N;
     acc xr[E];
-    if (full && x_vec) {
-      const int64_t b = i0 / CS;
-      const auto vx = *reinterpret_cast<const Vec<in_t, E>*>(x + b * xv.sb + (i0 - b * CS));
-#pragma unroll
-      for (int e = 0; e < E; ++e) xr[e] = static_cast<acc>(vx.v[e]);
-    } else {
-#pragma unroll
-      for (int e = 0; e < E; ++e) xr[e] = i0 + e < N ? static_cast<acc>(x[offset_of(i0 + e, xv)]) : acc(0);
-    }
+    load_unit<E>(x, i0, CS, N, xv, full && x_vec, xr);
     for (int64_t k = 0; k < K; ++k) {
       float nz[E];
       if (aligned) {
@@ -169,22 +177,8 @@ __global__ void __launch_bounds__(kThreads) tweedie_kernel(
     const bool full = i0 + E <= N;
     const int64_t b0 = i0 / CS;
     acc xr[E], mr[E];
-    if (full && x_vec) {
-      const auto v = *reinterpret_cast<const Vec<in_t, E>*>(x + b0 * xv.sb + (i0 - b0 * CS));
-#pragma unroll
-      for (int e = 0; e < E; ++e) xr[e] = static_cast<acc>(v.v[e]);
-    } else {
-#pragma unroll
-      for (int e = 0; e < E; ++e) xr[e] = i0 + e < N ? static_cast<acc>(x[offset_of(i0 + e, xv)]) : acc(0);
-    }
-    if (full && m_vec) {
-      const auto v = *reinterpret_cast<const Vec<in_t, E>*>(m + b0 * mv.sb + (i0 - b0 * CS));
-#pragma unroll
-      for (int e = 0; e < E; ++e) mr[e] = static_cast<acc>(v.v[e]);
-    } else {
-#pragma unroll
-      for (int e = 0; e < E; ++e) mr[e] = i0 + e < N ? static_cast<acc>(m[offset_of(i0 + e, mv)]) : acc(0);
-    }
+    load_unit<E>(x, i0, CS, N, xv, full && x_vec, xr);
+    load_unit<E>(m, i0, CS, N, mv, full && m_vec, mr);
     // Sample b, channel c and position s of the unit's first element; later ones follow by carrying, so no
     // element pays a 64-bit division. With S % E == 0 (plane_units) the whole unit lies in one (b, c) plane.
     const int64_t rem0 = i0 - b0 * CS, c0 = rem0 / xv.S;
