@@ -203,7 +203,8 @@ def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="classifiers x modes (Default, DE, DDA, DDA-SE) x datasets, the paper's table",
                        description="Top-1 accuracy of train_classifier checkpoints under Default, DiffAug-Ensemble, "
                                    "DDA and DDA-SE on digits(-C), CIFAR-10(-C) and ImageFolder sets (ImageNet, "
-                                   "-C, -R, -Sketch, -A, -D); MSP/energy OOD detection with --ood-datasets. JSON "
+                                   "-C, -R, -Sketch, -A, -D); OOD detection (MSP, energy, ReAct, ASH-S, SCALE) with "
+                                   "--ood-datasets. JSON "
                                    "per classifier x dataset in --out, resumable.")
     p.add_argument("--classifier", action="append", required=True, metavar="[NAME=]PATH",
                    help="a train_classifier checkpoint (repeatable; the table's row name is NAME, or the "
@@ -236,6 +237,10 @@ def _add_evaluate(sub) -> None:
                    help="image size of ImageFolder sets (default 224; digits and CIFAR are 32)")
     p.add_argument("--ood-datasets", default=None, help="comma list of OOD datasets (same syntax as --datasets)")
     p.add_argument("--id-dataset", default=None, help="the in-distribution set for OOD (default: first of --datasets)")
+    p.add_argument("--react-percentile", type=float, default=90.0,
+                   help="ReAct's clip threshold: this percentile of the ID set's penultimate activations (default 90)")
+    p.add_argument("--ash-percentile", type=float, default=90.0, help="ASH-S pruning percentile (default 90)")
+    p.add_argument("--scale-percentile", type=float, default=85.0, help="SCALE percentile (default 85)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")

@@ -1,5 +1,5 @@
 """Robustness evaluation: classifiers x test-time modes {Default, DE, DDA, DDA-SE} x datasets, as in the DiffAug
-paper's tables (rows: classifiers; columns: dataset x mode top-1 accuracy), plus MSP / energy OOD detection.
+paper's tables (rows: classifiers; columns: dataset x mode top-1 accuracy), plus OOD detection.
 
     python -m diffaug_kernels evaluate --classifier runs/digits-plain/checkpoint.pt \\
         --classifier runs/digits-diffaug/checkpoint.pt --datasets digits,digits-c:gaussian_noise:5 --out eval_out
@@ -37,7 +37,11 @@ with the accuracies, image counts per mode, settings and time); a re-run skips t
 every requested mode with the same settings (and computes only the missing modes otherwise), so an interrupted
 evaluation resumes. ``summary.json`` and ``table.txt`` hold the whole table. OOD (``--ood-datasets``): the ID set is
 ``--id-dataset`` (default the first of --datasets); MSP and energy scores on the Default and DE outputs
-(DE: MSP of the mean softmax, energy of the mean logits), AUROC and FPR@95%TPR with ID as positive (dk.ood).
+(DE: MSP of the mean softmax, energy of the mean logits) and, as in the paper's OOD table, ReAct, ASH-S and SCALE
+on the Default pass (the classifier's pooled penultimate features and final linear layer; ReAct's threshold is the
+``--react-percentile`` (90) percentile of the ID set's activations, ASH-S at ``--ash-percentile`` 90, SCALE at
+``--scale-percentile`` 85); AUROC and FPR@95%TPR with ID as positive (dk.ood). A classifier without a linear head
+on its features gets MSP and energy only (the log says why).
 """
 from __future__ import annotations
 
@@ -53,6 +57,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -339,6 +344,10 @@ class EvalConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    # OOD: ReAct's threshold percentile (of the ID set's penultimate activations), ASH-S's and SCALE's percentiles
+    react_percentile: float = 90.0
+    ash_percentile: float = 90.0
+    scale_percentile: float = 85.0
     extra: Dict = field(default_factory=dict)
 
     def mode_settings(self, mode: str) -> dict:
@@ -408,12 +417,14 @@ def _bar(total, desc, enabled):
 # ------------------------------------------------------------------------------------------------ one pair
 @torch.no_grad()
 def evaluate_dataset(clfs, aug, dataset: Dataset, modes: Sequence[str], cfg: EvalConfig, name: str = "",
-                     want_scores: bool = False, desc: str = "") -> Dict[str, dict]:
+                     want_scores: bool = False, desc: str = "", features: Sequence[str] = ()) -> Dict[str, dict]:
     """Accuracies of classifiers on one dataset in each mode. clfs: {name: classifier} (or one classifier,
     named "classifier"), all fed the SAME DiffAug and DDA images (the score model runs once per batch for all).
     Returns {name: {'acc': {mode: float}, 'n': {mode: int}, 'correct': {...}, 'seconds': float}} (+ 'scores':
-    per-image msp / energy arrays of the Default and DE outputs when want_scores). aug: a dk.DiffAug (its model
-    and schedule also serve DDA); None is allowed for Default only."""
+    per-image msp / energy arrays of the Default and DE outputs when want_scores; + 'features': the [N, D]
+    float32 penultimate features of the classifiers named in ``features``, whose Default logits are then their
+    linear head applied to those features: one pass serves both). aug: a dk.DiffAug (its model and schedule also
+    serve DDA); None is allowed for Default only."""
     from . import dda as dda_mod
     from . import ood
 
@@ -442,6 +453,7 @@ def evaluate_dataset(clfs, aug, dataset: Dataset, modes: Sequence[str], cfg: Eva
     correct = {n: {m: 0 for m in modes} for n in clfs}
     count = {m: 0 for m in modes}
     scores: Dict[str, Dict[str, list]] = {n: {} for n in clfs}
+    feats: Dict[str, list] = {n: [] for n in features}
     t0 = time.time()
     bar = _bar(len(ds), desc or name, cfg.progress)
     seen = 0
@@ -466,7 +478,14 @@ def evaluate_dataset(clfs, aug, dataset: Dataset, modes: Sequence[str], cfg: Eva
                                     down_factor=cfg.dda_down, guidance_scale=scale,
                                     seed=_derive(cfg.seed, "dda", name, b), prediction=aug.prediction, clip=aug.clip)
         for n, clf in clfs.items():
-            logits0 = _restrict(clf(x).float(), allowed)
+            if n in features:
+                f = clf.penultimate(x).float()
+                feats[n].append(f.cpu())
+                head = clf.linear_head()
+                logits0 = _restrict(F.linear(f, head.weight.float(), head.bias.float() if head.bias is not None
+                                             else None), allowed)
+            else:
+                logits0 = _restrict(clf(x).float(), allowed)
             p0 = torch.softmax(logits0, -1)
             c = correct[n]
             if "Default" in modes:
@@ -503,6 +522,8 @@ def evaluate_dataset(clfs, aug, dataset: Dataset, modes: Sequence[str], cfg: Eva
                   "n": dict(count), "correct": dict(correct[n]), "seconds": secs}
         if want_scores:
             res[n]["scores"] = {k: torch.cat(v).numpy() for k, v in scores[n].items()}
+        if n in feats:
+            res[n]["features"] = torch.cat(feats[n]).numpy()
     return res
 
 
@@ -589,49 +610,132 @@ def run(classifiers, aug, datasets: Sequence[DatasetSpec], cfg: EvalConfig, out:
     return {"results": results, "ood": ood_res, "table": text}
 
 
-def run_ood(classifiers, aug, id_ds: DatasetSpec, ood_datasets, cfg: EvalConfig, out, log=print) -> dict:
-    """MSP / energy AUROC and FPR@95 of each classifier (Default and DE outputs) with id_ds as in-distribution.
-    Per-image scores are cached in OUT/<clf>__<dataset>.scores.npz (with the settings they were computed with)."""
+FEATURE_SCORES = ("react", "ash", "scale")
+
+
+def feature_head_check(clf, x: Tensor) -> Optional[str]:
+    """None when clf's logits are its final nn.Linear applied to its penultimate features (so ReAct, ASH-S and
+    SCALE apply, dk.ood), else the reason they do not. x: a few input images to check on."""
+    if not (hasattr(clf, "penultimate") and hasattr(clf, "linear_head")):
+        return "it exposes no penultimate features (not a train_classifier classifier)"
+    head = clf.linear_head()
+    if head is None:
+        return "its final layer is not an nn.Linear"
+    with torch.no_grad():
+        z = clf(x).float()
+        f = clf.penultimate(x).float()
+        zf = F.linear(f, head.weight.float(), None if head.bias is None else head.bias.float())
+    if zf.shape != z.shape or not torch.allclose(zf, z, rtol=1e-3, atol=1e-3 * (1 + z.abs().max().item())):
+        return "its logits are not its linear head applied to its pre-logit features"
+    return None
+
+
+def _feature_scores(feats: np.ndarray, head, threshold: float, cfg: EvalConfig, chunk: int = 4096) -> dict:
+    """ReAct / ASH-S / SCALE scores of [N, D] penultimate features through the linear head, in row chunks."""
     from . import ood
 
+    w = head.weight.detach().float().cpu()
+    b = None if head.bias is None else head.bias.detach().float().cpu()
+    out: Dict[str, list] = {k: [] for k in FEATURE_SCORES}
+    for i in range(0, len(feats), chunk):
+        f = torch.from_numpy(np.ascontiguousarray(feats[i:i + chunk]))
+        out["react"].append(ood.react(f, w, b, threshold))
+        out["ash"].append(ood.ash(f, w, b, cfg.ash_percentile))
+        out["scale"].append(ood.scale(f, w, b, cfg.scale_percentile))
+    return {f"Default/{k}": torch.cat(v).numpy() for k, v in out.items()}
+
+
+def _metrics(id_s: np.ndarray, ood_s: np.ndarray) -> dict:
+    """AUROC and FPR@95 (ID positive); None for both, with the count, where a score is NaN (ASH-S / SCALE of an
+    all-zero feature vector is 0/0, as in their papers' code)."""
+    from . import ood
+
+    bad = int((~np.isfinite(id_s)).sum() + (~np.isfinite(ood_s)).sum())
+    if bad:
+        return {"auroc": None, "fpr95": None, "non_finite": bad}
+    return {"auroc": ood.auroc(id_s, ood_s), "fpr95": ood.fpr_at_95_tpr(id_s, ood_s)}
+
+
+def run_ood(classifiers, aug, id_ds: DatasetSpec, ood_datasets, cfg: EvalConfig, out, log=print) -> dict:
+    """AUROC and FPR@95 of each classifier with id_ds as in-distribution, for MSP and energy of the Default and DE
+    outputs and, for classifiers whose logits are a linear head on penultimate features (feature_head_check),
+    ReAct, ASH-S and SCALE of the Default pass (the paper's OOD table; ReAct's threshold is the
+    cfg.react_percentile-th percentile of the ID set's activations, as OpenOOD takes it from ID data). Per-image
+    scores are cached in OUT/<clf>__<dataset>.scores.npz with the settings they were computed with (the ID file
+    also holds the ReAct threshold, which the OOD files' settings include)."""
+    from . import ood as ood_mod
+
+    if out:
+        os.makedirs(out, exist_ok=True)
     modes = ("Default", "DE") if aug is not None else ("Default",)
-    keys = [f"{m}/{s}" for m in modes for s in ("msp", "energy")]
+    base_keys = [f"{m}/{s}" for m in modes for s in ("msp", "energy")]
     classifiers = [(n, c.to(cfg.device).eval()) for n, c in classifiers]
     channels, size = _clf_input([c for _, c in classifiers], aug, cfg)
-    stamp = json.dumps({m: cfg.mode_settings(m) for m in modes}, sort_keys=True)
+    id_data = _NoClasses(build_dataset(id_ds, size, channels, cfg.seed))
+    probe = torch.stack([id_data[i][0] for i in range(min(4, len(id_data)))]).to(cfg.device)
+    heads = {}
+    for cname, clf in classifiers:
+        why = feature_head_check(clf, probe)
+        if why:
+            log(f"[{cname}] ReAct / ASH / SCALE skipped: {why}")
+        else:
+            heads[cname] = clf.linear_head()
+    keys = {n: base_keys + ([f"Default/{s}" for s in FEATURE_SCORES] if n in heads else []) for n, _ in classifiers}
+    settings = {m: cfg.mode_settings(m) for m in modes}
+    settings["ood"] = {"react_percentile": cfg.react_percentile, "ash_percentile": cfg.ash_percentile,
+                       "scale_percentile": cfg.scale_percentile}
+    thresholds: Dict[str, float] = {}
 
-    def scores_of(ds: DatasetSpec) -> Dict[str, dict]:
-        got, missing = {}, {}
+    def scores_of(ds: DatasetSpec, dataset=None, is_id=False) -> Dict[str, dict]:
+        got, missing, stamps = {}, {}, {}
         for cname, clf in classifiers:
+            extra = {} if is_id or cname not in heads else {"react_threshold": thresholds[cname]}
+            stamps[cname] = json.dumps(settings | extra, sort_keys=True)
             path = os.path.join(out, f"{_safe(cname)}__{_safe(ds.name)}.scores.npz") if out else None
             if path and os.path.isfile(path):
                 with np.load(path) as z:
-                    if all(k in z for k in keys) and "settings" in z and str(z["settings"]) == stamp:
-                        got[cname] = {k: z[k] for k in keys}
+                    ok = all(k in z for k in keys[cname]) and "settings" in z and str(z["settings"]) == stamps[cname]
+                    if ok and is_id and cname in heads:
+                        ok = "react_threshold" in z
+                        if ok:
+                            thresholds[cname] = float(z["react_threshold"])
+                    if ok:
+                        got[cname] = {k: z[k] for k in keys[cname]}
                         continue
             missing[cname] = clf
         if missing:
-            dataset = _NoClasses(build_dataset(ds, size, channels, cfg.seed))
-            r = evaluate_dataset(missing, aug, dataset, (), cfg, name=ds.name, want_scores=True,
-                                 desc=f"{ds.name} (OOD scores)")
+            data = dataset if dataset is not None else _NoClasses(build_dataset(ds, size, channels, cfg.seed))
+            r = evaluate_dataset(missing, aug, data, (), cfg, name=ds.name, want_scores=True,
+                                 desc=f"{ds.name} (OOD scores)", features=[n for n in missing if n in heads])
             for cname in missing:
-                got[cname] = r[cname]["scores"]
+                sc, extra = dict(r[cname]["scores"]), {}
+                if cname in heads:
+                    f = r[cname]["features"]
+                    if is_id:
+                        thresholds[cname] = ood_mod.react_threshold(f, cfg.react_percentile)
+                        extra["react_threshold"] = np.array(thresholds[cname])
+                        if (f < 0).any():
+                            log(f"[{cname}] note: its penultimate features have negative values; ReAct / ASH / "
+                                f"SCALE are defined for non-negative (post-ReLU) ones")
+                    sc.update(_feature_scores(f, heads[cname], thresholds[cname], cfg))
+                got[cname] = sc
                 if out:
                     np.savez(os.path.join(out, f"{_safe(cname)}__{_safe(ds.name)}.scores.npz"),
-                             settings=np.array(stamp), **got[cname])
+                             settings=np.array(stamps[cname]), **extra, **sc)
         return got
 
-    id_scores = scores_of(id_ds)
+    id_scores = scores_of(id_ds, id_data, is_id=True)
     res: Dict[str, dict] = {n: {} for n, _ in classifiers}
     for ds in ood_datasets:
         sc = scores_of(ds)
         for cname, _ in classifiers:
-            res[cname][ds.name] = {k: {"auroc": ood.auroc(id_scores[cname][k], sc[cname][k]),
-                                       "fpr95": ood.fpr_at_95_tpr(id_scores[cname][k], sc[cname][k])} for k in keys}
+            res[cname][ds.name] = {k: _metrics(id_scores[cname][k], sc[cname][k]) for k in keys[cname]}
             log(f"[{cname} | OOD {ds.name} vs {id_ds.name}] " + "  ".join(
-                f"{k} AUROC {100 * v['auroc']:.2f}" for k, v in res[cname][ds.name].items()))
+                f"{k} AUROC " + ("n/a" if v["auroc"] is None else f"{100 * v['auroc']:.2f}")
+                for k, v in res[cname][ds.name].items()))
     if out:
-        _write_json(os.path.join(out, "ood.json"), {"id_dataset": id_ds.name, "results": res})
+        _write_json(os.path.join(out, "ood.json"), {"id_dataset": id_ds.name, "settings": settings["ood"],
+                                                    "react_threshold": thresholds, "results": res})
     return res
 
 
@@ -714,14 +818,27 @@ def format_table(results: Dict[str, Dict[str, dict]], datasets: Sequence[Dataset
 
 
 def format_ood_table(ood_res: dict) -> str:
+    """Rows: (classifier, OOD set); columns: scores; cells AUROC/FPR@95 in %."""
     if not ood_res:
         return ""
-    lines = ["OOD detection: AUROC / FPR@95%TPR (%), ID = positive"]
-    for cname, by_ds in ood_res.items():
-        for ds, rec in by_ds.items():
-            lines.append(f"{cname:>12} vs {ds}: " + "  ".join(
-                f"{k} {100 * v['auroc']:.2f}/{100 * v['fpr95']:.2f}" for k, v in rec.items()))
-    return "\n".join(lines)
+    keys: List[str] = []
+    for by_ds in ood_res.values():
+        for rec in by_ds.values():
+            keys += [k for k in rec if k not in keys]
+
+    def cell(v):
+        if v is None:
+            return "-"
+        if v["auroc"] is None:
+            return f"n/a ({v.get('non_finite')} NaN scores)"
+        return f"{100 * v['auroc']:.2f}/{100 * v['fpr95']:.2f}"
+
+    rows = [[c, ds] + [cell(rec.get(k)) for k in keys] for c, by_ds in ood_res.items() for ds, rec in by_ds.items()]
+    head = ["classifier", "OOD set"] + keys
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    fmt = lambda r: "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+    lines = ["OOD detection: AUROC / FPR@95%TPR (%), ID = positive", fmt(head), "-" * len(fmt(head))]
+    return "\n".join(lines + [fmt(r) for r in rows])
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -741,6 +858,12 @@ def load_score(spec, config, flags, schedule_name, data_hint: str, channels: Opt
     if schedule is None:
         schedule = getattr(NoiseSchedule, schedule_name)(1000)
     return DiffAug(model, schedule, prediction=getattr(model, "prediction", "eps"))
+
+
+def _percentile(v: float, flag: str, allow_100: bool = False) -> float:
+    if not (0.0 <= v <= 100.0 if allow_100 else 0.0 <= v < 100.0):
+        raise EvalError(f"{flag} must be in [0, 100{']' if allow_100 else ')'}, got {v}")
+    return float(v)
 
 
 def main_from_args(args) -> int:
@@ -779,7 +902,10 @@ def main_from_args(args) -> int:
                          dda_max_images=args.dda_max_images, de_times=parse_times(args.de_times),
                          dda_steps=args.dda_steps, dda_depth=args.dda_depth, dda_down=args.dda_down,
                          dda_scale=dda_scale, image_size=args.image_size or (32 if small else 224), seed=args.seed,
-                         device=device, progress=not args.no_progress)
+                         device=device, progress=not args.no_progress,
+                         react_percentile=_percentile(args.react_percentile, "--react-percentile", True),
+                         ash_percentile=_percentile(args.ash_percentile, "--ash-percentile"),
+                         scale_percentile=_percentile(args.scale_percentile, "--scale-percentile"))
         if aug is not None:
             cfg.extra["score_model"] = args.score_model or "default"
         res = run(classifiers, aug, dsets, cfg, args.out, oods, id_ds)

@@ -305,10 +305,23 @@ class NormalizedClassifier(nn.Module):
             self.register_buffer("scale", (0.5 / std).view(1, -1, 1, 1), persistent=False)
             self.register_buffer("shift", ((0.5 - mean) / std).view(1, -1, 1, 1), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _normalized(self, x: Tensor) -> Tensor:
         if self.normalize is not None:
             x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
-        return self.net(x)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(self._normalized(x))
+
+    def penultimate(self, x: Tensor) -> Tensor:
+        """The pooled features the final linear layer reads, [N, D] (timm's forward_head(pre_logits=True)):
+        what ReAct, ASH and SCALE reshape (dk.ood)."""
+        return self.net.forward_head(self.net.forward_features(self._normalized(x)), pre_logits=True)
+
+    def linear_head(self) -> Optional[nn.Linear]:
+        """The final nn.Linear (logits = head(penultimate(x))), or None when the net has none."""
+        head = self.net.get_classifier() if hasattr(self.net, "get_classifier") else None
+        return head if isinstance(head, nn.Linear) else None
 
 
 def create_classifier(name: str, num_classes: int, in_chans: int, normalize=None, **kwargs) -> NormalizedClassifier:

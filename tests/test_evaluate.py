@@ -205,7 +205,8 @@ def test_harness_folder_all_modes_json_resume_and_ood(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["results"]) == {"a", "second"}
     o = json.loads((out / "ood.json").read_text())["results"]["a"]["ood"]
-    assert set(o) == {"Default/msp", "Default/energy", "DE/msp", "DE/energy"}
+    assert set(o) == {"Default/msp", "Default/energy", "DE/msp", "DE/energy", "Default/react", "Default/ash",
+                      "Default/scale"}
     assert all(0 <= v["auroc"] <= 1 and 0 <= v["fpr95"] <= 1 for v in o.values())
     mtime = os.path.getmtime(out / "a__data.json")
 
@@ -222,6 +223,59 @@ def test_harness_folder_all_modes_json_resume_and_ood(tmp_path, capsys):
     assert "settings of ['DE'] changed" in capsys.readouterr().out
     rec3 = json.loads((out / "a__data.json").read_text())
     assert rec3["settings"]["DE"]["de_times"] == [0, 200] and rec3["acc"]["DDA"] == rec["acc"]["DDA"]
+
+
+def test_ood_feature_scores_are_dk_ood_on_the_penultimate_features(tmp_path):
+    """The command's ReAct / ASH-S / SCALE scores, recomputed here from the classifier's own pooled features and fc
+    layer with dk.ood and numpy's percentile; a classifier without a linear head gets MSP / energy only."""
+    data = _folder(tmp_path / "id", n=4)
+    far = _folder(tmp_path / "far", n=4, seed=1, invert=True)
+    clf = tc.load_classifier(_checkpoint(tmp_path / "a.pt", seed=0))
+    odd = tc.load_classifier(_checkpoint(tmp_path / "b.pt", seed=1))
+    odd.net.fc = torch.nn.Sequential(odd.net.fc, torch.nn.Identity())  # no nn.Linear head any more
+    cfg = ev.EvalConfig(modes=("Default",), batch_size=3, image_size=16, progress=False, react_percentile=80,
+                        ash_percentile=70, scale_percentile=60)
+    logs = []
+    id_spec, ood_spec = ev.parse_datasets([data, far])
+    res = ev.run_ood([("a", clf), ("b", odd)], None, id_spec, [ood_spec], cfg, str(tmp_path / "out"), logs.append)
+    assert any("[b] ReAct / ASH / SCALE skipped" in m and "nn.Linear" in m for m in logs)
+    assert set(res["b"]["far"]) == {"Default/msp", "Default/energy"}
+
+    def feats(spec):
+        ds = ev.build_dataset(spec, 16, 3, cfg.seed)
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        with torch.no_grad():
+            return clf.penultimate(x).float()
+
+    f_id, f_ood = feats(id_spec), feats(ood_spec)
+    assert f_id.shape == (8, clf.net.num_features) and (f_id >= 0).all()
+    thr = float(np.percentile(f_id.numpy().ravel(), 80))
+    w, b = clf.net.fc.weight.detach(), clf.net.fc.bias.detach()
+    saved = json.loads((tmp_path / "out" / "ood.json").read_text())
+    assert saved["react_threshold"]["a"] == pytest.approx(thr, rel=1e-6)
+    for name, f in (("id", f_id), ("far", f_ood)):
+        with np.load(tmp_path / "out" / f"a__{name}.scores.npz") as z:
+            np.testing.assert_allclose(z["Default/react"], dk.ood.react(f, w, b, thr).numpy(), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(z["Default/ash"], dk.ood.ash(f, w, b, 70).numpy(), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(z["Default/scale"], dk.ood.scale(f, w, b, 60).numpy(), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(z["Default/energy"], dk.ood.energy(f @ w.T + b).numpy(), rtol=1e-5, atol=1e-5)
+    for k in ("react", "ash", "scale"):
+        with np.load(tmp_path / "out" / "a__id.scores.npz") as zi, np.load(tmp_path / "out" / "a__far.scores.npz") as zo:
+            assert res["a"]["far"][f"Default/{k}"]["auroc"] == pytest.approx(dk.ood.auroc(zi[f"Default/{k}"],
+                                                                                          zo[f"Default/{k}"]))
+
+    # another ReAct percentile: a new threshold, and the OOD set's cached react scores are not reused
+    cfg.react_percentile = 50
+    ev.run_ood([("a", clf)], None, id_spec, [ood_spec], cfg, str(tmp_path / "out"), logs.append)
+    thr2 = float(np.percentile(f_id.numpy().ravel(), 50))
+    with np.load(tmp_path / "out" / "a__far.scores.npz") as z:
+        np.testing.assert_allclose(z["Default/react"], dk.ood.react(f_ood, w, b, thr2).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_ood_metrics_of_nan_scores_are_reported_not_raised():
+    m = ev._metrics(np.array([1.0, np.nan]), np.array([0.0, 0.5]))
+    assert m == {"auroc": None, "fpr95": None, "non_finite": 1}
+    assert "n/a (1 NaN scores)" in ev.format_ood_table({"c": {"d": {"Default/ash": m}}})
 
 
 def test_harness_digits_c_in_process():
@@ -245,6 +299,8 @@ def test_evaluate_clear_errors(tmp_path, capsys):
         cli.main(["evaluate", "--classifier", ck, "--modes", "Default", "--datasets", str(tmp_path / "nope")])
     with pytest.raises(SystemExit, match="unknown mode"):
         cli.main(["evaluate", "--classifier", ck, "--modes", "TTA"])
+    with pytest.raises(SystemExit, match=r"--ash-percentile must be in \[0, 100\)"):
+        cli.main(["evaluate", "--classifier", ck, "--modes", "Default", "--ash-percentile", "100"])
 
 
 # ------------------------------------------------------------------------------------------------ plots
