@@ -100,7 +100,7 @@ bench_model() {
   local rc=$?; cat "$W/bench-model.txt"; tail -5 "$W/bench-model.log"; return $rc
 }
 rng_floor() {
-  "$PY" benchmarks/gpu_floor.py "$W/floor.json" > "$W/floor.txt" 2>&1; local rc=$?; cat "$W/floor.txt"; return $rc
+  "$PY" benchmarks/floor.py --device cuda "$W/floor.json" > "$W/floor.txt" 2>&1; local rc=$?; cat "$W/floor.txt"; return $rc
 }
 summary() {
   "$PY" - "$W" <<'PY'

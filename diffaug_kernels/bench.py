@@ -130,7 +130,7 @@ def time_fn(fn: Callable[[], object], reps: int = 10, warmup: int = 2, device="c
     (untimed) unless flush=False. CPU: perf_counter; CUDA: one event pair per call, one sync at the end, and
     the GPU held busy for ~0.1 ms (torch.cuda._sleep) before each start event, so the host has queued the
     call's kernels before the clock starts: the span is GPU time, not the host's launch cost (which
-    benchmarks/gpu_floor.py measures on its own)."""
+    benchmarks/floor.py measures on its own)."""
     device = torch.device(device)
     _sync(device)
     t0 = time.perf_counter()

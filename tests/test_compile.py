@@ -136,3 +136,42 @@ def test_compile_reduce_overhead(gpu_backend):
                                  normalize=dk.IMAGENET_NORM, backend=gpu_backend))(x, m),
         torch.compile(lambda x, m: dk.tweedie(dk.forward_noise(x, t, S, seed=1, backend=gpu_backend), m, t, S,
                                               normalize=dk.IMAGENET_NORM, backend=gpu_backend), fullgraph=True)(x, m))
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_plain_eager_calls_skip_the_op_dispatch_and_give_the_same_result(backend, monkeypatch):
+    """Plain eager calls run the kernel directly (the custom-op dispatch costs ~20 us of host time per call);
+    calls that need the op (a gradient, a dispatch mode) still go through it, with identical results."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from diffaug_kernels import ops
+
+    calls = []
+    for name in ("_noise_op", "_tweedie_op"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    x, m, t = torch.rand(2, 3, 8, 8) * 2 - 1, torch.randn(2, 6, 8, 8), torch.tensor([100, 700])
+
+    direct = step(x, m, t, 7, backend)
+    assert calls == []
+    with torch.no_grad():
+        step(x.requires_grad_(), m, t, 7, backend)  # no gradient wanted: still direct
+    assert calls == []
+
+    via_grad = step(x, m, t, 7, backend)  # x requires grad: the op carries the autograd formula
+    assert calls == ["_noise_op", "_tweedie_op"] and via_grad.requires_grad
+    torch.testing.assert_close(via_grad.detach(), direct, rtol=0, atol=0)
+
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    calls.clear()
+    with Log():
+        logged = step(x.detach(), m, t, 7, backend)
+    assert calls == ["_noise_op", "_tweedie_op"]
+    assert any("diffaug_kernels.forward_noise" in f for f in seen) and any("diffaug_kernels.tweedie" in f for f in seen)
+    torch.testing.assert_close(logged, direct, rtol=0, atol=0)
