@@ -9,7 +9,9 @@
 # 540); a step that no longer fits is skipped and said so. GPU_CHECK_STEPS picks and orders the steps after
 # the build; GPU_TEST_WORKERS sets pytest-xdist's workers (default 8: 14 was slower). Nothing is downloaded.
 # Measured on an H200 (2026-11-26): environment 6-9 s, build 54-69 s, tests with the sanitizer beside them
-# 150-215 s, ops benchmark 22-41 s, RNG floor 18 s, DE benchmark 64 s, UNet/DiffAug-step benchmark 111 s.
+# 150-215 s, ops benchmark 22-41 s, RNG floor 18 s, DE benchmark 64 s (before its two compiled rows were added),
+# UNet/DiffAug-step benchmark 111 s. Everything does not fit one 600 s call: run it as two, e.g.
+#   GPU_CHECK_STEPS=tests,bench1,floor,bench2 ...   then   GPU_CHECK_STEPS=ensemble,model,model-cudnn ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -94,10 +96,11 @@ bench_ensemble() {
     > "$W/bench-ensemble.txt" 2> "$W/bench-ensemble.log"
   local rc=$?; cat "$W/bench-ensemble.txt"; tail -5 "$W/bench-ensemble.log"; return $rc
 }
-bench_model() {
-  "$PY" -m diffaug_kernels bench-model --device cuda --batch 64 --reps 3 --warmup 1 --json "$W/bench-model.json" \
-    > "$W/bench-model.txt" 2> "$W/bench-model.log"
-  local rc=$?; cat "$W/bench-model.txt"; tail -5 "$W/bench-model.log"; return $rc
+bench_model() {  # bench_model NAME [EXTRA ARGS...]
+  local n=$1; shift
+  "$PY" -m diffaug_kernels bench-model --device cuda --batch 64 --reps 3 --warmup 1 --json "$W/$n.json" "$@" \
+    > "$W/$n.txt" 2> "$W/$n.log"
+  local rc=$?; cat "$W/$n.txt"; tail -5 "$W/$n.log"; return $rc
 }
 rng_floor() {
   "$PY" benchmarks/floor.py --device cuda "$W/floor.json" > "$W/floor.txt" 2>&1; local rc=$?; cat "$W/floor.txt"; return $rc
@@ -118,7 +121,7 @@ if runs:
         ms = "".join(f"{run['rows'][i]['ms']:9.3f}" for run in runs)
         print(f"{r1['op']:<20}{r1['dtype']:<10}{r1['impl']:<24}{ms}{r1.get('gb_s', 0):7.0f}{r1['pct_copy']:6.0f}%"
               f"{r1['speedup']:8.2f}x{comp / r1['ms']:11.2f}x")
-for name in ("floor", "bench-ensemble", "bench-model"):
+for name in ("floor", "bench-ensemble", "bench-model", "bench-model-cudnn"):
     p = f"{d}/{name}.txt"
     if os.path.exists(p):
         print(); print(open(p).read().rstrip())
@@ -129,10 +132,9 @@ export PY W
 export -f env_info build gpu_tests sanitize bench_ops bench_ensemble bench_model rng_floor
 step environment 60 5 env_info 2>&1 | tee "$W/env.log"
 step build 300 60 build
-# Without the CUDA kernels (a failed compile falls back to CPU) Triton is still worth testing and timing.
 # GPU_CHECK_STEPS picks and orders the steps after the build (default: all, correctness first), e.g.
 # GPU_CHECK_STEPS=bench1,floor,bench2 when only the timings are missing and device time is short.
-STEPS="${GPU_CHECK_STEPS:-tests,bench1,floor,ensemble,bench2,model}"
+STEPS="${GPU_CHECK_STEPS:-tests,bench1,floor,ensemble,bench2,model,model-cudnn}"
 # Without the CUDA kernels (a failed compile falls back to CPU) Triton is still worth testing and timing.
 if "$PY" -c "import diffaug_kernels" 2>/dev/null; then
   for s in ${STEPS//,/ }; do
@@ -146,9 +148,11 @@ if "$PY" -c "import diffaug_kernels" 2>/dev/null; then
         grep -q "GPU tests.*exit 0" "$W/summary.txt" || status=1 ;;
       bench1) step "benchmark ops, run 1" 180 40 bench_ops 1 ;;
       floor) step "what bounds the ops: RNG rate alone, per-call cost" 60 15 rng_floor ;;
-      ensemble) step "benchmark DiffAug-Ensemble vs per-t loop vs DDA" 150 60 bench_ensemble ;;
+      ensemble) step "benchmark DiffAug-Ensemble vs per-t loop vs DDA" 300 90 bench_ensemble ;;
       bench2) step "benchmark ops, run 2 (run-to-run noise)" 120 30 bench_ops 2 ;;
-      model) step "benchmark UNet forward + DiffAug step" 240 60 bench_model ;;
+      model) step "benchmark UNet forward + DiffAug step" 240 60 bench_model bench-model ;;
+      model-cudnn) step "benchmark UNet forward + DiffAug step, cudnn.benchmark" 240 60 bench_model bench-model-cudnn \
+                   --cudnn-benchmark ;;
       *) note "unknown step '$s' in GPU_CHECK_STEPS"; status=1 ;;
     esac
   done

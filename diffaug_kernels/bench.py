@@ -293,6 +293,7 @@ def environment(device) -> dict:
         "git": _git_state(),
         "fused_backends": fused_backends(device),
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
     }
 
 

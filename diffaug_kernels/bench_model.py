@@ -145,9 +145,10 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
     return result
 
 
-def _per_t_loop(classifier, aug: DiffAug, x, times, tables=None):
+def _per_t_loop(classifier, aug: DiffAug, x, times, tables=None, unet=None):
     """The per-t loop of the published DE evaluation: one forward noise + UNet + Tweedie + classifier call per t.
-    tables given: the published ops (randn_like, per-call table gathers, pred_xstart); else the dk ops."""
+    tables given: the published ops (randn_like, per-call table gathers, pred_xstart) around unet(x_t, t)
+    (default aug.denoise); else the dk ops (aug itself)."""
     total = None
     for tv in times:
         if tv == 0:
@@ -160,7 +161,7 @@ def _per_t_loop(classifier, aug: DiffAug, x, times, tables=None):
                 ext = bench._extract_into_tensor
                 x_t = ext(tables["sqrt_alphas_cumprod"], t, x.shape) * x + \
                     ext(tables["sqrt_one_minus_alphas_cumprod"], t, x.shape) * torch.randn_like(x)
-                eps = aug.denoise(x_t, t)[:, :x.shape[1]].float()
+                eps = (unet or aug.denoise)(x_t, t)[:, :x.shape[1]].float()
                 v = (ext(tables["sqrt_recip_alphas_cumprod"], t, x.shape) * x_t -
                      ext(tables["sqrt_recipm1_alphas_cumprod"], t, x.shape) * eps).clamp(-1, 1)
         p = torch.softmax(classifier(v).float(), dim=-1)
@@ -170,20 +171,26 @@ def _per_t_loop(classifier, aug: DiffAug, x, times, tables=None):
 
 def run_ensemble(device=None, batch: int = 8, size: Optional[int] = None, flags: Optional[dict] = None,
                  classifier: Optional[str] = None, reps: int = 5, warmup: int = 2, dda_reps: int = 1,
-                 json_path: Optional[str] = None) -> dict:
-    """DiffAug-Ensemble (times 0, 50, ..., 450) with batched times (dk.diffaug_ensemble, chunk measured by
-    pick_chunk, and all 9 noisy times in one UNet call) against the per-t loop of the published evaluation,
-    and against DDA (official settings: 100 respaced steps, depth 50, guided) at the same batch, in one run.
+                 compile: Optional[bool] = None, json_path: Optional[str] = None) -> dict:
+    """DiffAug-Ensemble (times 0, 50, ..., 450) against the per-t loop of the published evaluation and against
+    DDA (official settings: 100 respaced steps, depth 50, guided) at the same batch, in one run.
+
+    Rows: the published per-t loop (guided-diffusion's ops, fp16 eager model on GPU as its use_fp16 runs it,
+    fp32 eager on CPU), the base of every ratio; the per-t loop with the dk ops and a bf16-autocast eager UNet;
+    dk.diffaug_ensemble with that same UNet (the chunk measured by pick_chunk, and all noisy times in one call):
+    against the dk loop, the batching policy's gain alone; with compile (default on GPU), the per-t loop and
+    dk.diffaug_ensemble (all times in one call) with DiffAug(compile=True) (CUDA graphs on GPU); DDA. The
+    classifier is the same bf16-autocast module everywhere.
 
     CPU default: the 8M-parameter UNet at 32x32 with a timm resnet18, batch 8. GPU: the paper's 256x256
-    unconditional model at 256x256 with a timm resnet50, batch 8 (one t alone does not fill the GPU). The UNet
-    runs under bf16 autocast, eager (the same module for every mode, so the ratios are the batching policy's)."""
+    unconditional model at 256x256 with a timm resnet50, batch 8."""
     import timm
 
     from .dda import dda_predict
     from .ensemble import DEFAULT_TIMES, diffaug_ensemble, pick_chunk
 
     device, gpu, flags = _device_and_unet(device, flags)
+    compile = gpu if compile is None else compile
     size = size or flags["image_size"]
     classifier = classifier or ("resnet50" if gpu else "resnet18")
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -195,6 +202,12 @@ def run_ensemble(device=None, batch: int = 8, size: Optional[int] = None, flags:
     def clf(v):
         with torch.autocast(device.type, dtype=torch.bfloat16):
             return clf_net(v.contiguous(memory_format=torch.channels_last))
+
+    published_unet = model
+    if gpu:  # the published code's fp16 model (guided-diffusion's use_fp16 converts the weights)
+        half = create_adm_unet(**flags).to(device).half().eval()
+        half.load_state_dict({k: v.half() for k, v in model.state_dict().items()})
+        published_unet = lambda x_t, t: half(x_t.half(), t).float()  # noqa: E731
 
     sched = NoiseSchedule.linear(1000)
     tables = _published_tables(sched)
@@ -208,36 +221,50 @@ def run_ensemble(device=None, batch: int = 8, size: Optional[int] = None, flags:
     log(f"[bench-ensemble] {bench.device_name(device)}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-param "
         f"UNet at {size}x{size}, {classifier}, batch {batch}, times {times}; measured chunk {chunk} rows "
         f"({chunk // batch} times) per UNet call")
+    pub = f"per-t loop, published ({'fp16' if gpu else 'fp32'} eager)"
+    loop, de_chunk, de_all = ("per-t loop, dk ops, bf16 eager", f"DE, bf16 eager, measured chunk ({chunk // batch} t "
+                              f"per call)", f"DE, bf16 eager, all {n_noisy} t in one call")
     cases = {
-        "per-t loop, published ops": lambda: _per_t_loop(clf, aug, x, times, tables),
-        "per-t loop, dk ops": lambda: _per_t_loop(clf, aug, x, times),
-        f"dk.diffaug_ensemble (measured chunk: {chunk // batch} t per call)": lambda: diffaug_ensemble(clf, aug, x,
-                                                                                                      times),
-        f"dk.diffaug_ensemble (all {n_noisy} t in one call)": lambda: diffaug_ensemble(clf, aug, x, times,
-                                                                                      max_batch=n_noisy * batch),
-        "DDA (100 steps, depth 50, guided)": lambda: dda_predict(clf, aug, sched, x),
+        pub: lambda: _per_t_loop(clf, aug, x, times, tables, unet=published_unet),
+        loop: lambda: _per_t_loop(clf, aug, x, times),
+        de_chunk: lambda: diffaug_ensemble(clf, aug, x, times),
+        de_all: lambda: diffaug_ensemble(clf, aug, x, times, max_batch=n_noisy * batch),
     }
-    rows = []
-    base = None
+    c_loop, c_all = "per-t loop, dk ops, bf16 compiled", f"DE, bf16 compiled, all {n_noisy} t in one call"
+    if compile:
+        aug_c = DiffAug(model, sched, dtype=torch.bfloat16, compile=True)
+        cases[c_loop] = lambda: _per_t_loop(clf, aug_c, x, times)
+        cases[c_all] = lambda: diffaug_ensemble(clf, aug_c, x, times, max_batch=n_noisy * batch)
+    cases["DDA (100 steps, depth 50, guided)"] = lambda: dda_predict(clf, aug, sched, x)
+    rows, ips = [], {}
     with torch.no_grad():
         for name, fn in cases.items():
             is_dda = name.startswith("DDA")
             r = dda_reps if is_dda else reps
             tm = bench.time_fn(fn, reps=r, warmup=1 if is_dda else warmup, device=device, flush=False)
-            ips = batch / (tm.ms * 1e-3)
-            base = base or ips
-            rows.append(dict(impl=name, ms=tm.ms, images_per_s=ips, vs_loop=ips / base, reps=r))
-            log(f"[bench-ensemble] {name:<52} {tm.ms:10.1f} ms  {ips:8.2f} img/s")
-    de = max(r["images_per_s"] for r in rows if r["impl"].startswith("dk.diffaug_ensemble (measured"))
-    dda = rows[-1]["images_per_s"]
+            ips[name] = batch / (tm.ms * 1e-3)
+            rows.append(dict(impl=name, ms=tm.ms, first_call_ms=tm.first_ms, images_per_s=ips[name],
+                             vs_published_loop=ips[name] / ips[pub], reps=r))
+            log(f"[bench-ensemble] {name:<52} {tm.ms:10.1f} ms  {ips[name]:8.2f} img/s")
+    de_names = [de_chunk, de_all] + ([c_all] if compile else [])
+    best_de = max(de_names, key=ips.get)
+    ratios = {"batching, bf16 eager: DE measured chunk / dk loop": ips[de_chunk] / ips[loop],
+              "batching, bf16 eager: DE all in one call / dk loop": ips[de_all] / ips[loop]}
+    if compile:
+        ratios["batching, bf16 compiled: DE all in one call / dk loop"] = ips[c_all] / ips[c_loop]
+    ratios[f"whole stack: best DE ({best_de}) / published loop"] = ips[best_de] / ips[pub]
+    ratios["DE measured chunk / DDA (same eager UNet)"] = ips[de_chunk] / ips[rows[-1]["impl"]]
     print(f"{bench.device_name(device)} ({device.type}), torch {torch.__version__}; DE over times {times[0]}..{times[-1]} "
           f"(step {times[1] - times[0]}), batch {batch} at {size}x{size}, {classifier}; median of {reps} (DDA {dda_reps})")
     w = max(len(r["impl"]) for r in rows)
     for r in rows:
-        print(f"{r['impl']:<{w}}  {r['ms']:10.1f} ms  {r['images_per_s']:8.2f} img/s  {r['vs_loop']:5.2f}x the loop")
-    print(f"DE (measured chunk) vs DDA at the same batch: {de / dda:.1f}x")
+        print(f"{r['impl']:<{w}}  {r['ms']:10.1f} ms  {r['images_per_s']:8.2f} img/s  "
+              f"{r['vs_published_loop']:5.2f}x the published loop")
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}x")
     result = dict(env=bench.environment(device), flags=flags, classifier=classifier, batch=batch, size=size,
-                  times=times, chunk_rows=chunk, reps=reps, dda_reps=dda_reps, rows=rows, de_vs_dda=de / dda)
+                  times=times, chunk_rows=chunk, reps=reps, dda_reps=dda_reps, compiled=compile, rows=rows,
+                  ratios=ratios)
     if json_path:
         bench.write_json(result, json_path)
         log(f"[bench-ensemble] wrote {json_path}")

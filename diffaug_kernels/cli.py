@@ -151,13 +151,17 @@ def _model_bench_args(p, batch: int, size_help: str) -> None:
     p.add_argument("--reps", type=_positive, default=5, help="timed repetitions, median reported (default 5)")
     p.add_argument("--warmup", type=_positive, default=2, help="untimed calls first, compiling (default 2)")
     p.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON here")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark = True for every row (cuDNN times its convolution algorithms; "
+                        "off by default, as in the published code)")
 
 
-def _model_bench_device(name: str, device) -> None:
+def _model_bench_device(name: str, args) -> None:
     import torch
 
-    if device and device.startswith("cuda") and not torch.cuda.is_available():
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"{name}: --device cuda asked for, but torch sees no CUDA device")
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
 
 
 def _add_bench_model(sub) -> None:
@@ -172,7 +176,7 @@ def _add_bench_model(sub) -> None:
 def _run_bench_model(args) -> int:
     from . import bench_model
 
-    _model_bench_device("bench-model", args.device)
+    _model_bench_device("bench-model", args)
     bench_model.run(device=args.device, batch=args.batch, size=args.size, reps=args.reps, warmup=args.warmup,
                     json_path=args.json)
     return 0
@@ -181,20 +185,23 @@ def _run_bench_model(args) -> int:
 def _add_bench_ensemble(sub) -> None:
     p = sub.add_parser("bench-ensemble", help="time DiffAug-Ensemble: batched times vs the per-t loop vs DDA",
                        description="DE over t = 0, 50, ..., 450 with batched times (dk.diffaug_ensemble) against "
-                                   "the per-t loop of the published evaluation and against DDA at the same batch. "
+                                   "the per-t loop of the published evaluation (and the same loop with the dk ops "
+                                   "and UNet settings: the batching gain alone) and against DDA at the same batch. "
                                    "CPU: an 8M-param UNet at 32x32 and resnet18; GPU: the 256x256 uncond model "
                                    "and resnet50.")
     _model_bench_args(p, 8, "the UNet's, 32 on CPU, 256 on GPU")
     p.add_argument("--dda-reps", type=_positive, default=1, help="timed DDA runs (default 1: it is slow)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time the loop and DE with DiffAug(compile=True) (default: on GPU only; two compiles)")
     p.set_defaults(func=_run_bench_ensemble)
 
 
 def _run_bench_ensemble(args) -> int:
     from . import bench_model
 
-    _model_bench_device("bench-ensemble", args.device)
+    _model_bench_device("bench-ensemble", args)
     bench_model.run_ensemble(device=args.device, batch=args.batch, size=args.size, reps=args.reps,
-                             warmup=args.warmup, dda_reps=args.dda_reps, json_path=args.json)
+                             warmup=args.warmup, dda_reps=args.dda_reps, compile=args.compile, json_path=args.json)
     return 0
 
 

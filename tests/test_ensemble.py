@@ -95,9 +95,15 @@ def test_bench_ensemble_runs_and_reports(tmp_path):
     flags = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
                  num_head_channels=16, learn_sigma=True)
     res = bench_model.run_ensemble(device="cpu", batch=2, flags=flags, classifier="resnet10t", reps=1, warmup=1,
-                                   json_path=str(tmp_path / "de.json"))
-    names = [r["impl"] for r in res["rows"]]
-    assert names[0] == "per-t loop, published ops" and names[-1].startswith("DDA") and len(names) == 5
-    assert all(r["ms"] > 0 for r in res["rows"]) and res["rows"][0]["vs_loop"] == 1.0
+                                   compile=True, json_path=str(tmp_path / "de.json"))
+    rows = {r["impl"]: r for r in res["rows"]}
+    names = list(rows)
+    assert names[0] == "per-t loop, published (fp32 eager)" and names[-1].startswith("DDA") and len(names) == 7
+    assert "DE, bf16 compiled, all 9 t in one call" in rows and "per-t loop, dk ops, bf16 compiled" in rows
+    assert all(r["ms"] > 0 for r in res["rows"]) and res["rows"][0]["vs_published_loop"] == 1.0
+    ips = {n: r["images_per_s"] for n, r in rows.items()}
+    assert res["ratios"]["batching, bf16 eager: DE all in one call / dk loop"] == pytest.approx(
+        ips["DE, bf16 eager, all 9 t in one call"] / ips["per-t loop, dk ops, bf16 eager"])
+    assert len(res["ratios"]) == 5
     assert res["chunk_rows"] % 2 == 0 and 2 <= res["chunk_rows"] <= 18
     assert (tmp_path / "de.json").exists()
