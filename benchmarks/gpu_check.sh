@@ -7,7 +7,8 @@
 # are refreshed there after every step, so a run cut off by a time limit still returns what it finished.
 # Steps run in order of importance, each under its own time limit, within GPU_CHECK_BUDGET_S seconds (default
 # 540); a step that no longer fits is skipped and said so. GPU_CHECK_STEPS picks and orders the steps after
-# the build; GPU_TEST_WORKERS sets pytest-xdist's workers (default 8: 14 was slower). Nothing is downloaded.
+# the build; GPU_TEST_WORKERS sets pytest-xdist's workers (default 8: 14 was slower); XFORMERS_WHEEL (a wheel
+# file carried along) adds xformers for the tests, so its attention path is tested too. Nothing is downloaded.
 # Measured on an H200 (2026-11-26): environment 6-9 s, build 54-69 s, tests with the sanitizer beside them
 # 150-215 s, ops benchmark 22-41 s, RNG floor 18 s, DE benchmark 64 s (before its two compiled rows were added),
 # UNet/DiffAug-step benchmark 111 s. Everything does not fit one 600 s call: run it as two, e.g.
@@ -55,6 +56,12 @@ build() {
 gpu_tests() {
   # xdist spreads the Triton/inductor compilation over the cores; every cuda-marked test, -x off so all report
   local par=(); "$PY" -c "import xdist" 2>/dev/null && par=(-n "${GPU_TEST_WORKERS:-8}")
+  # the optional xformers attention path is tested only where xformers imports: XFORMERS_WHEEL=<a wheel carried
+  # to the machine> installs it (no dependencies) into a side folder for this step
+  if [ -n "${XFORMERS_WHEEL:-}" ]; then
+    "$PY" -m pip install -q --no-deps --target "$W/xformers" "$XFORMERS_WHEEL" > "$W/xformers-install.log" 2>&1 \
+      && export PYTHONPATH="$W/xformers${PYTHONPATH:+:$PYTHONPATH}" || tail -3 "$W/xformers-install.log"
+  fi
   "$PY" -m pytest -m cuda -q -p no:cacheprovider "${par[@]}" --junitxml="$W/pytest-cuda.xml" tests > "$W/pytest-cuda.log" 2>&1
   local rc=$?; tail -25 "$W/pytest-cuda.log"; return $rc
 }

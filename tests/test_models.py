@@ -471,6 +471,27 @@ def test_xformers_requested_but_missing():
         tiny().set_attention_backend("xformers")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("xformers") is None, reason="xformers is not installed")
+def test_xformers_on_cpu_tensors_is_a_clear_error():
+    net = M.create_adm_unet(**TINY, attention_backend="xformers").eval()
+    x = torch.randn(2, 3, TINY["image_size"], TINY["image_size"])
+    with pytest.raises(RuntimeError, match="runs on CUDA tensors only"):
+        net(x, torch.tensor([1, 2]))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_xformers_attention_equals_sdpa_on_gpu(dtype):
+    pytest.importorskip("xformers.ops")
+    net = tiny().cuda()  # random weights everywhere: the attention output is not zeroed
+    x = torch.randn(2, 3, TINY["image_size"], TINY["image_size"], device="cuda")
+    t = torch.tensor([10, 500], device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+        ref = net(x, t).float()
+        got = net.set_attention_backend("xformers")(x, t).float()
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+
+
 def test_unknown_attention_backend():
     with pytest.raises(ValueError, match="attention_backend"):
         M.create_adm_unet(**TINY, attention_backend="flash")

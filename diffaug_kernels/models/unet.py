@@ -221,6 +221,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa") -> Tensor:
     if backend == "xformers":
         import xformers.ops as xops
 
+        if q.device.type != "cuda":  # xformers' kernels are CUDA-only; its own error lists every kernel
+            raise RuntimeError(f"attention_backend='xformers' runs on CUDA tensors only, got {q.device.type} "
+                               f"tensors; use attention_backend='sdpa' (the same math) there")
         return xops.memory_efficient_attention(q, k, v)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
