@@ -185,9 +185,9 @@ def _is_int(v) -> bool:
 
 def _check_t_values(name: str, t: Tensor, T: int) -> None:
     """Range check of t on the host; skipped while tracing. On CUDA, checking here would sync with the host (or
-    cost four more kernel launches per call as an async assertion), so each backend's device code checks: the
-    CUDA kernels assert, the Triton wrapper asserts asynchronously (its kernels cannot), and the reference's
-    indexing asserts."""
+    cost four more kernel launches per call as an async assertion), so each backend checks on the device: the
+    CUDA kernels assert; the Triton wrapper and the reference, whose gathers cannot, use
+    reference.assert_t_on_device."""
     if torch.compiler.is_compiling() or t.numel() == 0 or t.is_cuda:
         return
     lo, hi = (int(v) for v in torch.aminmax(t))
@@ -267,8 +267,8 @@ def _alloc(x: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
 
 
 def _direct(*tensors: Tensor) -> bool:
-    """Whether a fused op may call its kernel without the custom-op dispatch, which costs about 20 us of host
-    time per call (measured on CPU: 45 us per tiny forward_noise through the op, 25 us direct). Only in plain
+    """Whether a fused op may call its kernel without the custom-op dispatch, which costs about 10 us of host
+    time per call (benchmarks/floor.py on the 2-core CPU, 2026-11-26). Only in plain
     eager use: not tracing, no input needing a gradient (the op carries the autograd formula), plain tensors,
     and no torch-function / dispatch mode or functorch transform that must see the op."""
     return not (torch.compiler.is_compiling()

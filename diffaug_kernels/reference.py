@@ -77,7 +77,16 @@ def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def assert_t_on_device(t: torch.Tensor, T: int) -> None:
+    """0 <= t < T for a CUDA t, as a device-side assertion (no host sync). A no-op for CPU tensors (the ops check
+    those on the host), while tracing and while capturing a CUDA graph. Without it a negative t would silently
+    index from the end of a table."""
+    if t.is_cuda and t.numel() and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
+        torch._assert_async(((t >= 0) & (t < T)).all(), f"t must lie in [0, {T}) for this schedule")
+
+
 def _per_sample(table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    assert_t_on_device(t, table.shape[0])
     return table[t].reshape(-1, *([1] * (ndim - 1)))
 
 

@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from .reference import assert_t_on_device
+
 try:
     import triton
     import triton.language as tl
@@ -241,16 +243,8 @@ def _grid(n_units):
     return lambda meta: (triton.cdiv(max(n_units, 1), meta["BLOCK"]),)
 
 
-def _check_t(t, T: int) -> None:
-    """The kernels read coef[t] unchecked and cannot assert (tl.device_assert needs debug builds), so t's range
-    is asserted here on the device: no host sync; skipped while capturing a CUDA graph. (On CPU, the
-    interpreter's case, ops checked t on the host already.)"""
-    if t.is_cuda and t.numel() and not torch.cuda.is_current_stream_capturing():
-        torch._assert_async(((t >= 0) & (t < T)).all(), f"t must lie in [0, {T}) for this schedule")
-
-
 def noise_out(x0, t, coef_a, coef_b, seed, offset, out):
-    _check_t(t, coef_a.shape[0])
+    assert_t_on_device(t, coef_a.shape[0])  # the kernels read coef[t] unchecked and cannot assert
     x0, C, S, xs, xc = _view3(x0)
     _, _, _, os_, oc = _view3(out)
     K, N = t.shape[0], x0.numel()
@@ -270,7 +264,7 @@ def noise_out(x0, t, coef_a, coef_b, seed, offset, out):
 
 
 def tweedie_out(x_t, m, t, coef_a, coef_b, clip, scale, shift, out):
-    _check_t(t, coef_a.shape[0])
+    assert_t_on_device(t, coef_a.shape[0])  # the kernels read coef[t] unchecked and cannot assert
     x_t, C, S, xs, xc = _view3(x_t)
     m, _, _, ms, mc = _view3(m)
     _, _, _, os_, oc = _view3(out)
