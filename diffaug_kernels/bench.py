@@ -33,7 +33,7 @@ from .schedule import NoiseSchedule
 OPS = ("forward_noise", "tweedie")  # the default table
 ALL_OPS = OPS + ("forward_noise_multi",)  # + the DiffAug-Ensemble expansion (K = 10 times), on request
 DE_TIMES = tuple(range(0, 451, 50))
-EAGER, COMPILED = "eager (published)", "compiled (published)"
+EAGER, COMPILED, AUTO = "eager (published)", "compiled (published)", "fused (auto)"
 
 
 # ------------------------------------------------------------------------------ published baselines
@@ -191,6 +191,7 @@ class Case:
     dtype: torch.dtype
     nbytes: int  # bytes the op must move: inputs read once, output written once in the input dtype
     impls: dict = field(default_factory=dict)
+    auto: Optional[tuple] = None  # (op key, input) of the "fused (auto)" row: ops.auto_choice names its pick
 
 
 def make_case(op: str, shape: Sequence[int], dtype: torch.dtype, device="cpu",
@@ -231,7 +232,16 @@ def make_case(op: str, shape: Sequence[int], dtype: torch.dtype, device="cpu",
             case.impls[f"fused ({name})"] = lambda name=name: dk_forward_noise_multi(x, DE_TIMES, sched, backend=name)
     else:
         raise ValueError(f"op must be one of {ALL_OPS}, got {op!r}")
+    if len(backends) > 1:  # backend="auto" times the candidates on first use and keeps the fastest
+        fused = [fn for impl, fn in case.impls.items() if impl == f"fused ({backends[0]})"][0]
+        case.impls[AUTO] = _with_backend(fused, "auto")
+        case.auto = (op if op != "forward_noise_multi" else f"{op}{len(DE_TIMES)}", x)
     return case
+
+
+def _with_backend(fn, backend: str):
+    """fn (a fused row's callable, backend bound as its default argument `name`) with another backend."""
+    return lambda: fn(name=backend)
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -346,8 +356,9 @@ def write_json(result: dict, path: str) -> None:
 
 def run_bench(shapes=((64, 3, 224, 224), (256, 3, 32, 32)), dtypes=(torch.float32, torch.bfloat16), reps: int = 10,
               device="cpu", json_path=None, warmup: int = 2, op_names=OPS, flush: bool = True,
-              print_table: bool = True, progress: bool = True) -> dict:
-    """Times every implementation of every op on every shape x dtype; prints one table; writes JSON if asked.
+              print_table: bool = True, progress: bool = True, backends: Optional[Sequence[str]] = None) -> dict:
+    """Times every implementation of every op on every shape x dtype (backends: the fused ones to time, default
+    every one for the device); prints one table; writes JSON if asked.
     Returns {"env": ..., "copy_gb_s": ..., "rows": [...]}."""
     device = torch.device(device)
     env = environment(device)
@@ -361,7 +372,7 @@ def run_bench(shapes=((64, 3, 224, 224), (256, 3, 32, 32)), dtypes=(torch.float3
     for op in op_names:
         for shape in shapes:
             for dtype in dtypes:
-                case = make_case(op, shape, dtype, device, sched)
+                case = make_case(op, shape, dtype, device, sched, backends)
                 eager_ms = None
                 for impl, fn in case.impls.items():
                     tm = time_fn(fn, reps=reps, warmup=warmup, device=device, flush=flush)
@@ -370,6 +381,8 @@ def run_bench(shapes=((64, 3, 224, 224), (256, 3, 32, 32)), dtypes=(torch.float3
                     row = dict(op=op, shape=list(case.shape), dtype=_dtype_name(dtype), impl=impl, ms=tm.ms,
                                min_ms=tm.min_ms, first_call_ms=tm.first_ms, bytes=case.nbytes, gb_s=gbs,
                                pct_copy=100 * gbs / copy_gbs, speedup=eager_ms / tm.ms)
+                    if impl == AUTO:
+                        row["impl"] = f"fused (auto: {ops.auto_choice(*case.auto)})"
                     rows.append(row)
                     log(f"[bench] {op:<13} {'x'.join(map(str, shape)):<14} {row['dtype']:<8} {impl:<20} "
                         f"{tm.ms:9.3f} ms  {gbs:7.1f} GB/s  (first call {tm.first_ms:.0f} ms)")

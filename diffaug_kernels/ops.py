@@ -141,6 +141,16 @@ def _time_backend(name: str, run: Callable[[str], object], device: torch.device,
     return sorted(times)[len(times) // 2]
 
 
+def _auto_key(op: str, x: Tensor) -> tuple:
+    return (op, x.device, x.dtype, max(x.numel(), 1).bit_length())
+
+
+def auto_choice(op: str, x: Tensor) -> str:
+    """The backend backend="auto" runs for op ("forward_noise", "tweedie", "forward_noise_multi<K>") on x: the
+    measured pick once there has been one, else the default order's first usable backend."""
+    return _MEASURED.get(_auto_key(op, x)) or resolve_backend("auto", x.device)
+
+
 def _auto_pick(op: str, x: Tensor, run: Callable[[str], object]) -> Optional[str]:
     """For backend="auto" where several fused backends can run on x's device: the one measured fastest for
     this op, dtype and size class (powers of two of numel), timed once per process on first use. None when
@@ -148,7 +158,7 @@ def _auto_pick(op: str, x: Tensor, run: Callable[[str], object]) -> Optional[str
     cands = [n for n in _AUTO_ORDER.get(x.device.type, ()) if _usable(n, x.device)]
     if len(cands) < 2 or torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         return None
-    key = (op, x.device, x.dtype, max(x.numel(), 1).bit_length())
+    key = _auto_key(op, x)
     if key not in _MEASURED:
         _MEASURED[key] = min(cands, key=lambda n: _time_backend(n, run, x.device))
     return _MEASURED[key]

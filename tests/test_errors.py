@@ -141,6 +141,16 @@ def test_auto_picks_the_fastest_measured_backend(monkeypatch):
     torch.testing.assert_close(y, z)
     assert_matches_ref = dk.reference.forward_noise(x, 5, S, 1)
     torch.testing.assert_close(z, assert_matches_ref, rtol=1e-6, atol=1e-5)
+    assert ops.auto_choice("forward_noise", x) == "triton"
+    assert ops.auto_choice("tweedie", x) == "cpu"  # not measured yet: the default order's first
+
+    # the kernel benchmark's auto row says what auto ran
+    from diffaug_kernels import bench
+
+    monkeypatch.setattr(ops, "_MEASURED", {})
+    r = bench.run_bench(shapes=[(2, 3, 8, 8)], dtypes=[torch.float32], reps=1, warmup=1, op_names=["forward_noise"],
+                        flush=False, print_table=False, progress=False, backends=["cpu", "triton"])
+    assert [row["impl"] for row in r["rows"]][-1] == "fused (auto: triton)"
 
 
 @pytest.mark.cuda
