@@ -157,7 +157,8 @@ if "$PY" -c "import diffaug_kernels" 2>/dev/null; then
       floor) step "what bounds the ops: RNG rate alone, per-call cost" 60 15 rng_floor ;;
       ensemble) step "benchmark DiffAug-Ensemble vs per-t loop vs DDA" 300 90 bench_ensemble ;;
       bench2) step "benchmark ops, run 2 (run-to-run noise)" 120 30 bench_ops 2 ;;
-      model) step "benchmark UNet forward + DiffAug step" 240 60 bench_model bench-model ;;
+      model) step "benchmark UNet forward + DiffAug step (+ profile)" 270 60 bench_model bench-model \
+             --profile "$W/bench-model-profile.txt" ;;
       model-cudnn) step "benchmark UNet forward + DiffAug step, cudnn.benchmark" 240 60 bench_model bench-model-cudnn \
                    --cudnn-benchmark ;;
       *) note "unknown step '$s' in GPU_CHECK_STEPS"; status=1 ;;

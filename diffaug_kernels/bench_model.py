@@ -5,6 +5,7 @@ CPU default: an 8M-parameter guided-diffusion-style UNet at 32x32, batch 64. GPU
 unconditional model at 224x224, batch 64 (random weights: speed does not depend on them)."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
 
@@ -66,8 +67,51 @@ def _published_tables(sched: NoiseSchedule) -> dict:
                                       "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod")}
 
 
+# Kernel / op names -> what they are, for the profile's breakdown (GPU kernel names, else CPU aten op names).
+_PROFILE_GROUPS = (
+    ("dk ops (noise, tweedie)", ("noise", "tweedie", "philox", "diffaug_kernels")),
+    ("attention", ("flash", "fmha", "attention", "efficient_attention")),
+    ("convolution", ("conv", "fprop", "dgrad", "implicit_convolve", "mkldnn_convolution")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "addmm", "aten::mm", "aten::bmm", "aten::linear", "matmul")),
+    ("group norm", ("group_norm", "groupnorm")),
+    ("inductor-generated (fused elementwise / norm)", ("triton_", "cpp_fused", "call compiledfxgraph")),
+)
+
+
+def profile_step(fn, device: torch.device, path: str, rows: int = 30) -> dict:
+    """One call of fn under torch.profiler (after one untimed call): time per group of kernels (GPU) or ops
+    (CPU) and the top `rows` by self time, written to path as text. Returns {group: ms}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.type == "cuda"
+    fn()
+    bench._sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+        fn()
+        bench._sync(device)
+    events = prof.key_averages()
+    attr = "self_device_time_total" if gpu else "self_cpu_time_total"
+    groups = {g: 0.0 for g, _ in _PROFILE_GROUPS} | {"other": 0.0}
+    for e in events:
+        us = getattr(e, attr, 0.0) or 0.0
+        if us <= 0 or (gpu and str(getattr(e, "device_type", "")).endswith("CPU")):
+            continue
+        name = e.key.lower()
+        g = next((g for g, pats in _PROFILE_GROUPS if any(p in name for p in pats)), "other")
+        groups[g] += us / 1e3
+    total = sum(groups.values())
+    lines = [f"{'GPU kernel' if gpu else 'CPU op self'} time by group, one call ({total:.1f} ms in all):"]
+    lines += [f"  {g:<48} {ms:9.2f} ms  {100 * ms / max(total, 1e-9):5.1f}%" for g, ms in groups.items() if ms]
+    lines += ["", events.table(sort_by=attr, row_limit=rows)]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return groups
+
+
 def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optional[dict] = None, reps: int = 5,
-        warmup: int = 2, json_path: Optional[str] = None) -> dict:
+        warmup: int = 2, json_path: Optional[str] = None,
+        profile: Optional[str] = None) -> dict:
     device, gpu, flags = _device_and_unet(device, flags)
     size = size or (224 if gpu else flags["image_size"])
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -139,6 +183,10 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
               f"{r['vs_first']:5.2f}x  {pct}")
     result = dict(env=bench.environment(device), flags=flags, params=params, batch=batch, size=size,
                   flops_per_forward=flops, matmul_flops_per_s=rate, reps=reps, rows=rows)
+    if profile:
+        with torch.no_grad():
+            result["profile_ms"] = profile_step(lambda: aug_fast(x), device, profile)
+        log(f"[bench-model] profile of the dk.DiffAug compile=True, bf16 step: {profile}")
     if json_path:
         bench.write_json(result, json_path)
         log(f"[bench-model] wrote {json_path}")

@@ -170,6 +170,8 @@ def _add_bench_model(sub) -> None:
                                    "the DiffAug step against the published pipeline, in one run. CPU: an 8M-param "
                                    "UNet at 32x32; GPU: the 256x256 uncond model at 224x224.")
     _model_bench_args(p, 64, "32 on CPU, 224 on GPU")
+    p.add_argument("--profile", metavar="PATH", default=None,
+                   help="also profile one compiled DiffAug step: time by kernel group and the top kernels, as text")
     p.set_defaults(func=_run_bench_model)
 
 
@@ -178,7 +180,7 @@ def _run_bench_model(args) -> int:
 
     _model_bench_device("bench-model", args)
     bench_model.run(device=args.device, batch=args.batch, size=args.size, reps=args.reps, warmup=args.warmup,
-                    json_path=args.json)
+                    json_path=args.json, profile=args.profile)
     return 0
 
 
