@@ -32,7 +32,10 @@ def _attr(kind: str, args: tuple, device: torch.device, dtype: torch.dtype) -> s
     key = (kind, args, device, dtype)
     attr = _KEYS.get(key)
     if attr is None:
-        value = torch.as_tensor(_BUILDERS[kind](*args)).to(device=device, dtype=dtype)
+        # a plain tensor whatever the caller's context: made under inference_mode it could never be saved for a
+        # later backward, and inside a torch.func transform it would be cached as that transform's wrapper
+        with torch.inference_mode(False), torch.no_grad(), torch._C._DisableFuncTorch():
+            value = torch.as_tensor(_BUILDERS[kind](*args)).to(device=device, dtype=dtype)
         attr = _KEYS[key] = f"c{len(_KEYS)}"
         setattr(_STORE, attr, value)
     return attr

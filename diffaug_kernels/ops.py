@@ -280,13 +280,25 @@ def _direct(*tensors: Tensor) -> bool:
     """Whether a fused op may call its kernel without the custom-op dispatch, which costs about 10 us of host
     time per call (benchmarks/floor.py on the 2-core CPU, 2026-11-26). Only in plain
     eager use: not tracing, no input needing a gradient (the op carries the autograd formula), plain tensors,
-    and no torch-function / dispatch mode or functorch transform that must see the op."""
+    and no torch-function or dispatch mode that must see the op. (Under torch.func transforms and forward-mode
+    AD the reference runs instead: _backend_for.)"""
     return not (torch.compiler.is_compiling()
                 or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
                 or any(type(t) is not Tensor for t in tensors)
                 or torch._C._is_torch_function_mode_enabled()
-                or torch._C._len_torch_dispatch_stack() > 0
-                or torch._C._functorch.peek_interpreter_stack() is not None)
+                or torch._C._len_torch_dispatch_stack() > 0)
+
+
+def _backend_for(name: str) -> str:
+    """The resolved backend, or "reference" under forward-mode AD (torch.autograd.forward_ad) or a torch.func
+    transform (grad, jvp, vmap, ...): the custom ops carry a backward formula only, and without a forward
+    derivative a jvp through them would come back as zeros. The reference is plain differentiable PyTorch and
+    gives the same numbers (the noise contract), so results stay right, only slower."""
+    if name == "reference" or torch.compiler.is_compiling():
+        return name
+    if torch.autograd.forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None:
+        return "reference"
+    return name
 
 
 # ------------------------------------------------------------------------------------ custom op: noise
@@ -400,7 +412,7 @@ def forward_noise(x0: Tensor, t, schedule: NoiseSchedule, seed=None, offset=0, o
     out_dtype = _check_out_dtype(out_dtype, x0.dtype)
     t = _as_times("t", t, x0.shape[0], x0.device, schedule.num_timesteps)
     seed_t, off_t = _as_seed("seed", seed, x0.device), _as_seed("offset", offset, x0.device)
-    name = resolve_backend(backend, x0.device)
+    name = _backend_for(resolve_backend(backend, x0.device))
     if name == "reference":
         return reference.forward_noise(x0, t, schedule, seed_t, off_t, out_dtype)
     cd = _compute_dtype(x0.dtype)
@@ -432,7 +444,7 @@ def forward_noise_multi(x0: Tensor, times, schedule: NoiseSchedule, seed=None, o
         raise ValueError("times must not be empty")
     times = _as_times("times", times, K, x0.device, schedule.num_timesteps)
     seed_t, off_t = _as_seed("seed", seed, x0.device), _as_seed("offset", offset, x0.device)
-    name = resolve_backend(backend, x0.device)
+    name = _backend_for(resolve_backend(backend, x0.device))
     if name == "reference":
         return reference.forward_noise_multi(x0, times, schedule, seed_t, off_t, out_dtype)
     cd = _compute_dtype(x0.dtype)
@@ -499,7 +511,7 @@ def tweedie(x_t: Tensor, model_output: Tensor, t, schedule: NoiseSchedule, predi
     t = _as_times("t", t, B, x_t.device, schedule.num_timesteps)
     cd = _compute_dtype(x_t.dtype, model_output.dtype)
     norm = _norm_affine(normalize, C, x_t.device, cd) if normalize is not None else (None, None)
-    name = resolve_backend(backend, x_t.device)
+    name = _backend_for(resolve_backend(backend, x_t.device))
     if name == "reference":
         return reference.tweedie(x_t, model_output, t, schedule, prediction, clip, normalize, out_dtype)
     m = model_output[:, :C]  # a view: the learned-sigma half is never read

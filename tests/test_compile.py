@@ -175,3 +175,32 @@ def test_plain_eager_calls_skip_the_op_dispatch_and_give_the_same_result(backend
     assert calls == ["_noise_op", "_tweedie_op"]
     assert any("diffaug_kernels.forward_noise" in f for f in seen) and any("diffaug_kernels.tweedie" in f for f in seen)
     torch.testing.assert_close(logged, direct, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_forward_ad_and_func_transforms_give_the_reference_derivatives(backend):
+    """The custom ops carry a backward formula only: under torch.func transforms and forward-mode AD the
+    reference runs instead, so a jvp is right (it came back as zeros through the op) and torch.func.grad works."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, m, t = torch.rand(2, 3, 8, 8) * 2 - 1, torch.randn(2, 6, 8, 8), torch.tensor([100, 700])
+    vx, vm = torch.randn_like(x), torch.randn_like(m)
+
+    def f(b):
+        return lambda x, m: step(x, m, t, 3, b)
+
+    out, tan = torch.func.jvp(f(backend), (x, m), (vx, vm))
+    ref_out, ref_tan = torch.func.jvp(f("reference"), (x, m), (vx, vm))
+    assert tan.abs().max() > 0.1
+    torch.testing.assert_close(tan, ref_tan, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, step(x, m, t, 3, backend), rtol=1e-5, atol=1e-5)
+
+    a = torch.tensor(S._np["sqrt_alphas_cumprod"][[100, 700]], dtype=torch.float32).view(2, 1, 1, 1)
+    with fwAD.dual_level():
+        y = dk.forward_noise(fwAD.make_dual(x, vx), t, S, seed=3, backend=backend)
+        torch.testing.assert_close(fwAD.unpack_dual(y).tangent, a * vx, rtol=1e-5, atol=1e-6)
+
+    g = torch.func.grad(lambda x: step(x, m, t, 3, backend).square().sum())(x)
+    xr = x.clone().requires_grad_()
+    step(xr, m, t, 3, backend).square().sum().backward()  # the custom op's own backward formula
+    torch.testing.assert_close(g, xr.grad, rtol=1e-5, atol=1e-5)

@@ -87,3 +87,27 @@ def test_unpickled_schedule_finds_its_tables_in_a_fresh_registry(monkeypatch):
     monkeypatch.setattr(_constants, "_STORE", _constants._Store())
     s = pickle.loads(blob)
     torch.testing.assert_close(s.table("sqrt_alphas_cumprod"), s.sqrt_alphas_cumprod.float())
+
+
+@pytest.mark.parametrize("context", ["inference_mode", "func.jvp"])
+def test_tables_first_made_in_inference_mode_or_a_transform_are_plain(context):
+    """The op constants (schedule tables, normalisation) are cached on first use: made inside inference_mode they
+    could never be saved for a later backward ("Inference tensors cannot be saved for backward"), made inside a
+    torch.func transform they would be cached as its wrapper. Both happened before the constants were built in a
+    neutral context."""
+    betas = np.linspace(1e-4, 0.02, 100) * (1 + 0.01 * np.random.rand())  # a schedule no other test has cached
+    S = dk.NoiseSchedule.from_betas(betas)
+    norm = ((0.4, 0.5, 0.6), (0.2, 0.3, 0.1 + np.random.rand()))
+    x, m = torch.rand(2, 3, 4, 4) * 2 - 1, torch.randn(2, 3, 4, 4)
+    use = lambda x: dk.tweedie(dk.forward_noise(x, 7, S, seed=1), m, 7, S, normalize=norm)  # noqa: E731
+    if context == "inference_mode":
+        with torch.inference_mode():
+            use(x)
+    else:
+        torch.func.jvp(use, (x,), (torch.ones_like(x),))
+    for name in ("sqrt_alphas_cumprod", "sqrt_recip_alphas_cumprod"):
+        tab = S.table(name, "cpu", torch.float32)
+        assert not tab.is_inference() and not torch._C._functorch.is_functorch_wrapped_tensor(tab)
+    xr = x.clone().requires_grad_()
+    use(xr).sum().backward()  # saves the tables for backward
+    assert xr.grad is not None and torch.isfinite(xr.grad).all()
