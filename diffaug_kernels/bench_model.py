@@ -61,6 +61,13 @@ def _device_and_unet(device, flags: Optional[dict]):
     return device, gpu, flags
 
 
+def _fp16_copy(model, flags: dict, device):
+    """The published code's fp16 model on a GPU (guided-diffusion's use_fp16 converts the weights)."""
+    half = create_adm_unet(**flags).to(device).half().eval()
+    half.load_state_dict({k: v.half() for k, v in model.state_dict().items()})
+    return half
+
+
 def _published_tables(sched: NoiseSchedule) -> dict:
     """The float64 numpy tables guided-diffusion's q_sample and pred_xstart gather from."""
     return {k: sched._np[k] for k in ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
@@ -141,10 +148,7 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
         with autocast():
             return model(cl, t)
 
-    half_model = None
-    if gpu:  # the published code's fp16 model (guided-diffusion's use_fp16 converts the weights)
-        half_model = create_adm_unet(**flags).to(device).half().eval()
-        half_model.load_state_dict({k: v.half() for k, v in model.state_dict().items()})
+    half_model = _fp16_copy(model, flags, device) if gpu else None
 
     aug_fast = DiffAug(model, sched, compile=True, dtype=torch.bfloat16)
     aug_plain = DiffAug(model, sched)
@@ -252,9 +256,8 @@ def run_ensemble(device=None, batch: int = 8, size: Optional[int] = None, flags:
             return clf_net(v.contiguous(memory_format=torch.channels_last))
 
     published_unet = model
-    if gpu:  # the published code's fp16 model (guided-diffusion's use_fp16 converts the weights)
-        half = create_adm_unet(**flags).to(device).half().eval()
-        half.load_state_dict({k: v.half() for k, v in model.state_dict().items()})
+    if gpu:
+        half = _fp16_copy(model, flags, device)
         published_unet = lambda x_t, t: half(x_t.half(), t).float()  # noqa: E731
 
     sched = NoiseSchedule.linear(1000)
