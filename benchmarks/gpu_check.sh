@@ -12,7 +12,7 @@
 # Measured on an H200 (2026-11-26): environment 6-9 s, build 54-69 s, tests with the sanitizer beside them
 # 150-215 s, ops benchmark 22-41 s, RNG floor 18 s, DE benchmark 64 s (before its two compiled rows were added),
 # UNet/DiffAug-step benchmark 111 s. Everything does not fit one 600 s call: run it as two, e.g.
-#   GPU_CHECK_STEPS=tests,bench1,floor,bench2 ...   then   GPU_CHECK_STEPS=ensemble,model,model-cudnn ...
+#   GPU_CHECK_STEPS=tests,bench1,floor,model ...   then   GPU_CHECK_STEPS=ensemble,model-cudnn,bench2 ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -141,7 +141,7 @@ step environment 60 5 env_info 2>&1 | tee "$W/env.log"
 step build 300 60 build
 # GPU_CHECK_STEPS picks and orders the steps after the build (default: all, correctness first), e.g.
 # GPU_CHECK_STEPS=bench1,floor,bench2 when only the timings are missing and device time is short.
-STEPS="${GPU_CHECK_STEPS:-tests,bench1,floor,ensemble,bench2,model,model-cudnn}"
+STEPS="${GPU_CHECK_STEPS:-tests,bench1,floor,model,ensemble,bench2,model-cudnn}"
 # Without the CUDA kernels (a failed compile falls back to CPU) Triton is still worth testing and timing.
 if "$PY" -c "import diffaug_kernels" 2>/dev/null; then
   for s in ${STEPS//,/ }; do
