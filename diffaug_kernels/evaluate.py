@@ -481,9 +481,7 @@ def evaluate_dataset(clfs, aug, dataset: Dataset, modes: Sequence[str], cfg: Eva
             if n in features:
                 f = clf.penultimate(x).float()
                 feats[n].append(f.cpu())
-                head = clf.linear_head()
-                logits0 = _restrict(F.linear(f, head.weight.float(), head.bias.float() if head.bias is not None
-                                             else None), allowed)
+                logits0 = _restrict(_apply_head(clf.linear_head(), f), allowed)
             else:
                 logits0 = _restrict(clf(x).float(), allowed)
             p0 = torch.softmax(logits0, -1)
@@ -613,6 +611,11 @@ def run(classifiers, aug, datasets: Sequence[DatasetSpec], cfg: EvalConfig, out:
 FEATURE_SCORES = ("react", "ash", "scale")
 
 
+def _apply_head(head: torch.nn.Linear, f: Tensor) -> Tensor:
+    """The classifier's linear head on float32 features, in float32."""
+    return F.linear(f, head.weight.float(), None if head.bias is None else head.bias.float())
+
+
 def feature_head_check(clf, x: Tensor) -> Optional[str]:
     """None when clf's logits are its final nn.Linear applied to its penultimate features (so ReAct, ASH-S and
     SCALE apply, dk.ood), else the reason they do not. x: a few input images to check on."""
@@ -624,7 +627,7 @@ def feature_head_check(clf, x: Tensor) -> Optional[str]:
     with torch.no_grad():
         z = clf(x).float()
         f = clf.penultimate(x).float()
-        zf = F.linear(f, head.weight.float(), None if head.bias is None else head.bias.float())
+        zf = _apply_head(head, f)
     if zf.shape != z.shape or not torch.allclose(zf, z, rtol=1e-3, atol=1e-3 * (1 + z.abs().max().item())):
         return "its logits are not its linear head applied to its pre-logit features"
     return None
