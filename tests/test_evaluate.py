@@ -272,6 +272,16 @@ def test_ood_feature_scores_are_dk_ood_on_the_penultimate_features(tmp_path):
         np.testing.assert_allclose(z["Default/react"], dk.ood.react(f_ood, w, b, thr2).numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_feature_scores_need_logits_that_are_the_linear_head_of_the_features(tmp_path):
+    clf = tc.load_classifier(_checkpoint(tmp_path / "a.pt"))
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    assert ev.feature_head_check(clf, x) is None
+    forward = clf.net.forward
+    clf.net.forward = lambda v: 2 * forward(v)  # something after the head: the features would not explain it
+    assert "not its linear head" in ev.feature_head_check(clf, x)
+    assert "no penultimate features" in ev.feature_head_check(clf.net, x)
+
+
 def test_ood_metrics_of_nan_scores_are_reported_not_raised():
     m = ev._metrics(np.array([1.0, np.nan]), np.array([0.0, 0.5]))
     assert m == {"auroc": None, "fpr95": None, "non_finite": 1}
