@@ -26,13 +26,23 @@ def _time_call(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and (
+        "out of memory" in str(e) or "can't allocate memory" in str(e)))
+
+
 def pick_chunk(aug: DiffAug, x_t: Tensor, t: Tensor, batch: int) -> int:
-    """Rows per UNet call for the expansion, measured once per model, device and shape: bigger calls are not
-    always faster (on a 2-core CPU one call holding all 9 times of an 8M-parameter ADM UNet at 32x32 ran at
-    0.6-0.8x the per-t loop), so time each candidate (B, 2B, 4B, ..., all rows; one warm-up call, then the
-    best of two) and keep the one with the best rows per second."""
+    """Rows per UNet call for the expansion, chosen once per model, device and shape (candidates B, 2B, 4B, ...,
+    all rows), within what memory holds: a candidate that runs out of memory ends the search.
+
+    Eager model: bigger calls are not always faster (on a 2-core CPU one call holding all 9 times of an
+    8M-parameter ADM UNet at 32x32 ran at 0.6-0.8x the per-t loop), so each candidate is timed (one warm-up
+    call, then the best of two) and the best rows per second wins. Compiled model (DiffAug(compile=True)):
+    every new size would be compiled (and captured as a CUDA graph) just to be timed, so the largest candidate
+    that fits is taken untimed (measured on the CPU: all 9 times in one compiled call, 1.14x the compiled
+    per-t loop)."""
     total = x_t.shape[0]
-    key = (id(aug.model), x_t.device, tuple(x_t.shape[1:]), x_t.dtype, batch, total)
+    key = (id(aug.model), aug.compiled, x_t.device, tuple(x_t.shape[1:]), x_t.dtype, batch, total)
     if key in _CHUNKS:
         return _CHUNKS[key]
     cands, c = [], batch
@@ -40,14 +50,30 @@ def pick_chunk(aug: DiffAug, x_t: Tensor, t: Tensor, batch: int) -> int:
         cands.append(c)
         c *= 2
     cands.append(total)
-    best, best_rate = cands[0], 0.0
+    if aug.compiled:
+        cands.reverse()
+    best, best_rate = None, 0.0
     with torch.no_grad():
         for c in cands:
             run = lambda: aug.denoise(x_t[:c], t[:c])  # noqa: E731
-            run()  # warm-up at this size (compile, cuDNN algorithm search, allocator): not timed
-            rate = c / min(_time_call(run, x_t.device) for _ in range(2))
+            try:
+                run()  # warm-up at this size (compile, cuDNN algorithm search, allocator): not timed
+                rate = float("inf") if aug.compiled else c / min(_time_call(run, x_t.device) for _ in range(2))
+            except Exception as e:  # noqa: BLE001 - only out-of-memory is handled
+                if not _is_oom(e):
+                    raise
+                if x_t.is_cuda:
+                    torch.cuda.empty_cache()
+                if aug.compiled:
+                    continue  # try the next smaller size
+                break  # larger sizes would not fit either
             if rate > best_rate:
                 best, best_rate = c, rate
+            if aug.compiled:
+                break
+    if best is None:
+        raise torch.OutOfMemoryError(f"DiffAug-Ensemble: even {cands[-1 if aug.compiled else 0]} rows per UNet "
+                                     f"call ran out of memory; pass a smaller batch")
     _CHUNKS[key] = best
     return best
 

@@ -107,3 +107,40 @@ def test_bench_ensemble_runs_and_reports(tmp_path):
     assert len(res["ratios"]) == 5
     assert res["chunk_rows"] % 2 == 0 and 2 <= res["chunk_rows"] <= 18
     assert (tmp_path / "de.json").exists()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_chunk_search_stops_at_what_memory_holds(parts, monkeypatch, compiled):
+    """Candidates that run out of memory are not taken; a compiled model takes the largest that fits, untimed."""
+    clf, aug = parts
+    monkeypatch.setattr(ensemble, "_CHUNKS", {})
+    monkeypatch.setattr(aug, "compiled", compiled)
+    tried = []
+
+    def denoise(xs, ts):
+        tried.append(xs.shape[0])
+        if xs.shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return torch.zeros(xs.shape[0], 6, *xs.shape[2:])
+
+    monkeypatch.setattr(aug, "denoise", denoise)
+    timed = []
+    monkeypatch.setattr(ensemble, "_time_call", lambda fn, d: timed.append(fn()) or 1.0)
+    x_t, t = torch.randn(18, 3, 8, 8), torch.zeros(18, dtype=torch.long)
+    chunk = ensemble.pick_chunk(aug, x_t, t, 2)
+    assert chunk == 4
+    if compiled:
+        assert tried == [18, 16, 8, 4] and not timed
+    else:
+        assert tried[0] == 2 and 8 in tried and 16 not in tried and timed
+
+    def always_oom(xs, ts):
+        raise torch.OutOfMemoryError("out of memory (simulated)")
+
+    monkeypatch.setattr(ensemble, "_CHUNKS", {})
+    monkeypatch.setattr(aug, "denoise", always_oom)
+    with pytest.raises(torch.OutOfMemoryError, match="pass a smaller batch"):
+        ensemble.pick_chunk(aug, x_t, t, 2)
+    monkeypatch.setattr(aug, "denoise", lambda xs, ts: (_ for _ in ()).throw(ValueError("not memory")))
+    with pytest.raises(ValueError, match="not memory"):
+        ensemble.pick_chunk(aug, x_t, t, 2)
