@@ -264,16 +264,22 @@ def _empty_out(x: Tensor, rows, dtype: torch.dtype, device=None) -> Tensor:
 _POOL_MIN_BYTES = 16 << 20  # csrc/cpu_kernels.cpp's BufferPool::kMinBytes: smaller outputs skip the pool
 
 
-def _alloc(x: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
-    """A fused op's real output. On CPU, large outputs come from the extension's buffer pool (reused, warm
-    memory instead of fresh pages faulted in on every call: see csrc/cpu_kernels.cpp)."""
-    big = x.numel() // max(x.shape[0], 1) * rows * dtype.itemsize >= _POOL_MIN_BYTES
-    if big and x.device.type == "cpu" and _ext._C is not None:
-        meta = _empty_out(x, rows, dtype, device="meta")
-        out = torch.ops.diffaug_kernels_C.empty_cpu_output(meta.shape, meta.stride(), dtype)
-    else:
-        out = _empty_out(x, rows, dtype)
+def _pooled(nbytes: int, device: torch.device) -> bool:
+    """Whether an output comes from the extension's CPU buffer pool: large CPU outputs reuse warm memory instead
+    of fresh pages faulted in on every call (csrc/cpu_kernels.cpp)."""
+    return device.type == "cpu" and _ext._C is not None and nbytes >= _POOL_MIN_BYTES
+
+
+def _poisoned(out: Tensor) -> Tensor:
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
+def _alloc(x: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
+    """A fused op's real output: x's layout with `rows` rows (see _empty_out)."""
+    if _pooled(x.numel() // max(x.shape[0], 1) * rows * dtype.itemsize, x.device):
+        meta = _empty_out(x, rows, dtype, device="meta")
+        return _poisoned(torch.ops.diffaug_kernels_C.empty_cpu_output(meta.shape, meta.stride(), dtype))
+    return _poisoned(_empty_out(x, rows, dtype))
 
 
 def _direct(*tensors: Tensor) -> bool:
@@ -395,7 +401,11 @@ def philox_normal(shape: Sequence[int], seed=None, offset=0, device=None, dtype=
     name = resolve_backend(backend, device)
     if name == "reference":
         return reference.philox_normal(shape, seed_t, off_t, device, dtype)
-    out = torch.empty(shape, dtype=torch.float32, device=device)
+    if _pooled(4 * math.prod(shape), device):
+        meta = torch.empty(shape, dtype=torch.float32, device="meta")
+        out = torch.ops.diffaug_kernels_C.empty_cpu_output(meta.shape, meta.stride(), torch.float32)
+    else:
+        out = torch.empty(shape, dtype=torch.float32, device=device)
     _BACKENDS[name].philox_normal_out(seed_t, off_t, out)
     return out.to(dtype)
 
