@@ -3,7 +3,8 @@
 // Work is split into (row, chunk) tasks over a [B, C, S] view of each tensor (S = the collapsed spatial
 // dims, contiguous or channels_last), run by at::parallel_for (torch's OpenMP pool). The inner loops are
 // plain counted loops over float buffers so the compiler vectorises them (-O3 -march=native; see
-// `python setup.py build_ext` with DIFFAUG_VEC_REPORT=1 for GCC's -fopt-info-vec report).
+// `python setup.py build_ext` with DIFFAUG_VEC_REPORT=1 for GCC's -fopt-info-vec report), except the Philox
+// words, written with AVX-512 intrinsics where the build targets it (philox16), scalar otherwise.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
