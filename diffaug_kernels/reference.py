@@ -86,20 +86,23 @@ def assert_t_on_device(t: torch.Tensor, T: int) -> None:
 
 
 def _per_sample(table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
-    assert_t_on_device(t, table.shape[0])
     return table[t].reshape(-1, *([1] * (ndim - 1)))
 
 
-def _as_t(t, batch: int, device) -> torch.Tensor:
+def _as_t(t, batch: int, device, T: int) -> torch.Tensor:
+    """t as int64 [batch] on device, range-checked on the device once per op (see assert_t_on_device)."""
     if isinstance(t, torch.Tensor):
-        return t.to(device=device, dtype=torch.int64).expand(batch) if t.dim() == 0 else t.to(device, torch.int64)
-    return torch.full((batch,), int(t), dtype=torch.int64, device=device)
+        t = t.to(device=device, dtype=torch.int64).expand(batch) if t.dim() == 0 else t.to(device, torch.int64)
+    else:
+        t = torch.full((batch,), int(t), dtype=torch.int64, device=device)
+    assert_t_on_device(t, T)
+    return t
 
 
 def forward_noise(x0, t, schedule: NoiseSchedule, seed, offset=0, out_dtype=None):
     """x_t = sqrt_alphas_cumprod[t] * x0 + sqrt_one_minus_alphas_cumprod[t] * philox_normal(x0.shape, seed, offset)."""
     cd = _compute_dtype(x0.dtype)
-    t = _as_t(t, x0.shape[0], x0.device)
+    t = _as_t(t, x0.shape[0], x0.device, schedule.num_timesteps)
     a = _per_sample(schedule.table("sqrt_alphas_cumprod", x0.device, cd), t, x0.dim())
     s = _per_sample(schedule.table("sqrt_one_minus_alphas_cumprod", x0.device, cd), t, x0.dim())
     eps = philox_normal(x0.shape, seed, offset, x0.device).to(cd)
@@ -121,7 +124,7 @@ def tweedie(x_t, model_output, t, schedule: NoiseSchedule, prediction="eps", cli
     C = x_t.shape[1]
     out = model_output[:, :C].to(cd)
     x = x_t.to(cd)
-    t = _as_t(t, x_t.shape[0], x_t.device)
+    t = _as_t(t, x_t.shape[0], x_t.device, schedule.num_timesteps)
 
     def g(name):
         return _per_sample(schedule.table(name, x_t.device, cd), t, x_t.dim())
