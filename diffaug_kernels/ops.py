@@ -274,11 +274,15 @@ def _poisoned(out: Tensor) -> Tensor:
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
+def _from_pool(meta: Tensor) -> Tensor:
+    """A CPU tensor from the buffer pool with meta's shape, strides and dtype."""
+    return torch.ops.diffaug_kernels_C.empty_cpu_output(meta.shape, meta.stride(), meta.dtype)
+
+
 def _alloc(x: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
     """A fused op's real output: x's layout with `rows` rows (see _empty_out)."""
     if _pooled(x.numel() // max(x.shape[0], 1) * rows * dtype.itemsize, x.device):
-        meta = _empty_out(x, rows, dtype, device="meta")
-        return _poisoned(torch.ops.diffaug_kernels_C.empty_cpu_output(meta.shape, meta.stride(), dtype))
+        return _poisoned(_from_pool(_empty_out(x, rows, dtype, device="meta")))
     return _poisoned(_empty_out(x, rows, dtype))
 
 
@@ -402,8 +406,7 @@ def philox_normal(shape: Sequence[int], seed=None, offset=0, device=None, dtype=
     if name == "reference":
         return reference.philox_normal(shape, seed_t, off_t, device, dtype)
     if _pooled(4 * math.prod(shape), device):
-        meta = torch.empty(shape, dtype=torch.float32, device="meta")
-        out = torch.ops.diffaug_kernels_C.empty_cpu_output(meta.shape, meta.stride(), torch.float32)
+        out = _from_pool(torch.empty(shape, dtype=torch.float32, device="meta"))
     else:
         out = torch.empty(shape, dtype=torch.float32, device=device)
     _BACKENDS[name].philox_normal_out(seed_t, off_t, out)
