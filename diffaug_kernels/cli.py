@@ -213,8 +213,7 @@ def _add_evaluate(sub) -> None:
                        description="Top-1 accuracy of train_classifier checkpoints under Default, DiffAug-Ensemble, "
                                    "DDA and DDA-SE on digits(-C), CIFAR-10(-C) and ImageFolder sets (ImageNet, "
                                    "-C, -R, -Sketch, -A, -D); OOD detection (MSP, energy, ReAct, ASH-S, SCALE) with "
-                                   "--ood-datasets. JSON "
-                                   "per classifier x dataset in --out, resumable.")
+                                   "--ood-datasets. JSON per classifier x dataset in --out, resumable.")
     p.add_argument("--classifier", action="append", required=True, metavar="[NAME=]PATH",
                    help="a train_classifier checkpoint (repeatable; the table's row name is NAME, or the "
                         "checkpoint's folder)")
