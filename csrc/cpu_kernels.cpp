@@ -66,7 +66,7 @@ uint64_t seed_of(const Tensor& seed) {
 #if defined(__AVX512F__)
 // Sixteen counters at once. GCC vectorises the scalar rounds with 64-bit lanes and vpmullq; Philox needs only
 // the 32x32 -> 64 products that vpmuludq gives for the even lanes (and, shifted, the odd ones), which halves
-// the cost of the words (measured on the 2-core EPYC: 1.46 -> 1.03 ns per normal on one core, bit-exact).
+// the cost of the words (bit-exact; RESULTS.md 2026-11-26 has the benchmark before and after).
 inline void mulhilo16(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
   const __m512i even = _mm512_mul_epu32(a, m);
   const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
