@@ -45,6 +45,30 @@ bool vectorizable(const Tensor& x, const View3& v) {
   return v.sample_dense() && (v.C * v.S) % E == 0 && addr % (sizeof(T) * E) == 0 && (v.B == 1 || v.sb % E == 0);
 }
 
+// Whether a tensor suits the planar kernels: each (b, c) plane dense (unit stride), E | S, and every plane
+// start aligned for vector access. Those kernels give each block one plane slice, so nothing per element
+// divides (a 64-bit division costs about as much as the rest of tweedie's per-element work).
+template <typename T, int E>
+bool plane_vectorizable(const Tensor& x, const View3& v) {
+  const auto addr = reinterpret_cast<uintptr_t>(x.data_ptr());
+  return (v.S == 1 || v.ss == 1) && v.S % E == 0 && addr % (sizeof(T) * E) == 0 && (v.B == 1 || v.sb % E == 0) &&
+         (v.C == 1 || v.sc % E == 0);
+}
+
+// Planar launch shape: grid.x = planes, grid.y = slices of one plane; dim3's y is at most 65535. Threads per
+// block shrink (in whole warps) for small planes so that few lanes idle.
+struct PlaneLaunch {
+  dim3 grid, block;
+  bool ok;
+};
+inline PlaneLaunch plane_launch(int64_t planes, int64_t units_per_plane) {
+  const int64_t threads = std::min<int64_t>(kThreads, std::max<int64_t>(32, (units_per_plane + 31) / 32 * 32));
+  const int64_t slices = (units_per_plane + threads - 1) / threads;
+  const bool ok = planes > 0 && planes < (int64_t{1} << 31) && slices <= 65535 && units_per_plane >= 32;
+  return {dim3(static_cast<unsigned>(ok ? planes : 1), static_cast<unsigned>(ok ? slices : 1)),
+          dim3(static_cast<unsigned>(threads)), ok};
+}
+
 __device__ __forceinline__ int64_t offset_of(int64_t i, const View3& v) {
   const int64_t s = i % v.S, bc = i / v.S;
   return (bc / v.C) * v.sb + (bc % v.C) * v.sc + s * v.ss;
@@ -135,6 +159,40 @@ __global__ void __launch_bounds__(kThreads) noise_kernel(
   }
 }
 
+// One block per slice of one (b, c) plane: t, the coefficients and the plane's addresses are per block.
+template <typename in_t, typename out_t, int VEC>
+__global__ void __launch_bounds__(kThreads) noise_plane_kernel(
+    const in_t* __restrict__ x, out_t* __restrict__ out, const int64_t* __restrict__ t, int64_t tk, int64_t tb,
+    const acc_t<in_t>* __restrict__ ca, const acc_t<in_t>* __restrict__ cb, int64_t T,
+    const int64_t* __restrict__ seed_p, const int64_t* __restrict__ off_p, int64_t N, int64_t K, View3 xv,
+    View3 ov) {
+  using acc = acc_t<in_t>;
+  constexpr int E = 4 * VEC;
+  const int64_t s0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * E;  // first element in the plane
+  if (s0 >= xv.S) return;
+  const uint64_t seed = static_cast<uint64_t>(*seed_p), off = static_cast<uint64_t>(*off_p);
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const int64_t plane = blockIdx.x, b = plane / xv.C, c = plane - b * xv.C;
+  const auto xw = *reinterpret_cast<const Vec<in_t, E>*>(x + b * xv.sb + c * xv.sc + s0);
+  acc xr[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) xr[e] = static_cast<acc>(xw.v[e]);
+  // N and S are multiples of 4 here, so element k * N + plane * S + s0 starts a counter.
+  const uint64_t ctr0 = off + static_cast<uint64_t>(plane * xv.S + s0) / 4;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t ti = t[k * tk + b * tb];
+    CUDA_KERNEL_ASSERT(ti >= 0 && ti < T);
+    const acc a = ca[ti], sg = cb[ti];
+    float nz[E];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) normals4(ctr0 + static_cast<uint64_t>(k * N) / 4 + v, k0, k1, nz + 4 * v);
+    Vec<out_t, E> vo;
+#pragma unroll
+    for (int e = 0; e < E; ++e) vo.v[e] = static_cast<out_t>(a * xr[e] + sg * static_cast<acc>(nz[e]));
+    *reinterpret_cast<Vec<out_t, E>*>(out + (k * xv.B + b) * ov.sb + c * ov.sc + s0) = vo;
+  }
+}
+
 void noise_out(const Tensor& x0_, const Tensor& t, const Tensor& coef_a, const Tensor& coef_b, const Tensor& seed,
                const Tensor& offset, Tensor out) {
   const c10::cuda::CUDAGuard guard(x0_.device());
@@ -152,6 +210,15 @@ void noise_out(const Tensor& x0_, const Tensor& t, const Tensor& coef_a, const T
     constexpr int VEC = sizeof(in_t) == 2 ? 2 : 1;  // 16-byte loads of 16-bit inputs take two counters
     constexpr int E = 4 * VEC;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "noise_out", [&] {
+      const PlaneLaunch pl = plane_launch(xv.B * xv.C, xv.S / E);
+      if (pl.ok && plane_vectorizable<in_t, E>(x0, xv) && plane_vectorizable<scalar_t, E>(out, ov)) {
+        noise_plane_kernel<in_t, scalar_t, VEC><<<pl.grid, pl.block, 0, stream>>>(
+            x0.data_ptr<in_t>(), out.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), t.stride(0), t.stride(1),
+            ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), s.data_ptr<int64_t>(), o.data_ptr<int64_t>(), N, K,
+            xv, ov);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
       const bool x_vec = vectorizable<in_t, E>(x0, xv), o_vec = vectorizable<scalar_t, E>(out, ov);
       noise_kernel<in_t, scalar_t, VEC><<<grid_for((N + E - 1) / E), kThreads, 0, stream>>>(
           x0.data_ptr<in_t>(), out.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), t.stride(0), t.stride(1),
@@ -223,6 +290,31 @@ __global__ void __launch_bounds__(kThreads) tweedie_kernel(
   }
 }
 
+template <typename in_t, typename out_t, int E>
+__global__ void __launch_bounds__(kThreads) tweedie_plane_kernel(
+    const in_t* __restrict__ x, const in_t* __restrict__ m, out_t* __restrict__ out, const int64_t* __restrict__ t,
+    int64_t tb, const acc_t<in_t>* __restrict__ ca, const acc_t<in_t>* __restrict__ cb, int64_t T, bool clip,
+    const acc_t<in_t>* __restrict__ scale, const acc_t<in_t>* __restrict__ shift, View3 xv, View3 mv, View3 ov) {
+  using acc = acc_t<in_t>;
+  const int64_t s0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * E;
+  if (s0 >= xv.S) return;
+  const int64_t plane = blockIdx.x, b = plane / xv.C, c = plane - b * xv.C;
+  const auto xw = *reinterpret_cast<const Vec<in_t, E>*>(x + b * xv.sb + c * xv.sc + s0);
+  const auto mw = *reinterpret_cast<const Vec<in_t, E>*>(m + b * mv.sb + c * mv.sc + s0);
+  const int64_t ti = t[b * tb];
+  CUDA_KERNEL_ASSERT(ti >= 0 && ti < T);
+  const acc a = ca[ti], bb = cb[ti];
+  const acc g = scale != nullptr ? scale[c] : acc(1), h = scale != nullptr ? shift[c] : acc(0);
+  Vec<out_t, E> vo;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    acc y = a * static_cast<acc>(xw.v[e]) + bb * static_cast<acc>(mw.v[e]);
+    if (clip) y = clip1(y);
+    vo.v[e] = static_cast<out_t>(scale != nullptr ? y * g + h : y);
+  }
+  *reinterpret_cast<Vec<out_t, E>*>(out + b * ov.sb + c * ov.sc + s0) = vo;
+}
+
 void tweedie_out(const Tensor& x_t, const Tensor& model_output, const Tensor& t, const Tensor& coef_a,
                  const Tensor& coef_b, bool clip, const c10::optional<Tensor>& scale, const c10::optional<Tensor>& shift,
                  Tensor out) {
@@ -241,10 +333,20 @@ void tweedie_out(const Tensor& x_t, const Tensor& model_output, const Tensor& t,
     using acc = acc_t<in_t>;
     constexpr int E = 16 / sizeof(in_t);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "tweedie_out", [&] {
+      const acc* scp = sc.defined() ? sc.data_ptr<acc>() : nullptr;
+      const acc* shp = sh.defined() ? sh.data_ptr<acc>() : nullptr;
+      const PlaneLaunch pl = plane_launch(xv.B * xv.C, xv.S / E);
+      if (pl.ok && plane_vectorizable<in_t, E>(x, xv) && plane_vectorizable<in_t, E>(m, mv) &&
+          plane_vectorizable<scalar_t, E>(out, ov)) {
+        tweedie_plane_kernel<in_t, scalar_t, E><<<pl.grid, pl.block, 0, stream>>>(
+            x.data_ptr<in_t>(), m.data_ptr<in_t>(), out.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), t.stride(0),
+            ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), clip, scp, shp, xv, mv, ov);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
       tweedie_kernel<in_t, scalar_t, E><<<grid_for((N + E - 1) / E), kThreads, 0, stream>>>(
           x.data_ptr<in_t>(), m.data_ptr<in_t>(), out.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), t.stride(0),
-          ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), clip, sc.defined() ? sc.data_ptr<acc>() : nullptr,
-          sh.defined() ? sh.data_ptr<acc>() : nullptr, N, xv, mv, ov, vectorizable<in_t, E>(x, xv),
+          ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), clip, scp, shp, N, xv, mv, ov, vectorizable<in_t, E>(x, xv),
           vectorizable<in_t, E>(m, mv), vectorizable<scalar_t, E>(out, ov), xv.S % E == 0);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

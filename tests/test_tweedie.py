@@ -148,6 +148,21 @@ def test_tweedie_on_gpu(gpu_backend, dtype, layout, prediction):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 3, 64, 64), (3, 3, 8, 32)])
+def test_tweedie_planes_on_gpu(gpu_backend, dtype, shape):
+    """Planes of several blocks each, and planes narrower than a block (the planar kernels' launch shapes)."""
+    B, C = shape[:2]
+    x = torch.randn(*shape, device=CUDA).to(dtype)
+    m = torch.randn(B, 2 * C, *shape[2:], device=CUDA).to(dtype)
+    t = torch.randint(0, 1000, (B,), device=CUDA)
+    for out_dtype in (None, torch.float32, torch.bfloat16):
+        got = dk.tweedie(x, m, t, S, "eps", True, dk.IMAGENET_NORM, out_dtype=out_dtype, backend=gpu_backend)
+        want = reference.tweedie(x, m, t, S, "eps", True, dk.IMAGENET_NORM, out_dtype=out_dtype)
+        assert_matches(got, want, mag=magnitude(x.cpu(), m.cpu(), t.cpu(), "eps", dk.IMAGENET_NORM, C).to(CUDA))
+
+
+@pytest.mark.cuda
 def test_gradients_on_gpu(gpu_backend):
     x = (torch.rand(2, 3, 8, 8, device=CUDA, dtype=torch.float64) * 2 - 1).requires_grad_()
     m = torch.randn(2, 6, 8, 8, device=CUDA, dtype=torch.float64, requires_grad=True)
