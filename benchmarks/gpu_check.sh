@@ -9,9 +9,11 @@
 # 540); a step that no longer fits is skipped and said so. GPU_CHECK_STEPS picks and orders the steps after
 # the build; GPU_TEST_WORKERS sets pytest-xdist's workers (default 8: 14 was slower); XFORMERS_WHEEL (a wheel
 # file carried along) adds xformers for the tests, so its attention path is tested too. Nothing is downloaded.
-# Measured on an H200 (2026-11-26): environment 6-9 s, build 54-69 s, tests with the sanitizer beside them
-# 150-215 s, ops benchmark 22-41 s, RNG floor 18 s, DE benchmark 64 s (before its two compiled rows were added),
-# UNet/DiffAug-step benchmark 111 s. Everything does not fit one 600 s call: run it as two, e.g.
+# Measured on an H200 (2026-11-26): environment 6-9 s, build 54-97 s, tests with the sanitizer beside them
+# 150-215 s, ops benchmark 22-74 s, RNG floor 18-33 s, UNet/DiffAug-step benchmark 111-163 s (with the
+# profile; one more compiled row since), DE benchmark 64 s before its two compiled rows were added and over
+# 199 s (cut off) with them. A session's 15 device minutes, a start included, hold about 780 s of steps: all
+# of them do not fit. Run it as two calls, e.g.
 #   GPU_CHECK_STEPS=tests,bench1,floor,model ...   then, at once on the warm machine,
 #   GPU_CHECK_BUILD=0 GPU_CHECK_STEPS=ensemble,model-cudnn,bench2 ...
 set -uo pipefail

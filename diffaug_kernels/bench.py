@@ -128,24 +128,29 @@ def flush_cache(device="cpu") -> None:
 def time_fn(fn: Callable[[], object], reps: int = 10, warmup: int = 2, device="cpu", flush: bool = True) -> Timing:
     """Median time of fn() over reps calls after warmup calls, caches flushed before each timed call
     (untimed) unless flush=False. CPU: perf_counter; CUDA: one event pair per call, one sync at the end, and
-    the GPU held busy for ~0.1 ms (torch.cuda._sleep) before each start event, so the host has queued the
-    call's kernels before the clock starts: the span is GPU time, not the host's launch cost (which
-    benchmarks/floor.py measures on its own)."""
+    the GPU held busy (torch.cuda._sleep) before each start event for 3x the longest host time of a warm-up
+    call (0.1-20 ms), so the host has queued the call's kernels before the clock starts: the span is GPU
+    time, not the host's launch cost (which benchmarks/floor.py measures on its own). A fixed 0.1 ms spin
+    let a Triton launch's ~0.3 ms of host time into the span (H200, 2026-11-26, run 3)."""
     device = torch.device(device)
     _sync(device)
     t0 = time.perf_counter()
     fn()
     _sync(device)
     first = (time.perf_counter() - t0) * 1e3
-    for _ in range(max(warmup - 1, 0)):
+    host_ms = 0.0  # the longest host time of a warm-up call (CUDA: at least one is made)
+    for _ in range(max(warmup - 1, 1 if device.type == "cuda" else 0)):
+        t0 = time.perf_counter()
         fn()
+        host_ms = max(host_ms, (time.perf_counter() - t0) * 1e3)
     _sync(device)
     if device.type == "cuda":
+        spin_cycles = int(min(20.0, max(0.1, 3 * host_ms)) * 2e6)  # at ~2 GHz, about that many ms
         ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
         for start, end in ev:
             if flush:
                 flush_cache(device)  # queued before start, so outside the timed span
-            torch.cuda._sleep(200_000)  # ~0.1 ms of GPU spin: the host gets ahead (outside the span)
+            torch.cuda._sleep(spin_cycles)  # GPU spin: the host gets ahead (outside the span)
             start.record()
             fn()
             end.record()

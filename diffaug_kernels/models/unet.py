@@ -224,7 +224,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa") -> Tensor:
         if q.device.type != "cuda":  # xformers' kernels are CUDA-only; its own error lists every kernel
             raise RuntimeError(f"attention_backend='xformers' runs on CUDA tensors only, got {q.device.type} "
                                f"tensors; use attention_backend='sdpa' (the same math) there")
-        return xops.memory_efficient_attention(q, k, v)
+        try:
+            return xops.memory_efficient_attention(q, k, v)
+        except NotImplementedError as e:  # e.g. a wheel built for another torch: its CUDA kernels do not load
+            raise RuntimeError("attention_backend='xformers': the installed xformers has no kernel for these inputs "
+                               "(`python -m xformers.info` lists what loaded; a wheel built for another torch "
+                               "version loads none); use attention_backend='sdpa' (the same math)") from e
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
 
