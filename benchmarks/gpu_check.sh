@@ -133,8 +133,12 @@ if runs:
               f"{r1['speedup']:8.2f}x{comp / r1['ms']:11.2f}x")
 for name in ("floor", "bench-ensemble", "bench-model", "bench-model-cudnn"):
     p = f"{d}/{name}.txt"
-    if os.path.exists(p):
+    if os.path.exists(p) and os.path.getsize(p):
         print(); print(open(p).read().rstrip())
+    elif os.path.exists(f"{d}/{name}.json"):  # cut off: the rows it finished
+        print(f"\n{name} (incomplete run, rows finished):")
+        for r in json.load(open(f"{d}/{name}.json"))["rows"]:
+            print(f"  {r['impl']:<52} {r['ms']:10.1f} ms  {r['images_per_s']:8.2f} img/s")
 PY
 }
 

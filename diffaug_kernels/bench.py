@@ -128,7 +128,7 @@ def flush_cache(device="cpu") -> None:
 def time_fn(fn: Callable[[], object], reps: int = 10, warmup: int = 2, device="cpu", flush: bool = True) -> Timing:
     """Median time of fn() over reps calls after warmup calls, caches flushed before each timed call
     (untimed) unless flush=False. CPU: perf_counter; CUDA: one event pair per call, one sync at the end, and
-    the GPU held busy (torch.cuda._sleep) before each start event for 3x the longest host time of a warm-up
+    the GPU held busy (torch.cuda._sleep) before each start event for 3x the host time of the last warm-up
     call (0.1-20 ms), so the host has queued the call's kernels before the clock starts: the span is GPU
     time, not the host's launch cost (which benchmarks/floor.py measures on its own). A fixed 0.1 ms spin
     let a Triton launch's ~0.3 ms of host time into the span (H200, 2026-11-26, run 3)."""
@@ -136,13 +136,13 @@ def time_fn(fn: Callable[[], object], reps: int = 10, warmup: int = 2, device="c
     _sync(device)
     t0 = time.perf_counter()
     fn()
+    host_ms = (time.perf_counter() - t0) * 1e3  # host time of the last warm-up call (queued, not finished)
     _sync(device)
     first = (time.perf_counter() - t0) * 1e3
-    host_ms = 0.0  # the longest host time of a warm-up call (CUDA: at least one is made)
-    for _ in range(max(warmup - 1, 1 if device.type == "cuda" else 0)):
+    for _ in range(max(warmup - 1, 0)):
         t0 = time.perf_counter()
         fn()
-        host_ms = max(host_ms, (time.perf_counter() - t0) * 1e3)
+        host_ms = (time.perf_counter() - t0) * 1e3
     _sync(device)
     if device.type == "cuda":
         spin_cycles = int(min(20.0, max(0.1, 3 * host_ms)) * 2e6)  # at ~2 GHz, about that many ms
@@ -353,10 +353,12 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_json(result: dict, path: str) -> None:
-    """A benchmark's result as JSON at path (its folders made)."""
+    """A benchmark's result as JSON at path (its folders made), replaced whole: a run killed mid-write leaves
+    the previous version, not half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def run_bench(shapes=((64, 3, 224, 224), (256, 3, 32, 32)), dtypes=(torch.float32, torch.bfloat16), reps: int = 10,

@@ -176,6 +176,8 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
         },
     }
     rows = []
+    result = dict(env=bench.environment(device), flags=flags, params=params, batch=batch, size=size,
+                  flops_per_forward=flops, matmul_flops_per_s=rate, reps=reps, rows=rows, complete=False)
     with torch.no_grad():
         for group, impls in cases.items():
             base = None
@@ -188,6 +190,8 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
                            pct_matmul=100 * flops / (tm.ms * 1e-3) / rate if group == "unet forward" else None)
                 rows.append(row)
                 log(f"[bench-model] {group:<13} {name:<40} {tm.ms:9.1f} ms  {ips:8.1f} img/s")
+                if json_path:  # rows so far ("complete": false), so a run cut off by a time limit keeps them
+                    bench.write_json(result, json_path)
     print(f"{bench.device_name(device)} ({device.type}), torch {torch.__version__}; UNet {params / 1e6:.1f}M params, "
           f"batch {batch} at {size}x{size}; bf16 matmul {rate / 1e12:.2f} TFLOP/s; median of {reps}")
     w = max(len(r["impl"]) for r in rows)
@@ -195,8 +199,7 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
         pct = f"{r['pct_matmul']:5.1f}% of bf16 matmul" if r["pct_matmul"] is not None else ""
         print(f"{r['group']:<13}  {r['impl']:<{w}}  {r['ms']:9.1f} ms  {r['images_per_s']:8.1f} img/s  "
               f"{r['vs_first']:5.2f}x  {pct}")
-    result = dict(env=bench.environment(device), flags=flags, params=params, batch=batch, size=size,
-                  flops_per_forward=flops, matmul_flops_per_s=rate, reps=reps, rows=rows)
+    result["complete"] = True
     if profile:
         with torch.no_grad():
             result["profile_ms"] = profile_step(lambda: aug_fast(x), device, profile)
@@ -291,22 +294,29 @@ def run_ensemble(device=None, batch: int = 8, size: Optional[int] = None, flags:
         de_chunk: lambda: diffaug_ensemble(clf, aug, x, times),
         de_all: lambda: diffaug_ensemble(clf, aug, x, times, max_batch=n_noisy * batch),
     }
+    dda = "DDA (100 steps, depth 50, guided)"
+    cases[dda] = lambda: dda_predict(clf, aug, sched, x)
+    # the compiled rows last: their compiles take minutes on a GPU, and a run cut off there keeps the rest
     c_loop, c_all = "per-t loop, dk ops, bf16 compiled", f"DE, bf16 compiled, all {n_noisy} t in one call"
     if compile:
         aug_c = DiffAug(model, sched, dtype=torch.bfloat16, compile=True)
         cases[c_loop] = lambda: _per_t_loop(clf, aug_c, x, times)
         cases[c_all] = lambda: diffaug_ensemble(clf, aug_c, x, times, max_batch=n_noisy * batch)
-    cases["DDA (100 steps, depth 50, guided)"] = lambda: dda_predict(clf, aug, sched, x)
     rows, ips = [], {}
+    result = dict(env=bench.environment(device), flags=flags, classifier=classifier, batch=batch, size=size,
+                  times=times, chunk_rows=chunk, reps=reps, dda_reps=dda_reps, compiled=compile, rows=rows,
+                  complete=False)
     with torch.no_grad():
         for name, fn in cases.items():
-            is_dda = name.startswith("DDA")
+            is_dda = name == dda
             r = dda_reps if is_dda else reps
             tm = bench.time_fn(fn, reps=r, warmup=1 if is_dda else warmup, device=device, flush=False)
             ips[name] = batch / (tm.ms * 1e-3)
             rows.append(dict(impl=name, ms=tm.ms, first_call_ms=tm.first_ms, images_per_s=ips[name],
                              vs_published_loop=ips[name] / ips[pub], reps=r))
             log(f"[bench-ensemble] {name:<52} {tm.ms:10.1f} ms  {ips[name]:8.2f} img/s")
+            if json_path:  # rows so far ("complete": false), so a run cut off by a time limit keeps them
+                bench.write_json(result, json_path)
     de_names = [de_chunk, de_all] + ([c_all] if compile else [])
     best_de = max(de_names, key=ips.get)
     ratios = {"batching, bf16 eager: DE measured chunk / dk loop": ips[de_chunk] / ips[loop],
@@ -314,7 +324,7 @@ def run_ensemble(device=None, batch: int = 8, size: Optional[int] = None, flags:
     if compile:
         ratios["batching, bf16 compiled: DE all in one call / dk loop"] = ips[c_all] / ips[c_loop]
     ratios[f"whole stack: best DE ({best_de}) / published loop"] = ips[best_de] / ips[pub]
-    ratios["DE measured chunk / DDA (same eager UNet)"] = ips[de_chunk] / ips[rows[-1]["impl"]]
+    ratios["DE measured chunk / DDA (same eager UNet)"] = ips[de_chunk] / ips[dda]
     print(f"{bench.device_name(device)} ({device.type}), torch {torch.__version__}; DE over times {times[0]}..{times[-1]} "
           f"(step {times[1] - times[0]}), batch {batch} at {size}x{size}, {classifier}; median of {reps} (DDA {dda_reps})")
     w = max(len(r["impl"]) for r in rows)
@@ -323,9 +333,7 @@ def run_ensemble(device=None, batch: int = 8, size: Optional[int] = None, flags:
               f"{r['vs_published_loop']:5.2f}x the published loop")
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
-    result = dict(env=bench.environment(device), flags=flags, classifier=classifier, batch=batch, size=size,
-                  times=times, chunk_rows=chunk, reps=reps, dda_reps=dda_reps, compiled=compile, rows=rows,
-                  ratios=ratios)
+    result.update(ratios=ratios, complete=True)
     if json_path:
         bench.write_json(result, json_path)
         log(f"[bench-ensemble] wrote {json_path}")

@@ -1,4 +1,6 @@
 """DiffAug-Ensemble: equal to a per-t loop of the reference with the same noise; t = 0 is the raw image."""
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -98,7 +100,7 @@ def test_bench_ensemble_runs_and_reports(tmp_path):
                                    compile=True, json_path=str(tmp_path / "de.json"))
     rows = {r["impl"]: r for r in res["rows"]}
     names = list(rows)
-    assert names[0] == "per-t loop, published (fp32 eager)" and names[-1].startswith("DDA") and len(names) == 7
+    assert names[0] == "per-t loop, published (fp32 eager)" and names[4].startswith("DDA") and len(names) == 7
     assert "DE, bf16 compiled, all 9 t in one call" in rows and "per-t loop, dk ops, bf16 compiled" in rows
     assert all(r["ms"] > 0 for r in res["rows"]) and res["rows"][0]["vs_published_loop"] == 1.0
     ips = {n: r["images_per_s"] for n, r in rows.items()}
@@ -106,7 +108,8 @@ def test_bench_ensemble_runs_and_reports(tmp_path):
         ips["DE, bf16 eager, all 9 t in one call"] / ips["per-t loop, dk ops, bf16 eager"])
     assert len(res["ratios"]) == 5
     assert res["chunk_rows"] % 2 == 0 and 2 <= res["chunk_rows"] <= 18
-    assert (tmp_path / "de.json").exists()
+    saved = json.loads((tmp_path / "de.json").read_text())
+    assert saved["complete"] and [r["impl"] for r in saved["rows"]] == names
 
 
 @pytest.mark.parametrize("compiled", [False, True])
