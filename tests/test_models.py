@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import diffaug_kernels.models as M
-from diffaug_kernels.models.unet import AttentionBlock, ResBlock, attention
+from diffaug_kernels.models.unet import AttentionBlock, GroupNorm32, ResBlock, attention, group_norm_nhwc
 
 
 # ------------------------------------------------------------------------ expected guided-diffusion keys
@@ -478,6 +478,36 @@ def test_xformers_on_cpu_tensors_is_a_clear_error():
     x = torch.randn(2, 3, TINY["image_size"], TINY["image_size"])
     with pytest.raises(RuntimeError, match="runs on CUDA tensors only"):
         net(x, torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_group_norm_nhwc_is_group_norm(dtype, compiled):
+    """The channels_last group norm gives F.group_norm's float32 result (any scale), and stays channels_last."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(3, 64, 9, 7, generator=g) * 5 + 2).to(dtype).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(64, generator=g), torch.randn(64, generator=g)
+    fn = torch.compile(group_norm_nhwc, fullgraph=True) if compiled else group_norm_nhwc
+    got = fn(x, 32, w, b, 1e-5)
+    want = F.group_norm(x.float(), 32, w, b, 1e-5)
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_gpu_group_norm_keeps_channels_last(monkeypatch):
+    """Traced for a GPU (fake CUDA tensors here), aten's group norm returns NCHW for a channels_last input (the
+    layout copies the H200 profile showed); GroupNorm32 then takes group_norm_nhwc and stays channels_last."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        norm = GroupNorm32(32, 64, device="cuda")
+        x = torch.empty(2, 64, 8, 8, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        assert not norm(x).is_contiguous(memory_format=torch.channels_last)  # eager: aten's kernel
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        y = norm(x)
+        assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+        xc = x.contiguous()  # NCHW inputs keep aten's group norm
+        assert norm(xc).is_contiguous()
 
 
 def test_xformers_without_kernels_is_a_clear_error(monkeypatch):

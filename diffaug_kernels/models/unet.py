@@ -81,10 +81,26 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
     return emb
 
 
+def group_norm_nhwc(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """F.group_norm in float32 of a 4-D channels_last x, computed on views of its NHWC memory; the result is
+    channels_last too. On GPUs, aten's group norm (eager, and inductor's decomposition of it) first copies a
+    channels_last input to NCHW and returns NCHW; in the compiled 256x256 UNet on an H200 those layout copies,
+    fused with the norm, were the slowest kernels of the step (RESULTS.md, 2026-11-26, session 4)."""
+    b, c, h, w = x.shape
+    xg = x.float().permute(0, 2, 3, 1).reshape(b, h * w, groups, c // groups)  # views: NHWC is x's memory order
+    var, mean = torch.var_mean(xg, dim=(1, 3), correction=0, keepdim=True)
+    y = ((xg - mean) * torch.rsqrt(var + eps)).reshape(b, h, w, c) * weight.float() + bias.float()
+    return y.permute(0, 3, 1, 2)
+
+
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype; the result comes back in the input's dtype."""
+    """GroupNorm computed in float32 whatever the input dtype; the result comes back in the input's dtype.
+    Compiled for a GPU, channels_last inputs take group_norm_nhwc (same math, no layout copies)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if (x.dim() == 4 and x.device.type != "cpu" and torch.compiler.is_compiling()
+                and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
+            return group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
         return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(),
                             self.eps).to(x.dtype)
 
