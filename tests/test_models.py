@@ -508,6 +508,16 @@ def test_compiled_gpu_group_norm_keeps_channels_last(monkeypatch):
         assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
         xc = x.contiguous()  # NCHW inputs keep aten's group norm
         assert norm(xc).is_contiguous()
+        # what inductor lowers: aten's group norm decomposes with a clone (the layout copy); this path has none
+        from torch._inductor.decomposition import select_decomp_table
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        def copies(fn):
+            graph = make_fx(fn, decomposition_table=select_decomp_table())(x).graph
+            return [str(n.target) for n in graph.nodes if n.op == "call_function" and "clone" in str(n.target)]
+
+        assert copies(norm) == []
+        assert copies(lambda v: F.group_norm(v.float(), 32, norm.weight, norm.bias, norm.eps)) != []
 
 
 def test_xformers_without_kernels_is_a_clear_error(monkeypatch):
