@@ -542,6 +542,25 @@ def test_xformers_without_kernels_is_a_clear_error(monkeypatch):
 
 
 @pytest.mark.cuda
+def test_compiled_unet_on_gpu_equals_eager(monkeypatch):
+    """Compiled for a GPU on channels_last inputs, the norms take group_norm_nhwc: the same outputs as eager
+    (float32 without TF32, and under bf16 autocast)."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    net = tiny(use_new_attention_order=True).cuda()
+    x, t, _ = inputs(net, b=4)
+    x, t = x.cuda().contiguous(memory_format=torch.channels_last), t.cuda()
+    compiled = torch.compile(net, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t), net(x, t), rtol=1e-4, atol=1e-4)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got, want = compiled(x, t).float(), net(x, t).float()
+    scale = want.abs().max()
+    assert (got - want).abs().max() <= 0.05 * scale, float((got - want).abs().max() / scale)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_xformers_attention_equals_sdpa_on_gpu(dtype):
     xops = pytest.importorskip("xformers.ops")
