@@ -7,7 +7,8 @@
 # are refreshed there after every step, so a run cut off by a time limit still returns what it finished.
 # Steps run in order of importance, each under its own time limit, within GPU_CHECK_BUDGET_S seconds (default
 # 540); a step that no longer fits is skipped and said so. GPU_CHECK_STEPS picks and orders the steps after
-# the build; GPU_TEST_WORKERS sets pytest-xdist's workers (default 8: 14 was slower); XFORMERS_WHEEL (a wheel
+# the build; GPU_TEST_WORKERS sets pytest-xdist's workers (default 8: 14 was slower); GPU_TEST_K selects GPU
+# tests by a pytest -k expression (default: all); XFORMERS_WHEEL (a wheel
 # file carried along) adds xformers for the tests, so its attention path is tested too. Nothing is downloaded.
 # Measured on an H200 (2026-11-26): environment 6-9 s, build 54-97 s, tests with the sanitizer beside them
 # 150-215 s, ops benchmark 22-74 s, RNG floor 18-33 s, UNet/DiffAug-step benchmark 111-163 s (with the
@@ -65,7 +66,10 @@ gpu_tests() {
     "$PY" -m pip install -q --no-deps --target "$W/xformers" "$XFORMERS_WHEEL" > "$W/xformers-install.log" 2>&1 \
       && export PYTHONPATH="$W/xformers${PYTHONPATH:+:$PYTHONPATH}" || tail -3 "$W/xformers-install.log"
   fi
-  "$PY" -m pytest -m cuda -q -p no:cacheprovider "${par[@]}" --junitxml="$W/pytest-cuda.xml" tests > "$W/pytest-cuda.log" 2>&1
+  # GPU_TEST_K (a pytest -k expression) runs part of them, when only some code changed since a full GPU run
+  local sel=(); [ -n "${GPU_TEST_K:-}" ] && sel=(-k "$GPU_TEST_K")
+  "$PY" -m pytest -m cuda -q -p no:cacheprovider "${par[@]}" "${sel[@]}" --junitxml="$W/pytest-cuda.xml" tests \
+    > "$W/pytest-cuda.log" 2>&1
   local rc=$?; tail -25 "$W/pytest-cuda.log"; return $rc
 }
 sanitize() {
