@@ -353,12 +353,13 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_json(result: dict, path: str) -> None:
-    """A benchmark's result as JSON at path (its folders made), replaced whole: a run killed mid-write leaves
-    the previous version, not half a file."""
+    """result as JSON at path (its folders made), replaced whole: a run killed mid-write leaves the previous
+    version, not half a file (the temporary name carries the process id, so concurrent writers do not mix)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
 
 
 def run_bench(shapes=((64, 3, 224, 224), (256, 3, 32, 32)), dtypes=(torch.float32, torch.bfloat16), reps: int = 10,

@@ -62,6 +62,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import corruptions as C
+from .bench import write_json
 
 MODES = ("Default", "DE", "DDA", "DDA-SE")
 _MODE_ALIASES = {m.lower(): m for m in MODES} | {"dda_se": "DDA-SE", "ddase": "DDA-SE", "def": "Default"}
@@ -538,13 +539,6 @@ def _load_json(path):
         return None
 
 
-def _write_json(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def run(classifiers, aug, datasets: Sequence[DatasetSpec], cfg: EvalConfig, out: Optional[str] = None,
         ood_datasets: Sequence[DatasetSpec] = (), id_dataset: Optional[DatasetSpec] = None,
         log=print) -> dict:
@@ -592,7 +586,7 @@ def run(classifiers, aug, datasets: Sequence[DatasetSpec], cfg: EvalConfig, out:
                     f"{m} {100 * rec['acc'][m]:.2f}% (n={rec['n'][m]})" for m in cfg.modes
                     if rec["acc"].get(m) is not None) + f"  ({r[cname]['seconds']:.1f}s for all classifiers)")
                 if path:
-                    _write_json(path, rec)
+                    write_json(rec, path)
         for cname, (rec, _) in recs.items():
             results[cname][ds.name] = rec
     ood_res = {}
@@ -601,8 +595,8 @@ def run(classifiers, aug, datasets: Sequence[DatasetSpec], cfg: EvalConfig, out:
     table = format_table(results, datasets, cfg.modes)
     text = table + ("\n\n" + format_ood_table(ood_res) if ood_res else "")
     if out:
-        _write_json(os.path.join(out, "summary.json"), {"results": results, "ood": ood_res,
-                                                        "settings": {m: cfg.mode_settings(m) for m in cfg.modes}})
+        write_json({"results": results, "ood": ood_res, "settings": {m: cfg.mode_settings(m) for m in cfg.modes}},
+                   os.path.join(out, "summary.json"))
         with open(os.path.join(out, "table.txt"), "w") as f:
             f.write(text + "\n")
     return {"results": results, "ood": ood_res, "table": text}
@@ -690,11 +684,11 @@ def run_ood(classifiers, aug, id_ds: DatasetSpec, ood_datasets, cfg: EvalConfig,
     thresholds: Dict[str, float] = {}
 
     def scores_of(ds: DatasetSpec, dataset=None, is_id=False) -> Dict[str, dict]:
-        got, missing, stamps = {}, {}, {}
+        got, missing, stamps, paths = {}, {}, {}, {}
         for cname, clf in classifiers:
             extra = {} if is_id or cname not in heads else {"react_threshold": thresholds[cname]}
             stamps[cname] = json.dumps(settings | extra, sort_keys=True)
-            path = os.path.join(out, f"{_safe(cname)}__{_safe(ds.name)}.scores.npz") if out else None
+            path = paths[cname] = os.path.join(out, f"{_safe(cname)}__{_safe(ds.name)}.scores.npz") if out else None
             if path and os.path.isfile(path):
                 with np.load(path) as z:
                     ok = all(k in z for k in keys[cname]) and "settings" in z and str(z["settings"]) == stamps[cname]
@@ -723,8 +717,7 @@ def run_ood(classifiers, aug, id_ds: DatasetSpec, ood_datasets, cfg: EvalConfig,
                     sc.update(_feature_scores(f, heads[cname], thresholds[cname], cfg))
                 got[cname] = sc
                 if out:
-                    np.savez(os.path.join(out, f"{_safe(cname)}__{_safe(ds.name)}.scores.npz"),
-                             settings=np.array(stamps[cname]), **extra, **sc)
+                    np.savez(paths[cname], settings=np.array(stamps[cname]), **extra, **sc)
         return got
 
     id_scores = scores_of(id_ds, id_data, is_id=True)
@@ -737,8 +730,8 @@ def run_ood(classifiers, aug, id_ds: DatasetSpec, ood_datasets, cfg: EvalConfig,
                 f"{k} AUROC " + ("n/a" if v["auroc"] is None else f"{100 * v['auroc']:.2f}")
                 for k, v in res[cname][ds.name].items()))
     if out:
-        _write_json(os.path.join(out, "ood.json"), {"id_dataset": id_ds.name, "settings": settings["ood"],
-                                                    "react_threshold": thresholds, "results": res})
+        write_json({"id_dataset": id_ds.name, "settings": settings["ood"], "react_threshold": thresholds,
+                    "results": res}, os.path.join(out, "ood.json"))
     return res
 
 
