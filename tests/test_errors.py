@@ -157,7 +157,8 @@ def test_auto_picks_the_fastest_measured_backend(monkeypatch):
 @pytest.mark.parametrize("backend", ["reference", "cuda", "triton"])
 @pytest.mark.parametrize("op", ["forward_noise", "tweedie"])
 @pytest.mark.parametrize("bad", [1000, -1])  # -1 would otherwise index the table's last entry silently
-def test_out_of_range_t_on_the_gpu_fails_on_the_device(backend, op, bad):
+@pytest.mark.parametrize("hw", [8, 32])  # the CUDA backend's general kernels (8x8 planes) and planar ones (32x32)
+def test_out_of_range_t_on_the_gpu_fails_on_the_device(backend, op, bad, hw):
     """A t tensor on the GPU is range-checked on the device (no host sync): the CUDA kernels assert, the Triton
     wrapper and the reference assert asynchronously. A device-side assertion poisons the CUDA context, so each
     case runs in its own process."""
@@ -166,7 +167,7 @@ def test_out_of_range_t_on_the_gpu_fails_on_the_device(backend, op, bad):
 
     code = (f"import torch, diffaug_kernels as dk\n"
             f"S = dk.NoiseSchedule.linear(1000)\n"
-            f"x = torch.rand(2, 3, 8, 8, device='cuda')\n"
+            f"x = torch.rand(2, 3, {hw}, {hw}, device='cuda')\n"
             f"t = torch.tensor([5, {bad}], device='cuda')\n"
             f"y = dk.forward_noise(x, t, S, seed=1, backend={backend!r}) if {op!r} == 'forward_noise' else "
             f"dk.tweedie(x, x, t, S, backend={backend!r})\n"
