@@ -13,10 +13,11 @@
 # Measured on an H200 (2026-11-26): environment 6-9 s, build 54-97 s, tests with the sanitizer beside them
 # 150-215 s, ops benchmark 22-74 s, RNG floor 18-33 s, UNet/DiffAug-step benchmark 111-163 s (with the
 # profile; one more compiled row since), DE benchmark 64 s before its two compiled rows were added and over
-# 199 s (cut off) with them. A session's 15 device minutes, a start included, hold about 780 s of steps: all
-# of them do not fit. Run it as two calls, e.g.
-#   GPU_CHECK_STEPS=tests,bench1,floor,model ...   then, at once on the warm machine,
-#   GPU_CHECK_BUILD=0 GPU_CHECK_STEPS=ensemble,model-cudnn,bench2 ...
+# 199 s (cut off) with them; the ncu step (Nsight Compute on the CUDA kernels, new) is not yet timed. A
+# session's 15 device minutes, a start included, hold about 780 s of steps: all of them do not fit. Run it as
+# two calls, e.g.
+#   GPU_CHECK_STEPS=tests,bench1,model ...   then, at once on the warm machine,
+#   GPU_CHECK_BUILD=0 GPU_CHECK_STEPS=ensemble,ncu,model-cudnn ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -99,6 +100,29 @@ PY
   done
   return $rc
 }
+kernel_profile() {
+  # Nsight Compute on one launch of each CUDA kernel at the benchmark's size: what bounds them (DRAM throughput
+  # against the issue and pipe use of the Philox / Box-Muller arithmetic), to aim the next kernel change
+  cat > "$W/ncu_ops.py" <<'PY'
+import torch, diffaug_kernels as dk
+S = dk.NoiseSchedule.linear()
+x = torch.rand(256, 3, 224, 224, device="cuda") * 2 - 1
+t = torch.randint(0, 1000, (256,), device="cuda")
+for dtype in (torch.bfloat16, torch.float32):
+    xd = x.to(dtype)
+    y = dk.forward_noise(xd, t, S, seed=1, backend="cuda")
+    dk.tweedie(y, torch.randn(256, 6, 224, 224, device="cuda", dtype=dtype), t, S, backend="cuda")
+dk.philox_normal(x.shape, 3, device="cuda", backend="cuda")
+torch.cuda.synchronize()
+PY
+  ncu --kernel-name-base function --kernel-name 'regex:noise_plane_kernel|tweedie_plane_kernel|normal_kernel' \
+      --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
+      --section WarpStateStats --section InstructionStats --section MemoryWorkloadAnalysis \
+      "$PY" "$W/ncu_ops.py" > "$W/ncu-ops.txt" 2>&1
+  local rc=$?
+  grep -E "^  [a-z_]+kernel|Duration|DRAM Throughput|Compute \(SM\) Throughput|Issue Slots Busy|Executed Ipc A|Achieved Occupancy|Registers Per" "$W/ncu-ops.txt" | head -80
+  return $rc
+}
 bench_ops() {  # bench_ops RUN
   "$PY" -m diffaug_kernels bench --device cuda --reps 50 --warmup 10 --shapes 256x3x224x224 \
     --dtypes bfloat16,float32 --ops forward_noise,tweedie,forward_noise_multi \
@@ -147,7 +171,7 @@ PY
 }
 
 export PY W
-export -f env_info build gpu_tests sanitize bench_ops bench_ensemble bench_model rng_floor
+export -f env_info build gpu_tests sanitize kernel_profile bench_ops bench_ensemble bench_model rng_floor
 step environment 60 5 env_info 2>&1 | tee "$W/env.log"
 # GPU_CHECK_BUILD=0 keeps the extension an earlier call built on the same (warm) machine, when it still loads.
 if [ "${GPU_CHECK_BUILD:-1}" = 0 ] && "$PY" -c "import diffaug_kernels as dk; assert 'cuda' in dk.available_backends()" 2>/dev/null; then
@@ -157,7 +181,7 @@ else
 fi
 # GPU_CHECK_STEPS picks and orders the steps after the build (default: all, correctness first), e.g.
 # GPU_CHECK_STEPS=bench1,floor,bench2 when only the timings are missing and device time is short.
-STEPS="${GPU_CHECK_STEPS:-tests,bench1,floor,model,ensemble,bench2,model-cudnn}"
+STEPS="${GPU_CHECK_STEPS:-tests,bench1,floor,model,ensemble,bench2,model-cudnn,ncu}"
 # Without the CUDA kernels (a failed compile falls back to CPU) Triton is still worth testing and timing.
 if "$PY" -c "import diffaug_kernels" 2>/dev/null; then
   for s in ${STEPS//,/ }; do
@@ -171,6 +195,7 @@ if "$PY" -c "import diffaug_kernels" 2>/dev/null; then
         grep -q "GPU tests.*exit 0" "$W/summary.txt" || status=1 ;;
       bench1) step "benchmark ops, run 1" 180 40 bench_ops 1 ;;
       floor) step "what bounds the ops: RNG rate alone, per-call cost" 60 15 rng_floor ;;
+      ncu) step "Nsight Compute profile of the CUDA kernels" 120 30 kernel_profile ;;
       ensemble) step "benchmark DiffAug-Ensemble vs per-t loop vs DDA" 300 90 bench_ensemble ;;
       bench2) step "benchmark ops, run 2 (run-to-run noise)" 120 30 bench_ops 2 ;;
       model) step "benchmark UNet forward + DiffAug step (+ profile)" 270 60 bench_model bench-model \

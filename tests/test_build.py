@@ -35,3 +35,16 @@ def test_cuda_sources_compiled_where_nvcc_is():
     if _ext._C is None:
         pytest.fail(f"the extension did not load: {_ext.ERROR}")
     assert _ext.has_kernel("CUDA"), "csrc/*.cu were not compiled into the extension"
+
+
+def test_gpu_check_script_parses_and_knows_its_default_steps():
+    """benchmarks/gpu_check.sh only runs on a lent GPU machine, where a typo costs device minutes: check here
+    that bash parses it and that every default step has a branch (an unknown step is reported, not run)."""
+    import re
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    default = re.search(r'STEPS="\$\{GPU_CHECK_STEPS:-([a-z0-9,-]+)\}"', text).group(1).split(",")
+    branches = set(re.findall(r"^\s+([a-z0-9-]+)\)", text, re.M))
+    assert default and set(default) <= branches, set(default) - branches
