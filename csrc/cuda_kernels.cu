@@ -162,6 +162,17 @@ __global__ void __launch_bounds__(kThreads) noise_kernel(
   }
 }
 
+// This thread's place in a planar launch (grid.x = planes, grid.y = slices of a plane): its E-element unit
+// starts at element s0 of plane (b, c); s0 >= S means the last slice's spare thread, with nothing to do.
+struct PlaneSlot {
+  int64_t s0, plane, b, c;
+};
+template <int E>
+__device__ __forceinline__ PlaneSlot plane_slot(const View3& v) {
+  const int64_t plane = blockIdx.x, b = plane / v.C;
+  return {(static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * E, plane, b, plane - b * v.C};
+}
+
 // One block per slice of one (b, c) plane: t, the coefficients and the plane's addresses are per block.
 template <typename in_t, typename out_t, int VEC>
 __global__ void __launch_bounds__(kThreads) noise_plane_kernel(
@@ -171,11 +182,11 @@ __global__ void __launch_bounds__(kThreads) noise_plane_kernel(
     View3 ov) {
   using acc = acc_t<in_t>;
   constexpr int E = 4 * VEC;
-  const int64_t s0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * E;  // first element in the plane
-  if (s0 >= xv.S) return;
+  const PlaneSlot p = plane_slot<E>(xv);
+  if (p.s0 >= xv.S) return;
+  const int64_t s0 = p.s0, plane = p.plane, b = p.b, c = p.c;
   const uint64_t seed = static_cast<uint64_t>(*seed_p), off = static_cast<uint64_t>(*off_p);
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  const int64_t plane = blockIdx.x, b = plane / xv.C, c = plane - b * xv.C;
   const auto xw = *reinterpret_cast<const Vec<in_t, E>*>(x + b * xv.sb + c * xv.sc + s0);
   acc xr[E];
 #pragma unroll
@@ -299,9 +310,9 @@ __global__ void __launch_bounds__(kThreads) tweedie_plane_kernel(
     int64_t tb, const acc_t<in_t>* __restrict__ ca, const acc_t<in_t>* __restrict__ cb, int64_t T, bool clip,
     const acc_t<in_t>* __restrict__ scale, const acc_t<in_t>* __restrict__ shift, View3 xv, View3 mv, View3 ov) {
   using acc = acc_t<in_t>;
-  const int64_t s0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * E;
-  if (s0 >= xv.S) return;
-  const int64_t plane = blockIdx.x, b = plane / xv.C, c = plane - b * xv.C;
+  const PlaneSlot p = plane_slot<E>(xv);
+  if (p.s0 >= xv.S) return;
+  const int64_t s0 = p.s0, b = p.b, c = p.c;
   const auto xw = *reinterpret_cast<const Vec<in_t, E>*>(x + b * xv.sb + c * xv.sc + s0);
   const auto mw = *reinterpret_cast<const Vec<in_t, E>*>(m + b * mv.sb + c * mv.sc + s0);
   const int64_t ti = t[b * tb];

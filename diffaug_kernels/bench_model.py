@@ -188,10 +188,8 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
                 row = dict(group=group, impl=name, ms=tm.ms, first_call_ms=tm.first_ms, images_per_s=ips,
                            vs_first=ips / base,
                            pct_matmul=100 * flops / (tm.ms * 1e-3) / rate if group == "unet forward" else None)
-                rows.append(row)
+                _keep_row(result, row, json_path)
                 log(f"[bench-model] {group:<13} {name:<40} {tm.ms:9.1f} ms  {ips:8.1f} img/s")
-                if json_path:  # rows so far ("complete": false), so a run cut off by a time limit keeps them
-                    bench.write_json(result, json_path)
     print(f"{bench.device_name(device)} ({device.type}), torch {torch.__version__}; UNet {params / 1e6:.1f}M params, "
           f"batch {batch} at {size}x{size}; bf16 matmul {rate / 1e12:.2f} TFLOP/s; median of {reps}")
     w = max(len(r["impl"]) for r in rows)
@@ -208,6 +206,14 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
         bench.write_json(result, json_path)
         log(f"[bench-model] wrote {json_path}")
     return result
+
+
+def _keep_row(result: dict, row: dict, json_path: Optional[str]) -> None:
+    """Appends row to result["rows"]; with json_path, also writes the rows so far (result["complete"] still
+    false), so a run cut off by a time limit keeps what it measured."""
+    result["rows"].append(row)
+    if json_path:
+        bench.write_json(result, json_path)
 
 
 def _per_t_loop(classifier, aug: DiffAug, x, times, tables=None, unet=None):
@@ -314,11 +320,9 @@ def run_ensemble(device=None, batch: int = 8, size: Optional[int] = None, flags:
             r = dda_reps if is_dda else reps
             tm = bench.time_fn(fn, reps=r, warmup=1 if is_dda else warmup, device=device, flush=False)
             ips[name] = batch / (tm.ms * 1e-3)
-            rows.append(dict(impl=name, ms=tm.ms, first_call_ms=tm.first_ms, images_per_s=ips[name],
-                             vs_published_loop=ips[name] / ips[pub], reps=r))
+            _keep_row(result, dict(impl=name, ms=tm.ms, first_call_ms=tm.first_ms, images_per_s=ips[name],
+                                   vs_published_loop=ips[name] / ips[pub], reps=r), json_path)
             log(f"[bench-ensemble] {name:<52} {tm.ms:10.1f} ms  {ips[name]:8.2f} img/s")
-            if json_path:  # rows so far ("complete": false), so a run cut off by a time limit keeps them
-                bench.write_json(result, json_path)
     de_names = [de_chunk, de_all] + ([c_all] if compile else [])
     best_de = max(de_names, key=ips.get)
     ratios = {"batching, bf16 eager: DE measured chunk / dk loop": ips[de_chunk] / ips[loop],

@@ -22,7 +22,6 @@ at this scale DiffAug training and DE need not beat the baseline.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -123,8 +122,8 @@ def run(out: str = "demo_out", quick: bool = False, seed: int = 0, score_model: 
 
 
 def _run(out, quick, seed, score_model, threads, overrides) -> dict:
+    from . import bench, plots
     from . import evaluate as ev
-    from . import plots
     from .augment import DiffAug
     from .data import digits
 
@@ -195,8 +194,7 @@ def _run(out, quick, seed, score_model, threads, overrides) -> dict:
         "files": {"grid": grid_path, "entropy": ent_path, "eval": os.path.join(out, "eval")},
         "times": times, "table": res["table"],
     }
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    bench.write_json(result, os.path.join(out, "results.json"))
     _say("")
     _say(res["table"])
     _say("")
