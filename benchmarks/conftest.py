@@ -27,7 +27,7 @@ def _device(config) -> torch.device:
 def pytest_generate_tests(metafunc):
     if "impl" in metafunc.fixturenames:  # the fused rows depend on what this machine has built
         dev = _device(metafunc.config)
-        impls = [bench.EAGER, bench.COMPILED] + [f"fused ({n})" for n in bench.fused_backends(dev)]
+        impls = [bench.SAME_COPY, bench.EAGER, bench.COMPILED] + [f"fused ({n})" for n in bench.fused_backends(dev)]
         metafunc.parametrize("impl", impls)
 
 

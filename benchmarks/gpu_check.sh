@@ -152,13 +152,14 @@ if runs:
     r0 = runs[0]
     print(f"{r0['env']['device_name']}: copy {r0['copy_gb_s']:.0f} GB/s")
     print(f"{'op':<20}{'dtype':<10}{'impl':<24}" + "".join(f"{'ms run' + str(i + 1):>9}" for i in range(len(runs)))
-          + f"{'GB/s':>7}{'%copy':>7}{'vs eager':>9}{'vs compiled':>12}")
+          + f"{'GB/s':>7}{'%copy':>7}{'%samecp':>8}{'vs eager':>9}{'vs compiled':>12}")
     for i, r1 in enumerate(r0["rows"]):
         comp = next(r["ms"] for r in r0["rows"] if r["op"] == r1["op"] and r["dtype"] == r1["dtype"]
                     and r["impl"].startswith("compiled"))
         ms = "".join(f"{run['rows'][i]['ms']:9.3f}" for run in runs)
+        same = r1.get("vs_same_bytes_copy")
         print(f"{r1['op']:<20}{r1['dtype']:<10}{r1['impl']:<24}{ms}{r1.get('gb_s', 0):7.0f}{r1['pct_copy']:6.0f}%"
-              f"{r1['speedup']:8.2f}x{comp / r1['ms']:11.2f}x")
+              f"{100 * same if same else float('nan'):7.0f}%{r1['speedup']:8.2f}x{comp / r1['ms']:11.2f}x")
 for name in ("floor", "bench-ensemble", "bench-model", "bench-model-cudnn"):
     p = f"{d}/{name}.txt"
     if os.path.exists(p) and os.path.getsize(p):

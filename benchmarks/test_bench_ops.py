@@ -1,5 +1,6 @@
-"""One benchmark per op: published eager, published compiled, each fused backend, grouped per shape and dtype
-so pytest-benchmark's table shows their ratios side by side. No timing decides pass or fail."""
+"""One benchmark per op: a copy of the same bytes (the ceiling at that size), published eager, published
+compiled, each fused backend, grouped per shape and dtype so pytest-benchmark's table shows their ratios side
+by side. No timing decides pass or fail."""
 import functools
 
 import pytest

@@ -14,6 +14,13 @@ def test_bench_writes_table_and_json(tmp_path, capsys):
     assert "eager (published)" in table and "compiled (published)" in table and "fused (cpu)" in table
     rows = json.loads(out.read_text())["rows"]
     assert {r["impl"] for r in rows} >= {"eager (published)", "fused (cpu)"} and all(r["ms"] > 0 for r in rows)
+    # the same-bytes copy comes first, moves what the op moves (tweedie: x_t, eps half, out), and every row's
+    # ratio to it and to eager is its own time against theirs
+    by = {r["impl"]: r for r in rows}
+    assert rows[0]["impl"] == "copy (same bytes)" and rows[0]["bytes"] == 3 * 2 * 3 * 8 * 8 * 4
+    for r in rows:
+        assert r["vs_same_bytes_copy"] == pytest.approx(by["copy (same bytes)"]["ms"] / r["ms"])
+        assert r["speedup"] == pytest.approx(by["eager (published)"]["ms"] / r["ms"])
 
 
 @pytest.mark.parametrize("argv, msg", [
