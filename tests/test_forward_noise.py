@@ -159,7 +159,7 @@ CUDA = torch.device("cuda")
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", [(3, 3, 17, 19), (8, 3, 32, 32), (2, 4, 64, 64), (5, 1, 1, 7)])
+@pytest.mark.parametrize("shape", [(3, 3, 17, 19), (8, 3, 32, 32), (2, 4, 64, 64), (5, 1, 1, 7), (2, 3, 224, 224)])
 def test_forward_noise_on_gpu(gpu_backend, dtype, layout, shape):
     x = make_layout(torch.rand(*shape, device=CUDA, dtype=torch.float64).to(dtype) * 2 - 1, layout)
     t = torch.randint(0, 1000, (shape[0],), device=CUDA)

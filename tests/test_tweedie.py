@@ -149,9 +149,10 @@ def test_tweedie_on_gpu(gpu_backend, dtype, layout, prediction):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(2, 3, 64, 64), (3, 3, 8, 32)])
+@pytest.mark.parametrize("shape", [(2, 3, 64, 64), (3, 3, 8, 32), (2, 3, 224, 224), (2, 3, 56, 56)])
 def test_tweedie_planes_on_gpu(gpu_backend, dtype, shape):
-    """Planes of several blocks each, and planes narrower than a block (the planar kernels' launch shapes)."""
+    """Planes of several blocks each, planes narrower than a block, and 16-bit planes the CUDA launch gives
+    blocks of 224 threads (224x224: 28 whole blocks; 56x56: 2 blocks, the second part idle)."""
     B, C = shape[:2]
     x = torch.randn(*shape, device=CUDA).to(dtype)
     m = torch.randn(B, 2 * C, *shape[2:], device=CUDA).to(dtype)
