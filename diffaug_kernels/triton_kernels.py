@@ -23,6 +23,19 @@ except ImportError:  # pragma: no cover - triton is a dependency of torch on Lin
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+
+def prune_blocks(units):
+    """An autotune early_config_prune: drop configs whose BLOCK exceeds the work along the block axis
+    (units(kernel args), rounded up to a power of two; the smallest BLOCK always stays). A block larger than
+    the work only masks lanes off, and every config tried costs a compile on first use: a small tensor then
+    compiles and times 2 configs instead of 6."""
+    def prune(configs, nargs, **kwargs):
+        n = max(int(units(nargs)), 1)
+        cap = max(min(c.kwargs["BLOCK"] for c in configs), 1 << (n - 1).bit_length())
+        return [c for c in configs if c.kwargs["BLOCK"] <= cap]
+    return prune
+
+
 if triton is not None:
 
     @triton.jit
@@ -206,11 +219,16 @@ if triton is not None:
         _tweedie_plane = _tweedie_plane_kernel
         _FIXED = {"BLOCK": 64}
     else:
-        _noise = triton.autotune(_CONFIGS, key=["N", "K", "X_CONTIG", "O_CONTIG", "ALIGNED", "F64"])(_noise_kernel)
-        _tweedie = triton.autotune(_CONFIGS_X4, key=["N", "X_CONTIG", "M_CONTIG", "O_CONTIG"])(_tweedie_kernel)
-        _normal = triton.autotune(_CONFIGS, key=["N"])(_normal_kernel)
-        _noise_plane = triton.autotune(_CONFIGS, key=["S", "K", "F64"])(_noise_plane_kernel)
-        _tweedie_plane = triton.autotune(_CONFIGS_X4, key=["S", "CLIP", "NORM", "F64"])(_tweedie_plane_kernel)
+        def _tune(kernel, configs, key, units):
+            return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune_blocks(units)})(
+                kernel)
+
+        _noise = _tune(_noise_kernel, _CONFIGS, ["N", "K", "X_CONTIG", "O_CONTIG", "ALIGNED", "F64"],
+                       lambda a: (a["N"] + 3) // 4)
+        _tweedie = _tune(_tweedie_kernel, _CONFIGS_X4, ["N", "X_CONTIG", "M_CONTIG", "O_CONTIG"], lambda a: a["N"])
+        _normal = _tune(_normal_kernel, _CONFIGS, ["N"], lambda a: (a["N"] + 3) // 4)
+        _noise_plane = _tune(_noise_plane_kernel, _CONFIGS, ["S", "K", "F64"], lambda a: a["S"] // 4)
+        _tweedie_plane = _tune(_tweedie_plane_kernel, _CONFIGS_X4, ["S", "CLIP", "NORM", "F64"], lambda a: a["S"])
         _FIXED = {}
 
 PLANE_MIN = 256  # planes at least this large take the planar kernels (smaller ones would idle most lanes)

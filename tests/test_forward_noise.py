@@ -152,6 +152,28 @@ def test_large_planes_match_reference(backend, layout, shape):
                    reference.forward_noise_multi(x, [0, 450, 999], S, 6, 1))
 
 
+def test_triton_autotune_tries_no_block_larger_than_the_work():
+    """The Triton kernels' autotuners drop configs whose BLOCK exceeds the work (each config tried costs a
+    compile on first use): checked through Triton's own Autotuner, which runs the hook as it would on a GPU."""
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    from diffaug_kernels.triton_kernels import prune_blocks
+
+    @triton.jit
+    def kernel(x_ptr, N, BLOCK: tl.constexpr):
+        pass
+
+    configs = [triton.Config({"BLOCK": b}, num_warps=w) for b in (128, 256, 512) for w in (4, 8)]
+    tuner = triton.autotune(configs, key=["N"], prune_configs_by={
+        "early_config_prune": prune_blocks(lambda a: (a["N"] + 3) // 4)})(kernel)
+    for n, blocks in [(0, {128}), (35, {128}), (512, {128}), (516, {128, 256}), (1025, {128, 256, 512}),
+                      (10**8, {128, 256, 512})]:
+        tuner.nargs = {"x_ptr": None, "N": n}
+        kept = tuner.prune_configs({})
+        assert {c.kwargs["BLOCK"] for c in kept} == blocks and {c.num_warps for c in kept} == {4, 8}, n
+
+
 # ------------------------------------------------------------------------------- on a GPU (-m cuda)
 CUDA = torch.device("cuda")
 
