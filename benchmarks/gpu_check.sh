@@ -8,16 +8,17 @@
 # Steps run in order of importance, each under its own time limit, within GPU_CHECK_BUDGET_S seconds (default
 # 540); a step that no longer fits is skipped and said so. GPU_CHECK_STEPS picks and orders the steps after
 # the build; GPU_TEST_WORKERS sets pytest-xdist's workers (default 8: 14 was slower); GPU_TEST_K selects GPU
-# tests by a pytest -k expression (default: all); XFORMERS_WHEEL (a wheel
-# file carried along) adds xformers for the tests, so its attention path is tested too. Nothing is downloaded.
+# tests by a pytest -k expression (default: all); XFORMERS_WHEEL (wheel files carried along: xformers, and
+# nvidia-cuda-runtime-cu12 for its libcudart.so.12) adds xformers for the tests, so its attention path is
+# tested too. Nothing is downloaded.
 # Measured on an H200 (2026-11-26): environment 6-9 s, build 54-97 s, tests with the sanitizer beside them
 # 150-215 s, ops benchmark 22-74 s, RNG floor 18-33 s, UNet/DiffAug-step benchmark 111-163 s (with the
 # profile; one more compiled row since), DE benchmark 64 s before its two compiled rows were added and over
 # 199 s (cut off) with them; the ncu step (Nsight Compute on the CUDA kernels, new) is not yet timed. A
 # session's 15 device minutes, a start included, hold about 780 s of steps: all of them do not fit. Run it as
 # two calls, e.g.
-#   GPU_CHECK_STEPS=tests,bench1,model ...   then, at once on the warm machine,
-#   GPU_CHECK_BUILD=0 GPU_CHECK_STEPS=ensemble,ncu,model-cudnn ...
+#   XFORMERS_WHEEL="$(ls .cache/*.whl)" GPU_CHECK_STEPS=tests,bench1,model ...   (carrying .cache), then, at
+#   once on the warm machine, GPU_CHECK_BUILD=0 GPU_CHECK_STEPS=ensemble,ncu,model-cudnn ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -61,11 +62,22 @@ build() {
 gpu_tests() {
   # xdist spreads the Triton/inductor compilation over the cores; every cuda-marked test, -x off so all report
   local par=(); "$PY" -c "import xdist" 2>/dev/null && par=(-n "${GPU_TEST_WORKERS:-8}")
-  # the optional xformers attention path is tested only where xformers imports: XFORMERS_WHEEL=<a wheel carried
-  # to the machine> installs it (no dependencies) into a side folder for this step
+  # the optional xformers attention path is tested only where xformers imports: XFORMERS_WHEEL="<wheels carried
+  # to the machine>" installs them (no dependencies) into a side folder for this step. The registry's xformers
+  # 0.0.35 links libcudart.so.12 (a CUDA 12.8 build); beside a CUDA 13 torch its extension then fails to load
+  # and xformers refuses CUDA inputs ("wasn't build with CUDA support", H200 run 3). The nvidia-cuda-runtime-cu12
+  # wheel supplies that library: any nvidia/*/lib folder installed here joins LD_LIBRARY_PATH.
   if [ -n "${XFORMERS_WHEEL:-}" ]; then
-    "$PY" -m pip install -q --no-deps --target "$W/xformers" "$XFORMERS_WHEEL" > "$W/xformers-install.log" 2>&1 \
-      && export PYTHONPATH="$W/xformers${PYTHONPATH:+:$PYTHONPATH}" || tail -3 "$W/xformers-install.log"
+    # shellcheck disable=SC2086  # a list of wheel files
+    if "$PY" -m pip install -q --no-deps --target "$W/xformers" $XFORMERS_WHEEL > "$W/xformers-install.log" 2>&1; then
+      export PYTHONPATH="$W/xformers${PYTHONPATH:+:$PYTHONPATH}"
+      local lib; for lib in "$W"/xformers/nvidia/*/lib; do
+        [ -d "$lib" ] && export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+      done
+      "$PY" -c "import xformers._cpp_lib as c; print('xformers extension:', 'loaded' if c._cpp_library_load_exception is None else c._cpp_library_load_exception)" 2>&1 | tail -1 | tee -a "$W/xformers-install.log"
+    else
+      tail -3 "$W/xformers-install.log"
+    fi
   fi
   # GPU_TEST_K (a pytest -k expression) runs part of them, when only some code changed since a full GPU run
   local sel=(); [ -n "${GPU_TEST_K:-}" ] && sel=(-k "$GPU_TEST_K")

@@ -242,10 +242,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa") -> Tensor:
                                f"tensors; use attention_backend='sdpa' (the same math) there")
         try:
             return xops.memory_efficient_attention(q, k, v)
-        except NotImplementedError as e:  # e.g. a wheel built for another torch: its CUDA kernels do not load
+        except NotImplementedError as e:  # e.g. its extension did not load: then it takes no CUDA input
             raise RuntimeError("attention_backend='xformers': the installed xformers has no kernel for these inputs "
-                               "(`python -m xformers.info` lists what loaded; a wheel built for another torch "
-                               "version loads none); use attention_backend='sdpa' (the same math)") from e
+                               "(`python -m xformers.info` lists what loaded; a wheel built for another CUDA or "
+                               "torch version loads none: xformers 0.0.35 from PyPI needs libcudart.so.12, e.g. "
+                               "from the nvidia-cuda-runtime-cu12 package, on the library path); use "
+                               "attention_backend='sdpa' (the same math)") from e
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
 
