@@ -13,7 +13,7 @@
 # tested too. Nothing is downloaded.
 # Measured on an H200 (2026-11-26): environment 6-9 s, build 54-97 s, tests with the sanitizer beside them
 # 150-215 s, ops benchmark 22-74 s, RNG floor 18-33 s, UNet/DiffAug-step benchmark 111-163 s (with the
-# profile; one more compiled row since), DE benchmark 64 s before its two compiled rows were added and over
+# profile; its NCHW row, one more compile, only in the model-cudnn step), DE benchmark 64 s before its two compiled rows were added and over
 # 199 s (cut off) with them; the ncu step (Nsight Compute on the CUDA kernels, new) is not yet timed. A
 # session's 15 device minutes, a start included, hold about 780 s of steps: all of them do not fit. Run it as
 # two calls, e.g.
@@ -213,8 +213,8 @@ if "$PY" -c "import diffaug_kernels" 2>/dev/null; then
       bench2) step "benchmark ops, run 2 (run-to-run noise)" 120 30 bench_ops 2 ;;
       model) step "benchmark UNet forward + DiffAug step (+ profile)" 270 60 bench_model bench-model \
              --profile "$W/bench-model-profile.txt" ;;
-      model-cudnn) step "benchmark UNet forward + DiffAug step, cudnn.benchmark" 240 60 bench_model bench-model-cudnn \
-                   --cudnn-benchmark ;;
+      model-cudnn) step "benchmark UNet forward + DiffAug step, cudnn.benchmark, + NCHW" 300 60 bench_model \
+                   bench-model-cudnn --cudnn-benchmark --nchw ;;
       *) note "unknown step '$s' in GPU_CHECK_STEPS"; status=1 ;;
     esac
   done

@@ -123,7 +123,9 @@ def profile_step(fn, device: torch.device, path: str, rows: int = 30) -> dict:
 
 def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optional[dict] = None, reps: int = 5,
         warmup: int = 2, json_path: Optional[str] = None,
-        profile: Optional[str] = None) -> dict:
+        profile: Optional[str] = None, nchw: bool = False) -> dict:
+    """The UNet forward (eager fp32, eager bf16 + channels_last, compiled; nchw: also the compiled model on a
+    contiguous input, a second compile) and the DiffAug step against the published pipeline, in one run."""
     device, gpu, flags = _device_and_unet(device, flags)
     size = size or (224 if gpu else flags["image_size"])
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -166,7 +168,7 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
             "eager fp32": lambda: model(x, t),
             "eager bf16 autocast + channels_last": bf16_eager,
             "compiled bf16 autocast + channels_last": bf16_compiled,
-            "compiled bf16 autocast, contiguous (NCHW)": bf16_compiled_nchw,
+            **({"compiled bf16 autocast, contiguous (NCHW)": bf16_compiled_nchw} if nchw else {}),
         },
         "DiffAug step": {
             f"published ({'fp16' if gpu else 'fp32'} eager)": (lambda: published_diffaug(half_model or model, x, tables,

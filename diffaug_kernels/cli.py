@@ -172,6 +172,9 @@ def _add_bench_model(sub) -> None:
     _model_bench_args(p, 64, "32 on CPU, 224 on GPU")
     p.add_argument("--profile", metavar="PATH", default=None,
                    help="also profile one compiled DiffAug step: time by kernel group and the top kernels, as text")
+    p.add_argument("--nchw", action="store_true",
+                   help="also time the compiled UNet on a contiguous (NCHW) input: which layout is faster (one more "
+                        "compile)")
     p.set_defaults(func=_run_bench_model)
 
 
@@ -180,7 +183,7 @@ def _run_bench_model(args) -> int:
 
     _model_bench_device("bench-model", args)
     bench_model.run(device=args.device, batch=args.batch, size=args.size, reps=args.reps, warmup=args.warmup,
-                    json_path=args.json, profile=args.profile)
+                    json_path=args.json, profile=args.profile, nchw=args.nchw)
     return 0
 
 

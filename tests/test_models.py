@@ -607,8 +607,9 @@ def test_bench_model_runs_at_toy_size(tmp_path):
     flags = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
                  num_head_channels=16, learn_sigma=True)
     res = bench_model.run(device="cpu", batch=2, flags=flags, reps=1, warmup=1, json_path=str(tmp_path / "m.json"),
-                          profile=str(tmp_path / "profile.txt"))
+                          profile=str(tmp_path / "profile.txt"), nchw=True)
     assert [r["group"] for r in res["rows"]] == ["unet forward"] * 4 + ["DiffAug step"] * 3
+    assert res["rows"][3]["impl"] == "compiled bf16 autocast, contiguous (NCHW)"  # opt-in: one more compile
     assert all(r["ms"] > 0 and r["images_per_s"] > 0 for r in res["rows"])
     assert res["flops_per_forward"] > 0 and json.loads((tmp_path / "m.json").read_text())["complete"]
     prof = res["profile_ms"]  # the compiled step's op time by group: convolutions and the dk ops show up
