@@ -520,6 +520,36 @@ def test_compiled_gpu_group_norm_keeps_channels_last(monkeypatch):
         assert copies(lambda v: F.group_norm(v.float(), 32, norm.weight, norm.bias, norm.eps)) != []
 
 
+@pytest.mark.parametrize("fixed", [True, False])
+def test_compiled_gpu_unet_has_no_group_norm_layout_copies(monkeypatch, fixed):
+    """The whole UNet traced for a GPU as inductor sees it (fake CUDA tensors, channels_last, inductor's
+    decompositions): no copy turns a channels_last activation into NCHW. With aten's group norm (fixed=False,
+    the eager path forced) every group norm adds one, which is what the test is there to catch."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    flags = {**TINY, "num_res_blocks": 2, "resblock_updown": True, "use_scale_shift_norm": True}
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: fixed)
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.device("cuda"):
+        net = M.create_adm_unet(**flags).eval()
+        for conv in (m for m in net.modules() if isinstance(m, torch.nn.Conv2d)):
+            conv.weight = torch.nn.Parameter(conv.weight.detach().contiguous(memory_format=torch.channels_last))
+        x = torch.empty(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+        graph = make_fx(net, decomposition_table=select_decomp_table())(x, torch.zeros(2, dtype=torch.long)).graph
+
+    def to_nchw(n):
+        if n.op != "call_function" or "clone" not in str(n.target):
+            return False
+        src, out = n.args[0].meta["val"], n.meta["val"]
+        return (src.dim() == 4 and src.shape[0] == 2 and min(src.shape[2:]) > 1 and not src.is_contiguous()
+                and src.is_contiguous(memory_format=torch.channels_last) and out.is_contiguous())
+
+    norms = sum(isinstance(m, GroupNorm32) for m in net.modules())
+    copies = sum(map(to_nchw, graph.nodes))
+    assert copies == (0 if fixed else norms), (copies, norms)
+
+
 def test_xformers_without_kernels_is_a_clear_error(monkeypatch):
     """An xformers whose CUDA kernels did not load (a wheel for another torch) raises NotImplementedError with
     a long list; attention() says what happened instead. A stand-in module and fake CUDA tensors run it here."""
