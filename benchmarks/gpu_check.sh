@@ -17,8 +17,8 @@
 # 199 s (cut off) with them; the ncu step (Nsight Compute on the CUDA kernels, new) is not yet timed. A
 # session's 15 device minutes, a start included, hold about 780 s of steps: all of them do not fit. Run it as
 # two calls, e.g.
-#   XFORMERS_WHEEL="$(ls .cache/*.whl)" GPU_CHECK_STEPS=tests,bench1,model ...   (carrying .cache), then, at
-#   once on the warm machine, GPU_CHECK_BUILD=0 GPU_CHECK_STEPS=ensemble,ncu,model-cudnn ...
+#   XFORMERS_WHEEL="$(ls .cache/*.whl)" GPU_CHECK_STEPS=tests,bench1,ncu,model ...   (carrying .cache), then,
+#   at once on the warm machine, GPU_CHECK_BUILD=0 GPU_CHECK_STEPS=ensemble,bench2 ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -194,7 +194,7 @@ else
 fi
 # GPU_CHECK_STEPS picks and orders the steps after the build (default: all, correctness first), e.g.
 # GPU_CHECK_STEPS=bench1,floor,bench2 when only the timings are missing and device time is short.
-STEPS="${GPU_CHECK_STEPS:-tests,bench1,floor,model,ensemble,bench2,model-cudnn,ncu}"
+STEPS="${GPU_CHECK_STEPS:-tests,bench1,ncu,model,ensemble,bench2,model-cudnn,floor}"
 # Without the CUDA kernels (a failed compile falls back to CPU) Triton is still worth testing and timing.
 if "$PY" -c "import diffaug_kernels" 2>/dev/null; then
   for s in ${STEPS//,/ }; do
