@@ -70,9 +70,19 @@ def _add_bench(sub) -> None:
                    help="keep caches warm between calls (default: evict them before each timed call)")
     p.add_argument("--json", metavar="PATH", default=None,
                    help=f"write results here (default: {RESULTS_DIR}/<device>-<date>.json when that folder "
-                        "exists under the current directory)")
+                        "exists under the current directory; -2, -3, ... is added rather than replace a file)")
     p.add_argument("--no-json", action="store_true", help="write no JSON file")
     p.set_defaults(func=_run_bench)
+
+
+def _unused_path(stem: str, ext: str = ".json") -> str:
+    """stem + ext, or stem-2 + ext, -3, ...: the first name not taken. A default output name never replaces a
+    kept result (an earlier run of the same day); --json names a file to write whatever is there."""
+    path, n = stem + ext, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{stem}-{n}{ext}"
+    return path
 
 
 def _run_bench(args) -> int:
@@ -90,7 +100,7 @@ def _run_bench(args) -> int:
         torch.set_num_threads(args.threads)
     json_path = args.json
     if json_path is None and not args.no_json and os.path.isdir(RESULTS_DIR):
-        json_path = os.path.join(RESULTS_DIR, f"{device.type}-{datetime.date.today().isoformat()}.json")
+        json_path = _unused_path(os.path.join(RESULTS_DIR, f"{device.type}-{datetime.date.today().isoformat()}"))
     bench.run_bench(shapes=args.shapes, dtypes=args.dtypes or (torch.float32, torch.bfloat16), reps=args.reps,
                     warmup=args.warmup, device=device, json_path=None if args.no_json else json_path,
                     op_names=args.ops, flush=not args.no_flush)

@@ -23,6 +23,25 @@ def test_bench_writes_table_and_json(tmp_path, capsys):
         assert r["speedup"] == pytest.approx(by["eager (published)"]["ms"] / r["ms"])
 
 
+def test_bench_default_json_never_replaces_a_kept_result(tmp_path, monkeypatch, capsys):
+    """Without --json the table goes to benchmarks/results/<device>-<date>.json; a file of that name (an
+    earlier run's kept result) stays as it was and the new one takes the next free -N name."""
+    import datetime
+
+    monkeypatch.chdir(tmp_path)
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    stem = f"cpu-{datetime.date.today().isoformat()}"
+    (results / f"{stem}.json").write_text("kept")
+    argv = ["bench", "--device", "cpu", "--shapes", "2x3x8x8", "--dtypes", "float32", "--ops", "tweedie",
+            "--reps", "1", "--warmup", "1"]
+    assert cli.main(argv) == 0 and cli.main(argv) == 0
+    capsys.readouterr()
+    assert (results / f"{stem}.json").read_text() == "kept"
+    assert json.loads((results / f"{stem}-2.json").read_text())["rows"]
+    assert json.loads((results / f"{stem}-3.json").read_text())["rows"]
+
+
 @pytest.mark.parametrize("argv, msg", [
     (["bench", "--shapes", "2x3x8"], "BxCxHxW"),
     (["bench", "--dtypes", "int8"], "dtypes must be"),
