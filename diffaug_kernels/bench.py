@@ -425,4 +425,5 @@ def run_bench(shapes=((64, 3, 224, 224), (256, 3, 32, 32)), dtypes=(torch.float3
 
 
 __all__ = ["SAME_COPY", "Case", "Timing", "compiled", "copy_bandwidth", "environment", "flush_cache",
-           "format_table", "fused_backends", "make_case", "published_forward_noise", "published_tweedie", "run_bench", "time_fn"]
+           "format_table", "fused_backends", "make_case", "published_forward_noise", "published_tweedie",
+           "run_bench", "time_fn"]

@@ -252,8 +252,8 @@ def run_ensemble(device=None, batch: int = 8, size: Optional[int] = None, flags:
     fp32 eager on CPU), the base of every ratio; the per-t loop with the dk ops and a bf16-autocast eager UNet;
     dk.diffaug_ensemble with that same UNet (the chunk measured by pick_chunk, and all noisy times in one call):
     against the dk loop, the batching policy's gain alone; DDA; with compile (default on GPU),
-    dk.diffaug_ensemble (all times in one call) and the per-t loop with DiffAug(compile=True) (CUDA graphs on GPU). The
-    classifier is the same bf16-autocast module everywhere.
+    dk.diffaug_ensemble (all times in one call) and the per-t loop with DiffAug(compile=True) (CUDA graphs on
+    GPU). The classifier is the same bf16-autocast module everywhere.
 
     CPU default: the 8M-parameter UNet at 32x32 with a timm resnet18, batch 8. GPU: the paper's 256x256
     unconditional model at 256x256 with a timm resnet50, batch 8."""
