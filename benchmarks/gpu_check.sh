@@ -132,7 +132,7 @@ PY
       --section WarpStateStats --section InstructionStats --section MemoryWorkloadAnalysis \
       "$PY" "$W/ncu_ops.py" > "$W/ncu-ops.txt" 2>&1
   local rc=$?
-  grep -E "^  [a-z_]+kernel|Duration|DRAM Throughput|Compute \(SM\) Throughput|Issue Slots Busy|Executed Ipc A|Achieved Occupancy|Registers Per" "$W/ncu-ops.txt" | head -80
+  grep -E "(noise_plane|tweedie_plane|normal)_kernel|Duration|DRAM Throughput|Compute \(SM\) Throughput|Issue Slots Busy|Executed Ipc A|Achieved Occupancy|Registers Per" "$W/ncu-ops.txt" | head -80
   return $rc
 }
 bench_ops() {  # bench_ops RUN
