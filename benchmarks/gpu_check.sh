@@ -13,10 +13,10 @@
 # tested too. Nothing is downloaded.
 # Measured on an H200 (2026-11-26): environment 6-9 s, build 54-97 s, tests with the sanitizer beside them
 # 150-215 s, ops benchmark 22-74 s, RNG floor 18-33 s, UNet/DiffAug-step benchmark 111-163 s (with the
-# profile; its NCHW row, one more compile, only in the model-cudnn step), DE benchmark 64 s before its two compiled rows were added and over
-# 199 s (cut off) with them; the ncu step (Nsight Compute on the CUDA kernels, new) is not yet timed. A
-# session's 15 device minutes, a start included, hold about 780 s of steps: all of them do not fit. Run it as
-# two calls, e.g.
+# profile; its NCHW row, one more compile, only in the model-cudnn step), DE benchmark 64 s before its two
+# compiled rows were added and over 199 s (cut off) with them; the ncu step (Nsight Compute on the CUDA
+# kernels, new) is not yet timed. A session's 15 device minutes, a start included, hold about 780 s of steps:
+# all of them do not fit. Run it as two calls, e.g.
 #   XFORMERS_WHEEL="$(ls .cache/*.whl)" GPU_CHECK_STEPS=tests,bench1,ncu,model ...   (carrying .cache), then,
 #   at once on the warm machine, GPU_CHECK_BUILD=0 GPU_CHECK_STEPS=ensemble,bench2 ...
 set -uo pipefail
