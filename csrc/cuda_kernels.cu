@@ -73,6 +73,7 @@ inline PlaneLaunch plane_launch(int64_t planes, int64_t units_per_plane) {
     const int64_t waste = (units_per_plane + n - 1) / n * n - units_per_plane;
     if (waste < idle) threads = n, idle = waste;
   }
+  if ((units_per_plane + threads - 1) / threads > 65535) threads = most;  // huge planes: fewest slices
   const int64_t slices = (units_per_plane + threads - 1) / threads;
   const bool ok = planes > 0 && planes < (int64_t{1} << 31) && slices <= 65535 && units_per_plane >= 32;
   return {dim3(static_cast<unsigned>(ok ? planes : 1), static_cast<unsigned>(ok ? slices : 1)),
