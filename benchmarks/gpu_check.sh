@@ -17,7 +17,7 @@
 # compiled rows were added and over 199 s (cut off) with them; the ncu step (Nsight Compute on the CUDA
 # kernels, new) is not yet timed. A session's 15 device minutes, a start included, hold about 780 s of steps:
 # all of them do not fit. Run it as two calls, e.g.
-#   XFORMERS_WHEEL="$(ls .cache/*.whl)" GPU_CHECK_STEPS=tests,bench1,ncu,model ...   (carrying .cache), then,
+#   XFORMERS_WHEEL="$(ls .cache/*.whl)" GPU_CHECK_STEPS=tests,bench1,model,ncu ...   (carrying .cache), then,
 #   at once on the warm machine, GPU_CHECK_BUILD=0 GPU_CHECK_STEPS=ensemble,bench2 ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -127,12 +127,15 @@ for dtype in (torch.bfloat16, torch.float32):
 dk.philox_normal(x.shape, 3, device="cuda", backend="cuda")
 torch.cuda.synchronize()
 PY
-  ncu --kernel-name-base function --kernel-name 'regex:noise_plane_kernel|tweedie_plane_kernel|normal_kernel' \
+  command -v ncu > /dev/null || { echo "ncu not found"; return 3; }
+  # --clock-control none: the GPU's own clocks, as in the benchmarks (ncu locks base clocks by default)
+  ncu --clock-control none --kernel-name-base function \
+      --kernel-name 'regex:noise_plane_kernel|tweedie_plane_kernel|normal_kernel' \
       --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
       --section WarpStateStats --section InstructionStats --section MemoryWorkloadAnalysis \
       "$PY" "$W/ncu_ops.py" > "$W/ncu-ops.txt" 2>&1
   local rc=$?
-  grep -E "(noise_plane|tweedie_plane|normal)_kernel|Duration|DRAM Throughput|Compute \(SM\) Throughput|Issue Slots Busy|Executed Ipc A|Achieved Occupancy|Registers Per" "$W/ncu-ops.txt" | head -80
+  grep -E "==ERROR==|==WARNING==|(noise_plane|tweedie_plane|normal)_kernel|Duration|DRAM Throughput|Compute \(SM\) Throughput|Issue Slots Busy|Executed Ipc A|Achieved Occupancy|Registers Per" "$W/ncu-ops.txt" | head -80
   return $rc
 }
 bench_ops() {  # bench_ops RUN
@@ -194,7 +197,7 @@ else
 fi
 # GPU_CHECK_STEPS picks and orders the steps after the build (default: all, correctness first), e.g.
 # GPU_CHECK_STEPS=bench1,floor,bench2 when only the timings are missing and device time is short.
-STEPS="${GPU_CHECK_STEPS:-tests,bench1,ncu,model,ensemble,bench2,model-cudnn,floor}"
+STEPS="${GPU_CHECK_STEPS:-tests,bench1,model,ncu,ensemble,bench2,model-cudnn,floor}"
 # Without the CUDA kernels (a failed compile falls back to CPU) Triton is still worth testing and timing.
 if "$PY" -c "import diffaug_kernels" 2>/dev/null; then
   for s in ${STEPS//,/ }; do
@@ -208,7 +211,7 @@ if "$PY" -c "import diffaug_kernels" 2>/dev/null; then
         grep -q "GPU tests.*exit 0" "$W/summary.txt" || status=1 ;;
       bench1) step "benchmark ops, run 1" 180 40 bench_ops 1 ;;
       floor) step "what bounds the ops: RNG rate alone, per-call cost" 60 15 rng_floor ;;
-      ncu) step "Nsight Compute profile of the CUDA kernels" 120 30 kernel_profile ;;
+      ncu) step "Nsight Compute profile of the CUDA kernels" 60 30 kernel_profile ;;
       ensemble) step "benchmark DiffAug-Ensemble vs per-t loop vs DDA" 300 90 bench_ensemble ;;
       bench2) step "benchmark ops, run 2 (run-to-run noise)" 120 30 bench_ops 2 ;;
       model) step "benchmark UNet forward + DiffAug step (+ profile)" 270 60 bench_model bench-model \

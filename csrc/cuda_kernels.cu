@@ -70,10 +70,9 @@ inline PlaneLaunch plane_launch(int64_t planes, int64_t units_per_plane) {
   const int64_t most = std::min<int64_t>(kThreads, std::max<int64_t>(32, (units_per_plane + 31) / 32 * 32));
   int64_t threads = most, idle = INT64_MAX;
   for (int64_t n = most; n >= std::max<int64_t>(32, most / 2); n -= 32) {
-    const int64_t waste = (units_per_plane + n - 1) / n * n - units_per_plane;
-    if (waste < idle) threads = n, idle = waste;
+    const int64_t slices = (units_per_plane + n - 1) / n, waste = slices * n - units_per_plane;
+    if (slices <= 65535 && waste < idle) threads = n, idle = waste;  // (a huge plane keeps `most`)
   }
-  if ((units_per_plane + threads - 1) / threads > 65535) threads = most;  // huge planes: fewest slices
   const int64_t slices = (units_per_plane + threads - 1) / threads;
   const bool ok = planes > 0 && planes < (int64_t{1} << 31) && slices <= 65535 && units_per_plane >= 32;
   return {dim3(static_cast<unsigned>(ok ? planes : 1), static_cast<unsigned>(ok ? slices : 1)),

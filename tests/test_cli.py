@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from diffaug_kernels import cli
 
@@ -17,7 +18,14 @@ def test_bench_writes_table_and_json(tmp_path, capsys):
     # the same-bytes copy comes first, moves what the op moves (tweedie: x_t, eps half, out), and every row's
     # ratio to it and to eager is its own time against theirs
     by = {r["impl"]: r for r in rows}
-    assert rows[0]["impl"] == "copy (same bytes)" and rows[0]["bytes"] == 3 * 2 * 3 * 8 * 8 * 4
+    assert rows[0]["impl"] == "copy (same bytes)"
+    from diffaug_kernels import bench
+
+    for op, n in [("tweedie", 3), ("forward_noise", 2), ("forward_noise_multi", 11)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            case = bench.make_case(op, (2, 3, 8, 8), dtype)
+            dst = case.impls[bench.SAME_COPY]()  # copy_ returns its destination: half the bytes, written
+            assert 2 * dst.numel() * dst.element_size() == case.nbytes == n * 2 * 3 * 8 * 8 * dtype.itemsize
     for r in rows:
         assert r["vs_same_bytes_copy"] == pytest.approx(by["copy (same bytes)"]["ms"] / r["ms"])
         assert r["speedup"] == pytest.approx(by["eager (published)"]["ms"] / r["ms"])

@@ -194,9 +194,9 @@ def test_forward_noise_on_gpu(gpu_backend, dtype, layout, shape):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 3, 224, 224), (2, 3, 56, 56)])
 def test_cuda_planar_block_sizes(dtype, shape):
-    """The CUDA planar launch picks blocks of 224 threads for these 16-bit planes (224x224: 28 whole blocks
-    per plane; 56x56: 2, the second part idle) and 256 for float32: every element written, single and multi.
-    (The Triton kernels' launch does not depend on this; their shapes are tested above.)"""
+    """The CUDA planar launch's block choice: 16-bit planes take 224 threads (224x224: 28 whole blocks per
+    plane; 56x56: 2, the second part idle); float32 takes 256 at 224x224 and 160 at 56x56 (5 whole blocks).
+    Every element written, single and multi. (Triton's launch does not depend on this.)"""
     x = torch.rand(*shape, device=CUDA, dtype=torch.float64).to(dtype) * 2 - 1
     t = torch.randint(0, 1000, (shape[0],), device=CUDA)
     for out_dtype in (None, torch.float32):

@@ -166,8 +166,9 @@ def test_tweedie_planes_on_gpu(gpu_backend, dtype, shape):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 3, 224, 224), (2, 3, 56, 56)])
 def test_tweedie_cuda_planar_block_sizes(dtype, shape):
-    """16-bit planes the CUDA launch gives blocks of 224 threads (224x224: 28 whole blocks per plane; 56x56: 2,
-    the second part idle); float32 keeps 256. Every element written, normalised or not."""
+    """The CUDA planar launch's block choice: 16-bit planes take 224 threads (224x224: 28 whole blocks per
+    plane; 56x56: 2, the second part idle), float32 256 or 160, float64 224 at 56x56. Every element written,
+    normalised or not."""
     B, C = shape[:2]
     x = torch.randn(*shape, device=CUDA).to(dtype)
     m = torch.randn(B, 2 * C, *shape[2:], device=CUDA).to(dtype)
