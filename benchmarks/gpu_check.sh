@@ -90,7 +90,7 @@ sanitize() {
 import torch, diffaug_kernels as dk
 S = dk.NoiseSchedule.linear()
 for dtype in (torch.float32, torch.bfloat16, torch.float64):
-    for shape in ((3, 3, 17, 19), (4, 3, 32, 32), (2, 3, 64, 64)):
+    for shape in ((3, 3, 17, 19), (4, 3, 32, 32), (2, 3, 64, 64), (2, 3, 56, 56)):  # 56x56: 224-thread blocks
         x = (torch.rand(shape, device="cuda") * 2 - 1).to(dtype)
         t = torch.randint(0, 1000, (shape[0],), device="cuda")
         for cl in (False, True):
