@@ -180,7 +180,7 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
     rows = []
     result = dict(env=bench.environment(device), flags=flags, params=params, batch=batch, size=size,
                   flops_per_forward=flops, matmul_flops_per_s=rate, reps=reps, rows=rows, complete=False)
-    with torch.no_grad():
+    with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):  # static graphs only
         for group, impls in cases.items():
             base = None
             for name, fn in impls.items():
@@ -316,7 +316,9 @@ def run_ensemble(device=None, batch: int = 8, size: Optional[int] = None, flags:
     result = dict(env=bench.environment(device), flags=flags, classifier=classifier, batch=batch, size=size,
                   times=times, chunk_rows=chunk, reps=reps, dda_reps=dda_reps, compiled=compile, rows=rows,
                   complete=False)
-    with torch.no_grad():
+    # each batch size its own static graph: by default the second size (the per-t loop's 8 rows after DE's 72)
+    # would recompile with a symbolic batch, and the two compiled rows would not run alike-made graphs
+    with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
         for name, fn in cases.items():
             is_dda = name == dda
             r = dda_reps if is_dda else reps
