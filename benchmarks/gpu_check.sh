@@ -10,7 +10,9 @@
 # the build; GPU_TEST_WORKERS sets pytest-xdist's workers (default 8: 14 was slower); GPU_TEST_K selects GPU
 # tests by a pytest -k expression (default: all); XFORMERS_WHEEL (wheel files carried along: xformers, and
 # nvidia-cuda-runtime-cu12 for its libcudart.so.12) adds xformers for the tests, so its attention path is
-# tested too. Nothing is downloaded.
+# tested too; fetch them beforehand where the package registry is reachable, e.g.
+#   pip download --no-deps -d .cache xformers==0.0.35 nvidia-cuda-runtime-cu12
+# Nothing is downloaded on the GPU machine.
 # Measured on an H200 (2026-11-26): environment 6-9 s, build 54-97 s, tests with the sanitizer beside them
 # 150-215 s, ops benchmark 22-74 s, RNG floor 18-33 s, UNet/DiffAug-step benchmark 111-163 s (with the
 # profile; its NCHW row, one more compile, only in the model-cudnn step), DE benchmark 64 s before its two
