@@ -245,8 +245,7 @@ def make_case(op: str, shape: Sequence[int], dtype: torch.dtype, device="cpu",
     dst = torch.empty_like(src)
     case.impls = {SAME_COPY: lambda: dst.copy_(src), **case.impls}
     if len(backends) > 1:  # backend="auto" times the candidates on first use and keeps the fastest
-        fused = [fn for impl, fn in case.impls.items() if impl == f"fused ({backends[0]})"][0]
-        case.impls[AUTO] = _with_backend(fused, "auto")
+        case.impls[AUTO] = _with_backend(case.impls[f"fused ({backends[0]})"], "auto")
         case.auto = (op if op != "forward_noise_multi" else f"{op}{len(DE_TIMES)}", x)
     return case
 
