@@ -4,13 +4,13 @@ timed over back-to-back calls (the GPU work is negligible there): the public op,
 adds to the kernel call (plain eager calls skip it; traced, autograd and dispatch-mode calls pay it).
 Usage: python benchmarks/floor.py [--device cpu|cuda] [JSON]."""
 import argparse
-import json
 import time
 
 import torch
 
 import diffaug_kernels as dk
 from diffaug_kernels import bench, ops
+from diffaug_kernels.jsonfile import write_json
 
 
 def host_us(fn, device, calls=300):
@@ -63,7 +63,7 @@ def main():
         print(f"{r['backend']:<9} {rng}host per call on 1x3x8x8: forward_noise {r['forward_noise_us']:.0f} us, "
               f"tweedie {r['tweedie_us']:.0f} us{disp}")
     if args.json:
-        bench.write_json(dict(env=bench.environment(dev), copy_gb_s=copy, n=n, rows=rows), args.json)
+        write_json(dict(env=bench.environment(dev), copy_gb_s=copy, n=n, rows=rows), args.json)
 
 
 if __name__ == "__main__":

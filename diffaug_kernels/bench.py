@@ -12,7 +12,6 @@ import datetime
 import functools
 import glob
 import importlib.metadata
-import json
 import os
 import platform
 import statistics
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from . import ops
+from .jsonfile import write_json
 from .ops import IMAGENET_NORM, forward_noise, tweedie
 from .ops import forward_noise_multi as dk_forward_noise_multi
 from .schedule import NoiseSchedule
@@ -357,16 +357,6 @@ def format_table(rows: list[dict]) -> str:
         prev = (r["op"], r["shape"], r["dtype"])
         lines.append(fmt(cells))
     return "\n".join(lines)
-
-
-def write_json(result: dict, path: str) -> None:
-    """result as JSON at path (its folders made), replaced whole: a run killed mid-write leaves the previous
-    version, not half a file (the temporary name carries the process id, so concurrent writers do not mix)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
 
 
 def run_bench(shapes=((64, 3, 224, 224), (256, 3, 32, 32)), dtypes=(torch.float32, torch.bfloat16), reps: int = 10,

@@ -13,6 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import bench
+from .jsonfile import write_json
 from .augment import DiffAug
 from .models import create_adm_unet
 from .schedule import NoiseSchedule
@@ -205,7 +206,7 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
             result["profile_ms"] = profile_step(lambda: aug_fast(x), device, profile)
         log(f"[bench-model] profile of the dk.DiffAug compile=True, bf16 step: {profile}")
     if json_path:
-        bench.write_json(result, json_path)
+        write_json(result, json_path)
         log(f"[bench-model] wrote {json_path}")
     return result
 
@@ -215,7 +216,7 @@ def _keep_row(result: dict, row: dict, json_path: Optional[str]) -> None:
     false), so a run cut off by a time limit keeps what it measured."""
     result["rows"].append(row)
     if json_path:
-        bench.write_json(result, json_path)
+        write_json(result, json_path)
 
 
 def _per_t_loop(classifier, aug: DiffAug, x, times, tables=None, unet=None):
@@ -345,6 +346,6 @@ def run_ensemble(device=None, batch: int = 8, size: Optional[int] = None, flags:
         print(f"{k}: {v:.2f}x")
     result.update(ratios=ratios, complete=True)
     if json_path:
-        bench.write_json(result, json_path)
+        write_json(result, json_path)
         log(f"[bench-ensemble] wrote {json_path}")
     return result

@@ -75,20 +75,11 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=_run_bench)
 
 
-def _unused_path(stem: str, ext: str = ".json") -> str:
-    """stem + ext, or stem-2 + ext, -3, ...: the first name not taken. A default output name never replaces a
-    kept result (an earlier run of the same day); --json names a file to write whatever is there."""
-    path, n = stem + ext, 1
-    while os.path.exists(path):
-        n += 1
-        path = f"{stem}-{n}{ext}"
-    return path
-
-
 def _run_bench(args) -> int:
     import torch
 
     from . import bench
+    from .jsonfile import unused_path
 
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -100,7 +91,7 @@ def _run_bench(args) -> int:
         torch.set_num_threads(args.threads)
     json_path = args.json
     if json_path is None and not args.no_json and os.path.isdir(RESULTS_DIR):
-        json_path = _unused_path(os.path.join(RESULTS_DIR, f"{device.type}-{datetime.date.today().isoformat()}"))
+        json_path = unused_path(os.path.join(RESULTS_DIR, f"{device.type}-{datetime.date.today().isoformat()}"))
     bench.run_bench(shapes=args.shapes, dtypes=args.dtypes or (torch.float32, torch.bfloat16), reps=args.reps,
                     warmup=args.warmup, device=device, json_path=None if args.no_json else json_path,
                     op_names=args.ops, flush=not args.no_flush)

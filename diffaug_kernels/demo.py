@@ -122,7 +122,8 @@ def run(out: str = "demo_out", quick: bool = False, seed: int = 0, score_model: 
 
 
 def _run(out, quick, seed, score_model, threads, overrides) -> dict:
-    from . import bench, plots
+    from . import plots
+    from .jsonfile import write_json
     from . import evaluate as ev
     from .augment import DiffAug
     from .data import digits
@@ -194,7 +195,7 @@ def _run(out, quick, seed, score_model, threads, overrides) -> dict:
         "files": {"grid": grid_path, "entropy": ent_path, "eval": os.path.join(out, "eval")},
         "times": times, "table": res["table"],
     }
-    bench.write_json(result, os.path.join(out, "results.json"))
+    write_json(result, os.path.join(out, "results.json"))
     _say("")
     _say(res["table"])
     _say("")

@@ -62,7 +62,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import corruptions as C
-from .bench import write_json
+from .jsonfile import write_json
 
 MODES = ("Default", "DE", "DDA", "DDA-SE")
 _MODE_ALIASES = {m.lower(): m for m in MODES} | {"dda_se": "DDA-SE", "ddase": "DDA-SE", "def": "Default"}
