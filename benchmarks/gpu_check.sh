@@ -143,7 +143,7 @@ PY
 bench_ops() {  # bench_ops RUN
   "$PY" -m diffaug_kernels bench --device cuda --reps 50 --warmup 10 --shapes 256x3x224x224 \
     --dtypes bfloat16,float32 --ops forward_noise,tweedie,forward_noise_multi \
-    --json "$W/bench-run$1.json" > "$W/bench-run$1.txt" 2> "$W/bench-run$1.log"
+    --json "$W/bench-run$1.json" --plot "$W/bench-run$1.png" > "$W/bench-run$1.txt" 2> "$W/bench-run$1.log"
   local rc=$?; cat "$W/bench-run$1.txt"; tail -5 "$W/bench-run$1.log"; return $rc
 }
 bench_ensemble() {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import sys
 from typing import Optional, Sequence
@@ -72,15 +73,33 @@ def _add_bench(sub) -> None:
                    help=f"write results here (default: {RESULTS_DIR}/<device>-<date>.json when that folder "
                         "exists under the current directory; -2, -3, ... is added rather than replace a file)")
     p.add_argument("--no-json", action="store_true", help="write no JSON file")
+    p.add_argument("--plot", metavar="PNG", default=None,
+                   help="also draw the results as a bar chart (share of the copy bandwidth per implementation)")
+    p.add_argument("--from", dest="from_json", metavar="JSON", default=None,
+                   help="time nothing: print the table of a kept results file (and draw it with --plot)")
     p.set_defaults(func=_run_bench)
 
 
 def _run_bench(args) -> int:
     import torch
 
-    from . import bench
+    from . import bench, plots
     from .jsonfile import unused_path
 
+    if args.from_json is not None:
+        try:
+            with open(args.from_json) as f:
+                result = json.load(f)
+            rows = result["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            sys.exit(f"diffaug bench: --from {args.from_json}: not a bench results file ({type(e).__name__}: {e})")
+        env = result.get("env", {})
+        print(f"{args.from_json}: {env.get('device_name', '?')}, torch {env.get('torch', '?')}, "
+              f"copy bandwidth {result.get('copy_gb_s', float('nan')):.1f} GB/s")
+        print(bench.format_table(rows))
+        if args.plot:
+            print(f"wrote {plots.bench_chart(result, args.plot)}")
+        return 0
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:
@@ -92,9 +111,12 @@ def _run_bench(args) -> int:
     json_path = args.json
     if json_path is None and not args.no_json and os.path.isdir(RESULTS_DIR):
         json_path = unused_path(os.path.join(RESULTS_DIR, f"{device.type}-{datetime.date.today().isoformat()}"))
-    bench.run_bench(shapes=args.shapes, dtypes=args.dtypes or (torch.float32, torch.bfloat16), reps=args.reps,
-                    warmup=args.warmup, device=device, json_path=None if args.no_json else json_path,
-                    op_names=args.ops, flush=not args.no_flush)
+    result = bench.run_bench(shapes=args.shapes, dtypes=args.dtypes or (torch.float32, torch.bfloat16),
+                             reps=args.reps, warmup=args.warmup, device=device,
+                             json_path=None if args.no_json else json_path, op_names=args.ops,
+                             flush=not args.no_flush)
+    if args.plot:
+        print(f"wrote {plots.bench_chart(result, args.plot)}")
     return 0
 
 

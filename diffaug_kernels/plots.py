@@ -1,8 +1,9 @@
 """The paper's two DiffAug figures, as PNG files: the augmentation grid (original images, then DiffAug samples at
-t = 350, 400, ..., 700) and the mean prediction entropy of classifiers on DiffAug samples against t.
+t = 350, 400, ..., 700) and the mean prediction entropy of classifiers on DiffAug samples against t; and the ops
+benchmark as a bar chart.
 
-Drawing uses matplotlib when it is installed and PIL (always there, through torchvision) otherwise; the grid is
-always PIL (it is a tiling of images).
+Drawing uses matplotlib when it is installed and PIL (always there, through torchvision) otherwise; the grid and
+the bar chart are always PIL.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["GRID_TIMES", "ENTROPY_TIMES", "diffaug_samples", "augmentation_grid", "save_image_grid",
-           "entropy_vs_t", "plot_lines"]
+           "entropy_vs_t", "plot_lines", "bench_chart"]
 
 GRID_TIMES = tuple(range(350, 701, 50))  # the paper's figure: 8 columns, t = 350..700 step 50
 ENTROPY_TIMES = tuple(range(0, 1000, 50)) + (999,)
@@ -201,5 +202,67 @@ def _plot_lines_pil(series, path, title, xlabel, ylabel, hline) -> str:
     d.text((L, 2), title, fill=(0, 0, 0))
     d.text((L + (Wd - L - R) // 2 - 3 * len(xlabel), Ht - 20), xlabel, fill=(0, 0, 0))
     d.text((4, T - 13), ylabel, fill=(0, 0, 0))
+    img.save(path, format="PNG")
+    return path
+
+
+# ----------------------------------------------------------------------------------------- bench chart
+def _impl_color(impl: str) -> tuple:
+    if impl.startswith("copy"):
+        return (150, 150, 150)
+    if "published" in impl:
+        return (214, 39, 40) if impl.startswith("eager") else (255, 127, 14)
+    if "auto" in impl:
+        return (152, 223, 138)
+    return (44, 160, 44) if "cuda" in impl or "cpu" in impl else (31, 119, 180)
+
+
+def bench_chart(result: dict, path: str) -> str:
+    """The ops benchmark (bench.run_bench's result, or its JSON file loaded) as a PNG bar chart at path: one
+    group per op x shape x dtype, one bar per implementation, its length the share of the measured copy
+    bandwidth it reaches (100% = as fast as torch moves its bytes), labelled with its time and its speed-up
+    over the published eager code."""
+    from PIL import Image, ImageDraw
+
+    rows = result.get("rows") or []
+    if not rows:
+        raise ValueError("bench_chart: the result has no rows to draw")
+    groups: Dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r["op"], tuple(r["shape"]), r["dtype"]), []).append(r)
+    bar_h, gap, head_h = 16, 4, 22
+    L, R, T, B = 170, 230, 44, 30  # impl labels left of the bars, figures right of them
+    Wd = 900
+    Ht = T + B + sum(head_h + len(g) * (bar_h + gap) + 8 for g in groups.values())
+    top = max(100.0, max(float(r["pct_copy"]) for r in rows))
+    scale = (Wd - L - R) / top
+    img = Image.new("RGB", (Wd, Ht), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    env = result.get("env", {})
+    d.text((8, 6), f"{env.get('device_name', '?')} ({env.get('device', '?')}), torch {env.get('torch', '?')}: "
+                   f"share of the measured copy bandwidth ({result.get('copy_gb_s', float('nan')):.0f} GB/s), "
+                   "longer is faster", fill=(0, 0, 0))
+    for v in _nice_ticks(0.0, top, 5):
+        X = L + v * scale
+        d.line([X, T - 6, X, Ht - B], fill=(225, 225, 225))
+        d.text((X - 8, T - 18), f"{v:g}%", fill=(0, 0, 0))
+    X100 = L + 100 * scale
+    for s in range(T - 6, Ht - B, 8):  # the copy rate itself, dashed
+        d.line([X100, s, X100, min(s + 4, Ht - B)], fill=(100, 100, 100))
+    y = T
+    for (op, shape, dtype), g in groups.items():
+        d.text((8, y + 5), f"{op}  {'x'.join(map(str, shape))}  {dtype}", fill=(0, 0, 0))
+        y += head_h
+        for r in g:
+            pct = float(r["pct_copy"])
+            d.text((16, y + 2), str(r["impl"])[:26], fill=(0, 0, 0))
+            d.rectangle([L, y, L + max(1.0, pct * scale), y + bar_h], fill=_impl_color(str(r["impl"])))
+            d.text((L + max(1.0, pct * scale) + 6, y + 2),
+                   f"{pct:.0f}%  {r['ms']:.3f} ms  {r['speedup']:.2f}x eager", fill=(0, 0, 0))
+            y += bar_h + gap
+        y += 8
+    d.line([L, T - 6, L, Ht - B], fill=(0, 0, 0))
+    d.text((L, Ht - B + 8), "% of copy bandwidth (bytes the op must read and write / time); dashed: 100%",
+           fill=(0, 0, 0))
     img.save(path, format="PNG")
     return path

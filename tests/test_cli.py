@@ -1,6 +1,7 @@
 """The command line runs (smoke): argument errors are clear; the bench prints its table and writes JSON."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,6 +49,48 @@ def test_bench_default_json_never_replaces_a_kept_result(tmp_path, monkeypatch, 
     assert (results / f"{stem}.json").read_text() == "kept"
     assert json.loads((results / f"{stem}-2.json").read_text())["rows"]
     assert json.loads((results / f"{stem}-3.json").read_text())["rows"]
+
+
+def test_bench_plot_and_replay_of_a_kept_file(tmp_path, capsys):
+    """--plot draws the run; --from prints a kept file's table without timing anything, and draws it too."""
+    out, png, png2 = tmp_path / "r.json", tmp_path / "run.png", tmp_path / "kept.png"
+    assert cli.main(["bench", "--shapes", "2x3x8x8", "--dtypes", "float32", "--ops", "tweedie", "--reps", "1",
+                     "--warmup", "1", "--json", str(out), "--plot", str(png)]) == 0
+    table = capsys.readouterr().out
+    assert cli.main(["bench", "--from", str(out), "--plot", str(png2)]) == 0
+    replay = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("tweedie")]
+    assert len(rows) == len(json.loads(out.read_text())["rows"]) and all(line in replay for line in rows)
+    from PIL import Image
+
+    assert Image.open(png).size == Image.open(png2).size and Image.open(png).size[1] > 100
+
+
+def test_bench_chart_bar_lengths_are_the_copy_shares(tmp_path):
+    from PIL import Image
+
+    from diffaug_kernels import plots
+
+    row = dict(op="tweedie", shape=[1, 3, 8, 8], dtype="bfloat16", ms=1.0, speedup=1.0)
+    result = {"env": {"device_name": "test"}, "copy_gb_s": 10.0,
+              "rows": [dict(row, impl="eager (published)", pct_copy=20.0),
+                       dict(row, impl="fused (cuda)", pct_copy=80.0)]}
+    img = np.asarray(Image.open(plots.bench_chart(result, str(tmp_path / "c.png"))).convert("RGB")).astype(int)
+
+    def bar_width(impl):
+        mask = (np.abs(img - np.array(plots._impl_color(impl))).sum(-1) == 0)
+        return mask.sum(1).max()  # the widest row of that colour: the bar's length in pixels
+
+    assert bar_width("fused (cuda)") == pytest.approx(4 * bar_width("eager (published)"), abs=2)
+    with pytest.raises(ValueError, match="no rows"):
+        plots.bench_chart({"rows": []}, str(tmp_path / "e.png"))
+
+
+def test_bench_from_a_file_that_is_not_a_result(tmp_path, capsys):
+    bad = tmp_path / "x.json"
+    bad.write_text("{}")
+    with pytest.raises(SystemExit, match="not a bench results file"):
+        cli.main(["bench", "--from", str(bad)])
 
 
 @pytest.mark.parametrize("argv, msg", [
