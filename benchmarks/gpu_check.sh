@@ -148,12 +148,13 @@ bench_ops() {  # bench_ops RUN
 }
 bench_ensemble() {
   "$PY" -m diffaug_kernels bench-ensemble --device cuda --batch 8 --reps 5 --warmup 2 --json "$W/bench-ensemble.json" \
+    --plot "$W/bench-ensemble.png" \
     > "$W/bench-ensemble.txt" 2> "$W/bench-ensemble.log"
   local rc=$?; cat "$W/bench-ensemble.txt"; tail -5 "$W/bench-ensemble.log"; return $rc
 }
 bench_model() {  # bench_model NAME [EXTRA ARGS...]
   local n=$1; shift
-  "$PY" -m diffaug_kernels bench-model --device cuda --batch 64 --reps 3 --warmup 1 --json "$W/$n.json" "$@" \
+  "$PY" -m diffaug_kernels bench-model --device cuda --batch 64 --reps 3 --warmup 1 --json "$W/$n.json" --plot "$W/$n.png" "$@" \
     > "$W/$n.txt" 2> "$W/$n.log"
   local rc=$?; cat "$W/$n.txt"; tail -5 "$W/$n.log"; return $rc
 }

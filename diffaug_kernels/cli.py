@@ -75,8 +75,6 @@ def _add_bench(sub) -> None:
     p.add_argument("--no-json", action="store_true", help="write no JSON file")
     p.add_argument("--plot", metavar="PNG", default=None,
                    help="also draw the results as a bar chart (share of the copy bandwidth per implementation)")
-    p.add_argument("--from", dest="from_json", metavar="JSON", default=None,
-                   help="time nothing: print the table of a kept results file (and draw it with --plot)")
     p.set_defaults(func=_run_bench)
 
 
@@ -86,20 +84,6 @@ def _run_bench(args) -> int:
     from . import bench, plots
     from .jsonfile import unused_path
 
-    if args.from_json is not None:
-        try:
-            with open(args.from_json) as f:
-                result = json.load(f)
-            rows = result["rows"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            sys.exit(f"diffaug bench: --from {args.from_json}: not a bench results file ({type(e).__name__}: {e})")
-        env = result.get("env", {})
-        print(f"{args.from_json}: {env.get('device_name', '?')}, torch {env.get('torch', '?')}, "
-              f"copy bandwidth {result.get('copy_gb_s', float('nan')):.1f} GB/s")
-        print(bench.format_table(rows))
-        if args.plot:
-            print(f"wrote {plots.bench_chart(result, args.plot)}")
-        return 0
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:
@@ -116,7 +100,7 @@ def _run_bench(args) -> int:
                              json_path=None if args.no_json else json_path, op_names=args.ops,
                              flush=not args.no_flush)
     if args.plot:
-        print(f"wrote {plots.bench_chart(result, args.plot)}")
+        print(f"wrote {plots.results_chart(result, args.plot)}")
     return 0
 
 
@@ -174,6 +158,7 @@ def _model_bench_args(p, batch: int, size_help: str) -> None:
     p.add_argument("--reps", type=_positive, default=5, help="timed repetitions, median reported (default 5)")
     p.add_argument("--warmup", type=_positive, default=2, help="untimed calls first, compiling (default 2)")
     p.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON here")
+    p.add_argument("--plot", metavar="PNG", default=None, help="also draw the results as a bar chart (images/s)")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="torch.backends.cudnn.benchmark = True for every row (cuDNN times its convolution algorithms; "
                         "off by default, as in the published code)")
@@ -205,9 +190,9 @@ def _run_bench_model(args) -> int:
     from . import bench_model
 
     _model_bench_device("bench-model", args)
-    bench_model.run(device=args.device, batch=args.batch, size=args.size, reps=args.reps, warmup=args.warmup,
-                    json_path=args.json, profile=args.profile, nchw=args.nchw)
-    return 0
+    result = bench_model.run(device=args.device, batch=args.batch, size=args.size, reps=args.reps,
+                             warmup=args.warmup, json_path=args.json, profile=args.profile, nchw=args.nchw)
+    return _plot(result, args.plot)
 
 
 def _add_bench_ensemble(sub) -> None:
@@ -228,8 +213,42 @@ def _run_bench_ensemble(args) -> int:
     from . import bench_model
 
     _model_bench_device("bench-ensemble", args)
-    bench_model.run_ensemble(device=args.device, batch=args.batch, size=args.size, reps=args.reps,
-                             warmup=args.warmup, dda_reps=args.dda_reps, compile=args.compile, json_path=args.json)
+    result = bench_model.run_ensemble(device=args.device, batch=args.batch, size=args.size, reps=args.reps,
+                                      warmup=args.warmup, dda_reps=args.dda_reps, compile=args.compile,
+                                      json_path=args.json)
+    return _plot(result, args.plot)
+
+
+def _plot(result: dict, png) -> int:
+    if png:
+        from . import plots
+
+        print(f"wrote {plots.results_chart(result, png)}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- plot
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="draw a kept benchmark result (bench, bench-model, bench-ensemble JSON) as a "
+                                    "bar chart",
+                       description="Reads a results file the bench commands wrote and draws it as a PNG bar chart: "
+                                   "the ops as shares of the copy bandwidth, the model and ensemble rows as "
+                                   "images/s.")
+    p.add_argument("json", metavar="JSON", help="a results file (benchmarks/results/...)")
+    p.add_argument("--out", metavar="PNG", default=None, help="where to write the chart (default: JSON's name, .png)")
+    p.set_defaults(func=_run_plot)
+
+
+def _run_plot(args) -> int:
+    from . import plots
+
+    try:
+        with open(args.json) as f:
+            result = json.load(f)
+        out = args.out or os.path.splitext(args.json)[0] + ".png"
+        print(f"wrote {plots.results_chart(result, out)}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        sys.exit(f"diffaug plot: {args.json}: cannot draw it ({type(e).__name__}: {e})")
     return 0
 
 
@@ -324,7 +343,7 @@ def _add_demo(sub) -> None:
 
 
 # -------------------------------------------------------------------------------------------- main
-COMMANDS = (_add_bench, _add_bench_model, _add_bench_ensemble, _add_train_score, _add_evaluate, _add_demo)
+COMMANDS = (_add_bench, _add_bench_model, _add_bench_ensemble, _add_plot, _add_train_score, _add_evaluate, _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

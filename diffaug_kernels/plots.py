@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["GRID_TIMES", "ENTROPY_TIMES", "diffaug_samples", "augmentation_grid", "save_image_grid",
-           "entropy_vs_t", "plot_lines", "bench_chart"]
+           "entropy_vs_t", "plot_lines", "plot_bars", "results_chart"]
 
 GRID_TIMES = tuple(range(350, 701, 50))  # the paper's figure: 8 columns, t = 350..700 step 50
 ENTROPY_TIMES = tuple(range(0, 1000, 50)) + (999,)
@@ -206,63 +206,104 @@ def _plot_lines_pil(series, path, title, xlabel, ylabel, hline) -> str:
     return path
 
 
-# ----------------------------------------------------------------------------------------- bench chart
-def _impl_color(impl: str) -> tuple:
-    if impl.startswith("copy"):
+# ----------------------------------------------------------------------------------------- bar charts
+def _bar_color(label: str) -> tuple:
+    """One colour per kind of implementation, the same in every chart."""
+    label = label.lower()
+    if label.startswith("copy"):
         return (150, 150, 150)
-    if "published" in impl:
-        return (214, 39, 40) if impl.startswith("eager") else (255, 127, 14)
-    if "auto" in impl:
+    if "published" in label:
+        return (214, 39, 40) if "compiled" not in label else (255, 127, 14)
+    if label.startswith("dda"):
+        return (148, 103, 189)
+    if "triton" in label:
+        return (31, 119, 180)
+    if "(auto" in label:  # fused (auto: cuda)
         return (152, 223, 138)
-    return (44, 160, 44) if "cuda" in impl or "cpu" in impl else (31, 119, 180)
+    if "eager" in label:
+        return (140, 86, 75)
+    return (44, 160, 44)  # fused kernels, compiled dk code
 
 
-def bench_chart(result: dict, path: str) -> str:
-    """The ops benchmark (bench.run_bench's result, or its JSON file loaded) as a PNG bar chart at path: one
-    group per op x shape x dtype, one bar per implementation, its length the share of the measured copy
-    bandwidth it reaches (100% = as fast as torch moves its bytes), labelled with its time and its speed-up
-    over the published eager code."""
+def plot_bars(groups: Dict[str, Sequence[tuple]], path: str, title: str = "", xlabel: str = "",
+              ref: Optional[tuple] = None) -> str:
+    """groups: {group title: [(label, value, note), ...]} -> a horizontal bar chart PNG at path (PIL), one block
+    of bars per group, the bar's length its value, the note written after it. ref=(value, label) draws a dashed
+    line across every group."""
     from PIL import Image, ImageDraw
 
-    rows = result.get("rows") or []
-    if not rows:
-        raise ValueError("bench_chart: the result has no rows to draw")
-    groups: Dict[tuple, list] = {}
-    for r in rows:
-        groups.setdefault((r["op"], tuple(r["shape"]), r["dtype"]), []).append(r)
-    bar_h, gap, head_h = 16, 4, 22
-    L, R, T, B = 170, 230, 44, 30  # impl labels left of the bars, figures right of them
-    Wd = 900
+    bars = [b for g in groups.values() for b in g]
+    values = [float(v) for _, v, _ in bars]
+    if not bars or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ValueError("plot_bars needs at least one bar, and finite non-negative values")
+    bar_h, gap, head_h, T, B, span = 16, 4, 22, 44, 30, 480
+    d = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    L = 24 + max(d.textlength(str(label)) for label, _, _ in bars)  # labels left of the bars
+    R = 16 + max(d.textlength(str(note)) for _, _, note in bars)  # notes right of them
+    Wd = int(max(L + span + R, 16 + d.textlength(title), L + d.textlength(xlabel) + 200))
     Ht = T + B + sum(head_h + len(g) * (bar_h + gap) + 8 for g in groups.values())
-    top = max(100.0, max(float(r["pct_copy"]) for r in rows))
-    scale = (Wd - L - R) / top
+    top = max(values + ([float(ref[0])] if ref else []))
+    top = top if top > 0 else 1.0
+    scale = span / top
     img = Image.new("RGB", (Wd, Ht), (255, 255, 255))
     d = ImageDraw.Draw(img)
-    env = result.get("env", {})
-    d.text((8, 6), f"{env.get('device_name', '?')} ({env.get('device', '?')}), torch {env.get('torch', '?')}: "
-                   f"share of the measured copy bandwidth ({result.get('copy_gb_s', float('nan')):.0f} GB/s), "
-                   "longer is faster", fill=(0, 0, 0))
+    d.text((8, 6), title, fill=(0, 0, 0))
     for v in _nice_ticks(0.0, top, 5):
         X = L + v * scale
         d.line([X, T - 6, X, Ht - B], fill=(225, 225, 225))
-        d.text((X - 8, T - 18), f"{v:g}%", fill=(0, 0, 0))
-    X100 = L + 100 * scale
-    for s in range(T - 6, Ht - B, 8):  # the copy rate itself, dashed
-        d.line([X100, s, X100, min(s + 4, Ht - B)], fill=(100, 100, 100))
+        d.text((X - 8, T - 18), f"{v:g}", fill=(0, 0, 0))
+    if ref is not None:
+        X = L + float(ref[0]) * scale
+        for s in range(T - 6, Ht - B, 8):
+            d.line([X, s, X, min(s + 4, Ht - B)], fill=(100, 100, 100))
     y = T
-    for (op, shape, dtype), g in groups.items():
-        d.text((8, y + 5), f"{op}  {'x'.join(map(str, shape))}  {dtype}", fill=(0, 0, 0))
+    for head, g in groups.items():
+        d.text((8, y + 5), str(head), fill=(0, 0, 0))
         y += head_h
-        for r in g:
-            pct = float(r["pct_copy"])
-            d.text((16, y + 2), str(r["impl"])[:26], fill=(0, 0, 0))
-            d.rectangle([L, y, L + max(1.0, pct * scale), y + bar_h], fill=_impl_color(str(r["impl"])))
-            d.text((L + max(1.0, pct * scale) + 6, y + 2),
-                   f"{pct:.0f}%  {r['ms']:.3f} ms  {r['speedup']:.2f}x eager", fill=(0, 0, 0))
+        for label, value, note in g:
+            end = L + max(1.0, float(value) * scale)
+            d.text((16, y + 2), str(label), fill=(0, 0, 0))
+            d.rectangle([L, y, end, y + bar_h], fill=_bar_color(str(label)))
+            d.text((end + 6, y + 2), str(note), fill=(0, 0, 0))
             y += bar_h + gap
         y += 8
     d.line([L, T - 6, L, Ht - B], fill=(0, 0, 0))
-    d.text((L, Ht - B + 8), "% of copy bandwidth (bytes the op must read and write / time); dashed: 100%",
-           fill=(0, 0, 0))
+    d.text((L, Ht - B + 8), xlabel + (f"; dashed: {ref[1]}" if ref else ""), fill=(0, 0, 0))
     img.save(path, format="PNG")
     return path
+
+
+def results_chart(result: dict, path: str) -> str:
+    """A benchmark result (the dict `bench`, `bench-model` or `bench-ensemble` writes as JSON) as a bar chart:
+    the ops as shares of the copy bandwidth, the model and DiffAug-Ensemble rows as images/s."""
+    rows = result.get("rows") or []
+    if not rows:
+        raise ValueError("results_chart: the result has no rows to draw")
+    env = result.get("env", {})
+    where = f"{env.get('device_name', '?')} ({env.get('device', '?')}), torch {env.get('torch', '?')}"
+    groups: Dict[str, list] = {}
+    if "pct_copy" in rows[0]:  # the ops benchmark
+        for r in rows:
+            head = f"{r['op']}  {'x'.join(map(str, r['shape']))}  {r['dtype']}"
+            groups.setdefault(head, []).append(
+                (r["impl"], r["pct_copy"], f"{r['pct_copy']:.0f}%  {r['ms']:.3f} ms  {r['speedup']:.2f}x eager"))
+        return plot_bars(groups, path, f"{where}: share of the measured copy bandwidth "
+                                       f"({result.get('copy_gb_s', float('nan')):.0f} GB/s), longer is faster",
+                         "% of copy bandwidth (bytes the op must read and write / time)", ref=(100, "100%"))
+    if "images_per_s" not in rows[0]:
+        raise ValueError("results_chart: rows carry neither pct_copy (bench) nor images_per_s (bench-model, "
+                         "bench-ensemble)")
+    what = (f"batch {result.get('batch', '?')} at {result.get('size', '?')}x{result.get('size', '?')}")
+    baselines = {"vs_first": "each group's first row", "vs_published_loop": "the published per-t loop",
+                 "vs_loop": "the published per-t loop"}  # vs_loop: the name in older files
+    keys = set()
+    for r in rows:
+        key = next((k for k in baselines if r.get(k) is not None), None)
+        keys.add(key)
+        note = f"{r['images_per_s']:.1f} img/s  {r['ms']:.1f} ms" + (f"  {r[key]:.2f}x" if key else "")
+        if r.get("pct_matmul") is not None:
+            note += f"  {r['pct_matmul']:.0f}% of bf16 matmul"
+        groups.setdefault(r.get("group", "DiffAug-Ensemble"), []).append((r["impl"], r["images_per_s"], note))
+    against = " and ".join(sorted(baselines[k] for k in keys if k))
+    return plot_bars(groups, path, f"{where}, {what}: images/s, longer is faster",
+                     "images per second" + (f"; ratios against {against}" if against else ""))

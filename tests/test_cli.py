@@ -51,46 +51,56 @@ def test_bench_default_json_never_replaces_a_kept_result(tmp_path, monkeypatch, 
     assert json.loads((results / f"{stem}-3.json").read_text())["rows"]
 
 
-def test_bench_plot_and_replay_of_a_kept_file(tmp_path, capsys):
-    """--plot draws the run; --from prints a kept file's table without timing anything, and draws it too."""
+def test_bench_plot_and_plot_of_the_kept_file(tmp_path, capsys):
+    """bench --plot draws the run; `plot` draws the JSON it kept, the same chart."""
     out, png, png2 = tmp_path / "r.json", tmp_path / "run.png", tmp_path / "kept.png"
     assert cli.main(["bench", "--shapes", "2x3x8x8", "--dtypes", "float32", "--ops", "tweedie", "--reps", "1",
                      "--warmup", "1", "--json", str(out), "--plot", str(png)]) == 0
-    table = capsys.readouterr().out
-    assert cli.main(["bench", "--from", str(out), "--plot", str(png2)]) == 0
-    replay = capsys.readouterr().out
-    rows = [line for line in table.splitlines() if line.startswith("tweedie")]
-    assert len(rows) == len(json.loads(out.read_text())["rows"]) and all(line in replay for line in rows)
+    assert cli.main(["plot", str(out), "--out", str(png2)]) == 0
+    assert str(png2) in capsys.readouterr().out
     from PIL import Image
 
-    assert Image.open(png).size == Image.open(png2).size and Image.open(png).size[1] > 100
+    a, b = np.asarray(Image.open(png)), np.asarray(Image.open(png2))
+    assert a.shape == b.shape and a.shape[0] > 100 and np.array_equal(a, b)
 
 
-def test_bench_chart_bar_lengths_are_the_copy_shares(tmp_path):
+def _bar_width(img, label):
+    from diffaug_kernels import plots
+
+    mask = np.abs(img - np.array(plots._bar_color(label))).sum(-1) == 0
+    return mask.sum(1).max()  # the widest pixel row of that colour: the bar's length
+
+
+def test_charts_draw_bars_as_long_as_their_values(tmp_path):
     from PIL import Image
 
     from diffaug_kernels import plots
 
     row = dict(op="tweedie", shape=[1, 3, 8, 8], dtype="bfloat16", ms=1.0, speedup=1.0)
-    result = {"env": {"device_name": "test"}, "copy_gb_s": 10.0,
-              "rows": [dict(row, impl="eager (published)", pct_copy=20.0),
-                       dict(row, impl="fused (cuda)", pct_copy=80.0)]}
-    img = np.asarray(Image.open(plots.bench_chart(result, str(tmp_path / "c.png"))).convert("RGB")).astype(int)
-
-    def bar_width(impl):
-        mask = (np.abs(img - np.array(plots._impl_color(impl))).sum(-1) == 0)
-        return mask.sum(1).max()  # the widest row of that colour: the bar's length in pixels
-
-    assert bar_width("fused (cuda)") == pytest.approx(4 * bar_width("eager (published)"), abs=2)
+    ops = {"env": {"device_name": "test"}, "copy_gb_s": 10.0,
+           "rows": [dict(row, impl="eager (published)", pct_copy=20.0), dict(row, impl="fused (cuda)", pct_copy=80.0)]}
+    img = np.asarray(Image.open(plots.results_chart(ops, str(tmp_path / "c.png"))).convert("RGB")).astype(int)
+    assert _bar_width(img, "fused (cuda)") == pytest.approx(4 * _bar_width(img, "eager (published)"), abs=2)
+    # bench-model / bench-ensemble rows: images/s
+    model = {"env": {}, "batch": 8, "size": 32,
+             "rows": [dict(group="DiffAug step", impl="published (fp32 eager)", ms=3.0, images_per_s=30.0, vs_first=1.0),
+                      dict(group="DiffAug step", impl="dk.DiffAug compile=True, bf16", ms=1.0, images_per_s=90.0,
+                           vs_first=3.0)]}
+    img = np.asarray(Image.open(plots.results_chart(model, str(tmp_path / "m.png"))).convert("RGB")).astype(int)
+    assert _bar_width(img, "dk.DiffAug compile=True") == pytest.approx(3 * _bar_width(img, "published"), abs=2)
     with pytest.raises(ValueError, match="no rows"):
-        plots.bench_chart({"rows": []}, str(tmp_path / "e.png"))
+        plots.results_chart({"rows": []}, str(tmp_path / "e.png"))
+    with pytest.raises(ValueError, match="finite non-negative"):
+        plots.plot_bars({"g": [("a", float("nan"), "")]}, str(tmp_path / "n.png"))
 
 
-def test_bench_from_a_file_that_is_not_a_result(tmp_path, capsys):
+def test_plot_of_a_file_that_is_not_a_result(tmp_path, capsys):
     bad = tmp_path / "x.json"
     bad.write_text("{}")
-    with pytest.raises(SystemExit, match="not a bench results file"):
-        cli.main(["bench", "--from", str(bad)])
+    with pytest.raises(SystemExit, match="cannot draw it"):
+        cli.main(["plot", str(bad)])
+    with pytest.raises(SystemExit, match="cannot draw it"):
+        cli.main(["plot", str(tmp_path / "missing.json")])
 
 
 @pytest.mark.parametrize("argv, msg", [
