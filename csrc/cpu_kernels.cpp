@@ -319,13 +319,13 @@ void tweedie_kernel(const Tensor& x_, const Tensor& m_, const Tensor& t, const T
       if (xv.ss == 1 && mv.ss == 1 && ov.ss == 1) {
 #pragma omp simd
         for (int64_t e = 0; e < len; ++e) {
-          acc_t y = a * to_acc<acc_t>(xs[e]) + s * to_acc<acc_t>(ms[e]);
+          acc_t y = dk::xt_term(a, to_acc<acc_t>(xs[e])) + s * to_acc<acc_t>(ms[e]);
           y = y < lo_ ? lo_ : (y > hi_ ? hi_ : y);  // NaN stays NaN
           os[e] = from_acc<out_t>(y * g + h);
         }
       } else {
         for (int64_t e = 0; e < len; ++e) {
-          acc_t y = a * to_acc<acc_t>(xs[e * xv.ss]) + s * to_acc<acc_t>(ms[e * mv.ss]);
+          acc_t y = dk::xt_term(a, to_acc<acc_t>(xs[e * xv.ss])) + s * to_acc<acc_t>(ms[e * mv.ss]);
           y = y < lo_ ? lo_ : (y > hi_ ? hi_ : y);  // NaN stays NaN
           os[e * ov.ss] = from_acc<out_t>(y * g + h);
         }

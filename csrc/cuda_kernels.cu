@@ -278,7 +278,7 @@ __global__ void __launch_bounds__(kThreads) tweedie_kernel(
       const acc g = scale != nullptr ? scale[c0] : acc(1), h = scale != nullptr ? shift[c0] : acc(0);
 #pragma unroll
       for (int e = 0; e < E; ++e) {
-        acc y = a * xr[e] + bb * mr[e];
+        acc y = dk::xt_term(a, xr[e]) + bb * mr[e];
         if (clip) y = clip1(y);
         res[e] = static_cast<out_t>(scale != nullptr ? y * g + h : y);
       }
@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(kThreads) tweedie_kernel(
       for (int e = 0; e < E; ++e) {
         const int64_t ti = i0 + e < N ? t[b * tb] : 0;
         CUDA_KERNEL_ASSERT(ti >= 0 && ti < T);
-        acc y = ca[ti] * xr[e] + cb[ti] * mr[e];
+        acc y = dk::xt_term(ca[ti], xr[e]) + cb[ti] * mr[e];
         if (clip) y = clip1(y);
         if (scale != nullptr) y = y * scale[c] + shift[c];
         res[e] = static_cast<out_t>(y);
@@ -329,7 +329,7 @@ __global__ void __launch_bounds__(kThreads) tweedie_plane_kernel(
   Vec<out_t, E> vo;
 #pragma unroll
   for (int e = 0; e < E; ++e) {
-    acc y = a * static_cast<acc>(xw.v[e]) + bb * static_cast<acc>(mw.v[e]);
+    acc y = dk::xt_term(a, static_cast<acc>(xw.v[e])) + bb * static_cast<acc>(mw.v[e]);
     if (clip) y = clip1(y);
     vo.v[e] = static_cast<out_t>(scale != nullptr ? y * g + h : y);
   }

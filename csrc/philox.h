@@ -119,4 +119,11 @@ DK_HD void box_muller(uint32_t a, uint32_t b, float& n1, float& n2) {
   n2 = r * s;
 }
 
+// The x_t term of the Tweedie step, a * x. x0 prediction has a = 0 and, like the reference, ignores x_t
+// altogether: 0 * inf or 0 * NaN would otherwise put NaN where the reference returns the model's output.
+template <typename T>
+DK_HD T xt_term(T a, T x) {
+  return a == T(0) ? T(0) : a * x;
+}
+
 }  // namespace dk

@@ -8,6 +8,7 @@ nor recompiles for a new one, and nothing syncs with the host on the way in.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -124,6 +125,11 @@ def _time_backend(name: str, run: Callable[[str], object], device: torch.device,
     def fn():
         return run(name)
 
+    with _on(device):  # events and launches on the tensors' device, not whichever is current
+        return _median_seconds(fn, device, reps)
+
+
+def _median_seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:
     fn()
     times = []
     for _ in range(reps):
@@ -312,10 +318,18 @@ def _backend_for(name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ custom op: noise
+def _on(device: torch.device):
+    """The device a kernel must launch on made current: Triton launches on the current device and stream,
+    whatever its tensors' device (the CUDA extension guards itself; this covers both)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _noise_impl(x0: Tensor, t: Tensor, coef_a: Tensor, coef_b: Tensor, seed: Tensor, offset: Tensor,
                 out_dtype: torch.dtype, backend: str) -> Tensor:
     out = _alloc(x0, t.shape[0] * x0.shape[0], out_dtype)
-    _BACKENDS[backend].noise_out(x0, t, coef_a, coef_b, seed, offset, out)
+    if out.numel():  # an empty tensor has nothing to write (and may have no [B, C, S] view)
+        with _on(x0.device):
+            _BACKENDS[backend].noise_out(x0, t, coef_a, coef_b, seed, offset, out)
     return out
 
 
@@ -352,7 +366,9 @@ _noise_op.register_autograd(_noise_backward, setup_context=_noise_setup)
 def _tweedie_impl(x_t: Tensor, model_output: Tensor, t: Tensor, coef_a: Tensor, coef_b: Tensor, clip: bool,
                   scale: Optional[Tensor], shift: Optional[Tensor], out_dtype: torch.dtype, backend: str) -> Tensor:
     out = _alloc(x_t, x_t.shape[0], out_dtype)
-    _BACKENDS[backend].tweedie_out(x_t, model_output, t, coef_a, coef_b, clip, scale, shift, out)
+    if out.numel():
+        with _on(x_t.device):
+            _BACKENDS[backend].tweedie_out(x_t, model_output, t, coef_a, coef_b, clip, scale, shift, out)
     return out
 
 
@@ -382,7 +398,8 @@ def _tweedie_backward(ctx, grad):
     if scale is not None:
         g = g * scale.reshape(1, -1, *([1] * (x_t.dim() - 2)))
     if ctx.clip:  # zero where the clamp is active (torch.clamp's convention: bounds pass the gradient)
-        y = a * x_t.to(cd) + b * m.to(cd)
+        ax = torch.where(a == 0, 0, a * x_t.to(cd))  # x0 prediction ignores x_t, as the kernels do
+        y = ax + b * m.to(cd)
         g = g * ((y >= -1) & (y <= 1)).to(cd)
     return (a * g).to(x_t.dtype), (b * g).to(m.dtype), None, None, None, None, None, None, None, None
 
@@ -406,10 +423,12 @@ def philox_normal(shape: Sequence[int], seed=None, offset=0, device=None, dtype=
     if name == "reference":
         return reference.philox_normal(shape, seed_t, off_t, device, dtype)
     if _pooled(4 * math.prod(shape), device):
-        out = _from_pool(torch.empty(shape, dtype=torch.float32, device="meta"))
+        out = _poisoned(_from_pool(torch.empty(shape, dtype=torch.float32, device="meta")))
     else:
-        out = torch.empty(shape, dtype=torch.float32, device=device)
-    _BACKENDS[name].philox_normal_out(seed_t, off_t, out)
+        out = _poisoned(torch.empty(shape, dtype=torch.float32, device=device))
+    if out.numel():
+        with _on(device):
+            _BACKENDS[name].philox_normal_out(seed_t, off_t, out)
     return out.to(dtype)
 
 

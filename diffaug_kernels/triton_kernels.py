@@ -101,6 +101,8 @@ if triton is not None:
                       X_CONTIG: tl.constexpr, O_CONTIG: tl.constexpr, ALIGNED: tl.constexpr,
                       F64: tl.constexpr, BLOCK: tl.constexpr):
         # Tile: BLOCK counters x 4 lanes of x's logical elements; x is read once and written K times.
+        # Sizes arrive as int32 when they are below 2**31, but K * N and C * S may not be: 64-bit from here.
+        N, C, S = tl.cast(N, tl.int64), tl.cast(C, tl.int64), tl.cast(S, tl.int64)
         k0, k1 = _key(seed_ptr)
         off = tl.load(off_ptr)
         row = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
@@ -111,7 +113,8 @@ if triton is not None:
         xv = xv.to(tl.float64) if F64 else xv.to(tl.float32)
         b = i // (C * S)
         o_off = _offset3(i, C, S, osb, osc, oss, O_CONTIG)
-        for k in range(K):
+        for k32 in range(K):
+            k = tl.cast(k32, tl.int64)
             t = tl.load(t_ptr + k * tk + b * tb, mask=mask, other=0)
             a = tl.load(ca_ptr + t, mask=mask, other=0.0)
             s = tl.load(cb_ptr + t, mask=mask, other=0.0)
@@ -130,6 +133,7 @@ if triton is not None:
                         xsb, xsc, xss, msb, msc, mss, osb, osc, oss, tb,
                         X_CONTIG: tl.constexpr, M_CONTIG: tl.constexpr, O_CONTIG: tl.constexpr,
                         CLIP: tl.constexpr, NORM: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
+        C, S = tl.cast(C, tl.int64), tl.cast(S, tl.int64)  # C * S may pass 2**31 (see _noise_kernel)
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         mask = i < N
         xv = tl.load(x_ptr + _offset3(i, C, S, xsb, xsc, xss, X_CONTIG), mask=mask, other=0.0)
@@ -138,7 +142,7 @@ if triton is not None:
         t = tl.load(t_ptr + (i // (C * S)) * tb, mask=mask, other=0)
         a = tl.load(ca_ptr + t, mask=mask, other=0.0)
         s = tl.load(cb_ptr + t, mask=mask, other=0.0)
-        y = a * xv.to(cdt) + s * mv.to(cdt)
+        y = _xt_term(a, xv.to(cdt)) + s * mv.to(cdt)
         if CLIP:
             y = _clip(y)
         if NORM:
@@ -152,6 +156,7 @@ if triton is not None:
     @triton.jit
     def _noise_plane_kernel(x_ptr, out_ptr, t_ptr, ca_ptr, cb_ptr, seed_ptr, off_ptr, N, K, B, C, S,
                             xsb, xsc, xss, osb, osc, oss, tk, tb, F64: tl.constexpr, BLOCK: tl.constexpr):
+        N, B, C, S = tl.cast(N, tl.int64), tl.cast(B, tl.int64), tl.cast(C, tl.int64), tl.cast(S, tl.int64)
         k0, k1 = _key(seed_ptr)
         off = tl.load(off_ptr)
         plane = tl.program_id(0).to(tl.int64)
@@ -164,7 +169,8 @@ if triton is not None:
         xv = tl.load(x_ptr + b * xsb + c * xsc + sp * xss, mask=mask, other=0.0)
         xv = xv.to(tl.float64) if F64 else xv.to(tl.float32)
         o_off = c * osc + sp * oss
-        for k in range(K):
+        for k32 in range(K):
+            k = tl.cast(k32, tl.int64)  # k * N passes 2**31 for large K * N
             tv = tl.load(t_ptr + k * tk + b * tb)
             a = tl.load(ca_ptr + tv)
             sg = tl.load(cb_ptr + tv)
@@ -187,12 +193,17 @@ if triton is not None:
         sg = tl.load(cb_ptr + tv)
         xv = tl.load(x_ptr + b * xsb + c * xsc + sp * xss, mask=mask, other=0.0)
         mv = tl.load(m_ptr + b * msb + c * msc + sp * mss, mask=mask, other=0.0)
-        y = a * xv.to(cdt) + sg * mv.to(cdt)
+        y = _xt_term(a, xv.to(cdt)) + sg * mv.to(cdt)
         if CLIP:
             y = _clip(y)
         if NORM:
             y = y * tl.load(sc_ptr + c) + tl.load(sh_ptr + c)
         tl.store(out_ptr + b * osb + c * osc + sp * oss, _cast_out(y, out_ptr), mask=mask)
+
+    @triton.jit
+    def _xt_term(a, x):
+        """a * x, or 0 where a = 0: x0 prediction ignores x_t, as the reference does, even where it is not finite."""
+        return tl.where(a == 0, 0.0, a * x)
 
     @triton.jit
     def _clip(y):

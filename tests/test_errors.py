@@ -66,6 +66,32 @@ def test_bad_input(backend, call, exc, match):
         call(backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 3, 4, 0), (0, 3, 4, 4), (2, 0, 4, 4)])
+def test_empty_inputs_give_empty_outputs(backend, shape):
+    """Nothing to compute is not an error: every op returns its (empty) output, on every backend."""
+    x0, mo = torch.rand(shape), torch.randn(shape[0], 2 * shape[1], *shape[2:])
+    t = torch.zeros(shape[0], dtype=torch.int64)
+    assert dk.forward_noise(x0, t, S, seed=1, backend=backend).shape == shape
+    assert dk.forward_noise_multi(x0, [0, 5], S, seed=1, backend=backend).shape == (2 * shape[0], *shape[1:])
+    got = dk.tweedie(x0, mo, t, S, normalize=None, backend=backend)
+    assert got.shape == shape and got.dtype == x0.dtype
+    assert dk.philox_normal(shape, 1, backend=backend).shape == shape
+
+
+def test_x0_prediction_ignores_x_t_even_where_it_is_not_finite():
+    """x0 prediction's x_t coefficient is 0; 0 * inf would be NaN, where the reference returns the model's
+    output: every backend must not read x_t into the result at all."""
+    xt = torch.randn(2, 3, 8, 8)
+    xt[0, 0, 0, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    mo = torch.rand(2, 6, 8, 8) * 2 - 1
+    want = dk.reference.tweedie(xt, mo, torch.tensor([5, 900]), S, prediction="x0", clip=False)
+    assert torch.isfinite(want).all()
+    for backend in CPU_FUSED:
+        got = dk.tweedie(xt, mo, torch.tensor([5, 900]), S, prediction="x0", clip=False, backend=backend)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=backend)
+
+
 def test_unknown_backend_name():
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
         dk.forward_noise(x, 0, S, backend="gpu")

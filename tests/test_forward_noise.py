@@ -174,6 +174,32 @@ def test_triton_autotune_tries_no_block_larger_than_the_work():
         assert {c.kwargs["BLOCK"] for c in kept} == blocks and {c.num_warps for c in kept} == {4, 8}, n
 
 
+@pytest.mark.parametrize("plane", [False, True])
+def test_triton_counters_past_two_to_the_31(plane):
+    """forward_noise_multi's block k starts at counter offset + k * N / 4. Triton passes sizes below 2**31 as
+    int32, so K * N must be widened in the kernel: called directly (interpreter) on a claimed N = 2**29, one
+    tile of each of K = 5 blocks, written side by side; blocks 4 and up need k * N >= 2**31."""
+    if "triton" not in CPU_FUSED:
+        pytest.skip("the Triton interpreter is not in use (a GPU run covers Triton)")
+    from diffaug_kernels import triton_kernels as tk
+
+    N, K, seed, n = 2**29, 5, 123, 256
+    x = torch.zeros(n)
+    out = torch.full((K * n,), float("nan"))
+    t = torch.zeros(K, 1, dtype=torch.int64)
+    ca, cb = torch.zeros(1000), torch.ones(1000)  # out = the noise itself
+    sd, off = torch.tensor([seed]), torch.tensor([0])
+    if plane:  # one plane of n elements (x strides 0: the same n values), block k stored at out[k * n]
+        tk._noise_plane_kernel[(1, 1)](x, out, t, ca, cb, sd, off, N, K, 1, 1, n, 0, 0, 1, n, 0, 1, 0, 0,
+                                       F64=False, BLOCK=n // 4)
+    else:  # C = 1, S = N; out strides (n, 0, 1): block k stored at out[k * n]
+        tk._noise_kernel[(1,)](x, out, t, ca, cb, sd, off, N, K, 1, N, 0, 0, 1, n, 0, 1, 0, 0,
+                               X_CONTIG=False, O_CONTIG=False, ALIGNED=True, F64=False, BLOCK=n // 4)
+    for k in range(K):
+        torch.testing.assert_close(out[k * n:(k + 1) * n], reference.philox_normal((n,), seed, k * N // 4),
+                                   rtol=1e-6, atol=2e-6, msg=f"block {k}")
+
+
 # ------------------------------------------------------------------------------- on a GPU (-m cuda)
 CUDA = torch.device("cuda")
 
