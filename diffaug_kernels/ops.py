@@ -220,6 +220,7 @@ def _as_times(name: str, t, batch: int, device: torch.device, T: int) -> Tensor:
     if isinstance(t, (list, tuple)):
         if not all(_is_int(v) for v in t):
             raise TypeError(f"{name} must hold integers, got {t!r}")
+        _no_host_copy_while_capturing(name, device)
         t = torch.tensor(t, dtype=torch.int64, device=device)
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be an int or an integer tensor, got {type(t).__name__}")
@@ -254,8 +255,18 @@ def _as_seed(name: str, v, device: torch.device) -> Tensor:
         if v.dtype.is_floating_point or v.dtype.is_complex or v.dtype == torch.bool or v.numel() != 1:
             raise TypeError(f"{name} must be an integer or a one-element integer tensor, got a {v.dtype} tensor "
                             f"of shape {tuple(v.shape)}")
-        return v.reshape(()).to(torch.int64)
+        if v.device != device:
+            _no_host_copy_while_capturing(name, device)
+        return v.reshape(()).to(device=device, dtype=torch.int64)
     raise TypeError(f"{name} must be an integer (or None for a fresh seed), got {type(v).__name__}: {v!r}")
+
+
+def _no_host_copy_while_capturing(name: str, device: torch.device) -> None:
+    """A host-to-device copy cannot be captured in a CUDA graph (and would replay stale values): say which
+    argument to move, instead of CUDA's capture error."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"{name} would be copied from the host inside a CUDA-graph capture; pass it as a tensor "
+                           f"on {device} (made before the capture), or as a Python int where one is allowed")
 
 
 def _empty_out(x: Tensor, rows, dtype: torch.dtype, device=None) -> Tensor:

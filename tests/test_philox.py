@@ -225,3 +225,24 @@ def test_cuda_graph_replay_gives_fresh_noise(gpu_backend):
         outs.append(y.clone())
     assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
     assert torch.isfinite(outs[0]).all()
+
+
+@pytest.mark.cuda
+def test_host_copies_inside_a_capture_are_clear_errors(gpu_backend):
+    """times as a Python list, or a seed tensor on the CPU, would need a host-to-device copy: inside a CUDA-graph
+    capture that is an error naming the argument (and a device tensor made before the capture works)."""
+    x = torch.rand(2, 3, 8, 8, device=CUDA)
+    times = torch.tensor([0, 50], device=CUDA)
+    dk.forward_noise_multi(x, times, S, backend=gpu_backend)  # warm up outside the capture
+    torch.cuda.synchronize()
+    for call, name in [(lambda: dk.forward_noise_multi(x, [0, 50], S, backend=gpu_backend), "times"),
+                       (lambda: dk.forward_noise(x, 5, S, seed=torch.tensor(3), backend=gpu_backend), "seed")]:
+        g = torch.cuda.CUDAGraph()
+        with pytest.raises(RuntimeError, match=f"{name} would be copied from the host"):
+            with torch.cuda.graph(g):
+                call()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = dk.forward_noise_multi(x, times, S, seed=torch.tensor(3, device=CUDA), backend=gpu_backend)
+    g.replay()
+    torch.testing.assert_close(y, dk.forward_noise_multi(x, times, S, seed=3, backend=gpu_backend))
