@@ -198,6 +198,7 @@ class Case:
     nbytes: int  # bytes the op must move: inputs read once, output written once in the input dtype
     impls: dict = field(default_factory=dict)
     auto: Optional[tuple] = None  # (op key, input) of the "fused (auto)" row: ops.auto_choice names its pick
+    inputs: dict = field(default_factory=dict)  # x, t (and model_output, times): what every row computes on
 
 
 def make_case(op: str, shape: Sequence[int], dtype: torch.dtype, device="cpu",
@@ -241,6 +242,8 @@ def make_case(op: str, shape: Sequence[int], dtype: torch.dtype, device="cpu",
     # copy_bandwidth's 1 GB copy amortises the fixed cost of a launch (start-up, the last wave); an op's
     # few hundred MB pay it, and so does a copy of the same bytes (half read, half written): that row shows
     # how much of an op's gap to the ceiling is its size rather than its kernel
+    case.inputs = dict(x=x, t=t, schedule=sched, **({"model_output": mo} if op == "tweedie" else {}),
+                       **({"times": DE_TIMES} if op == "forward_noise_multi" else {}))
     src = torch.rand(case.nbytes // 2 // x.element_size(), device=device).to(dtype)
     dst = torch.empty_like(src)
     case.impls = {SAME_COPY: lambda: dst.copy_(src), **case.impls}

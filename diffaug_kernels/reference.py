@@ -33,8 +33,12 @@ def philox_uint32(n_counters: int, seed, offset=0, device=None) -> torch.Tensor:
     lo = off_lo + j  # 64-bit counter = offset + j, split into words with the carry
     c0 = lo & _MASK32
     c1 = (off_hi + (lo >> 32)) & _MASK32
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
+    return philox_rounds(c0, c1, torch.zeros_like(c0), torch.zeros_like(c0), k0, k1)
+
+
+def philox_rounds(c0, c1, c2, c3, k0, k1) -> torch.Tensor:
+    """Philox4x32-10 on counter words c0..c3 and key words k0, k1 (int64 tensors holding uint32 values):
+    [n, 4] int64 of the output words."""
     for _ in range(10):
         p0 = c0 * _M0  # exact product < 2^64 wraps in int64; its bit pattern is still the uint64 product
         p1 = c2 * _M1

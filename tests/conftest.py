@@ -4,8 +4,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, settings
 
-if not torch.cuda.is_available():  # Triton kernels run on CPU tensors in the interpreter (set before import)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if not torch.cuda.is_available():  # Triton kernels run on CPU tensors in the interpreter (set before import;
+    os.environ["TRITON_INTERPRET"] = "1"  # forced: a stray TRITON_INTERPRET=0 would drop every Triton test)
 
 import diffaug_kernels as dk  # noqa: E402
 from diffaug_kernels import ops  # noqa: E402

@@ -108,10 +108,16 @@ def test_missing_backend_warns_once_and_falls_back():
     assert torch.equal(a, b) and torch.equal(a, dk.forward_noise(x, 5, S, seed=1))  # same result, not silently other
 
 
-def test_schedule_tables_follow_the_input_device():
+def test_schedule_tables_follow_the_device_asked_for_and_are_cached():
+    """One cached copy per (device, dtype), holding the float64 table's values: asked twice, the same tensor."""
     s = dk.NoiseSchedule.cosine(100)
-    dk.forward_noise(x, 5, s, seed=1)  # tables live on CPU; a CUDA input gets CUDA copies (cached)
-    assert s.table("sqrt_alphas_cumprod", "cpu").device.type == "cpu"
+    for device, dtype in [("cpu", torch.float32), ("cpu", torch.float64), ("meta", torch.float32)]:
+        a = s.table("sqrt_alphas_cumprod", device, dtype)
+        assert a.device.type == device and a.dtype == dtype and a.shape == (100,)
+        assert s.table("sqrt_alphas_cumprod", device, dtype) is a
+    want = torch.from_numpy(s._np["sqrt_alphas_cumprod"])
+    assert torch.equal(s.table("sqrt_alphas_cumprod", "cpu", torch.float64), want)
+    assert s.table("sqrt_alphas_cumprod", "cpu") is not s.table("sqrt_one_minus_alphas_cumprod", "cpu")
 
 
 def test_extension_was_built():
@@ -119,6 +125,16 @@ def test_extension_was_built():
     if os.environ.get("DIFFAUG_ALLOW_NO_EXT") == "1":
         pytest.skip("DIFFAUG_ALLOW_NO_EXT=1")
     assert "cpu" in dk.available_backends(), f"compiled extension missing: {ops._ext.ERROR}"
+
+
+def test_triton_kernels_are_tested_here():
+    """Without a GPU the Triton kernels run in the interpreter and every backend-parametrised test covers them:
+    fail loudly if Triton is missing rather than let those tests vanish from the collection."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the Triton kernels are tested on the device (-m cuda)")
+    if os.environ.get("DIFFAUG_ALLOW_NO_TRITON") == "1":
+        pytest.skip("DIFFAUG_ALLOW_NO_TRITON=1")
+    assert "triton" in CPU_FUSED, f"Triton backend not usable in the interpreter: {dk.available_backends()}"
 
 
 def test_runs_on_reference_without_extension():

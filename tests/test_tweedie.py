@@ -43,6 +43,24 @@ def test_matches_reference(backend, batch, data, prediction, clip, learned_sigma
         assert got.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("prediction", PRED)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "imagenet_norm"])
+def test_every_prediction_dtype_and_normalisation(backend, prediction, dtype, norm):
+    """The full grid the hypothesis test samples from, each cell run once: prediction x I/O dtype x
+    normalisation, learned sigma (2C channels), on a plane the kernels vectorise and one they do not."""
+    g = torch.Generator().manual_seed(100 * PRED.index(prediction) + 10 * DTYPES.index(dtype) + norm)
+    for shape in [(2, 3, 5, 7), (2, 3, 17, 24)]:
+        x = (torch.rand(shape, generator=g, dtype=torch.float64) * 6 - 3).to(dtype)
+        m = torch.randn(shape[0], 2 * shape[1], *shape[2:], generator=g, dtype=torch.float64).to(dtype)
+        t = torch.randint(0, 1000, (shape[0],), generator=g)
+        normalize = dk.IMAGENET_NORM if norm else None
+        got = dk.tweedie(x, m, t, S, prediction, True, normalize, backend=backend)
+        want = reference.tweedie(x, m, t, S, prediction, True, normalize)
+        assert_matches(got, want, mag=magnitude(x, m, t, prediction, normalize, shape[1]))
+
+
 @pytest.mark.parametrize("backend", ["reference"] + CPU_FUSED)
 @pytest.mark.parametrize("prediction", PRED)
 def test_recovers_x0_from_ideal_model(backend, prediction):
