@@ -58,10 +58,14 @@ def extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     from torch.utils import cpp_extension
 
+    import runpy
+
+    src_hash = runpy.run_path(os.path.join(ROOT, "diffaug_kernels", "_sources.py"))["sources_hash"](
+        os.path.join(ROOT, "csrc"))
     arch = os.environ.get("DIFFAUG_CPU_ARCH", "native")
     # -fopenmp: at::parallel_for is inline `#pragma omp parallel` (without it, kernels run on one thread); the
     # libgomp.so.1 it links resolves at run time to the copy torch already loaded (same SONAME), one runtime.
-    cxx = ["-O3", f"-march={arch}", "-fno-math-errno", "-fopenmp", "-DNDEBUG"]
+    cxx = ["-O3", f"-march={arch}", "-fno-math-errno", "-fopenmp", "-DNDEBUG", f"-DDK_SOURCES_HASH={src_hash}LL"]
     if os.environ.get("DIFFAUG_VEC_REPORT") == "1":
         cxx += ["-fopt-info-vec-optimized"]
     sources = sorted(glob.glob("csrc/*.cpp"))

@@ -3,7 +3,14 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#ifndef DK_SOURCES_HASH
+#define DK_SOURCES_HASH 0LL  // set by setup.py: diffaug_kernels/_sources.py's hash of csrc/ at build time
+#endif
+
+static int64_t sources_hash() { return DK_SOURCES_HASH; }
+
 TORCH_LIBRARY(diffaug_kernels_C, m) {
+  m.def("sources_hash() -> int", &sources_hash);
   // out[k*B + b] = coef_a[t[k, b]] * x0[b] + coef_b[t[k, b]] * philox_normal(out.shape, seed, offset)[k*B + b]
   // (t is [K, B]: K = 1 for forward_noise, K = len(times) with stride-0 batch for forward_noise_multi).
   m.def("noise_out(Tensor x0, Tensor t, Tensor coef_a, Tensor coef_b, Tensor seed, Tensor offset, Tensor(a!) out) -> ()");

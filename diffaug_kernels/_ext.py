@@ -27,6 +27,31 @@ if _C is None:
     )
 
 
+def stale_sources() -> bool:
+    """Whether the loaded extension was built from other sources than the csrc/ beside the package (a source
+    checkout; an installed wheel has none, and nothing is compared)."""
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    if _C is None or not os.path.isdir(csrc):
+        return False
+    from ._sources import sources_hash
+
+    try:
+        built = int(torch.ops.diffaug_kernels_C.sources_hash())
+    except AttributeError:  # built before the fingerprint existed
+        return True
+    return built != sources_hash(csrc)
+
+
+if stale_sources():
+    warnings.warn(
+        "diffaug_kernels: the compiled extension was built from other sources than csrc/ holds now (edited "
+        "since, or the last rebuild failed and kept the old binary): the fused kernels may be out of date. "
+        "Rebuild with `pip install --no-build-isolation -e .` (its output says why a build failed).",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
 def has_kernel(device_type: str) -> bool:
     """Whether the extension has compiled kernels for this dispatch key ('CPU' or 'CUDA')."""
     if _C is None:

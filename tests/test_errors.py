@@ -125,6 +125,18 @@ def test_extension_was_built():
     if os.environ.get("DIFFAUG_ALLOW_NO_EXT") == "1":
         pytest.skip("DIFFAUG_ALLOW_NO_EXT=1")
     assert "cpu" in dk.available_backends(), f"compiled extension missing: {ops._ext.ERROR}"
+    assert not ops._ext.stale_sources(), "the extension was built from other sources than csrc/ holds"
+
+
+def test_an_extension_built_from_other_sources_is_noticed(monkeypatch):
+    """The fingerprint check compares the extension's build-time hash of csrc/ with csrc/ now."""
+    from diffaug_kernels import _sources
+
+    if ops._ext._C is None:
+        pytest.skip("no compiled extension")
+    assert not ops._ext.stale_sources()
+    monkeypatch.setattr(_sources, "sources_hash", lambda csrc: 12345)
+    assert ops._ext.stale_sources()
 
 
 def test_triton_kernels_are_tested_here():
