@@ -69,13 +69,20 @@ def test_model_without_grad_unless_x_requires_it(model):
     aug = dk.DiffAug(model, S, clip=False)
     out = aug(x, t=300)
     assert not out.requires_grad  # nothing to differentiate: no graph through the UNet
+    assert model.conv.weight.grad is None and model.temb.weight.grad is None
     xg = x.clone().requires_grad_()
     out = aug(xg, t=300, seed=3)
-    (g,) = torch.autograd.grad(out.sum(), xg)
-    # d x0_hat / d x = sqrt(abar) * (A + B * d model / d x_t): differs from the model-free part
+    out.sum().backward()
+    g = xg.grad
+    # d x0_hat / d x = sqrt(abar) * (A + B * d model / d x_t): the reference chain's gradient through the model
+    xr = x.clone().requires_grad_()
+    t = torch.full((2,), 300)
+    xt = reference.forward_noise(xr, t, S, 3)
+    (want,) = torch.autograd.grad(reference.tweedie(xt, model(xt, t), t, S, "eps", False).sum(), xr)
+    torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-5)
     a = S.sqrt_alphas_cumprod[300] * S.sqrt_recip_alphas_cumprod[300]
-    assert not torch.allclose(g, torch.full_like(g, float(a)))
-    assert model.conv.weight.grad is None
+    assert not torch.allclose(g, torch.full_like(g, float(a)))  # not the model-free part alone
+    assert model.conv.weight.grad is not None  # x requires grad: the graph runs through the network
 
 
 def test_class_conditional_kwargs_pass_through(model):
@@ -96,10 +103,21 @@ def test_bf16_autocast_runs_model_in_bf16(model):
 
 def test_compiled_equals_eager(model):
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     eager = dk.DiffAug(model, S)(x, t=200, seed=9)
-    comp = dk.DiffAug(model, S, compile=True)(x, t=200, seed=9)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+    aug = dk.DiffAug(model, S, compile=True)
+    seen = []
+    model.conv.register_forward_pre_hook(lambda m, i: seen.append(i[0].is_contiguous(
+        memory_format=torch.channels_last)))
+    comp = aug(x, t=200, seed=9)
     torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-4)
+    # the model really went through torch.compile (a dynamo graph was captured) and got channels_last input
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert isinstance(aug._compiled["cpu"], torch._dynamo.eval_frame.OptimizedModule)
+    assert aug._compiled["cpu"]._orig_mod is model
+    assert seen and all(seen)
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [

@@ -216,6 +216,10 @@ def test_guidance_norm_sample_vs_batch(sched):
 def test_unet_shape_dtype_range_and_determinism(sched, tiny_unet):
     x = _images((2, 3, 16, 16), 7)
     kw = dict(steps=20, depth=10)
+    # the parameters require grad and start without .grad, so a guidance gradient taken with .backward()
+    # (instead of autograd.grad w.r.t. x_t alone) would leave .grad on them: checked at the end
+    tiny_unet.zero_grad(set_to_none=True)
+    assert all(p.requires_grad for p in tiny_unet.parameters())
     a = dda.adapt(tiny_unet, sched, x, seed=9, **kw)
     assert a.shape == x.shape and a.dtype == x.dtype and a.min() >= -1 and a.max() <= 1
     assert torch.isfinite(a).all()
@@ -228,6 +232,7 @@ def test_unet_shape_dtype_range_and_determinism(sched, tiny_unet):
     # guidance flows through the network (its gradient changes the result) but not into its parameters
     assert (dda.adapt(tiny_unet, sched, x, seed=9, guidance_scale=0.0, **kw) - a).abs().max() > 1e-4
     assert all(p.grad is None for p in tiny_unet.parameters())
+    assert all(p.requires_grad for p in tiny_unet.parameters())  # left as found
     assert not a.requires_grad
 
 

@@ -55,13 +55,82 @@ def test_t0_alone_is_the_classifier(parts):
     torch.testing.assert_close(dk.diffaug_ensemble(clf, aug, x, times=[0]), torch.softmax(clf(x), -1))
 
 
-def test_preprocess_applies_to_every_copy(parts):
+def _record_unet_calls(monkeypatch, aug):
+    """Wraps aug.denoise (the one path to the UNet) to record each call's row count and t values."""
+    calls = []
+    denoise = aug.denoise
+
+    def spy(xs, ts, **kw):
+        calls.append((xs.shape[0], ts.tolist()))
+        return denoise(xs, ts, **kw)
+
+    monkeypatch.setattr(aug, "denoise", spy)
+    return calls
+
+
+@pytest.mark.parametrize("max_batch, sizes", [(100, [18]), (18, [18]), (4, [4, 4, 4, 4, 2]), (5, [5, 5, 5, 3]),
+                                              (2, [2] * 9)])
+def test_noisy_copies_run_in_as_few_unet_calls_as_max_batch_allows(parts, monkeypatch, max_batch, sizes):
+    """B = 2 images, 9 noisy times: 18 rows, expanded once with forward_noise_multi, max_batch rows per call."""
     clf, aug = parts
     x = torch.rand(2, 3, 8, 8) * 2 - 1
+    times = list(range(0, 451, 50))
+    expanded = []
+    multi = ensemble.ops.forward_noise_multi
+    monkeypatch.setattr(ensemble.ops, "forward_noise_multi",
+                        lambda x0, ts, *a, **k: expanded.append(list(ts)) or multi(x0, ts, *a, **k))
+    calls = _record_unet_calls(monkeypatch, aug)
+    got = dk.diffaug_ensemble(clf, aug, x, times, max_batch=max_batch, seed=11)
+    assert expanded == [times[1:]]  # all noisy times in one expansion
+    assert [n for n, _ in calls] == sizes
+    assert sum((ts for _, ts in calls), []) == [t for t in times[1:] for _ in range(2)]  # t-major rows
+    torch.testing.assert_close(got, per_t_loop(clf, aug, x, times, 11), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fastest, sizes", [(8, [8, 8, 2]), (18, [18]), (2, [2] * 9)])
+def test_without_max_batch_the_picked_chunk_is_used(parts, monkeypatch, fastest, sizes):
+    """max_batch=None: pick_chunk times the candidates B, 2B, 4B, 8B, all rows (fake clock: `fastest` rows per
+    call has the best rate), caches its pick, and the ensemble then calls the UNet with exactly that many rows."""
+    clf, aug = parts
+    monkeypatch.setattr(ensemble, "_CHUNKS", {})
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    calls = _record_unet_calls(monkeypatch, aug)
+
+    def clock(fn, device):
+        fn()
+        return 1.0 if calls[-1][0] == fastest else 100.0
+
+    monkeypatch.setattr(ensemble, "_time_call", clock)
+    got = dk.diffaug_ensemble(clf, aug, x, seed=3)
+    (chunk,) = ensemble._CHUNKS.values()
+    assert chunk == fastest
+    measured = len(calls) - len(sizes)
+    assert sorted({n for n, _ in calls[:measured]}) == [2, 4, 8, 16, 18]  # every candidate was tried
+    assert [n for n, _ in calls[measured:]] == sizes
+    calls.clear()
+    again = dk.diffaug_ensemble(clf, aug, x, seed=3)  # cached: no measuring, the same chunking
+    assert [n for n, _ in calls] == sizes
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
+    torch.testing.assert_close(got, per_t_loop(clf, aug, x, list(ensemble.DEFAULT_TIMES), 3), rtol=1e-5, atol=1e-6)
+
+
+def test_preprocess_applies_to_every_copy(parts):
+    """preprocess(v) is what the classifier sees, for the raw image and every denoised copy."""
+    clf, aug = parts
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    times = [0, 100, 200]
+    f = lambda v: v.flip(-1) * 0.5  # noqa: E731 - not an identity, not a symmetry of the classifier
     seen = []
-    dk.diffaug_ensemble(clf, aug, x, times=[0, 100, 200], preprocess=lambda v: seen.append(v.shape[0]) or v,
-                        max_batch=2, seed=1)
+    got = dk.diffaug_ensemble(clf, aug, x, times, preprocess=lambda v: seen.append(v.shape[0]) or f(v), max_batch=2,
+                              seed=1)
     assert sum(seen) == 2 * 3
+    want = dk.diffaug_ensemble(lambda v: clf(f(v)), aug, x, times, max_batch=2, seed=1)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for t in ([0], [100, 200]):  # both the raw image and the denoised copies go through f
+        torch.testing.assert_close(dk.diffaug_ensemble(clf, aug, x, t, preprocess=f, seed=1),
+                                   dk.diffaug_ensemble(lambda v: clf(f(v)), aug, x, t, seed=1), rtol=1e-6, atol=1e-7)
+    plain = dk.diffaug_ensemble(clf, aug, x, times, max_batch=2, seed=1)
+    assert (got - plain).abs().max() > 1e-3
 
 
 def test_chunk_is_measured_once_and_is_a_candidate(parts, monkeypatch):

@@ -39,7 +39,9 @@ def _ckpt(out):
 
 def test_one_diffaug_step_trains_the_classifier_not_the_unet():
     torch.manual_seed(0)
-    unet = dk.models.create_adm_unet(**TINY_UNET).eval().requires_grad_(False)
+    # the UNet's parameters are left requiring grad: train_step itself must keep gradients out of it
+    unet = dk.models.create_adm_unet(**TINY_UNET).eval()
+    assert all(p.requires_grad for p in unet.parameters())
     aug = dk.DiffAug(unet, dk.NoiseSchedule.linear(1000), t_range=(0, 1000))
     clf = tc.create_classifier("test_resnet", num_classes=10, in_chans=1)
     x, y = digits("train", size=16, channels=1)[:8]
@@ -65,7 +67,9 @@ def test_one_diffaug_step_trains_the_classifier_not_the_unet():
     # leaves the convs before it alone)
     first, last = next(iter(dict(clf.named_parameters()))), list(dict(clf.named_parameters()))[-1]
     assert first in changed and last in changed and len(changed) >= 8, sorted(changed)
+    assert all(p.grad is not None for p in clf.parameters()), "the classifier's loss was backpropagated"
     assert all(p.grad is None for p in unet.parameters()), "no gradient reaches the score model"
+    assert not x0_hat.requires_grad and all(p.requires_grad for p in unet.parameters())
     assert all(torch.equal(v, unet_before[k]) for k, v in unet.state_dict().items())
 
 
