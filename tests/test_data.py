@@ -28,12 +28,35 @@ def test_cifar10_batches_and_image_folder(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     rng = np.random.default_rng(0)
+    raw = {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        # CIFAR-10's layout: one row of 3072 bytes per image, the 1024 red, then green, then blue values (CHW)
+        raw[name] = (rng.integers(0, 256, (4, 3072), dtype=np.uint8), rng.integers(0, 10, 4).tolist())
         with open(folder / name, "wb") as f:
-            pickle.dump({"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]}, f)
+            pickle.dump({"data": raw[name][0], "labels": raw[name][1]}, f)
     ds = data.make_dataset(f"cifar10:{tmp_path}", "train")
     x, y = ds[0]
     assert len(ds) == 20 and x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1
+
+    def expect(name, j):  # image j of batch file `name`, scaled as the reader documents: uint8 -> [-1, 1]
+        return torch.from_numpy(raw[name][0][j].reshape(3, 32, 32).astype(np.float32)) / 127.5 - 1, raw[name][1][j]
+
+    labels = [lab for i in range(1, 6) for lab in raw[f"data_batch_{i}"][1]]
+    assert labels != labels[::-1]  # (a reader that reversed the labels would show)
+    for i, (name, j) in {0: ("data_batch_1", 0), 3: ("data_batch_1", 3), 5: ("data_batch_2", 1),
+                         19: ("data_batch_5", 3)}.items():
+        img, lab = ds[i]
+        want_img, want_lab = expect(name, j)
+        assert img.dtype == torch.float32 and int(lab) == want_lab, i
+        torch.testing.assert_close(img, want_img, rtol=0, atol=1e-6)
+    assert [int(ds[i][1]) for i in range(20)] == labels
+    test = data.make_dataset(f"cifar10:{tmp_path}", "test")
+    assert len(test) == 4 and [int(test[i][1]) for i in range(4)] == raw["test_batch"][1]
+    torch.testing.assert_close(test[2][0], expect("test_batch", 2)[0], rtol=0, atol=1e-6)
+    row = raw["test_batch"][0][2].astype(np.float64)
+    assert float(test[2][0][0, 0, 0]) == pytest.approx(row[0] / 127.5 - 1, abs=1e-6)  # red, top-left pixel
+    assert float(test[2][0][0, 0, 1]) == pytest.approx(row[1] / 127.5 - 1, abs=1e-6)  # red, its right neighbour
+    assert float(test[2][0][2, 31, 31]) == pytest.approx(row[3071] / 127.5 - 1, abs=1e-6)  # blue, bottom-right
     from PIL import Image
 
     for c in ("cat", "dog"):

@@ -2,9 +2,12 @@
 piece runs, writes its files, and a second run reuses the trained classifiers and finished evaluations."""
 import json
 
+import torch
 from PIL import Image
 
 from diffaug_kernels import cli, demo
+from diffaug_kernels import evaluate as ev
+from diffaug_kernels import train_classifier as tc
 
 
 def test_demo_quick_end_to_end_and_rerun(tmp_path, capsys):
@@ -24,6 +27,17 @@ def test_demo_quick_end_to_end_and_rerun(tmp_path, capsys):
         with Image.open(out / name) as im:
             assert im.format == "PNG"
     assert (out / "no-diffaug" / "checkpoint.pt").is_file() and (out / "diffaug" / "checkpoint.pt").is_file()
+    # the reported Default accuracies, recomputed: each trained classifier on the evaluation's 16 images (the
+    # harness's fixed subset of its own dataset builder's images, seed 0)
+    for spec in ev.parse_datasets(["digits", "digits-c:gaussian_noise:5"]):
+        sub = ev._subset(ev.build_dataset(spec, 32, 1, 0), 16, ev._derive(0, "subset", spec.name))
+        x = torch.stack([sub[i][0] for i in range(16)])
+        y = torch.tensor([int(sub[i][1]) for i in range(16)])
+        for cname, folder in (("no DiffAug", "no-diffaug"), ("DiffAug", "diffaug")):
+            clf = tc.load_classifier(str(out / folder / "checkpoint.pt"))
+            with torch.no_grad():
+                right = int((clf(x).argmax(1) == y).sum())
+            assert res["accuracy"][cname][spec.name]["Default"] == right / 16, (cname, spec.name)
 
     assert cli.main(argv) == 0  # resumable: nothing is trained or evaluated again
     text2 = capsys.readouterr().out

@@ -14,8 +14,6 @@ from diffaug_kernels import train_classifier as tc
 
 TINY_FLAGS = dict(num_channels=32, num_res_blocks=1, channel_mult="1", attention_resolutions="",
                   resblock_updown=False)
-SCORE_ARGS = ["--score-model", "random", "--score-config", "digits32"] + [
-    a for k, v in TINY_FLAGS.items() for a in ("--score-flag", f"{k}={str(v).lower() if isinstance(v, bool) else v}")]
 
 
 # ------------------------------------------------------------------------------------------------ corruptions
@@ -164,9 +162,22 @@ def _folder(root, n=3, seed=0, invert=False):
     return str(root)
 
 
-def _checkpoint(path, num_classes=2, in_chans=3, seed=0):
+def _checkpoint(path, num_classes=2, in_chans=3, seed=0, fit=None):
+    """A random test_resnet checkpoint; fit=ROOT (a 2-class _folder tree) sets its final layer to separate the
+    two classes' mean penultimate features at 16x16, so it is right on every clean image of ROOT (and its
+    accuracy changes when the images do: the modes' counts then differ)."""
     torch.manual_seed(seed)
     clf = tc.create_classifier("test_resnet", num_classes, in_chans)
+    if fit is not None:
+        ds = dk.data.image_folder(fit, 16)
+        x, y = torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor([ds[i][1] for i in range(len(ds))])
+        with torch.no_grad():
+            f = clf.eval().penultimate(x)
+            m0, m1 = f[y == 0].mean(0), f[y == 1].mean(0)
+            d, mid = m1 - m0, (m0 + m1) / 2
+            clf.net.fc.weight.copy_(torch.stack([-d, d]))
+            clf.net.fc.bias.copy_(torch.stack([d @ mid, -(d @ mid)]))
+            assert torch.equal(clf(x).argmax(1), y)
     torch.save({"format": tc.CHECKPOINT_FORMAT, "model": clf.net.state_dict(), "model_name": "test_resnet",
                 "num_classes": num_classes, "in_chans": in_chans, "normalize": None}, path)
     return str(path)
@@ -186,22 +197,73 @@ def test_de_predict_matches_diffaug_ensemble():
         assert got[n][1].shape == ref.shape
 
 
+def _expected_counts(clf, aug, spec, x, y, cfg):
+    """Each mode's number of right answers, recomputed with the package's own prediction functions (torch argmax,
+    dk.diffaug_ensemble, dk.dda.dda_se_predict) and the harness's seeding: batches of cfg.batch_size, per-batch
+    seeds _derive(seed, 'de' | 'dda', dataset, batch), DDA on the fixed random subset _derive(seed, 'dda-subset',
+    dataset) of cfg.dda_max_images images."""
+    n = len(y)
+    mask = torch.zeros(n, dtype=torch.bool)
+    cap = n if cfg.dda_max_images is None else min(cfg.dda_max_images, n)
+    g = torch.Generator().manual_seed(ev._derive(cfg.seed, "dda-subset", spec.name))
+    mask[torch.randperm(n, generator=g)[:cap]] = True
+    got = dict.fromkeys(ev.MODES, 0)
+    for b, s in enumerate(range(0, n, cfg.batch_size)):
+        xb, yb, m = x[s:s + cfg.batch_size], y[s:s + cfg.batch_size], mask[s:s + cfg.batch_size]
+        with torch.no_grad():
+            got["Default"] += int((clf(xb).argmax(1) == yb).sum())
+            p = dk.diffaug_ensemble(clf, aug, xb, times=cfg.de_times, seed=ev._derive(cfg.seed, "de", spec.name, b),
+                                    max_batch=cfg.batch_size)
+            got["DE"] += int((p.argmax(1) == yb).sum())
+        if m.any():
+            se, p_a, _ = dk.dda.dda_se_predict(clf, aug, aug.schedule, xb[m], return_components=True,
+                                               steps=cfg.dda_steps, depth=cfg.dda_depth, down_factor=cfg.dda_down,
+                                               guidance_scale=ev.default_dda_scale(xb.shape),
+                                               seed=ev._derive(cfg.seed, "dda", spec.name, b),
+                                               prediction=aug.prediction, clip=aug.clip)
+            got["DDA"] += int((p_a.argmax(1) == yb[m]).sum())
+            got["DDA-SE"] += int((se.argmax(1) == yb[m]).sum())
+    return got
+
+
 def test_harness_folder_all_modes_json_resume_and_ood(tmp_path, capsys):
     data = _folder(tmp_path / "data")
     ood = _folder(tmp_path / "ood", seed=1, invert=True)
-    a, b = _checkpoint(tmp_path / "a.pt", seed=0), _checkpoint(tmp_path / "b.pt", seed=1)
+    a, b = _checkpoint(tmp_path / "a.pt", seed=0, fit=data), _checkpoint(tmp_path / "b.pt", seed=1)
+    # the score model is a saved random UNet, so this test can load the very model the command used
+    torch.manual_seed(0)
+    unet_path = str(tmp_path / "unet.pt")
+    torch.save(dk.models.ADM_CONFIGS["digits32"].replace(**TINY_FLAGS, in_channels=3).create().state_dict(), unet_path)
+    score_flags = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in TINY_FLAGS.items()]
+    score_flags.append("in_channels=3")
+    flags = ["--score-model", unet_path, "--score-config", "digits32"] + [
+        v for f in score_flags for v in ("--score-flag", f)]
     out = tmp_path / "out"
     argv = ["evaluate", "--classifier", a, "--classifier", f"second={b}", "--datasets", data, "--image-size", "16",
             "--batch-size", "4", "--dda-steps", "10", "--dda-depth", "3", "--dda-max-images", "2", "--de-times",
             "0,300", "--out", str(out), "--ood-datasets", ood, "--no-progress", "--threads", "1"]
-    flags = SCORE_ARGS + ["--score-flag", "in_channels=3"]
     assert cli.main(argv + flags) == 0
     text = capsys.readouterr().out
     assert "Default" in text and "DDA-SE" in text and "second" in text and "OOD detection" in text
     rec = json.loads((out / "a__data.json").read_text())
     assert set(rec["acc"]) == set(ev.MODES)
     assert rec["n"] == {"Default": 6, "DE": 6, "DDA": 2, "DDA-SE": 2}
-    assert all(0 <= v <= 1 for v in rec["acc"].values())
+
+    # the numbers themselves: every mode's count recomputed from the same images, classifier and score model
+    (spec,) = ev.parse_datasets([data])
+    ds = ev.build_dataset(spec, 16, 3)
+    x, y = torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor([ds[i][1] for i in range(len(ds))])
+    aug = ev.load_score(unet_path, "digits32", score_flags, "linear", "folder", 3)
+    cfg = ev.EvalConfig(batch_size=4, dda_max_images=2, de_times=(0, 300), dda_steps=10, dda_depth=3)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the command's --device auto
+    for cname, path in (("a", a), ("second", b)):
+        r = json.loads((out / f"{cname}__data.json").read_text())
+        want = _expected_counts(tc.load_classifier(path, dev), aug.to(dev), spec, x.to(dev), y.to(dev), cfg)
+        assert r["correct"] == want, cname
+        assert r["acc"] == {m: want[m] / r["n"][m] for m in ev.MODES}, cname
+    # "a" is right on every clean image (so counting the wrong ones gives 0), and the untrained score model's
+    # DE images change some of its answers (so DE scored as Default would show)
+    assert rec["correct"]["Default"] == 6 and rec["correct"]["DE"] != 6
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["results"]) == {"a", "second"}
     o = json.loads((out / "ood.json").read_text())["results"]["a"]["ood"]
@@ -288,17 +350,55 @@ def test_ood_metrics_of_nan_scores_are_reported_not_raised():
     assert "n/a (1 NaN scores)" in ev.format_ood_table({"c": {"d": {"Default/ash": m}}})
 
 
+class _NearestMean(torch.nn.Module):
+    """A 10-class digits classifier with known behaviour: logits = -||x - mu_k||^2 / temp (up to a per-image
+    constant) for the class means mu_k of the 32x32 grey training digits, as one 32x32 convolution (the harness
+    reads the input channels from the first nn.Conv2d)."""
+
+    def __init__(self, temp=50.0):
+        super().__init__()
+        x, y = dk.data.digits("train", 32, 1).tensors
+        mu = torch.stack([x[y == k].mean(0) for k in range(10)])
+        self.conv = torch.nn.Conv2d(1, 10, 32)
+        with torch.no_grad():
+            self.conv.weight.copy_(2 * mu / temp)
+            self.conv.bias.copy_(-(mu ** 2).sum((1, 2, 3)) / temp)
+        self.num_classes = 10
+
+    def forward(self, x):
+        return self.conv(x).flatten(1)
+
+
 def test_harness_digits_c_in_process():
     torch.manual_seed(0)
     unet = dk.models.create_adm_unet(image_size=32, in_channels=1, **TINY_FLAGS).eval()
     aug = dk.DiffAug(unet, dk.NoiseSchedule.linear(1000))
-    clf = tc.create_classifier("test_resnet", 10, 1)
-    cfg = ev.EvalConfig(modes=("Default", "DE"), batch_size=8, max_images=8, de_times=(0, 250), image_size=32,
-                        progress=False)
-    res = ev.run([("c", clf)], aug, ev.parse_datasets(["digits", "digits-c:contrast:5"]), cfg, log=lambda m: None)
+    clf = _NearestMean().eval()
+    cfg = ev.EvalConfig(modes=ev.MODES, batch_size=8, max_images=8, de_times=(0, 250), image_size=32,
+                        dda_steps=10, dda_depth=3, progress=False)
+    specs = ev.parse_datasets(["digits", "digits-c:contrast:5"])
+    res = ev.run([("c", clf)], aug, specs, cfg, log=lambda m: None)
     assert set(res["results"]["c"]) == {"digits", "digits-c:contrast:5"}
-    assert res["results"]["c"]["digits"]["n"] == {"Default": 8, "DE": 8}
+    assert res["results"]["c"]["digits"]["n"] == {"Default": 8, "DE": 8, "DDA": 8, "DDA-SE": 8}
     assert "digits-c:contrast:5" in res["table"]
+
+    # the numbers: the same 8 images (the harness's fixed subset of its own dataset builder's images), each mode
+    # recomputed with torch argmax, dk.diffaug_ensemble and dk.dda.dda_se_predict
+    got = {}
+    for spec in specs:
+        sub = ev._subset(ev.build_dataset(spec, 32, 1, cfg.seed), 8, ev._derive(cfg.seed, "subset", spec.name))
+        x = torch.stack([sub[i][0] for i in range(8)])
+        y = torch.tensor([int(sub[i][1]) for i in range(8)])
+        rec = res["results"]["c"][spec.name]
+        got[spec.name] = want = _expected_counts(clf, aug, spec, x, y, cfg)
+        assert rec["correct"] == want, spec.name
+        assert rec["acc"] == {m: want[m] / 8 for m in ev.MODES}, spec.name
+    # and they tell the modes apart (else the checks above could not see a mode scored as another): Default on
+    # the clean set is not 4 of 8 (counting its wrong answers would show), DE differs from Default on the
+    # corrupted set and DDA-SE from DDA on the clean one
+    assert got["digits"]["Default"] == 6
+    assert got["digits-c:contrast:5"]["DE"] != got["digits-c:contrast:5"]["Default"]
+    assert got["digits"]["DDA-SE"] != got["digits"]["DDA"]
 
 
 def test_evaluate_clear_errors(tmp_path, capsys):
@@ -333,6 +433,21 @@ def test_plots_write_valid_pngs(tmp_path):
         W, H = im.size
     cell = 16 * 4 + 2  # 16 px upscaled x4 (to >= 64 px) + padding
     assert W == 9 * cell + 2 and H == 16 + 3 * cell + 2  # original + 8 times; header row
-    clf = tc.create_classifier("test_resnet", 10, 1).eval()
-    ent = plots.entropy_vs_t({"c": clf}, aug, x, times=(0, 999))
+    net = tc.create_classifier("test_resnet", 10, 1).eval()
+    clf = lambda v: 30 * net(v)  # sharper than the untrained net's near-uniform softmax: entropies well apart
+    times = (0, 999)
+    ent = plots.entropy_vs_t({"c": clf}, aug, x, times=times, batch_size=2, seed=7)
     assert len(ent["c"]) == 2 and all(0 <= v <= np.log(10) + 1e-4 for v in ent["c"])
+    # recomputed: the mean entropy of softmax(clf(DiffAug(x, t))) over the images, with entropy_vs_t's seeds
+    # (seed + 1000 k + s for the k-th time and the batch starting at image s: here batches [0, 2) and [2, 3))
+    want = []
+    with torch.no_grad():
+        for k, t in enumerate(times):
+            x0 = torch.cat([aug(x[s:s + 2], t=t, seed=7 + 1000 * k + s) for s in (0, 2)])
+            p = torch.softmax(clf(x0).float(), -1)
+            want.append(float(-(p * p.log()).sum(-1).mean()))
+        p_raw = torch.softmax(clf(x).float(), -1)
+        h_raw = float(-(p_raw * p_raw.log()).sum(-1).mean())
+    np.testing.assert_allclose(ent["c"], want, rtol=1e-5)
+    assert abs(want[1] - want[0]) > 0.03  # t matters
+    assert all(abs(w - h_raw) > 1e-4 * h_raw for w in want)  # the raw images are not what is classified, even at t=0
