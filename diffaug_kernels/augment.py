@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -27,6 +28,9 @@ class DiffAug(nn.Module):
         super().__init__()
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a dk.NoiseSchedule, got {type(schedule).__name__}")
+        if (not isinstance(t_range, (tuple, list)) or len(t_range) != 2
+                or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in t_range)):
+            raise TypeError(f"t_range must be two integers (lo, hi), got {t_range!r}")
         lo, hi = (int(v) for v in t_range)
         if not 0 <= lo < hi <= schedule.num_timesteps:
             raise ValueError(f"t_range must satisfy 0 <= lo < hi <= {schedule.num_timesteps}, got {t_range}")
@@ -34,6 +38,10 @@ class DiffAug(nn.Module):
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+        if not isinstance(clip, bool):
+            raise TypeError(f"clip must be True or False, got {clip!r}")
+        if backend != "auto" and backend not in ops.BACKENDS:  # checked now, not at the first call
+            raise ValueError(f"backend must be 'auto' or one of {ops.BACKENDS}, got {backend!r}")
         self.model = model
         self.schedule = schedule
         self.t_range = (lo, hi)

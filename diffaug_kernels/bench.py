@@ -223,12 +223,14 @@ def make_case(op: str, shape: Sequence[int], dtype: torch.dtype, device="cpu",
     elif op == "tweedie":
         mo = torch.randn((B, 2 * C, *shape[2:]), device=device).to(dtype)
         tabs = (sched._np["sqrt_recip_alphas_cumprod"], sched._np["sqrt_recipm1_alphas_cumprod"])
+        # ImageNet's statistics for RGB; other channel counts get a per-channel normalisation of the same cost
+        norm = IMAGENET_NORM if C == 3 else ((0.5,) * C, (0.25,) * C)
         case = Case(op, shape, dtype, 3 * elem)  # x_t, the eps half of model_output, out
-        case.impls[EAGER] = lambda: published_tweedie(x, mo, t, *tabs, normalize=IMAGENET_NORM)
-        case.impls[COMPILED] = lambda: compiled(op)(x, mo, t, *tabs, normalize=IMAGENET_NORM)
+        case.impls[EAGER] = lambda: published_tweedie(x, mo, t, *tabs, normalize=norm)
+        case.impls[COMPILED] = lambda: compiled(op)(x, mo, t, *tabs, normalize=norm)
         for name in backends:
             case.impls[f"fused ({name})"] = lambda name=name: tweedie(x, mo, t, sched, prediction="eps", clip=True,
-                                                         normalize=IMAGENET_NORM, backend=name)
+                                                         normalize=norm, backend=name)
     elif op == "forward_noise_multi":
         tabs = (sched._np["sqrt_alphas_cumprod"], sched._np["sqrt_one_minus_alphas_cumprod"])
         K = len(DE_TIMES)
@@ -242,8 +244,8 @@ def make_case(op: str, shape: Sequence[int], dtype: torch.dtype, device="cpu",
     # copy_bandwidth's 1 GB copy amortises the fixed cost of a launch (start-up, the last wave); an op's
     # few hundred MB pay it, and so does a copy of the same bytes (half read, half written): that row shows
     # how much of an op's gap to the ceiling is its size rather than its kernel
-    case.inputs = dict(x=x, t=t, schedule=sched, **({"model_output": mo} if op == "tweedie" else {}),
-                       **({"times": DE_TIMES} if op == "forward_noise_multi" else {}))
+    case.inputs = dict(x=x, t=t, schedule=sched, **({"times": DE_TIMES} if op == "forward_noise_multi" else {}),
+                       **({"model_output": mo, "normalize": norm} if op == "tweedie" else {}))
     src = torch.rand(case.nbytes // 2 // x.element_size(), device=device).to(dtype)
     dst = torch.empty_like(src)
     case.impls = {SAME_COPY: lambda: dst.copy_(src), **case.impls}

@@ -130,6 +130,9 @@ def _run(out, quick, seed, score_model, threads, overrides) -> dict:
 
     s = dict(QUICK if quick else DEFAULTS)
     s.update({k: v for k, v in overrides.items() if v is not None})
+    # the data sets first: a bad --corruptions must fail now, not after minutes of training
+    specs = ["digits"] + [f"digits-c:{c}" for c in s["corruptions"]]
+    datasets = ev.parse_datasets(specs)
     os.makedirs(out, exist_ok=True)
     times = {}
     t_all = time.time()
@@ -161,8 +164,6 @@ def _run(out, quick, seed, score_model, threads, overrides) -> dict:
 
     # 3. the evaluation table
     t0 = time.time()
-    specs = ["digits"] + [f"digits-c:{c}" for c in s["corruptions"]]
-    datasets = ev.parse_datasets(specs)
     cfg = ev.EvalConfig(modes=ev.MODES, batch_size=64, max_images=s["eval_images"], dda_max_images=s["dda_images"],
                         de_times=tuple(s["de_times"]), dda_steps=s["dda_steps"], dda_depth=s["dda_depth"],
                         image_size=32, seed=seed, device="cpu", progress=True,

@@ -89,17 +89,33 @@ def diffaug_ensemble(classifier: Callable[[Tensor], Tensor], aug: DiffAug, x: Te
     measured fastest on this device (pick_chunk). Returns [B, num_classes] probabilities."""
     if not isinstance(aug, DiffAug):
         raise TypeError(f"aug must be a dk.DiffAug, got {type(aug).__name__}")
-    times = [int(t) for t in times]
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError("x must be a non-empty floating-point tensor [B, C, ...], got "
+                         + (f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__))
+    if ops._is_int(times):
+        times = [times]
+    times = list(times.tolist() if isinstance(times, Tensor) else times)
     if not times:
         raise ValueError("times must not be empty")
-    if max_batch is not None and max_batch < 1:
-        raise ValueError(f"max_batch must be a positive integer, got {max_batch}")
+    if not all(ops._is_int(t) for t in times):
+        raise TypeError(f"times must hold integers, got {times!r}")
+    times = [int(t) for t in times]
+    if max_batch is not None and (not ops._is_int(max_batch) or max_batch < 1):
+        raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
     pre = preprocess or (lambda v: v)
     B = x.shape[0]
+
+    def probs(v: Tensor) -> Tensor:
+        logits = classifier(pre(v))
+        if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != v.shape[0]:
+            raise ValueError(f"classifier must return logits [N, num_classes] for N images; for {v.shape[0]} "
+                             f"images it returned {tuple(logits.shape) if isinstance(logits, Tensor) else logits!r}")
+        return torch.softmax(logits.float(), dim=-1)
+
     total = None
     n_raw = sum(t == 0 for t in times)
     if n_raw:
-        total = torch.softmax(classifier(pre(x)).float(), dim=-1) * n_raw
+        total = probs(x) * n_raw
     noisy = [t for t in times if t != 0]
     if noisy:
         x_t = ops.forward_noise_multi(x, noisy, aug.schedule, seed=seed, backend=aug.backend)
@@ -109,7 +125,7 @@ def diffaug_ensemble(classifier: Callable[[Tensor], Tensor], aug: DiffAug, x: Te
             xs, ts = x_t[s:s + chunk], t[s:s + chunk]
             x0 = ops.tweedie(xs, aug.denoise(xs, ts), ts, aug.schedule, aug.prediction, aug.clip, out_dtype=x.dtype,
                              backend=aug.backend)
-            p = torch.softmax(classifier(pre(x0)).float(), dim=-1)
+            p = probs(x0)
             rows = torch.arange(s, s + xs.shape[0], device=x.device) % B  # which image each row belongs to
             part = torch.zeros(B, p.shape[-1], device=p.device).index_add_(0, rows, p)
             total = part if total is None else total + part

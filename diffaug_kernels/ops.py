@@ -426,6 +426,10 @@ def philox_normal(shape: Sequence[int], seed=None, offset=0, device=None, dtype=
     device = torch.device(device or "cpu")
     if dtype not in DTYPES:
         raise TypeError(f"dtype must be one of float16, bfloat16, float32, float64, got {dtype}")
+    if _is_int(shape):
+        shape = (shape,)
+    if not all(_is_int(s) for s in shape):
+        raise TypeError(f"shape must be integers, got {shape!r}")
     shape = tuple(int(s) for s in shape)
     if any(s < 0 for s in shape):
         raise ValueError(f"shape must not have negative sizes, got {shape}")
@@ -514,6 +518,8 @@ def _norm_affine(normalize, C: int, device: torch.device, dtype: torch.dtype):
         raise ValueError(f"normalize needs {C} means and stds (one per channel), got {len(mean)} and {len(std)}")
     if any(s == 0 or not math.isfinite(s) for s in std):
         raise ValueError(f"normalize std must be finite and non-zero, got {std}")
+    if not all(math.isfinite(m) for m in mean):
+        raise ValueError(f"normalize mean must be finite, got {mean}")
     args, device = (tuple(mean), tuple(std)), torch.device(device)
     return (_constants.device_constant("norm_scale", args, device, dtype),
             _constants.device_constant("norm_shift", args, device, dtype))

@@ -45,8 +45,8 @@ class NoiseSchedule:
         b = np.asarray(betas.detach().cpu().numpy() if isinstance(betas, torch.Tensor) else betas, dtype=np.float64)
         if b.ndim != 1 or b.size == 0:
             raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {tuple(b.shape)}")
-        if not np.all((b > 0) & (b <= 1)):
-            raise ValueError("betas must lie in (0, 1]")
+        if not np.all((b > 0) & (b < 1)):  # beta = 1 would make alpha_bar 0 and every later table infinite
+            raise ValueError(f"betas must lie in (0, 1), got values in [{b.min():g}, {b.max():g}]")
         self.name = name
         self.num_timesteps = int(b.size)
         ac = np.cumprod(1.0 - b, axis=0)
@@ -79,6 +79,8 @@ class NoiseSchedule:
     @classmethod
     def linear(cls, T: int = 1000) -> "NoiseSchedule":
         T = _check_T(T)
+        if T < 21:  # guided-diffusion scales the betas by 1000 / T: the last one, 20 / T, must stay below 1
+            raise ValueError(f"the linear schedule needs T >= 21 (its betas reach 20 / T), got T = {T}")
         scale = 1000 / T
         return cls(np.linspace(scale * 0.0001, scale * 0.02, T, dtype=np.float64), name="linear")
 

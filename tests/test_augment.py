@@ -125,6 +125,10 @@ def test_compiled_equals_eager(model):
     (dict(t_range=(10, 10)), ValueError, "t_range"),
     (dict(prediction="noise"), ValueError, "prediction"),
     (dict(dtype=torch.int8), TypeError, "dtype"),
+    (dict(t_range=(0.5, 10.9)), TypeError, "t_range must be two integers"),  # not silently (0, 10)
+    (dict(t_range=(5,)), TypeError, "t_range must be two integers"),
+    (dict(clip=1), TypeError, "clip must be True or False"),
+    (dict(backend="gpu"), ValueError, "backend must be 'auto' or one of"),  # at construction, not first call
 ])
 def test_bad_arguments(model, kwargs, exc, match):
     with pytest.raises(exc, match=match):

@@ -34,11 +34,14 @@ def test_published_forward_noise_is_q_sample():
     torch.testing.assert_close(got, a * x + b * eps, atol=1e-6, rtol=0)
 
 
-def test_every_tweedie_row_computes_tweedie():
+@pytest.mark.parametrize("shape", [SHAPE, (4, 1, 16, 16)])
+def test_every_tweedie_row_computes_tweedie(shape):
+    """ImageNet normalisation for RGB; any other channel count runs too (its own per-channel normalisation)."""
     torch.manual_seed(0)
-    case = bench.make_case("tweedie", SHAPE, torch.float32)
+    case = bench.make_case("tweedie", shape, torch.float32)
     i = case.inputs
-    want = reference.tweedie(i["x"], i["model_output"], i["t"], i["schedule"], normalize=dk.IMAGENET_NORM)
+    assert (i["normalize"] == dk.IMAGENET_NORM) == (shape[1] == 3)
+    want = reference.tweedie(i["x"], i["model_output"], i["t"], i["schedule"], normalize=i["normalize"])
     rows = _rows(case)
     assert {bench.EAGER, bench.COMPILED} < set(rows) and any(k.startswith("fused (") for k in rows)
     for impl, fn in rows.items():

@@ -55,3 +55,18 @@ def test_demo_missing_shipped_model_is_a_clear_error(tmp_path, monkeypatch):
         assert "absent.safetensors" in str(e) and "--score-model random" in str(e)
     else:
         raise AssertionError("expected SystemExit")
+
+
+def test_demo_bad_corruption_fails_before_any_work(tmp_path, monkeypatch):
+    """The data sets are parsed first: a typo in --corruptions costs nothing (no score model, no training)."""
+    import pytest
+
+    def boom(*a, **k):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(demo, "_score_model", boom)
+    monkeypatch.setattr(demo, "_train", boom)
+    for bad, msg in [("foo:5", "unknown corruption 'foo'"), ("gaussian_noise:9", "severity must be 1..5")]:
+        with pytest.raises(SystemExit, match=msg):
+            cli.main(["demo", "--out", str(tmp_path / "d"), "--corruptions", bad])
+    assert not (tmp_path / "d").exists()

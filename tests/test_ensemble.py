@@ -157,6 +157,18 @@ def test_bad_arguments(parts):
         dk.diffaug_ensemble(clf, aug.model, x)
     with pytest.raises(ValueError, match=r"times must lie in \[0, 1000\)"):
         dk.diffaug_ensemble(clf, aug, x, times=[0, 1000])
+    with pytest.raises(TypeError, match="times must hold integers"):
+        dk.diffaug_ensemble(clf, aug, x, times=[50.7])  # not silently t = 50
+    with pytest.raises(ValueError, match="max_batch"):
+        dk.diffaug_ensemble(clf, aug, x, max_batch=1.5)
+    for bad in [torch.empty(0, 3, 8, 8), torch.zeros(2, 3, 8, 8, dtype=torch.uint8), [x]]:
+        with pytest.raises(ValueError, match="x must be a non-empty floating-point tensor"):
+            dk.diffaug_ensemble(clf, aug, bad)
+    with pytest.raises(ValueError, match=r"classifier must return logits \[N, num_classes\]"):
+        dk.diffaug_ensemble(lambda v: clf(v).sum(-1), aug, x, times=[0, 50])
+    # a single int is one time, as in forward_noise_multi
+    torch.testing.assert_close(dk.diffaug_ensemble(clf, aug, x, times=50, seed=3),
+                               dk.diffaug_ensemble(clf, aug, x, times=[50], seed=3))
 
 
 def test_bench_ensemble_runs_and_reports(tmp_path):

@@ -59,6 +59,9 @@ m = torch.randn(2, 6, 4, 4)
     (lambda b: dk.tweedie(x, m, 1000, S, backend=b), ValueError, r"t must lie in \[0, 1000\)"),
     (lambda b: dk.philox_normal((3,), seed=0.5, backend=b), TypeError, "seed must be an integer"),
     (lambda b: dk.philox_normal((-1,), seed=1, backend=b), ValueError, "negative sizes"),
+    (lambda b: dk.philox_normal((2.5, 3), seed=1, backend=b), TypeError, "shape must be integers"),
+    (lambda b: dk.tweedie(x, m, 5, S, normalize=([float("nan")] * 3, [1.0] * 3), backend=b), ValueError,
+     "normalize mean must be finite"),
     (lambda b: dk.philox_normal((3,), seed=1, dtype=torch.int64, backend=b), TypeError, "dtype must be"),
 ])
 def test_bad_input(backend, call, exc, match):
@@ -77,6 +80,7 @@ def test_empty_inputs_give_empty_outputs(backend, shape):
     got = dk.tweedie(x0, mo, t, S, normalize=None, backend=backend)
     assert got.shape == shape and got.dtype == x0.dtype
     assert dk.philox_normal(shape, 1, backend=backend).shape == shape
+    assert torch.equal(dk.philox_normal(7, 1, backend=backend), dk.philox_normal((7,), 1, backend=backend))
 
 
 def test_x0_prediction_ignores_x_t_even_where_it_is_not_finite():

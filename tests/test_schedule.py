@@ -62,7 +62,7 @@ def test_x0_coefficients_invert_forward_process(prediction):
     torch.testing.assert_close(A * xt + B * out, torch.full_like(ab, x0), rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("bad", [[], [[0.1]], [0.0, 0.1], [0.5, 1.5]])
+@pytest.mark.parametrize("bad", [[], [[0.1]], [0.0, 0.1], [0.5, 1.5], [0.5, 1.0]])
 def test_from_betas_rejects_bad_betas(bad):
     with pytest.raises(ValueError, match="betas"):
         dk.NoiseSchedule.from_betas(bad)
@@ -72,6 +72,13 @@ def test_from_betas_rejects_bad_betas(bad):
 def test_bad_T(T):
     with pytest.raises(ValueError, match="T must"):
         dk.NoiseSchedule.linear(T)
+
+
+def test_short_linear_schedule_says_why():
+    """guided-diffusion's linear betas end at 20 / T: T = 20 would give beta = 1 (alpha_bar 0, infinite tables)."""
+    with pytest.raises(ValueError, match="T >= 21"):
+        dk.NoiseSchedule.linear(20)
+    assert dk.NoiseSchedule.linear(21).betas.max() < 1
 
 
 def test_unpickled_schedule_finds_its_tables_in_a_fresh_registry(monkeypatch):
