@@ -243,11 +243,31 @@ def _per_t_loop(classifier, aug: DiffAug, x, times, tables=None, unet=None):
     return total / len(times)
 
 
+def _announced_dda(fn, reps: int, log):
+    """fn, logging when its first (untimed warm-up) call ends and the timed ones begin: the DDA row runs for
+    minutes with nothing else to show (bench-ensemble's timings stay silent until each row ends)."""
+    import time
+
+    calls = [0]
+
+    def call():
+        t0 = time.perf_counter()
+        out = fn()
+        calls[0] += 1
+        if calls[0] == 1:
+            log(f"[bench-ensemble] DDA warm-up call done in {time.perf_counter() - t0:.1f} s; {reps} timed call(s) "
+                f"follow")
+        return out
+
+    return call
+
+
 def run_ensemble(device=None, batch: int = 8, size: Optional[int] = None, flags: Optional[dict] = None,
                  classifier: Optional[str] = None, reps: int = 5, warmup: int = 2, dda_reps: int = 1,
                  compile: Optional[bool] = None, json_path: Optional[str] = None) -> dict:
     """DiffAug-Ensemble (times 0, 50, ..., 450) against the per-t loop of the published evaluation and against
-    DDA (official settings: 100 respaced steps, depth 50, guided) at the same batch, in one run.
+    DDA (official settings: 100 respaced steps, depth 50, guided) at the same batch, in one run. dda_reps: timed
+    DDA calls after one untimed warm-up; 0 leaves the DDA row (and its ratio) out.
 
     Rows: the published per-t loop (guided-diffusion's ops, fp16 eager model on GPU as its use_fp16 runs it,
     fp32 eager on CPU), the base of every ratio; the per-t loop with the dk ops and a bf16-autocast eager UNet;
@@ -263,6 +283,8 @@ def run_ensemble(device=None, batch: int = 8, size: Optional[int] = None, flags:
     from .dda import dda_predict
     from .ensemble import DEFAULT_TIMES, diffaug_ensemble, pick_chunk
 
+    if isinstance(dda_reps, bool) or not isinstance(dda_reps, int) or dda_reps < 0:
+        raise ValueError(f"dda_reps must be a non-negative integer (0: no DDA row), got {dda_reps!r}")
     device, gpu, flags = _device_and_unet(device, flags)
     compile = gpu if compile is None else compile
     size = size or flags["image_size"]
@@ -304,7 +326,8 @@ def run_ensemble(device=None, batch: int = 8, size: Optional[int] = None, flags:
         de_all: lambda: diffaug_ensemble(clf, aug, x, times, max_batch=n_noisy * batch),
     }
     dda = "DDA (100 steps, depth 50, guided)"
-    cases[dda] = lambda: dda_predict(clf, aug, sched, x)
+    if dda_reps:  # 0: no DDA row (it is the slow one: minutes per call on a CPU)
+        cases[dda] = _announced_dda(lambda: dda_predict(clf, aug, sched, x), dda_reps, log)
     # the compiled rows last: their compiles take minutes on a GPU, and a run cut off there keeps the rest;
     # compiled DE (the whole stack against the published loop) before the compiled loop, which only splits
     # that gain into batching and compiling
@@ -323,6 +346,9 @@ def run_ensemble(device=None, batch: int = 8, size: Optional[int] = None, flags:
         for name, fn in cases.items():
             is_dda = name == dda
             r = dda_reps if is_dda else reps
+            if is_dda:
+                log(f"[bench-ensemble] {dda}: 1 untimed warm-up call, then {r} timed; each call runs the UNet "
+                    f"forward and backward about 100 times (slow: --dda-reps 0 skips this row)")
             tm = bench.time_fn(fn, reps=r, warmup=1 if is_dda else warmup, device=device, flush=False)
             ips[name] = batch / (tm.ms * 1e-3)
             _keep_row(result, dict(impl=name, ms=tm.ms, first_call_ms=tm.first_ms, images_per_s=ips[name],
@@ -335,9 +361,11 @@ def run_ensemble(device=None, batch: int = 8, size: Optional[int] = None, flags:
     if compile:
         ratios["batching, bf16 compiled: DE all in one call / dk loop"] = ips[c_all] / ips[c_loop]
     ratios[f"whole stack: best DE ({best_de}) / published loop"] = ips[best_de] / ips[pub]
-    ratios["DE measured chunk / DDA (same eager UNet)"] = ips[de_chunk] / ips[dda]
+    if dda in ips:
+        ratios["DE measured chunk / DDA (same eager UNet)"] = ips[de_chunk] / ips[dda]
     print(f"{bench.device_name(device)} ({device.type}), torch {torch.__version__}; DE over times {times[0]}..{times[-1]} "
-          f"(step {times[1] - times[0]}), batch {batch} at {size}x{size}, {classifier}; median of {reps} (DDA {dda_reps})")
+          f"(step {times[1] - times[0]}), batch {batch} at {size}x{size}, {classifier}; median of {reps} "
+          + (f"(DDA {dda_reps})" if dda_reps else "(DDA skipped: --dda-reps 0)"))
     w = max(len(r["impl"]) for r in rows)
     for r in rows:
         print(f"{r['impl']:<{w}}  {r['ms']:10.1f} ms  {r['images_per_s']:8.2f} img/s  "

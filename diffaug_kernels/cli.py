@@ -46,9 +46,52 @@ def _ops(s: str) -> tuple:
 
 
 def _positive(s: str) -> int:
-    if not s.isdigit() or int(s) < 1:
+    if not s.strip().isdigit() or int(s) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}")
     return int(s)
+
+
+def _non_negative(s: str) -> int:
+    if not s.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {s!r}")
+    return int(s)
+
+
+def _dda_scale(s: str):
+    """'auto' or a finite number >= 0 (DDA's guidance scale)."""
+    import math
+
+    if s.strip().lower() == "auto":
+        return "auto"
+    try:
+        v = float(s)
+    except ValueError:
+        v = float("nan")
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a finite number >= 0, got {s!r}")
+    return v
+
+
+def check_device(cmd: str, spec: Optional[str]):
+    """The torch.device a --device value names (None, '' or 'auto': cuda when torch sees a GPU, else cpu), checked
+    to exist here; else SystemExit("diffaug CMD: ...") naming the value, before any model or data is touched."""
+    import torch
+
+    if spec in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError):
+        raise SystemExit(f"diffaug {cmd}: bad --device {spec!r}: expected cpu or cuda[:i]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"diffaug {cmd}: --device {spec}: not supported here (cpu, or cuda[:i] with a GPU)")
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise SystemExit(f"diffaug {cmd}: --device {spec}: torch sees no CUDA device here (use --device cpu)")
+        if device.index is not None and device.index >= n:
+            raise SystemExit(f"diffaug {cmd}: --device {spec}: torch sees only {n} CUDA device(s)")
+    return device
 
 
 # ------------------------------------------------------------------------------------------- bench
@@ -84,12 +127,7 @@ def _run_bench(args) -> int:
     from . import bench, plots
     from .jsonfile import unused_path
 
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:
-        sys.exit(f"diffaug bench: bad --device: {e}")
-    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
-        sys.exit(f"diffaug bench: device {device} is not available here (cpu, or cuda with a GPU)")
+    device = check_device("bench", args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     json_path = args.json
@@ -143,6 +181,7 @@ def _add_train_score(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
 
     def run(args) -> int:
+        check_device("train-score", args.device)  # before the data and the model
         from . import train_score
 
         return train_score.run_cli(args)
@@ -167,8 +206,7 @@ def _model_bench_args(p, batch: int, size_help: str) -> None:
 def _model_bench_device(name: str, args) -> None:
     import torch
 
-    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"{name}: --device cuda asked for, but torch sees no CUDA device")
+    check_device(name, args.device)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
 
 
@@ -203,7 +241,9 @@ def _add_bench_ensemble(sub) -> None:
                                    "CPU: an 8M-param UNet at 32x32 and resnet18; GPU: the 256x256 uncond model "
                                    "and resnet50.")
     _model_bench_args(p, 8, "the UNet's, 32 on CPU, 256 on GPU")
-    p.add_argument("--dda-reps", type=_positive, default=1, help="timed DDA runs (default 1: it is slow)")
+    p.add_argument("--dda-reps", type=_non_negative, default=1,
+                   help="timed DDA runs after one untimed warm-up (default 1: it is slow, minutes per call on a "
+                        "CPU); 0 skips the DDA row (and the DE / DDA ratio)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time the loop and DE with DiffAug(compile=True) (default: on GPU only; two compiles)")
     p.set_defaults(func=_run_bench_ensemble)
@@ -276,17 +316,21 @@ def _add_evaluate(sub) -> None:
                    help="guided-diffusion create_model flag (repeatable)")
     p.add_argument("--schedule", default="linear", choices=("linear", "cosine"),
                    help="noise schedule of a checkpoint without one (default linear, 1000 steps)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-images", type=int, default=None, help="evaluate a fixed random subset of N images")
-    p.add_argument("--dda-max-images", type=int, default=None,
+    p.add_argument("--batch-size", type=_positive, default=64, help="images per batch (default 64)")
+    p.add_argument("--max-images", type=_positive, default=None, help="evaluate a fixed random subset of N images")
+    p.add_argument("--dda-max-images", type=_positive, default=None,
                    help="DDA / DDA-SE on a fixed random N of those (DDA costs ~150 model passes per image)")
-    p.add_argument("--de-times", default="0:451:50", help="DE times: '0,50,100' or start:stop:step (default 0:451:50)")
-    p.add_argument("--dda-steps", type=int, default=100, help="DDA respaced steps (default 100)")
-    p.add_argument("--dda-depth", type=int, default=50, help="DDA depth N (default 50)")
-    p.add_argument("--dda-down", type=int, default=4, help="DDA low-pass factor D (default 4)")
-    p.add_argument("--dda-scale", default="auto",
-                   help="DDA guidance scale; 'auto' (default) = 6 * sqrt(C*H*W / (3*256*256))")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--de-times", default="0:451:50",
+                   help="DE times in [0, T) of the score model's schedule: '0,50,100' or start:stop:step "
+                        "(default 0:451:50)")
+    p.add_argument("--dda-steps", type=_positive, default=100, help="DDA respaced steps, 2..T (default 100)")
+    p.add_argument("--dda-depth", type=_positive, default=50,
+                   help="DDA depth N, 1..(--dda-steps - 1) (default 50)")
+    p.add_argument("--dda-down", type=_positive, default=4,
+                   help="DDA low-pass factor D, at most the image size (default 4)")
+    p.add_argument("--dda-scale", type=_dda_scale, default="auto",
+                   help="DDA guidance scale >= 0; 'auto' (default) = 6 * sqrt(C*H*W / (3*256*256))")
+    p.add_argument("--image-size", type=_positive, default=None,
                    help="image size of ImageFolder sets (default 224; digits and CIFAR are 32)")
     p.add_argument("--ood-datasets", default=None, help="comma list of OOD datasets (same syntax as --datasets)")
     p.add_argument("--id-dataset", default=None, help="the in-distribution set for OOD (default: first of --datasets)")
@@ -295,8 +339,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--ash-percentile", type=float, default=90.0, help="ASH-S pruning percentile (default 90)")
     p.add_argument("--scale-percentile", type=float, default=85.0, help="SCALE percentile (default 85)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto: cuda when available)")
+    p.add_argument("--threads", type=_positive, default=None, help="torch.set_num_threads")
     p.add_argument("--out", default=None, help="results folder (JSON per classifier x dataset; resumable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -314,8 +358,9 @@ def _add_demo(sub) -> None:
                        description="Trains a small timm classifier on scikit-learn's digits with and without "
                                    "DiffAug (the shipped score model), evaluates Default / DE / DDA / DDA-SE on "
                                    "clean and corrupted test images, prints the table and writes results.json, "
-                                   "the augmentation grid and the entropy-vs-t plot. About 7-8 minutes measured "
-                                   "on 2 shared CPU cores with --threads 1; --quick for a smoke run.")
+                                   "the augmentation grid and the entropy-vs-t plot. About 3.3 minutes (198 s) "
+                                   "measured on 2 CPU cores with the default threads (README.md); --quick for a "
+                                   "smoke run.")
     p.add_argument("--out", default="demo_out", help="output folder (default ./demo_out)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and counts: a smoke run of every piece")
     p.add_argument("--epochs", type=_positive, default=None, help="classifier epochs (default 5; --quick 1)")

@@ -48,6 +48,7 @@ from __future__ import annotations
 import glob
 import json
 import math
+import numbers
 import os
 import sys
 import time
@@ -197,20 +198,69 @@ def parse_datasets(specs: Sequence[str]) -> List[DatasetSpec]:
     return out
 
 
+class _Grey(Dataset):
+    """An RGB dataset's images as one grey channel, for a 1-channel classifier: torchvision's Grayscale (ITU-R
+    601-2 luma, 0.299 R + 0.587 G + 0.114 B; linear with weights summing to 1, so it maps [-1, 1] to [-1, 1])."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+        if hasattr(base, "classes"):
+            self.classes = base.classes
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        from torchvision.transforms.functional import rgb_to_grayscale
+
+        x, y = self.base[i]
+        return rgb_to_grayscale(x, num_output_channels=1), y
+
+
+class _ReadChecked:
+    """An ImageFolder's loader that names the file it could not read (a corrupt or mislabelled image) instead of
+    PIL's traceback; the evaluation stops there (the file is not skipped: the counts would silently change)."""
+
+    def __init__(self, load):
+        self.load = load
+
+    def __call__(self, path):
+        try:
+            return self.load(path)
+        except Exception as e:  # PIL's UnidentifiedImageError, a truncated file, an OSError...
+            why = str(e).splitlines()[0] if str(e) else ""
+            raise EvalError(f"cannot read image {path!r} ({type(e).__name__}: {why}): fix or remove the file "
+                            f"(with --out, the pairs already finished are kept)") from None
+
+
+def check_channels(ds: DatasetSpec, channels: int) -> None:
+    """EvalError unless the dataset's images can be fed to a `channels`-channel classifier: digits are made with 1
+    or 3 channels; CIFAR-10(-C) and ImageFolder images are RGB, turned grey for a 1-channel classifier."""
+    if channels not in (1, 3):
+        raise EvalError(f"the classifier takes {channels}-channel images; dataset {ds.name!r} has 1- or 3-channel "
+                        f"ones only")
+
+
 def build_dataset(ds: DatasetSpec, size: int, channels: int, seed: int = 0) -> Dataset:
+    """The images of a dataset spec as `channels`-channel float tensors in [-1, 1] (RGB sets are converted to grey
+    for channels=1, digits are made with that many channels)."""
     from . import data
 
+    check_channels(ds, channels)
     if ds.kind == "digits":
         return data.digits("test", size, channels)
     if ds.kind == "digits-c":
         return C.CorruptedDataset(data.digits("test", size, channels), *ds.args[:2], seed=seed, preset=ds.args[2])
     if ds.kind == "cifar10":
-        return data.CIFAR10(ds.args[0], train=False)
-    if ds.kind == "cifar10-c":
-        return CIFAR10C(*ds.args)
-    if ds.kind == "folder":
-        return data.image_folder(ds.args[0], size, train=False)
-    raise EvalError(f"unknown dataset kind {ds.kind!r}")
+        rgb = data.CIFAR10(ds.args[0], train=False)
+    elif ds.kind == "cifar10-c":
+        rgb = CIFAR10C(*ds.args)
+    elif ds.kind == "folder":
+        rgb = data.image_folder(ds.args[0], size, train=False)
+        rgb.loader = _ReadChecked(rgb.loader)
+    else:
+        raise EvalError(f"unknown dataset kind {ds.kind!r}")
+    return _Grey(rgb) if channels == 1 else rgb
 
 
 def label_map(dataset: Dataset, num_classes: int):
@@ -393,11 +443,22 @@ def parse_times(s: str) -> tuple:
         raise EvalError(f"times must look like 0,50,100 or 0:451:50, got {s!r}") from None
     if not times:
         raise EvalError(f"no times in {s!r}")
+    if min(times) < 0:
+        raise EvalError(f"times must be >= 0 (t = 0 is the raw image), got {min(times)} in {s!r}")
     return times
+
+
+def check_times(times, T: int) -> None:
+    """EvalError unless every DE time lies in [0, T) of the score model's schedule."""
+    bad = [t for t in times if not 0 <= t < T]
+    if bad:
+        raise EvalError(f"--de-times must lie in [0, {T}) for the score model's {T}-step schedule, got {bad}")
 
 
 def _subset(ds: Dataset, n: Optional[int], seed: int) -> Dataset:
     """A fixed random subset of n images (the same every run), in index order; all when n is None or >= len."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
+        raise EvalError(f"the number of images to evaluate must be a positive integer, got {n!r}")
     if n is None or n >= len(ds):
         return ds
     g = torch.Generator().manual_seed(seed)
@@ -434,6 +495,11 @@ def evaluate_dataset(clfs, aug, dataset: Dataset, modes: Sequence[str], cfg: Eva
     modes = tuple(modes)
     if any(m != "Default" for m in modes) and aug is None:
         raise EvalError(f"modes {[m for m in modes if m != 'Default']} need a score model")
+    for k in ("batch_size", "max_images", "dda_max_images"):
+        v = getattr(cfg, k)
+        if (v is not None or k == "batch_size") and (isinstance(v, bool) or not isinstance(v, numbers.Integral)
+                                                     or v < 1):
+            raise EvalError(f"{k} must be a positive integer, got {v!r}")
     device = torch.device(cfg.device)
     ncs = {getattr(getattr(c, "net", c), "num_classes", None) for c in clfs.values()}
     if len(ncs) != 1:
@@ -862,13 +928,66 @@ def _percentile(v: float, flag: str, allow_100: bool = False) -> float:
     return float(v)
 
 
+def _positive_arg(v, flag: str, none_ok: bool = False):
+    if v is None and none_ok:
+        return None
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise EvalError(f"{flag} must be a positive integer, got {v!r}")
+    return int(v)
+
+
+def _dda_scale_arg(v) -> Optional[float]:
+    """--dda-scale: None for 'auto', else a finite float >= 0."""
+    if isinstance(v, str) and v.strip().lower() == "auto":
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        f = float("nan")
+    if not math.isfinite(f) or f < 0:
+        raise EvalError(f"--dda-scale must be 'auto' or a finite number >= 0, got {v!r}")
+    return f
+
+
+def _image_size(ds: DatasetSpec, size: int) -> int:
+    return 32 if ds.kind in ("cifar10", "cifar10-c") else size
+
+
+def _check_dda(steps: int, depth: int, down: int, sizes, T: Optional[int] = None) -> None:
+    """The DDA options, through dk.dda's own checks, before any model or image is touched (T: the score model's
+    schedule length once known; with it the respacing itself is checked)."""
+    from . import dda as dda_mod
+
+    if steps < 2:
+        raise EvalError(f"--dda-steps must be at least 2 (DDA noises to a respaced step and denoises from one "
+                        f"below it), got {steps}")
+    S = steps
+    if T is not None:
+        try:
+            S = len(dda_mod.space_timesteps(T, steps))
+        except (ValueError, TypeError) as e:
+            msg = str(e)
+            raise EvalError("--dda-" + msg if msg.startswith(f"steps {steps}") else f"--dda-steps {steps}: {msg}") \
+                from None
+    try:
+        dda_mod._check_int("--dda-depth", depth, 1, S - 1)
+    except (ValueError, TypeError) as e:
+        raise EvalError(f"{e} (DDA's depth must stay below --dda-steps {steps})") from None
+    small = min(sizes) if sizes else None
+    if small is not None and down > small:
+        raise EvalError(f"--dda-down {down} is larger than the images ({small}x{small}): nothing would be left "
+                        f"after the low-pass resize")
+
+
 def main_from_args(args) -> int:
     from . import train_classifier as tc
+    from .cli import check_device
 
+    # every option is checked before a model is loaded or an image read; a bad one is one line, no traceback
+    device = str(check_device("evaluate", args.device))
     try:
         if args.threads:
-            torch.set_num_threads(args.threads)
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+            torch.set_num_threads(_positive_arg(args.threads, "--threads"))
         modes = parse_modes(args.modes)
         cspecs = parse_classifiers(args.classifier)
         dsets = parse_datasets(args.datasets.split(","))
@@ -876,6 +995,34 @@ def main_from_args(args) -> int:
             raise EvalError("--datasets is empty")
         oods = parse_datasets(args.ood_datasets.split(",")) if args.ood_datasets else []
         id_ds = parse_datasets([args.id_dataset])[0] if args.id_dataset else None
+        try:
+            de_times = parse_times(args.de_times)
+        except EvalError as e:
+            raise EvalError(f"--de-times: {e}") from None
+        batch_size = _positive_arg(args.batch_size, "--batch-size")
+        max_images = _positive_arg(args.max_images, "--max-images", none_ok=True)
+        dda_max_images = _positive_arg(args.dda_max_images, "--dda-max-images", none_ok=True)
+        dda_steps = _positive_arg(args.dda_steps, "--dda-steps")
+        dda_depth = _positive_arg(args.dda_depth, "--dda-depth")
+        dda_down = _positive_arg(args.dda_down, "--dda-down")
+        dda_scale = _dda_scale_arg(args.dda_scale)
+        image_size = _positive_arg(args.image_size, "--image-size", none_ok=True)
+        kinds = {d.kind for d in dsets + oods}
+        small = kinds <= {"digits", "digits-c", "cifar10", "cifar10-c"}
+        hint = "digits" if kinds <= {"digits", "digits-c"} else ("cifar10:" if small else "folder")
+        size = image_size or (32 if small else 224)
+        need_dda = any(m in ("DDA", "DDA-SE") for m in modes)
+        need_de = "DE" in modes or bool(oods)
+        if need_dda:
+            _check_dda(dda_steps, dda_depth, dda_down, [_image_size(d, size) for d in dsets])
+        cfg = EvalConfig(modes=modes, batch_size=batch_size, max_images=max_images,
+                         dda_max_images=dda_max_images, de_times=de_times,
+                         dda_steps=dda_steps, dda_depth=dda_depth, dda_down=dda_down,
+                         dda_scale=dda_scale, image_size=size, seed=args.seed,
+                         device=device, progress=not args.no_progress,
+                         react_percentile=_percentile(args.react_percentile, "--react-percentile", True),
+                         ash_percentile=_percentile(args.ash_percentile, "--ash-percentile"),
+                         scale_percentile=_percentile(args.scale_percentile, "--scale-percentile"))
         classifiers = []
         for c in cspecs:
             try:
@@ -883,25 +1030,20 @@ def main_from_args(args) -> int:
             except tc.UsageError as e:
                 raise EvalError(str(e)) from None
         channels = in_channels(classifiers[0][1])
-        kinds = {d.kind for d in dsets + oods}
-        small = kinds <= {"digits", "digits-c", "cifar10", "cifar10-c"}
-        hint = "digits" if kinds <= {"digits", "digits-c"} else ("cifar10:" if small else "folder")
+        for d in dsets + oods + ([id_ds] if id_ds else []):
+            check_channels(d, channels)
         need_score = any(m != "Default" for m in modes) or bool(oods)
         aug = None
         if need_score:
             aug = load_score(args.score_model, args.score_config, args.score_flag, args.schedule, hint, channels)
+            T = aug.schedule.num_timesteps
+            if need_de:
+                check_times(de_times, T)
+            if need_dda:
+                _check_dda(dda_steps, dda_depth, dda_down, [_image_size(d, size) for d in dsets], T)
             aug = aug.to(device)
         elif args.score_model:
             print("note: --score-model is unused with --modes Default and no OOD sets")
-        dda_scale = None if str(args.dda_scale) == "auto" else float(args.dda_scale)
-        cfg = EvalConfig(modes=modes, batch_size=args.batch_size, max_images=args.max_images,
-                         dda_max_images=args.dda_max_images, de_times=parse_times(args.de_times),
-                         dda_steps=args.dda_steps, dda_depth=args.dda_depth, dda_down=args.dda_down,
-                         dda_scale=dda_scale, image_size=args.image_size or (32 if small else 224), seed=args.seed,
-                         device=device, progress=not args.no_progress,
-                         react_percentile=_percentile(args.react_percentile, "--react-percentile", True),
-                         ash_percentile=_percentile(args.ash_percentile, "--ash-percentile"),
-                         scale_percentile=_percentile(args.scale_percentile, "--scale-percentile"))
         if aug is not None:
             cfg.extra["score_model"] = args.score_model or "default"
         res = run(classifiers, aug, dsets, cfg, args.out, oods, id_ds)

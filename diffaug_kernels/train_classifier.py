@@ -337,15 +337,58 @@ def create_classifier(name: str, num_classes: int, in_chans: int, normalize=None
     return NormalizedClassifier(net, normalize)
 
 
+def _unreadable(e: BaseException) -> str:
+    """Why torch.load / safetensors could not read a file, in one line."""
+    msg = str(e).strip()
+    if "WeightsUnpickler error:" in msg:  # torch's page-long weights_only message: keep its one informative line
+        rest = [v.strip() for v in msg.split("WeightsUnpickler error:", 1)[1].splitlines() if v.strip()]
+        return "torch.load(weights_only=True) refused it: " + (rest[0][:200] if rest else type(e).__name__)
+    first = msg.splitlines()[0][:200] if msg else ""
+    return f"unreadable: {type(e).__name__}" + (f": {first}" if first else "")
+
+
+def _torch_save_header(path) -> bool:
+    """Whether a file starts like something torch.load reads: a zip archive (torch.save since 1.6) or a pickle."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head.startswith(b"\x80") or zipfile.is_zipfile(path)
+
+
+def torch_load(path, kind: str, error=None):
+    """torch.load(path, weights_only=True) on the CPU, or error(f"{path} is not a {kind} checkpoint (why)") (default
+    UsageError) when the file is not a torch.save'd checkpoint of plain data: text, a truncated or foreign file."""
+    error = error or UsageError
+    if os.path.isdir(path):
+        raise error(f"{path} is a directory, not a {kind} checkpoint file")
+    if os.path.isfile(path) and not _torch_save_header(path):
+        raise error(f"{path} is not a {kind} checkpoint (neither a torch.save archive nor a pickle)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # KeyError: 101 (a text file), UnpicklingError, EOFError, RuntimeError (a bad zip)...
+        raise error(f"{path} is not a {kind} checkpoint ({_unreadable(e)})") from None
+
+
 def load_classifier(path, device=None) -> NormalizedClassifier:
     """The classifier of a train_classifier checkpoint, in eval mode, with its normalisation."""
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    ck = torch_load(path, "train_classifier")
+    if not isinstance(ck, dict):
+        raise UsageError(f"{path} is not a train_classifier checkpoint (it holds a {type(ck).__name__}, not a dict)")
     if ck.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"{path} is not a train_classifier checkpoint (format {ck.get('format')!r})")
-    norm = ck["normalize"]
-    model = create_classifier(ck["model_name"], ck["num_classes"], ck["in_chans"],
-                              None if norm is None else (tuple(norm[0]), tuple(norm[1])))
-    model.net.load_state_dict(ck["model"])
+    try:
+        norm = ck["normalize"]
+        model = create_classifier(ck["model_name"], ck["num_classes"], ck["in_chans"],
+                                  None if norm is None else (tuple(norm[0]), tuple(norm[1])))
+        model.net.load_state_dict(ck["model"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        if isinstance(e, UsageError):
+            raise
+        why = f"missing entry {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        raise UsageError(f"{path} is a broken train_classifier checkpoint ({why})") from None
     return model.to(device or "cpu").eval()
 
 
@@ -398,11 +441,39 @@ def _train_score_export(path: str):
     try:
         from . import pretrained  # written beside this module; imported only when asked for
 
-        meta = pretrained.read_metadata(path)
         loader = pretrained.load_score_model
     except (ImportError, AttributeError):
         return None
-    return loader(path) if "config" in meta and "schedule" in meta else None
+    try:
+        meta = pretrained.read_metadata(path)
+    except Exception as e:  # not a safetensors file at all (SafetensorError: header too small, ...)
+        raise UsageError(f"{path} is not a score-model checkpoint ({_unreadable(e)})") from None
+    if not ("config" in meta and "schedule" in meta):
+        return None
+    try:
+        return loader(path)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"{path} is not a usable train-score export ({str(e).splitlines()[0][:300]})") from None
+
+
+def _check_score_file(path: str) -> None:
+    """UsageError "PATH is not a score-model checkpoint (why)" for a file that cannot be one, from its header only
+    (the weights are read once, by the loader): a .safetensors file must have a safetensors header, anything
+    else must be a torch.save zip archive or a pickle (guided-diffusion's checkpoints)."""
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a directory, not a score-model checkpoint file")
+    if str(path).endswith(".safetensors"):
+        try:
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                f.keys()
+        except Exception as e:  # SafetensorError: header too small, invalid JSON...
+            raise UsageError(f"{path} is not a score-model checkpoint ({_unreadable(e)})") from None
+        return
+    if not _torch_save_header(path):
+        raise UsageError(f"{path} is not a score-model checkpoint (neither a torch.save archive nor a pickle, "
+                         f"nor .safetensors)")
 
 
 def load_score_model(spec: str, data: str, config: Optional[str] = None, flags: Sequence[str] = (),
@@ -449,10 +520,16 @@ def load_score_model(spec: str, data: str, config: Optional[str] = None, flags: 
         missing = [k for k in ("image_size", "num_channels", "num_res_blocks") if k not in kwargs]
         if missing:
             raise UsageError(f"--score-model {spec} needs --score-config or the flags {missing}")
+        if spec != "random" and os.path.exists(spec):  # (a missing file: load_guided_diffusion's FileNotFoundError)
+            _check_score_file(spec)
         try:
             model = create_adm_unet(**kwargs) if spec == "random" else load_guided_diffusion(spec, **kwargs)
         except (ValueError, RuntimeError) as e:  # flags that build no UNet, or a checkpoint that does not fit
             raise UsageError(f"score model ({spec}): {e}") from None
+        except Exception as e:  # torch.load's KeyError / UnpicklingError / EOFError on a file that is no checkpoint
+            if spec == "random":
+                raise
+            raise UsageError(f"{spec} is not a score-model checkpoint ({_unreadable(e)})") from None
     if getattr(model, "num_classes", None) is not None:
         raise UsageError("the score model is class-conditional; DiffAug training uses an unconditional one "
                          "(class_cond=False)")
@@ -816,8 +893,8 @@ def _train(args, info: DistInfo) -> dict:
     epoch_stats = torch.zeros(5, dtype=torch.float64, device=device)
     ckpt_path = _resolve_resume(args)
     if ckpt_path is not None:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ck.get("format") != CHECKPOINT_FORMAT:
+        ck = torch_load(ckpt_path, "train_classifier")
+        if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
             raise UsageError(f"{ckpt_path} is not a train_classifier checkpoint")
         model.net.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])

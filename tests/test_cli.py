@@ -125,3 +125,79 @@ def test_results_name_their_commit(monkeypatch):
     monkeypatch.delenv("DIFFAUG_GIT_COMMIT")
     state = bench.environment("cpu")["git"]
     assert state is None or len(state["commit"]) == 40
+
+
+@pytest.mark.parametrize("cmd", ["bench", "bench-model", "bench-ensemble", "train-score", "evaluate"])
+@pytest.mark.parametrize("device, msg", [("foo", "bad --device 'foo'"), ("tpu", "bad --device 'tpu'"),
+                                         ("mps", "--device mps: not supported"),
+                                         ("cuda", "--device cuda: torch sees no CUDA device")])
+def test_bad_device_is_one_line_before_any_work(cmd, device, msg, monkeypatch):
+    """Every command checks --device as bench does, before a model or data set is made (no GPU here: cuda)."""
+    from diffaug_kernels import bench_model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    for name in ("run", "run_ensemble"):
+        monkeypatch.setattr(bench_model, name, lambda *a, **k: pytest.fail("the benchmark started"))
+    extra = ["--classifier", "x.pt"] if cmd == "evaluate" else []
+    with pytest.raises(SystemExit) as e:
+        cli.main([cmd, "--device", device, *extra])
+    assert str(e.value).startswith(f"diffaug {cmd}: ") and msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_check_device_accepts_what_exists():
+    assert cli.check_device("x", "cpu") == torch.device("cpu")
+    assert cli.check_device("x", None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert cli.check_device("x", "auto") == cli.check_device("x", None)
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        assert cli.check_device("x", "cuda:0") == torch.device("cuda:0")
+        with pytest.raises(SystemExit, match=f"sees only {n} CUDA device"):
+            cli.check_device("x", f"cuda:{n}")
+
+
+def test_bench_ensemble_dda_reps_zero_skips_the_dda_row(tmp_path, capsys):
+    """--dda-reps 0: no DDA row, no DE / DDA ratio; the table, the JSON and its chart cope."""
+    out, png = tmp_path / "de.json", tmp_path / "de.png"
+    assert cli.main(["bench-ensemble", "--device", "cpu", "--batch", "1", "--size", "8", "--reps", "1", "--warmup",
+                     "1", "--dda-reps", "0", "--no-compile", "--json", str(out), "--plot", str(png)]) == 0
+    cap = capsys.readouterr()
+    assert "DDA skipped: --dda-reps 0" in cap.out and "DDA (" not in cap.out + cap.err
+    res = json.loads(out.read_text())
+    assert res["complete"] and res["dda_reps"] == 0 and len(res["rows"]) == 4
+    assert not any("DDA" in r["impl"] for r in res["rows"]) and not any("DDA" in k for k in res["ratios"])
+    assert png.stat().st_size > 0
+    with pytest.raises(SystemExit):
+        cli.main(["bench-ensemble", "--dda-reps", "-1"])
+    assert "--dda-reps: must be a non-negative integer" in capsys.readouterr().err
+
+
+def test_bench_ensemble_dda_row_says_what_it_is_doing(monkeypatch, capsys):
+    """The DDA row logs before its warm-up and before its timed calls (it runs for minutes on a CPU)."""
+    from diffaug_kernels import bench_model, dda
+
+    calls = []
+
+    def fake_dda(classifier, model, schedule, x, **kw):
+        calls.append(1)
+        return torch.zeros(x.shape[0], 10)
+
+    monkeypatch.setattr(dda, "dda_predict", fake_dda)
+    flags = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1", attention_resolutions="",
+                 learn_sigma=True)
+    res = bench_model.run_ensemble(device="cpu", batch=1, flags=flags, classifier="resnet10t", reps=1, warmup=1,
+                                   dda_reps=2, compile=False)
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    i = next(i for i, s in enumerate(lines) if "1 untimed warm-up call, then 2 timed" in s)
+    assert "DDA warm-up call done" in lines[i + 1] and "2 timed call(s) follow" in lines[i + 1]
+    assert len(calls) == 3
+    dda_row = next(r for r in res["rows"] if r["impl"].startswith("DDA"))
+    assert dda_row["reps"] == 2 and "DE measured chunk / DDA (same eager UNet)" in res["ratios"]
+
+
+def test_demo_help_agrees_with_the_readme(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "3.3 minutes (198 s)" in text and "default threads" in text and "7-8 minutes" not in text

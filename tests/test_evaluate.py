@@ -451,3 +451,144 @@ def test_plots_write_valid_pngs(tmp_path):
     np.testing.assert_allclose(ent["c"], want, rtol=1e-5)
     assert abs(want[1] - want[0]) > 0.03  # t matters
     assert all(abs(w - h_raw) > 1e-4 * h_raw for w in want)  # the raw images are not what is classified, even at t=0
+
+
+# ------------------------------------------------------------------------------------------------ bad options
+@pytest.mark.parametrize("argv, msg", [
+    (["--max-images=-300"], "argument --max-images: must be a positive integer"),
+    (["--dda-max-images=-55"], "argument --dda-max-images: must be a positive integer"),
+    (["--batch-size", "0"], "argument --batch-size: must be a positive integer"),
+    (["--dda-steps", "0"], "argument --dda-steps: must be a positive integer"),
+    (["--dda-down", "0"], "argument --dda-down: must be a positive integer"),
+    (["--dda-scale", "abc"], "argument --dda-scale: must be 'auto' or a finite number >= 0"),
+    (["--dda-scale", "-1"], "argument --dda-scale: must be 'auto' or a finite number >= 0"),
+    (["--image-size", "0"], "argument --image-size: must be a positive integer"),
+])
+def test_evaluate_bad_numbers_are_argparse_errors(argv, msg, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", "--classifier", "x.pt", *argv])
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--de-times=-50,0"], r"--de-times: times must be >= 0.*-50"),
+    (["--modes", "DDA", "--dda-depth", "500"], r"--dda-depth must lie in \[1, 99\], got 500"),
+    (["--modes", "DDA", "--dda-steps", "1"], r"--dda-steps must be at least 2"),
+    (["--modes", "DDA", "--dda-down", "64"], r"--dda-down 64 is larger than the images \(32x32\)"),
+    (["--device", "tpu"], r"diffaug evaluate: .*--device.*tpu"),
+    (["--device", "cuda:x"], r"diffaug evaluate: bad --device 'cuda:x'"),
+])
+def test_evaluate_bad_options_fail_before_any_model_loads(tmp_path, monkeypatch, argv, msg):
+    """Options that do not depend on the score model are refused before a classifier or score model is loaded."""
+    ck = _checkpoint(tmp_path / "a.pt", num_classes=10, in_chans=1)
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr(tc, "load_classifier", no_load)
+    monkeypatch.setattr(tc, "load_score_model", no_load)
+    with pytest.raises(SystemExit, match=msg) as e:
+        cli.main(["evaluate", "--classifier", ck, "--no-progress", *argv])
+    assert "\n" not in str(e.value)
+
+
+def test_evaluate_cuda_without_a_gpu_is_one_line(tmp_path, monkeypatch):
+    ck = _checkpoint(tmp_path / "a.pt", num_classes=10, in_chans=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(tc, "load_classifier", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(SystemExit, match="--device cuda: torch sees no CUDA device"):
+        cli.main(["evaluate", "--classifier", ck, "--device", "cuda"])
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--modes", "DE", "--de-times", "0,1000"], r"--de-times must lie in \[0, 1000\).*\[1000\]"),
+    (["--modes", "DDA", "--dda-steps", "2000"], r"--dda-steps 2000: cannot take 2000 steps"),
+])
+def test_evaluate_options_checked_against_the_schedule_before_any_data(tmp_path, monkeypatch, argv, msg):
+    ck = _checkpoint(tmp_path / "a.pt", num_classes=10, in_chans=1)
+    monkeypatch.setattr(ev, "build_dataset", lambda *a, **k: pytest.fail("a dataset was built"))
+    flags = [v for k, val in TINY_FLAGS.items() for v in ("--score-flag", f"{k}={str(val).lower()}")]
+    with pytest.raises(SystemExit, match=msg):
+        cli.main(["evaluate", "--classifier", ck, "--score-model", "random", "--score-config", "digits32", *flags,
+                  "--no-progress", *argv])
+
+
+def test_subset_refuses_a_non_positive_count():
+    ds = dk.data.digits("test", 8, 1)
+    with pytest.raises(ev.EvalError, match="positive integer"):
+        ev._subset(ds, -300, 0)
+    with pytest.raises(ev.EvalError, match="positive integer"):
+        ev._subset(ds, 0, 0)
+    assert len(ev._subset(ds, 5, 0)) == 5 and ev._subset(ds, 10**6, 0) is ds
+    cfg = ev.EvalConfig(modes=("Default",), max_images=-3, progress=False)
+    with pytest.raises(ev.EvalError, match="max_images must be a positive integer"):
+        ev.evaluate_dataset(_NearestMean().eval(), None, ds, ("Default",), cfg)
+
+
+def test_grey_classifier_on_rgb_folder_and_cifar(tmp_path):
+    """A 1-channel classifier on RGB sets (ImageFolder, CIFAR-10): the images are turned grey (torchvision's
+    Grayscale luma), not fed as 3 channels to a 1-channel conv."""
+    from torchvision.transforms.functional import rgb_to_grayscale
+
+    data = _folder(tmp_path / "data")
+    (spec,) = ev.parse_datasets([data])
+    rgb, grey = ev.build_dataset(spec, 16, 3), ev.build_dataset(spec, 16, 1)
+    assert grey.classes == rgb.classes == ["cat", "dog"] and len(grey) == len(rgb) == 6
+    x3, y3 = rgb[4]
+    x1, y1 = grey[4]
+    assert x1.shape == (1, 16, 16) and y1 == y3 == 1
+    torch.testing.assert_close(x1, rgb_to_grayscale(x3))
+    torch.testing.assert_close(x1[0], 0.2989 * x3[0] + 0.587 * x3[1] + 0.114 * x3[2], rtol=0, atol=1e-5)
+    # CIFAR-10's test batch, one image
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    import pickle
+
+    img = np.random.RandomState(0).randint(0, 256, (1, 3 * 32 * 32), dtype=np.uint8)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": img, "labels": [3]}, f)
+    (cspec,) = ev.parse_datasets([f"cifar10:{tmp_path}"])
+    x, y = ev.build_dataset(cspec, 32, 1)[0]
+    assert x.shape == (1, 32, 32) and int(y) == 3
+    with pytest.raises(ev.EvalError, match="4-channel"):
+        ev.build_dataset(spec, 16, 4)
+    # the whole command with a 1-channel classifier on the RGB folder
+    ck = _checkpoint(tmp_path / "g.pt", num_classes=2, in_chans=1)
+    assert cli.main(["evaluate", "--classifier", ck, "--datasets", data, "--modes", "Default", "--image-size", "16",
+                     "--no-progress"]) == 0
+
+
+def test_unreadable_image_names_the_file(tmp_path, capsys):
+    data = _folder(tmp_path / "data")
+    bad = tmp_path / "data" / "dog" / "9.png"
+    bad.write_bytes(b"not a png")
+    ck = _checkpoint(tmp_path / "a.pt")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["evaluate", "--classifier", ck, "--datasets", data, "--modes", "Default", "--image-size", "16",
+                  "--no-progress"])
+    msg = str(e.value)
+    assert msg.startswith("diffaug evaluate: error: cannot read image") and str(bad) in msg and "\n" not in msg
+
+
+def test_files_that_are_not_checkpoints(tmp_path):
+    """--classifier and --score-model given a text file, a non-dict pickle, or a foreign checkpoint: one line naming
+    the file and what it is not (torch's weights-only unpickler says KeyError: 101)."""
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    listed = tmp_path / "list.pt"
+    torch.save([1, 2], listed)
+    fake_st = tmp_path / "fake.safetensors"
+    fake_st.write_text("hello")
+    ck = _checkpoint(tmp_path / "a.pt", num_classes=10, in_chans=1)
+    for path, want in ((text, "is not a train_classifier checkpoint"), (listed, "it holds a list")):
+        with pytest.raises(SystemExit, match=want) as e:
+            cli.main(["evaluate", "--classifier", str(path), "--modes", "Default"])
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(tc.UsageError, match="not a train_classifier checkpoint"):
+        tc.load_classifier(str(text))
+    for path in (text, fake_st):
+        with pytest.raises(SystemExit, match="is not a score-model checkpoint") as e:
+            cli.main(["evaluate", "--classifier", ck, "--modes", "DE", "--score-model", str(path), "--score-config",
+                      "digits32"])
+        assert str(path) in str(e.value) and "\n" not in str(e.value)

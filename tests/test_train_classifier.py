@@ -186,3 +186,27 @@ def test_score_model_from_a_train_score_export(tmp_path):
     assert torch.allclose(schedule.betas, dk.NoiseSchedule.cosine(1000).betas)
     with pytest.raises(tc.UsageError, match="score model"):  # the flags of another architecture do not fit
         tc.load_score_model(path, "digits", "digits32")
+
+
+def test_files_that_are_not_checkpoints_are_named(tmp_path):
+    """load_classifier, --resume and a score-model file that is not a checkpoint: a UsageError naming the file
+    (torch's weights-only unpickler alone says KeyError: 101)."""
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    garbled = tmp_path / "garbled.pt"
+    garbled.write_bytes(b"\x80\x02garbage")
+    broken = tmp_path / "broken.pt"
+    torch.save({"format": tc.CHECKPOINT_FORMAT, "model_name": "test_resnet"}, broken)
+    with pytest.raises(tc.UsageError, match=r"notes.pt is not a train_classifier checkpoint \(neither"):
+        tc.load_classifier(str(text))
+    with pytest.raises(tc.UsageError, match=r"garbled.pt is not a train_classifier checkpoint \(torch.load\(weights_only=True\) refused it: "):
+        tc.load_classifier(str(garbled))
+    with pytest.raises(tc.UsageError, match=r"broken.pt is a broken train_classifier checkpoint \(missing entry"):
+        tc.load_classifier(str(broken))
+    with pytest.raises(tc.UsageError, match="notes.pt is not a score-model checkpoint"):
+        tc.load_score_model(str(text), "digits")
+    with pytest.raises(tc.UsageError, match="garbled.pt is not a score-model checkpoint"):
+        tc.load_score_model(str(garbled), "digits")
+    with pytest.raises(SystemExit) as e:
+        tc.main(TINY_ARGS + ["--steps", "1", "--resume", str(text), "--out", str(tmp_path / "o")])
+    assert "notes.pt is not a train_classifier checkpoint" in str(e.value) and "\n" not in str(e.value)

@@ -175,3 +175,33 @@ def test_default_score_model_missing_file_is_a_clear_error(monkeypatch, tmp_path
     monkeypatch.setattr(pretrained, "DEFAULT_WEIGHTS", str(tmp_path / "gone.safetensors"))
     with pytest.raises(FileNotFoundError, match="(?s)gone.safetensors.*train-score"):
         pretrained.load_default_score_model()
+
+
+def test_resume_from_a_file_that_is_not_a_checkpoint(tmp_path):
+    """A text file, a non-dict pickle or another command's checkpoint given to --resume: one line naming the
+    file (torch's weights-only unpickler alone says KeyError: 101), before any data or model work."""
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    listed = tmp_path / "list.pt"
+    torch.save([1, 2], listed)
+    other = tmp_path / "other.pt"
+    torch.save({"format": "something else"}, other)
+    for path, why in ((text, "neither a torch.save archive nor a pickle"), (listed, "it holds a list"),
+                      (other, "format 'something else'")):
+        with pytest.raises(SystemExit) as e:
+            _cli("--resume", str(path), "--out", str(tmp_path / "o"))
+        msg = str(e.value)
+        assert msg.startswith(f"diffaug train-score: {path} is not a train-score checkpoint") and why in msg, msg
+        assert "\n" not in msg
+    garbled = tmp_path / "garbled.pt"
+    garbled.write_bytes(b"\x80\x02garbage")
+    with pytest.raises(ValueError, match=r"garbled.pt is not a train-score checkpoint \(torch.load\(weights_only=True\) refused it: "):
+        train_score.load_checkpoint(str(garbled))
+    assert not (tmp_path / "o").exists()
+
+
+def test_device_without_a_gpu_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train_score, "load_data", lambda *a, **k: pytest.fail("data loaded before the device check"))
+    with pytest.raises(SystemExit, match="diffaug train-score: --device cuda: torch sees no CUDA device"):
+        _cli(*TINY, "--steps", "1", "--device", "cuda", "--out", str(tmp_path / "o"))
