@@ -329,17 +329,19 @@ def _backend_for(name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ custom op: noise
-def _on(device: torch.device):
+def _on(device: torch.device, backend: Optional[str] = None):
     """The device a kernel must launch on made current: Triton launches on the current device and stream,
-    whatever its tensors' device (the CUDA extension guards itself; this covers both)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    whatever its tensors' device. The CUDA extension guards itself (so it skips this guard's host cost)."""
+    if device.type == "cuda" and backend not in ("cuda", "reference"):
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _noise_impl(x0: Tensor, t: Tensor, coef_a: Tensor, coef_b: Tensor, seed: Tensor, offset: Tensor,
                 out_dtype: torch.dtype, backend: str) -> Tensor:
     out = _alloc(x0, t.shape[0] * x0.shape[0], out_dtype)
     if out.numel():  # an empty tensor has nothing to write (and may have no [B, C, S] view)
-        with _on(x0.device):
+        with _on(x0.device, backend):
             _BACKENDS[backend].noise_out(x0, t, coef_a, coef_b, seed, offset, out)
     return out
 
@@ -378,7 +380,7 @@ def _tweedie_impl(x_t: Tensor, model_output: Tensor, t: Tensor, coef_a: Tensor, 
                   scale: Optional[Tensor], shift: Optional[Tensor], out_dtype: torch.dtype, backend: str) -> Tensor:
     out = _alloc(x_t, x_t.shape[0], out_dtype)
     if out.numel():
-        with _on(x_t.device):
+        with _on(x_t.device, backend):
             _BACKENDS[backend].tweedie_out(x_t, model_output, t, coef_a, coef_b, clip, scale, shift, out)
     return out
 
@@ -442,7 +444,7 @@ def philox_normal(shape: Sequence[int], seed=None, offset=0, device=None, dtype=
     else:
         out = _poisoned(torch.empty(shape, dtype=torch.float32, device=device))
     if out.numel():
-        with _on(device):
+        with _on(device, name):
             _BACKENDS[name].philox_normal_out(seed_t, off_t, out)
     return out.to(dtype)
 
