@@ -60,16 +60,23 @@ def extensions():
 
     import runpy
 
+    # csrc/'s fingerprint in a generated header only ops.cpp includes: an edit recompiles ops.cpp alone for it
     src_hash = runpy.run_path(os.path.join(ROOT, "diffaug_kernels", "_sources.py"))["sources_hash"](
         os.path.join(ROOT, "csrc"))
+    gen = os.path.join(ROOT, "build", "generated")
+    os.makedirs(gen, exist_ok=True)
+    header, text = os.path.join(gen, "dk_sources_hash.h"), f"#define DK_SOURCES_HASH {src_hash}LL\n"
+    if not os.path.exists(header) or open(header).read() != text:
+        with open(header, "w") as f:
+            f.write(text)
     arch = os.environ.get("DIFFAUG_CPU_ARCH", "native")
     # -fopenmp: at::parallel_for is inline `#pragma omp parallel` (without it, kernels run on one thread); the
     # libgomp.so.1 it links resolves at run time to the copy torch already loaded (same SONAME), one runtime.
-    cxx = ["-O3", f"-march={arch}", "-fno-math-errno", "-fopenmp", "-DNDEBUG", f"-DDK_SOURCES_HASH={src_hash}LL"]
+    cxx = ["-O3", f"-march={arch}", "-fno-math-errno", "-fopenmp", "-DNDEBUG"]
     if os.environ.get("DIFFAUG_VEC_REPORT") == "1":
         cxx += ["-fopt-info-vec-optimized"]
     sources = sorted(glob.glob("csrc/*.cpp"))
-    kwargs = dict(name="diffaug_kernels._C", sources=sources, include_dirs=[os.path.join(ROOT, "csrc")],
+    kwargs = dict(name="diffaug_kernels._C", sources=sources, include_dirs=[os.path.join(ROOT, "csrc"), gen],
                   extra_link_args=["-fopenmp"])
     if use_cuda:
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]

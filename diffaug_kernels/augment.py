@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -29,7 +28,7 @@ class DiffAug(nn.Module):
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a dk.NoiseSchedule, got {type(schedule).__name__}")
         if (not isinstance(t_range, (tuple, list)) or len(t_range) != 2
-                or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in t_range)):
+                or not all(ops._is_int(v) for v in t_range)):
             raise TypeError(f"t_range must be two integers (lo, hi), got {t_range!r}")
         lo, hi = (int(v) for v in t_range)
         if not 0 <= lo < hi <= schedule.num_timesteps:

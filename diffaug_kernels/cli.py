@@ -181,7 +181,7 @@ def _add_train_score(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
 
     def run(args) -> int:
-        check_device("train-score", args.device)  # before the data and the model
+        args.device = str(check_device("train-score", args.device))  # before the data and the model
         from . import train_score
 
         return train_score.run_cli(args)
@@ -206,7 +206,7 @@ def _model_bench_args(p, batch: int, size_help: str) -> None:
 def _model_bench_device(name: str, args) -> None:
     import torch
 
-    check_device(name, args.device)
+    args.device = str(check_device(name, args.device))
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
 
 

@@ -92,9 +92,11 @@ def diffaug_ensemble(classifier: Callable[[Tensor], Tensor], aug: DiffAug, x: Te
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2 or x.shape[0] == 0:
         raise ValueError("x must be a non-empty floating-point tensor [B, C, ...], got "
                          + (f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__))
+    if isinstance(times, Tensor):
+        times = times.tolist()
     if ops._is_int(times):
         times = [times]
-    times = list(times.tolist() if isinstance(times, Tensor) else times)
+    times = list(times)
     if not times:
         raise ValueError("times must not be empty")
     if not all(ops._is_int(t) for t in times):

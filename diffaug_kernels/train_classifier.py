@@ -70,13 +70,16 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
 import warnings
+import zipfile
 from typing import Optional, Sequence
 
 import numpy as np
+import safetensors
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -526,8 +529,8 @@ def load_score_model(spec: str, data: str, config: Optional[str] = None, flags: 
             model = create_adm_unet(**kwargs) if spec == "random" else load_guided_diffusion(spec, **kwargs)
         except (ValueError, RuntimeError) as e:  # flags that build no UNet, or a checkpoint that does not fit
             raise UsageError(f"score model ({spec}): {e}") from None
-        except Exception as e:  # torch.load's KeyError / UnpicklingError / EOFError on a file that is no checkpoint
-            if spec == "random":
+        except (KeyError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, safetensors.SafetensorError) as e:
+            if spec == "random":  # torch.load's errors on a file that is no checkpoint (its header passed)
                 raise
             raise UsageError(f"{spec} is not a score-model checkpoint ({_unreadable(e)})") from None
     if getattr(model, "num_classes", None) is not None:

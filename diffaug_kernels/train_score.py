@@ -287,19 +287,10 @@ def latest_checkpoint(path: str) -> str:
 
 
 def load_checkpoint(path: str) -> dict:
-    import zipfile
+    from .train_classifier import torch_load
 
     path = latest_checkpoint(path)
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if not head.startswith(b"\x80") and not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is not a train-score checkpoint (neither a torch.save archive nor a pickle)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # KeyError: 101 (a text file), UnpicklingError, EOFError, RuntimeError (a bad zip)...
-        from .train_classifier import _unreadable
-
-        raise ValueError(f"{path} is not a train-score checkpoint ({_unreadable(e)})") from None
+    ckpt = torch_load(path, "train-score", error=ValueError)  # a file that is no checkpoint: one clear line
     if not isinstance(ckpt, dict) or ckpt.get("format") != "diffaug_kernels.train_score.v1":
         raise ValueError(f"{path} is not a train-score checkpoint (" + (
             f"format {ckpt.get('format')!r}" if isinstance(ckpt, dict) else f"it holds a {type(ckpt).__name__}")

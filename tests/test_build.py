@@ -80,16 +80,22 @@ for fn in (tk._noise_kernel, tk._noise_plane_kernel, tk._tweedie_kernel, tk._twe
                 sig[n] = "i32"  # sizes and strides below 2**31 arrive as int32
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32))
         assert k.asm.get("cubin"), fn.__name__
-        narrow = [l.strip() for l in k.asm["ttir"].splitlines() if re.search(r"arith\.muli .*: i32( loc|$)", l)]
-        assert not narrow, (fn.__name__, narrow[:3])  # index products in 32 bits wrap past 2**31 elements
+        ttir = [l.split(" loc(")[0].strip() for l in k.asm["ttir"].splitlines()]
+        # scalar size products (the counter of block k is k * N / 4) in 32 bits wrap past 2**31 elements; the
+        # Philox rounds' 32-bit tensor products are meant to be
+        narrow = [l for l in ttir if re.search(r"arith\.muli .*: i32$", l)]
+        assert not narrow, (fn.__name__, narrow[:3])
+        # and every pointer offset is 64-bit
+        ptr32 = [l for l in ttir if "tt.addptr" in l and not re.search(r"(, i64|xi64>)$", l)]
+        assert not ptr32, (fn.__name__, ptr32[:3])
 print("TRITON-SM90-OK")
 """
 
 
 def test_triton_kernels_compile_for_hopper(tmp_path):
     """The interpreter runs the Triton kernels' Python, not their compilation: compile each kernel here for
-    sm_90 (TTIR to cubin, as on a GPU) for 16-bit, 32-bit and 64-bit data, and check that no index product is
-    computed in 32 bits (the kernels widen sizes to int64 first)."""
+    sm_90 (TTIR to cubin, as on a GPU) for 16-bit, 32-bit and 64-bit data, and check that no size product is
+    computed in 32 bits and every pointer offset is 64-bit (the kernels widen sizes to int64 first)."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
     r = subprocess.run([sys.executable, "-c", TRITON_COMPILE], env=env, capture_output=True, text=True, timeout=600)
     assert "TRITON-SM90-OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]

@@ -167,8 +167,9 @@ def test_bad_arguments(parts):
     with pytest.raises(ValueError, match=r"classifier must return logits \[N, num_classes\]"):
         dk.diffaug_ensemble(lambda v: clf(v).sum(-1), aug, x, times=[0, 50])
     # a single int is one time, as in forward_noise_multi
-    torch.testing.assert_close(dk.diffaug_ensemble(clf, aug, x, times=50, seed=3),
-                               dk.diffaug_ensemble(clf, aug, x, times=[50], seed=3))
+    for one in (50, torch.tensor(50), torch.tensor([50])):
+        torch.testing.assert_close(dk.diffaug_ensemble(clf, aug, x, times=one, seed=3),
+                                   dk.diffaug_ensemble(clf, aug, x, times=[50], seed=3))
 
 
 def test_bench_ensemble_runs_and_reports(tmp_path):

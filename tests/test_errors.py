@@ -148,8 +148,6 @@ def test_triton_kernels_are_tested_here():
     fail loudly if Triton is missing rather than let those tests vanish from the collection."""
     if torch.cuda.is_available():
         pytest.skip("on a GPU the Triton kernels are tested on the device (-m cuda)")
-    if os.environ.get("DIFFAUG_ALLOW_NO_TRITON") == "1":
-        pytest.skip("DIFFAUG_ALLOW_NO_TRITON=1")
     assert "triton" in CPU_FUSED, f"Triton backend not usable in the interpreter: {dk.available_backends()}"
 
 
