@@ -96,6 +96,19 @@ def test_x0_prediction_ignores_x_t_even_where_it_is_not_finite():
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=backend)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 3, 64, 64)])  # general and planar CUDA kernels
+def test_x0_prediction_ignores_x_t_on_the_gpu(gpu_backend, shape):
+    xt = torch.randn(shape, device="cuda")
+    xt[0, 0, 0, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    mo = torch.rand(shape[0], 2 * shape[1], *shape[2:], device="cuda") * 2 - 1
+    t = torch.tensor([5, 900], device="cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        want = dk.reference.tweedie(xt.to(dtype), mo.to(dtype), t, S, prediction="x0", clip=False)
+        got = dk.tweedie(xt.to(dtype), mo.to(dtype), t, S, prediction="x0", clip=False, backend=gpu_backend)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_unknown_backend_name():
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
         dk.forward_noise(x, 0, S, backend="gpu")
