@@ -928,27 +928,6 @@ def _percentile(v: float, flag: str, allow_100: bool = False) -> float:
     return float(v)
 
 
-def _positive_arg(v, flag: str, none_ok: bool = False):
-    if v is None and none_ok:
-        return None
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-        raise EvalError(f"{flag} must be a positive integer, got {v!r}")
-    return int(v)
-
-
-def _dda_scale_arg(v) -> Optional[float]:
-    """--dda-scale: None for 'auto', else a finite float >= 0."""
-    if isinstance(v, str) and v.strip().lower() == "auto":
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        f = float("nan")
-    if not math.isfinite(f) or f < 0:
-        raise EvalError(f"--dda-scale must be 'auto' or a finite number >= 0, got {v!r}")
-    return f
-
-
 def _image_size(ds: DatasetSpec, size: int) -> int:
     return 32 if ds.kind in ("cifar10", "cifar10-c") else size
 
@@ -986,8 +965,8 @@ def main_from_args(args) -> int:
     # every option is checked before a model is loaded or an image read; a bad one is one line, no traceback
     device = str(check_device("evaluate", args.device))
     try:
-        if args.threads:
-            torch.set_num_threads(_positive_arg(args.threads, "--threads"))
+        if args.threads:  # counts and sizes arrive checked by the parser (cli._positive, cli._dda_scale)
+            torch.set_num_threads(args.threads)
         modes = parse_modes(args.modes)
         cspecs = parse_classifiers(args.classifier)
         dsets = parse_datasets(args.datasets.split(","))
@@ -999,14 +978,9 @@ def main_from_args(args) -> int:
             de_times = parse_times(args.de_times)
         except EvalError as e:
             raise EvalError(f"--de-times: {e}") from None
-        batch_size = _positive_arg(args.batch_size, "--batch-size")
-        max_images = _positive_arg(args.max_images, "--max-images", none_ok=True)
-        dda_max_images = _positive_arg(args.dda_max_images, "--dda-max-images", none_ok=True)
-        dda_steps = _positive_arg(args.dda_steps, "--dda-steps")
-        dda_depth = _positive_arg(args.dda_depth, "--dda-depth")
-        dda_down = _positive_arg(args.dda_down, "--dda-down")
-        dda_scale = _dda_scale_arg(args.dda_scale)
-        image_size = _positive_arg(args.image_size, "--image-size", none_ok=True)
+        batch_size, max_images, dda_max_images = args.batch_size, args.max_images, args.dda_max_images
+        dda_steps, dda_depth, dda_down, image_size = args.dda_steps, args.dda_depth, args.dda_down, args.image_size
+        dda_scale = None if args.dda_scale == "auto" else float(args.dda_scale)
         kinds = {d.kind for d in dsets + oods}
         small = kinds <= {"digits", "digits-c", "cifar10", "cifar10-c"}
         hint = "digits" if kinds <= {"digits", "digits-c"} else ("cifar10:" if small else "folder")
