@@ -219,3 +219,23 @@ def test_demo_help_agrees_with_the_readme(capsys):
     minutes = re.search(r"demo.*?; ([0-9.]+) minutes on 2 cores", readme).group(1)  # the main command's line
     seconds = re.search(r"default threads, ([0-9]+) s wall", readme).group(1)  # the demo section's run
     assert f"{minutes} minutes ({seconds} s)" in text and "default threads" in text, (minutes, seconds, text)
+
+
+def test_readme_quickstart_runs_as_written():
+    """The README's quickstart is code people paste: run it verbatim and check what its comments promise."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## Quickstart\n\n```python\n(.*?)```", readme, re.S).group(1)
+    assert len(code.strip().splitlines()) <= 10  # "a quickstart in ten lines"
+    env = {}
+    exec(compile(code, "README.md quickstart", "exec"), env)
+    x0_hat = env["x0_hat"]
+    assert env["x_t"].shape == env["x0"].shape == x0_hat.shape and torch.isfinite(x0_hat).all()
+    import diffaug_kernels as dk
+
+    lo = (torch.tensor([-1.0, -1.0, -1.0]) + 1) / 2  # clipped to [-1, 1], then normalised: classifier-ready
+    mean, std = (torch.tensor(v) for v in dk.IMAGENET_NORM)
+    assert (x0_hat.amin(dim=(0, 2, 3)) >= (lo - mean) / std - 1e-5).all()
+    assert (x0_hat.amax(dim=(0, 2, 3)) <= (1 - mean) / std + 1e-5).all()
