@@ -19,8 +19,9 @@
 # compiled rows were added and over 199 s (cut off) with them; the ncu step (Nsight Compute on the CUDA
 # kernels, new) is not yet timed. A session's 15 device minutes, a start included, hold about 780 s of steps:
 # all of them do not fit. Run it as two calls, e.g.
-#   XFORMERS_WHEEL="$(ls .cache/*.whl)" GPU_CHECK_STEPS=tests,bench1,model,ncu ...   (carrying .cache), then,
-#   at once on the warm machine, GPU_CHECK_BUILD=0 GPU_CHECK_STEPS=ensemble,bench2 ...
+#   XFORMERS_WHEEL="$(ls .cache/*.whl)" GPU_CHECK_BUDGET_S=560 GPU_CHECK_STEPS=tests,bench1,model,ncu ...
+#   (carrying .cache; the call's timeout 590 s; ncu is skipped when it no longer fits), then, at once on the
+#   warm machine, GPU_CHECK_BUILD=0 GPU_CHECK_STEPS=ensemble,bench2 ... with the device time left.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
