@@ -124,7 +124,7 @@ def _add_bench(sub) -> None:
 def _run_bench(args) -> int:
     import torch
 
-    from . import bench, plots
+    from . import bench
     from .jsonfile import unused_path
 
     device = check_device("bench", args.device)
@@ -137,9 +137,7 @@ def _run_bench(args) -> int:
                              reps=args.reps, warmup=args.warmup, device=device,
                              json_path=None if args.no_json else json_path, op_names=args.ops,
                              flush=not args.no_flush)
-    if args.plot:
-        print(f"wrote {plots.results_chart(result, args.plot)}")
-    return 0
+    return _plot(result, args.plot)
 
 
 # ------------------------------------------------------------------------------------- train-score

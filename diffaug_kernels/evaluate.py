@@ -455,10 +455,15 @@ def check_times(times, T: int) -> None:
         raise EvalError(f"--de-times must lie in [0, {T}) for the score model's {T}-step schedule, got {bad}")
 
 
+def _check_count(what: str, n) -> None:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise EvalError(f"{what} must be a positive integer, got {n!r}")
+
+
 def _subset(ds: Dataset, n: Optional[int], seed: int) -> Dataset:
     """A fixed random subset of n images (the same every run), in index order; all when n is None or >= len."""
-    if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
-        raise EvalError(f"the number of images to evaluate must be a positive integer, got {n!r}")
+    if n is not None:
+        _check_count("the number of images to evaluate", n)
     if n is None or n >= len(ds):
         return ds
     g = torch.Generator().manual_seed(seed)
@@ -496,10 +501,8 @@ def evaluate_dataset(clfs, aug, dataset: Dataset, modes: Sequence[str], cfg: Eva
     if any(m != "Default" for m in modes) and aug is None:
         raise EvalError(f"modes {[m for m in modes if m != 'Default']} need a score model")
     for k in ("batch_size", "max_images", "dda_max_images"):
-        v = getattr(cfg, k)
-        if (v is not None or k == "batch_size") and (isinstance(v, bool) or not isinstance(v, numbers.Integral)
-                                                     or v < 1):
-            raise EvalError(f"{k} must be a positive integer, got {v!r}")
+        if getattr(cfg, k) is not None or k == "batch_size":
+            _check_count(k, getattr(cfg, k))
     device = torch.device(cfg.device)
     ncs = {getattr(getattr(c, "net", c), "num_classes", None) for c in clfs.values()}
     if len(ncs) != 1:
@@ -1004,8 +1007,7 @@ def main_from_args(args) -> int:
             except tc.UsageError as e:
                 raise EvalError(str(e)) from None
         channels = in_channels(classifiers[0][1])
-        for d in dsets + oods + ([id_ds] if id_ds else []):
-            check_channels(d, channels)
+        check_channels(dsets[0], channels)  # depends on the classifier only: once, before the score model
         need_score = any(m != "Default" for m in modes) or bool(oods)
         aug = None
         if need_score:

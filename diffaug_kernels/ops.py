@@ -338,8 +338,8 @@ def _on(device: torch.device):
 def _launch(device: torch.device, backend: str, fn: Callable, *args) -> None:
     """fn(*args), under _on(device) where the backend needs it (Triton; the CUDA extension guards itself): the
     common path pays no context manager (about 0.6 us of host time per call)."""
-    if device.type == "cuda" and backend == "triton":
-        with torch.cuda.device(device):
+    if backend == "triton":
+        with _on(device):
             fn(*args)
     else:
         fn(*args)

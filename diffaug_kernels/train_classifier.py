@@ -352,8 +352,6 @@ def _unreadable(e: BaseException) -> str:
 
 def _torch_save_header(path) -> bool:
     """Whether a file starts like something torch.load reads: a zip archive (torch.save since 1.6) or a pickle."""
-    import zipfile
-
     with open(path, "rb") as f:
         head = f.read(2)
     return head.startswith(b"\x80") or zipfile.is_zipfile(path)
