@@ -1,6 +1,6 @@
 """The paper's two DiffAug figures, as PNG files: the augmentation grid (original images, then DiffAug samples at
-t = 350, 400, ..., 700) and the mean prediction entropy of classifiers on DiffAug samples against t; and the ops
-benchmark as a bar chart.
+t = 350, 400, ..., 700) and the mean prediction entropy of classifiers on DiffAug samples against t; and benchmark
+results (bench, bench-model, bench-ensemble) as bar charts.
 
 Drawing uses matplotlib when it is installed and PIL (always there, through torchvision) otherwise; the grid and
 the bar chart are always PIL.
