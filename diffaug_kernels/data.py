@@ -40,18 +40,30 @@ def _require_dir(path: str, what: str) -> None:
         raise FileNotFoundError(f"{what} not found at {path!r} (nothing is downloaded: point to a local copy)")
 
 
-def image_folder(root: str, size: int = 224, train: bool = False):
+class _Pair:
+    """Two transforms of one image (a class, not a lambda: DataLoader workers may need to pickle it)."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __call__(self, im):
+        return self.first(im), self.second(im)
+
+
+def image_folder(root: str, size: int = 224, train: bool = False, centre_view: bool = False):
     """An ImageFolder tree (class sub-folders) resized to size x size, in [-1, 1]. train=True adds random
-    resized crops and flips; otherwise resize + centre crop (the usual ImageNet evaluation transform)."""
+    resized crops and flips; otherwise resize + centre crop (the usual ImageNet evaluation transform).
+    centre_view=True (with train) makes each image a pair (random crop, centre crop) from one decode: the
+    DiffAug authors' training scripts feed the centre crop to DiffAug and the random crop to the clean term."""
     from torchvision import datasets, transforms
 
     _require_dir(root, "image folder")
-    if train:
-        tf = [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()]
-    else:
-        tf = [transforms.Resize(int(round(size * 256 / 224))), transforms.CenterCrop(size)]
-    tf += [transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]
-    return datasets.ImageFolder(root, transform=transforms.Compose(tf))
+    tail = [transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]
+    centre = transforms.Compose([transforms.Resize(int(round(size * 256 / 224))), transforms.CenterCrop(size), *tail])
+    if not train:
+        return datasets.ImageFolder(root, transform=centre)
+    crop = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), *tail])
+    return datasets.ImageFolder(root, transform=_Pair(crop, centre) if centre_view else crop)
 
 
 class CIFAR10(Dataset):
@@ -80,12 +92,15 @@ class CIFAR10(Dataset):
         return self.x[i].float() / 127.5 - 1, self.y[i]
 
 
-def make_dataset(spec: str, split: str = "train", size: Optional[int] = None, channels: int = 3) -> Dataset:
+def make_dataset(spec: str, split: str = "train", size: Optional[int] = None, channels: int = 3,
+                 centre_view: bool = False) -> Dataset:
     """'digits' | 'cifar10:<root>' | a path to an ImageFolder tree (with split sub-folders train/ and val/ when
-    present). size defaults to 32 for digits and CIFAR-10, 224 for folders."""
+    present). size defaults to 32 for digits and CIFAR-10, 224 for folders. centre_view: see image_folder
+    (digits and CIFAR-10 have no random transform, so it changes nothing for them)."""
     if spec == "digits":
         return digits(split, size or 32, channels)
     if spec.startswith("cifar10:"):
         return CIFAR10(spec.split(":", 1)[1], train=split == "train")
     sub = os.path.join(spec, "train" if split == "train" else "val")
-    return image_folder(sub if os.path.isdir(sub) else spec, size or 224, train=split == "train")
+    return image_folder(sub if os.path.isdir(sub) else spec, size or 224, train=split == "train",
+                        centre_view=centre_view)

@@ -1,9 +1,12 @@
 """Train a timm classifier with DiffAug, as the paper does: loss = CE(f(x), y) + CE(f(x0_hat), y).
 
-x0_hat = dk.DiffAug(score_model, schedule, t_range=(0, 1000))(x): each image is diffused to its own
-t ~ U{0..999} and denoised with one Tweedie step. The score model is frozen (no gradient reaches it). The two
-halves go through the classifier as one concatenated batch (one forward, one backward: DDP-safe, and batch
+x0_hat = dk.DiffAug(score_model, schedule, t_range=(0, 1000))(x_da): each image is diffused to its own
+t ~ U{0..999} and denoised with one Tweedie step. The score model is frozen (no gradient reaches it). The
+images go through the classifier as one concatenated batch (one forward, one backward: DDP-safe, and batch
 norm sees clean and denoised images together). ``--no-diffaug`` trains the plain baseline, CE(f(x), y).
+As in the authors' training scripts (github.com/oore-lab/diffaug, training_scripts/diffbase.py and
+diffaugmix.py), DiffAug's input x_da is the image's resize + centre crop for ImageFolder trees, while x is
+its random resized crop and flip; digits and CIFAR-10 have no random transform, so there x_da = x.
 
 Run it (``python/train_classifier.py`` is the thin script; ``torchrun`` works as is)::
 
@@ -33,9 +36,14 @@ Choices and what they guarantee:
   ``--normalize identity`` (the classifier sees [-1, 1]; default for digits), ``imagenet`` (default for
   ImageFolder trees), ``cifar10`` (default for CIFAR-10) or ``"m1,m2,m3:s1,s2,s3"``; in all but identity the
   image is mapped to [0, 1] first, then (x - mean) / std per channel, as ``dk.tweedie(normalize=...)`` does.
-- AugMix (``--augmix``) is timm's ``augment_and_mix_transform``, applied per sample to a PIL image in the
-  dataset path (``AugMixDataset``), before DiffAug; it works for every data source (digits, CIFAR-10 and
-  ImageFolder tensors are turned into uint8 PIL images losslessly and back).
+- AugMix (``--augmix``), combined with DiffAug as the authors' diffaugmix.py does: two AugMix views of x
+  join the batch and the loss gains AugMix's Jensen-Shannon consistency term over (x, view 1, view 2)
+  (timm's ``JsdCrossEntropy``, weight 12); CE stays on x and x0_hat only, and DiffAug takes the un-AugMixed
+  x_da. With ``--no-diffaug`` this is AugMix's own training (the paper's AM baseline). The views are timm's
+  ``augment_and_mix_transform`` (``TrainViews`` in the dataset path, on uint8 PIL images made losslessly from
+  the [-1, 1] tensors of every data source), configured by default as the AugMix code the authors use:
+  severity 1, width 3, depth 1-3, without the colour, contrast, brightness and sharpness ops that overlap
+  ImageNet-C (``--augmix-all-ops`` keeps them).
 - Distributed (torchrun): WORLD_SIZE/RANK/LOCAL_RANK from the environment; gloo on CPU, nccl on GPU; a
   DistributedSampler (shuffled by seed + epoch; ``EpochSampler`` adds the mid-epoch skip of a resume); the
   classifier wrapped in DistributedDataParallel; ``--batch-size`` is per process.
@@ -57,8 +65,8 @@ Choices and what they guarantee:
   randomness after a mid-epoch resume is fresh, at epoch boundaries it is reproduced). ``--stop-at-step N``
   stops after step N as if interrupted (chunked jobs on time-limited queues).
 - Logging: a tqdm bar on rank 0 when stderr is a terminal, plain progress lines otherwise; DIR/log.jsonl gets
-  one JSON record per epoch (train loss and accuracy on clean and DiffAug'd images, val accuracy clean and
-  DiffAug'd, lr, step, time) and a final record; the final clean and DiffAug'd val accuracies are printed.
+  one JSON record per epoch (train loss and accuracy on clean and DiffAug'd images, with --augmix the
+  weighted JSD term, val accuracy clean and DiffAug'd, lr, step, time) and a final record; the final clean and DiffAug'd val accuracies are printed.
   The DiffAug'd val accuracy draws t ~ U{t_range} per image from a generator reset at every evaluation, so
   epochs are compared on the same noise.
 """
@@ -88,6 +96,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
 CHECKPOINT_FORMAT = "diffaug_kernels.train_classifier/1"
+N_STATS = 6  # train_step's per-batch sums (a checkpoint from before the JSD term holds the first 5)
 NORMS = {
     "identity": None,
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -95,8 +104,8 @@ NORMS = {
 }
 # args that change what is trained: a resume with different values warns
 _RUN_DEFINING = ("data", "model", "seed", "batch_size", "opt", "no_diffaug", "score_model", "score_config",
-                 "score_flag", "image_size", "channels", "normalize", "augmix", "augmix_config", "limit_train",
-                 "t_range", "schedule", "lr", "weight_decay")
+                 "score_flag", "image_size", "channels", "normalize", "augmix", "augmix_config", "augmix_all_ops",
+                 "limit_train", "t_range", "schedule", "lr", "weight_decay")
 
 
 
@@ -118,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train_classifier",
         description="Train a timm classifier with DiffAug (loss = CE(f(x), y) + CE(f(x0_hat), y), "
-                    "t ~ U{0..999}); torchrun-ready. Images are in [-1, 1].",
+                    "t ~ U{0..999}; with --augmix, + 12 JSD(x, augmix views)); torchrun-ready. Images are in "
+                    "[-1, 1].",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", default="digits",
@@ -134,8 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit-val", type=int, default=None, help="use only the first N validation samples")
     g.add_argument("--workers", type=int, default=None,
                    help="DataLoader workers per process (default: 0 for in-memory digits, else min(8, cpus))")
-    g.add_argument("--augmix", action="store_true", help="timm's AugMix on each training image (before DiffAug)")
-    g.add_argument("--augmix-config", default="augmix-m3-w3-d1", help="timm AugMix config string")
+    g.add_argument("--augmix", action="store_true",
+                   help="AugMix as the DiffAug authors combine it: two AugMix views per image and AugMix's "
+                        "Jensen-Shannon consistency loss (weight 12) beside the clean and DiffAug CE terms")
+    g.add_argument("--augmix-config", default="augmix-m1-w3",
+                   help="timm AugMix config string (default: the AugMix paper's code defaults, severity 1, width "
+                        "3, depth 1-3)")
+    g.add_argument("--augmix-all-ops", action="store_true",
+                   help="keep AugMix's colour, contrast, brightness and sharpness ops (they overlap ImageNet-C)")
 
     g = p.add_argument_group("classifier")
     g.add_argument("--model", default="resnet18", help="timm model name (created with pretrained=False)")
@@ -539,37 +555,70 @@ def load_score_model(spec: str, data: str, config: Optional[str] = None, flags: 
 
 
 # ------------------------------------------------------------------------------------------------ data
-class AugMixDataset(Dataset):
-    """Applies timm's AugMix (augment_and_mix_transform) to each image of a dataset of ([C, H, W] tensors in
-    [-1, 1], label): tensor -> uint8 PIL (lossless for 8-bit sources) -> AugMix -> tensor in [-1, 1]. The fill
-    colour of geometric ops is timm's ImageNet mean for RGB and black (the digits background) for grey."""
+# The AugMix op list of the AugMix paper's code (google-research/augmix, `augmentations`), which the DiffAug
+# authors' AugMix+DiffAug script uses: timm's AugMix ops without the four that overlap ImageNet-C's corruptions
+# (colour, contrast, brightness, sharpness); --augmix-all-ops keeps them (that code's --all-ops).
+AUGMIX_IMAGENET_C_OPS = ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing")
+JSD_WEIGHT = 12.0  # AugMix's Jensen-Shannon consistency weight (lambda = 12 in its paper and code)
 
-    def __init__(self, base: Dataset, config: str = "augmix-m3-w3-d1", image_size: int = 32, channels: int = 3):
-        from timm.data.auto_augment import augment_and_mix_transform
-        from timm.data.constants import IMAGENET_DEFAULT_MEAN
 
-        self.base = base
-        fill = tuple(round(255 * m) for m in IMAGENET_DEFAULT_MEAN) if channels == 3 else 0
-        self.transform = augment_and_mix_transform(
-            config, dict(translate_const=int(image_size * 0.45), img_mean=fill))
+def augmix_transform(config: str = "augmix-m1-w3", channels: int = 3, all_ops: bool = False):
+    """timm's AugMix (augment_and_mix_transform: PIL image -> PIL image). The default config is the AugMix
+    paper's code defaults that the DiffAug authors train with: severity 1 (timm magnitude 1, drawn uniformly
+    per op), width 3, depth 1-3 at random, Dirichlet/Beta(1); without all_ops, the ImageNet-C-overlapping ops
+    are left out. The fill colour of geometric ops is timm's ImageNet mean for RGB, black (the digits
+    background) for grey."""
+    from timm.data.auto_augment import augment_and_mix_transform
+    from timm.data.constants import IMAGENET_DEFAULT_MEAN
+
+    fill = tuple(round(255 * m) for m in IMAGENET_DEFAULT_MEAN) if channels == 3 else 0
+    try:
+        tf = augment_and_mix_transform(config, dict(img_mean=fill))
+    except (AssertionError, ValueError) as e:
+        raise UsageError(f"--augmix-config {config!r} is not a timm AugMix config "
+                         f"(like augmix-m1-w3, augmix-m3-w3-d1): {e}") from None
+    if not all_ops:
+        tf.ops = [op for op in tf.ops if op.name not in AUGMIX_IMAGENET_C_OPS]
+    return tf
+
+
+def _augmix_tensor(tf, x: Tensor) -> Tensor:
+    """AugMix of a [C, H, W] image in [-1, 1]: -> uint8 PIL (lossless for 8-bit sources) -> tf -> [-1, 1]."""
+    from PIL import Image
+
+    u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    img = Image.fromarray(u8[0].numpy(), "L") if u8.shape[0] == 1 else Image.fromarray(
+        u8.permute(1, 2, 0).numpy(), "RGB")
+    out = torch.from_numpy(np.asarray(tf(img), dtype=np.uint8).copy())
+    out = out[None] if out.dim() == 2 else out.permute(2, 0, 1)
+    return out.float() / 127.5 - 1
+
+
+class TrainViews(Dataset):
+    """The views of each training image that train_step takes, as the DiffAug authors' scripts build them:
+    ({"x": the clean (randomly cropped) view, "x_da": DiffAug's input, "augmix": (two independent AugMix
+    draws of x)}, label). x_da is there when the base dataset yields (crop, centre crop) pairs (ImageFolder
+    trees with centre_view=True); without it DiffAug takes x. "augmix" is there when augmix is a transform."""
+
+    def __init__(self, base: Dataset, augmix=None):
+        self.base, self.augmix = base, augmix
 
     def __len__(self):
         return len(self.base)
 
     def __getitem__(self, i):
-        from PIL import Image
-
         x, y = self.base[i]
-        u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        img = Image.fromarray(u8[0].numpy(), "L") if u8.shape[0] == 1 else Image.fromarray(
-            u8.permute(1, 2, 0).numpy(), "RGB")
-        out = torch.from_numpy(np.asarray(self.transform(img), dtype=np.uint8).copy())
-        out = out[None] if out.dim() == 2 else out.permute(2, 0, 1)
-        return out.float() / 127.5 - 1, y
+        views = {}
+        if isinstance(x, (tuple, list)):
+            x, views["x_da"] = x
+        views["x"] = x
+        if self.augmix is not None:
+            views["augmix"] = (_augmix_tensor(self.augmix, x), _augmix_tensor(self.augmix, x))
+        return views, y
 
 
 def _num_classes(ds: Dataset) -> int:
-    while isinstance(ds, (Subset, AugMixDataset)):
+    while isinstance(ds, (Subset, TrainViews)):
         ds = ds.dataset if isinstance(ds, Subset) else ds.base
     if hasattr(ds, "classes"):
         return len(ds.classes)
@@ -584,27 +633,28 @@ def build_datasets(args):
     from .data import make_dataset
 
     is_digits = args.data == "digits"
+    is_folder = not (is_digits or args.data.startswith("cifar10:"))
     if args.channels is not None and not is_digits and args.channels != 3:
         raise UsageError("--channels 1 is only for --data digits (CIFAR-10 and folders are RGB)")
     channels = (args.channels or 1) if is_digits else 3
-    size = args.image_size or (224 if not (is_digits or args.data.startswith("cifar10:")) else 32)
+    size = args.image_size or (224 if is_folder else 32)
     if args.data.startswith("cifar10:") and size != 32:
         raise UsageError("CIFAR-10 is 32x32; --image-size must be 32 (or left out)")
-    train = make_dataset(args.data, "train", size, channels)
+    augmix = augmix_transform(args.augmix_config, channels, args.augmix_all_ops) if args.augmix else None
+    train = make_dataset(args.data, "train", size, channels, centre_view=is_folder and not args.no_diffaug)
     val = None
     if not args.no_val:
         vspec = args.val_data or args.data
         val = make_dataset(vspec, "test", size, channels)
-        if (args.val_data is None and not is_digits and not args.data.startswith("cifar10:")
-                and not os.path.isdir(os.path.join(args.data, "val"))):
+        if args.val_data is None and is_folder and not os.path.isdir(os.path.join(args.data, "val")):
             warnings.warn(f"{args.data} has no val/ folder: validating on the training images (give --val-data)")
     num_classes = args.num_classes or _num_classes(train)
     if args.limit_train:
         train = Subset(train, range(min(args.limit_train, len(train))))
     if val is not None and args.limit_val:
         val = Subset(val, range(min(args.limit_val, len(val))))
-    if args.augmix:
-        train = AugMixDataset(train, args.augmix_config, size, channels)
+    if augmix is not None or (is_folder and not args.no_diffaug):
+        train = TrainViews(train, augmix)
     return train, val, channels, size, num_classes
 
 
@@ -647,32 +697,42 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 def train_step(model: nn.Module, aug, x: Tensor, y: Tensor, optimizer, gen: Optional[torch.Generator] = None,
-               scheduler=None, label_smoothing: float = 0.0, amp: bool = False) -> dict:
-    """One optimizer step. With aug (a dk.DiffAug): loss = CE(f(x), y) + CE(f(x0_hat), y), the clean and
-    DiffAug'd images as one batch through f; without: CE(f(x), y). Returns detached per-batch sums
-    (loss_clean, loss_diffaug, correct_clean, correct_diffaug, n) and, with aug, the t values and seed."""
+               scheduler=None, label_smoothing: float = 0.0, amp: bool = False, x_da: Optional[Tensor] = None,
+               augmix: Optional[Sequence[Tensor]] = None) -> dict:
+    """One optimizer step, the DiffAug authors' objective. With aug (a dk.DiffAug): loss = CE(f(x), y) +
+    CE(f(x0_hat), y), x0_hat = aug(x_da) (x_da defaults to x); without: CE(f(x), y). With augmix (two AugMix
+    views of x) the loss also gets AugMix's Jensen-Shannon consistency of f's predictions on x and the two
+    views (timm's JsdCrossEntropy, weight 12). All images go through f as one batch. Returns detached per-batch
+    sums (stats: loss_clean, loss_diffaug, correct_clean, correct_diffaug, n, loss_jsd) and, with aug, the t
+    values and seed."""
     model.train()
     B = x.shape[0]
     info = {}
+    parts = [x, *(augmix or ())]
+    if augmix is not None and len(parts) != 3:
+        raise ValueError(f"augmix must be two views of x, got {len(parts) - 1}")
     if aug is not None:
-        x0_hat, t, seed = diffaug_batch(aug, x, gen if gen is not None else torch.default_generator)
-        inp = torch.cat([x, x0_hat.to(x.dtype)])
+        x0_hat, t, seed = diffaug_batch(aug, x if x_da is None else x_da, gen if gen is not None else torch.default_generator)
+        parts.append(x0_hat.to(x.dtype))
         info.update(t=t, seed=seed)
-    else:
-        inp = x
     with _autocast(x.device, amp):
-        logits = model(inp).float()
+        logits = model(torch.cat(parts) if len(parts) > 1 else x).float()
     loss_clean = F.cross_entropy(logits[:B], y, label_smoothing=label_smoothing)
     loss = loss_clean
-    stats = torch.zeros(5, dtype=torch.float64, device=x.device)
+    stats = torch.zeros(N_STATS, dtype=torch.float64, device=x.device)
     stats[0] = loss_clean.detach() * B
     stats[2] = (logits[:B].detach().argmax(1) == y).sum()
     stats[4] = B
+    if augmix is not None:
+        from timm.loss import JsdCrossEntropy
+
+        loss = JsdCrossEntropy(num_splits=3, alpha=JSD_WEIGHT, smoothing=label_smoothing)(logits[:3 * B], y)
+        stats[5] = (loss.detach() - loss_clean.detach()) * B  # CE on x plus the weighted JSD term
     if aug is not None:
-        loss_aug = F.cross_entropy(logits[B:], y, label_smoothing=label_smoothing)
-        loss = loss_clean + loss_aug
+        loss_aug = F.cross_entropy(logits[-B:], y, label_smoothing=label_smoothing)
+        loss = loss + loss_aug
         stats[1] = loss_aug.detach() * B
-        stats[3] = (logits[B:].detach().argmax(1) == y).sum()
+        stats[3] = (logits[-B:].detach().argmax(1) == y).sum()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -891,7 +951,7 @@ def _train(args, info: DistInfo) -> dict:
 
     # resume
     epoch, step_in_epoch, global_step = 0, 0, 0
-    epoch_stats = torch.zeros(5, dtype=torch.float64, device=device)
+    epoch_stats = torch.zeros(N_STATS, dtype=torch.float64, device=device)
     ckpt_path = _resolve_resume(args)
     if ckpt_path is not None:
         ck = torch_load(ckpt_path, "train_classifier")
@@ -902,7 +962,8 @@ def _train(args, info: DistInfo) -> dict:
         scheduler.load_state_dict(ck["scheduler"])
         epoch, step_in_epoch, global_step = ck["epoch"], ck["step_in_epoch"], ck["global_step"]
         if main:
-            epoch_stats.copy_(ck["epoch_stats"])  # the epoch's sums so far, over all ranks
+            saved = ck["epoch_stats"]  # the epoch's sums so far, over all ranks
+            epoch_stats[:len(saved)].copy_(saved)
         changed = [k for k in _RUN_DEFINING if _jsonable(ck["args"].get(k)) != _jsonable(getattr(args, k, None))]
         if changed:
             say(f"warning: resuming with different {', '.join(changed)} than the checkpoint's run")
@@ -959,10 +1020,10 @@ def _train(args, info: DistInfo) -> dict:
         rec = {"epoch": ep, "complete": complete, "step": global_step, "lr": optimizer.param_groups[0]["lr"],
                "train_loss_clean": s[0] / n, "train_acc_clean": s[2] / n, "train_n": int(s[4])}
         if train_aug is not None:
-            rec.update(train_loss_diffaug=s[1] / n, train_acc_diffaug=s[3] / n,
-                       train_loss=(s[0] + s[1]) / n)
-        else:
-            rec["train_loss"] = s[0] / n
+            rec.update(train_loss_diffaug=s[1] / n, train_acc_diffaug=s[3] / n)
+        if args.augmix:
+            rec["train_loss_jsd"] = s[5] / n
+        rec["train_loss"] = (s[0] + s[1] + s[5]) / n
         return rec
 
     say(f"train_classifier: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
@@ -975,14 +1036,20 @@ def _train(args, info: DistInfo) -> dict:
     stopped = False
     t_start = time.time()
     metrics: dict = {}
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+
+    def dev(v: Tensor) -> Tensor:
+        return v.to(device, non_blocking=True).contiguous(memory_format=fmt)
+
     while global_step < total_steps and not stopped:
         sampler.set_epoch(epoch, skip=step_in_epoch * args.batch_size)
         loader_gen.manual_seed(derive_seed(args.seed, info.rank, f"loader-epoch-{epoch}"))  # worker seeds
-        for x, y in train_loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            res = train_step(net, train_aug, x, y, optimizer, noise_gen, scheduler, args.label_smoothing, args.amp)
+        for views, y in train_loader:
+            views = views if isinstance(views, dict) else {"x": views}  # TrainViews' dict, else a batch of x
+            x, y = dev(views["x"]), y.to(device, non_blocking=True)
+            res = train_step(net, train_aug, x, y, optimizer, noise_gen, scheduler, args.label_smoothing, args.amp,
+                             x_da=dev(views["x_da"]) if "x_da" in views else None,
+                             augmix=[dev(v) for v in views["augmix"]] if "augmix" in views else None)
             epoch_stats += res["stats"]
             step_in_epoch += 1
             global_step += 1

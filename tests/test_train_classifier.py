@@ -148,14 +148,25 @@ def test_default_score_model_missing_is_a_clear_error(monkeypatch, tmp_path):
         tc.load_score_model("default", "digits")
 
 
-def test_augmix_and_normalisation():
+def test_augmix_views_and_normalisation():
     base = digits("test", size=16, channels=1)
-    ds = tc.AugMixDataset(base, "augmix-m3-w3-d1", image_size=16, channels=1)
-    x, y = ds[0]
-    assert x.shape == (1, 16, 16) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
-    assert y == base[0][1]
-    rgb = tc.AugMixDataset(digits("test", size=16, channels=3), image_size=16, channels=3)
-    assert rgb[0][0].shape == (3, 16, 16)
+    tf = tc.augmix_transform("augmix-m1-w3", channels=1)
+    # the AugMix code's op list: timm's ops minus the four that overlap ImageNet-C; --augmix-all-ops keeps them
+    names = {op.name for op in tf.ops}
+    assert len(names) == 9 and not names & set(tc.AUGMIX_IMAGENET_C_OPS) and {"Rotate", "ShearX"} <= names
+    assert set(tc.AUGMIX_IMAGENET_C_OPS) <= {op.name for op in tc.augmix_transform(all_ops=True).ops}
+    assert (tf.width, tf.depth, tf.alpha) == (3, -1, 1.0) and all(op.magnitude == 1 for op in tf.ops)
+    ds = tc.TrainViews(base, tf)
+    views, y = ds[0]
+    assert set(views) == {"x", "augmix"} and y == base[0][1] and torch.equal(views["x"], base[0][0])
+    a1, a2 = views["augmix"]
+    for a in (a1, a2):
+        assert a.shape == (1, 16, 16) and a.dtype == torch.float32 and -1 <= a.min() and a.max() <= 1
+    assert not torch.equal(a1, a2), "two independent AugMix draws"
+    rgb = tc.TrainViews(digits("test", size=16, channels=3), tc.augmix_transform(channels=3))
+    assert rgb[0][0]["augmix"][0].shape == (3, 16, 16)
+    with pytest.raises(tc.UsageError, match="--augmix-config"):
+        tc.augmix_transform("randaug-m9")
 
     mean, std = tc.parse_normalize("imagenet", 3)
     clf = tc.NormalizedClassifier(torch.nn.Identity(), (mean, std))
@@ -165,6 +176,106 @@ def test_augmix_and_normalisation():
     assert tc.parse_normalize("identity", 1) is None and len(tc.parse_normalize("imagenet", 1)[0]) == 1
     with pytest.raises(tc.UsageError, match="--normalize"):
         tc.parse_normalize("0.5,0.5:0.5", 3)
+
+
+def _jsd(logits):
+    """AugMix's consistency term by its definition: the mean over views of KL(p_view || p_mixture)."""
+    probs = [F.softmax(v, dim=1) for v in logits]
+    mix = torch.stack(probs).mean(0)
+    return sum((p * (p.log() - mix.log())).sum(1).mean() for p in probs) / len(probs)
+
+
+class _Recorder(torch.nn.Module):
+    """A linear classifier that keeps the batch it was given (no batch norm: train() changes nothing)."""
+
+    def __init__(self, c, hw, k=10):
+        super().__init__()
+        self.lin = torch.nn.Linear(c * hw * hw, k)
+        self.seen = None
+
+    def forward(self, x):
+        self.seen = x.detach().clone()
+        return self.lin(x.flatten(1))
+
+
+def test_augmix_step_is_the_authors_objective():
+    """--augmix with DiffAug (the authors' diffaugmix.py): one batch [x, augmix 1, augmix 2, DiffAug(x_da)],
+    loss = CE(x) + 12 JSD(x, augmix 1, augmix 2) + CE(x0_hat); DiffAug takes x_da, not x, when given."""
+    torch.manual_seed(0)
+    aug = dk.DiffAug(dk.models.create_adm_unet(**TINY_UNET).eval(), dk.NoiseSchedule.linear(1000))
+    x, y = digits("train", size=16, channels=1)[:4]
+    a1, a2, x_da = (torch.rand_like(x) * 2 - 1 for _ in range(3))
+    clf = _Recorder(1, 16)
+    ref = copy.deepcopy(clf)
+    gen = torch.Generator().manual_seed(3)
+    res = tc.train_step(clf, aug, x, y, torch.optim.SGD(clf.parameters(), lr=0.1), gen, x_da=x_da, augmix=[a1, a2])
+    x0_hat = aug(x_da, t=res["t"], seed=res["seed"])
+    assert torch.equal(clf.seen, torch.cat([x, a1, a2, x0_hat]))
+    lc, l1, l2, ld = ref(clf.seen).split(4)
+    jsd = _jsd([lc, l1, l2])
+    expected = F.cross_entropy(lc, y) + 12 * jsd + F.cross_entropy(ld, y)
+    assert jsd > 1e-4 and torch.allclose(res["loss"], expected, atol=1e-5), (res["loss"], expected)
+    s = res["stats"]
+    assert torch.allclose(s[5].float(), 4 * (F.cross_entropy(lc, y) + 12 * jsd).detach() - s[0].float(), atol=1e-4)
+    assert torch.allclose(s[1].float(), 4 * F.cross_entropy(ld, y).detach(), atol=1e-5)
+
+    # AugMix alone (--augmix --no-diffaug): AugMix's own objective, three views
+    clf = _Recorder(1, 16)
+    ref = copy.deepcopy(clf)
+    res = tc.train_step(clf, None, x, y, torch.optim.SGD(clf.parameters(), lr=0.1), augmix=[a1, a2])
+    lc, l1, l2 = ref(torch.cat([x, a1, a2])).split(4)
+    assert torch.allclose(res["loss"], F.cross_entropy(lc, y) + 12 * _jsd([lc, l1, l2]), atol=1e-5)
+    with pytest.raises(ValueError, match="two views"):
+        tc.train_step(clf, None, x, y, torch.optim.SGD(clf.parameters(), lr=0.1), augmix=[a1])
+
+
+def _folder(root, n=4, size=20):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c in ("cat", "dog"):
+        os.makedirs(os.path.join(root, "train", c))
+        for i in range(n):
+            px = (torch.rand(size, size + 6, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(px).save(os.path.join(root, "train", c, f"{i}.png"))
+    return str(root)
+
+
+def test_folder_training_feeds_diffaug_the_centre_crop(tmp_path):
+    """ImageFolder training data as the authors' scripts make it: x is a random resized crop + flip, DiffAug's
+    x_da the resize + centre crop (the evaluation transform) of the same image; --no-diffaug leaves x_da out."""
+    root = _folder(tmp_path / "imgs")
+    args = tc.build_parser().parse_args(["--data", root, "--image-size", "16", "--no-val"])
+    train, _, channels, size, k = tc.build_datasets(args)
+    centre = dk.data.image_folder(os.path.join(root, "train"), 16, train=False)
+    assert (channels, size, k, len(train)) == (3, 16, 2, 8) and isinstance(train, tc.TrainViews)
+    views, y = train[5]
+    assert set(views) == {"x", "x_da"} and y == centre[5][1]
+    assert torch.equal(views["x_da"], centre[5][0]) and views["x"].shape == (3, 16, 16)
+    assert not torch.equal(views["x"], views["x_da"]), "the clean view is a random crop"
+    plain = tc.build_datasets(tc.build_parser().parse_args(["--data", root, "--image-size", "16", "--no-val",
+                                                            "--no-diffaug"]))[0]
+    assert plain[5][0].shape == (3, 16, 16)  # a plain (x, y) dataset
+    both = tc.build_datasets(tc.build_parser().parse_args(["--data", root, "--image-size", "16", "--no-val",
+                                                           "--augmix"]))[0]
+    assert set(both[0][0]) == {"x", "x_da", "augmix"}
+
+
+def test_augmix_training_run_on_a_folder(tmp_path):
+    """The whole command with --augmix and DiffAug on an ImageFolder tree: the loader's dict batches reach
+    train_step, and the log has the JSD term."""
+    root = _folder(tmp_path / "imgs")
+    out = str(tmp_path / "run")
+    unet = ["--score-model", "random", "--score-config", "digits32", "--score-flag", "num_channels=32",
+            "--score-flag", "num_res_blocks=1", "--score-flag", "channel_mult=1", "--score-flag",
+            "attention_resolutions=", "--score-flag", "in_channels=3", "--score-flag", "image_size=16"]
+    assert tc.main(["--data", root, "--image-size", "16", "--model", "test_resnet", "--batch-size", "4",
+                    "--steps", "2", "--no-val", "--threads", "1", "--workers", "0", "--augmix", "--out", out,
+                    *unet]) == 0
+    rec = _read_log(out)[0]
+    assert rec["train_n"] == 8 and rec["train_loss_jsd"] > 0
+    assert rec["train_loss"] == pytest.approx(rec["train_loss_clean"] + rec["train_loss_diffaug"]
+                                              + rec["train_loss_jsd"])
 
 
 def test_score_model_from_a_train_score_export(tmp_path):
