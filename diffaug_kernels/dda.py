@@ -26,8 +26,10 @@ Published defaults (the function defaults here), from the official code:
   the first denoising step).
 * ``--D 4`` -> ``down_factor=4``; ``--scale 6`` -> ``guidance_scale=6.0``.
 * guidance at every reverse step, including the last (the released gaussian_diffusion.py has no cut-off):
-  ``range_t=0``. An earlier revision of DDA's scripts had an ILVR-style "refinement range" (``--M`` /
-  ``--range_t``); ``range_t=k`` here applies the guidance only at respaced indices i >= k.
+  ``range_t=0``. ``range_t=k`` applies the guidance only at respaced indices i >= k. (An earlier revision of
+  DDA's code did not use this gradient guidance: it replaced the sample's low-pass content by the noised
+  input's, ILVR's projection, while i > M (``--M``). That variant is not implemented, and ``range_t`` is not
+  its ``--M``.)
 
 Where this implementation departs from the official code (all documented at the arguments):
 
