@@ -417,10 +417,10 @@ def _tweedie_backward(ctx, grad):
     g = grad.to(cd)
     if scale is not None:
         g = g * scale.reshape(1, -1, *([1] * (x_t.dim() - 2)))
-    if ctx.clip:  # zero where the clamp is active (torch.clamp's convention: bounds pass the gradient)
+    if ctx.clip:  # zero where the clamp is active, bounds included (the reference's hardtanh)
         ax = torch.where(a == 0, 0, a * x_t.to(cd))  # x0 prediction ignores x_t, as the kernels do
         y = ax + b * m.to(cd)
-        g = g * ((y >= -1) & (y <= 1)).to(cd)
+        g = g * ((y > -1) & (y < 1)).to(cd)
     return (a * g).to(x_t.dtype), (b * g).to(m.dtype), None, None, None, None, None, None, None, None
 
 
@@ -514,12 +514,19 @@ def forward_noise_multi(x0: Tensor, times, schedule: NoiseSchedule, seed=None, o
     return run((backend == "auto" and _auto_pick(f"forward_noise_multi{K}", x0, run)) or name)
 
 
+def _static_float(v) -> float:
+    """float(v) as a Python constant even under torch.compile(dynamic=True), where Dynamo makes a float read
+    from a global (dk.IMAGENET_NORM) symbolic, and math.isfinite or a cache key of it would not trace. The
+    round trip through float.hex specialises it (Dynamo guards on the value); the value is unchanged."""
+    return float.fromhex(float(v).hex())
+
+
 def _norm_affine(normalize, C: int, device: torch.device, dtype: torch.dtype):
     """(x + 1) / 2 then (x - mean) / std, folded to x * scale + shift, per channel."""
     try:
         mean, std = normalize
-        mean = [float(v) for v in (mean.tolist() if isinstance(mean, Tensor) else mean)]
-        std = [float(v) for v in (std.tolist() if isinstance(std, Tensor) else std)]
+        mean = [_static_float(v) for v in (mean.tolist() if isinstance(mean, Tensor) else mean)]
+        std = [_static_float(v) for v in (std.tolist() if isinstance(std, Tensor) else std)]
     except (TypeError, ValueError):
         raise TypeError(f"normalize must be (mean, std), two sequences of {C} numbers, got {normalize!r}") from None
     if len(mean) != C or len(std) != C:

@@ -82,10 +82,13 @@ def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 
 def assert_t_on_device(t: torch.Tensor, T: int) -> None:
-    """0 <= t < T for a CUDA t, as a device-side assertion (no host sync). A no-op for CPU tensors (the ops check
-    those on the host), while tracing and while capturing a CUDA graph. Without it a negative t would silently
-    index from the end of a table."""
-    if t.is_cuda and t.numel() and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
+    """0 <= t < T as an assertion on t's device (no host sync), for a CUDA t and, while torch.compile traces, for
+    a t on any device (the ops' host check is skipped there; the assertion is compiled into the graph). Eager CPU
+    tensors are checked on the host by the ops; nothing is asserted while capturing a CUDA graph eagerly.
+    Without it a negative t would silently index from the end of a table."""
+    if not t.numel():
+        return
+    if torch.compiler.is_compiling() or (t.is_cuda and not torch.cuda.is_current_stream_capturing()):
         torch._assert_async(((t >= 0) & (t < T)).all(), f"t must lie in [0, {T}) for this schedule")
 
 
@@ -143,8 +146,8 @@ def tweedie(x_t, model_output, t, schedule: NoiseSchedule, prediction="eps", cli
         x0 = g("sqrt_recip_alphas_cumprod") * x + g("one_minus_alphas_cumprod_over_sqrt") * out
     else:
         raise ValueError(f"unknown prediction {prediction!r}")
-    if clip:
-        x0 = x0.clamp(-1, 1)
+    if clip:  # clamp to [-1, 1]; the gradient passes strictly inside (hardtanh's convention on every torch
+        x0 = torch.nn.functional.hardtanh(x0)  # version; clamp's at the bounds changed between versions)
     if normalize is not None:
         mean, std = (torch.as_tensor(v, dtype=cd, device=x_t.device).reshape(1, C, *([1] * (x_t.dim() - 2)))
                      for v in normalize)

@@ -32,6 +32,30 @@ def test_compiled_equals_eager(backend, compiler):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_dynamic_shapes_compile(backend):
+    """dynamic=True: Dynamo makes floats read from globals (dk.IMAGENET_NORM) symbolic; the normalisation still
+    traces, and one graph serves two batch sizes with eager's results."""
+    f = torch.compile(lambda x, m, t: step(x, m, t, 77, backend), fullgraph=True, dynamic=True)
+    for b in (2, 3):
+        x, m, t = torch.rand(b, 3, 8, 8) * 2 - 1, torch.randn(b, 6, 8, 8), torch.arange(b) * 300 + 5
+        torch.testing.assert_close(f(x, m, t), step(x, m, t, 77, backend), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["forward_noise", "tweedie"])
+@pytest.mark.parametrize("bad", [-1, 1000])
+def test_compiled_reference_refuses_out_of_range_t(op, bad):
+    """Compiled, the ops' host check of t is skipped; the reference's gather asserts in the graph instead, so a
+    negative t does not silently read the table's last entry (nor 1000 past its end)."""
+    x = torch.rand(2, 3, 4, 4)
+    fn = (lambda x, t: dk.forward_noise(x, t, S, seed=1, backend="reference")) if op == "forward_noise" else (
+        lambda x, t: dk.tweedie(x, x, t, S, clip=False, backend="reference"))
+    f = torch.compile(fn, fullgraph=True)
+    f(x, torch.tensor([3, 4]))
+    with pytest.raises(RuntimeError, match=r"t must lie in \[0, 1000\)"):
+        f(x, torch.tensor([bad, 4]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fresh_noise_without_recompiling(backend):
     x, t = torch.rand(2, 3, 8, 8) * 2 - 1, torch.tensor([900, 900])
     counts = torch._dynamo.utils.counters

@@ -245,3 +245,27 @@ def test_out_of_range_t_on_the_gpu_fails_on_the_device(backend, op, bad, hw):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "NO ERROR" not in r.stdout, r.stdout + r.stderr
     assert "device-side assert" in r.stderr or "Assertion" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", ["forward_noise", "tweedie"])
+def test_compiled_reference_on_the_gpu_refuses_a_negative_t(op):
+    """Compiled, the reference asserts 0 <= t < T inside the graph (inductor's device assertion), so t = -1 does
+    not read the table's last entry. Its own process: the assertion poisons the CUDA context."""
+    import subprocess
+    import sys
+
+    call = ("dk.forward_noise(x, t, S, seed=1, backend='reference')" if op == "forward_noise" else
+            "dk.tweedie(x, x, t, S, backend='reference')")
+    code = (f"import torch, diffaug_kernels as dk\n"
+            f"S = dk.NoiseSchedule.linear(1000)\n"
+            f"x = torch.rand(2, 3, 8, 8, device='cuda')\n"
+            f"f = torch.compile(lambda x, t: {call}, fullgraph=True)\n"
+            f"f(x, torch.tensor([5, 6], device='cuda')); torch.cuda.synchronize()\n"
+            f"print('GOOD T RAN')\n"
+            f"f(x, torch.tensor([5, -1], device='cuda')); torch.cuda.synchronize()\n"
+            f"print('NO ERROR')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "GOOD T RAN" in r.stdout, r.stdout + r.stderr[-3000:]
+    assert r.returncode != 0 and "NO ERROR" not in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "t must lie in" in r.stderr or "device-side assert" in r.stderr or "Assertion" in r.stderr, r.stderr[-2000:]

@@ -130,6 +130,27 @@ def test_gradient_equals_reference_autograd_mixed_dtypes(backend):
     assert_matches(got[1], want[1], atol32=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["reference", *CPU_FUSED])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_clip_gradient_is_zero_on_the_bounds(backend, dtype):
+    """Where x0_hat lands exactly on -1 or 1 (a saturated x0 model, bf16 rounding) the clamp is active: no
+    gradient, on every backend. (torch.clamp's own convention at the bounds changed between torch versions.)"""
+    xt = torch.zeros(1, 1, 1, 5, dtype=dtype, requires_grad=True)
+    m = torch.tensor([[[[1.0, -1.0, 0.5, 1.5, -0.25]]]], dtype=dtype, requires_grad=True)
+    dk.tweedie(xt, m, 10, S, prediction="x0", clip=True, backend=backend).sum().backward()
+    assert m.grad.flatten().tolist() == [0.0, 0.0, 1.0, 0.0, 1.0]
+    # eps prediction: x0_hat = a x_t - b eps hits the bounds exactly where a x_t = +-1 + b eps
+    a, b = (float(S.table(n, "cpu", torch.float64)[10]) for n in ("sqrt_recip_alphas_cumprod",
+                                                                   "sqrt_recipm1_alphas_cumprod"))
+    xt = torch.tensor([[[[1.0 / a, -1.0 / a, 0.1]]]], dtype=torch.float64, requires_grad=True)
+    eps = torch.zeros(1, 1, 1, 3, dtype=torch.float64, requires_grad=True)
+    y = dk.tweedie(xt, eps, 10, S, clip=True, backend=backend)
+    assert y.detach().flatten().tolist()[:2] == [1.0, -1.0]
+    inside = (y > -1) & (y < 1)
+    y.sum().backward()
+    assert torch.equal(xt.grad != 0, inside) and torch.equal(eps.grad != 0, inside) and b > 0
+
+
 @pytest.mark.parametrize("backend", CPU_FUSED)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
