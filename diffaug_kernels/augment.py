@@ -16,17 +16,22 @@ class DiffAug(nn.Module):
     model: the score network, called as model(x_t, t) (plus y=... for class-conditional models), returning
     the prediction ("eps", "v", "x0" or "score") with C or 2C channels (learned sigma). x is in [-1, 1].
     t is drawn uniformly from [t_range[0], t_range[1]) per sample with torch's generator (so
-    torch.manual_seed makes it reproducible), or given. The model runs without autograd unless x requires
+    torch.manual_seed makes it reproducible), or given; t_range=None (the default) is the whole schedule,
+    [0, T): the paper's t ~ U{0..999} for its T = 1000 (DESIGN.md wrote (0, 1000), which for another T would
+    leave part of the schedule out or fail). forward(x, seed=...) fixes the noise only: t is still drawn from
+    torch's generator unless given. The model runs without autograd unless x requires
     grad (the perceptually-aligned-gradient analyses need d x0_hat / d x through the network).
     dtype (e.g. torch.bfloat16) runs the model under autocast; compile=True wraps it in torch.compile
     (fullgraph; mode="reduce-overhead", i.e. CUDA graphs, on CUDA devices) and feeds it channels_last inputs.
     """
 
-    def __init__(self, model: nn.Module, schedule: NoiseSchedule, t_range=(0, 1000), prediction: str = "eps",
+    def __init__(self, model: nn.Module, schedule: NoiseSchedule, t_range=None, prediction: str = "eps",
                  clip: bool = True, backend: str = "auto", compile: bool = False, dtype: Optional[torch.dtype] = None):
         super().__init__()
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a dk.NoiseSchedule, got {type(schedule).__name__}")
+        if t_range is None:
+            t_range = (0, schedule.num_timesteps)
         if (not isinstance(t_range, (tuple, list)) or len(t_range) != 2
                 or not all(ops._is_int(v) for v in t_range)):
             raise TypeError(f"t_range must be two integers (lo, hi), got {t_range!r}")
@@ -71,7 +76,9 @@ class DiffAug(nn.Module):
         return run(inp, t, **model_kwargs)
 
     def forward(self, x: Tensor, t=None, return_t: bool = False, seed=None, **model_kwargs):
-        """x: [B, C, ...] in [-1, 1] -> x0_hat of the same shape and dtype (and t if return_t)."""
+        """x: [B, C, ...] in [-1, 1] -> x0_hat of the same shape and dtype (and t if return_t). t: fixed times
+        (an int or [B]), else drawn in t_range from torch's generator; seed: the noise's Philox seed (default:
+        drawn from torch's generator), which does not fix t; model_kwargs go to the model (y=...)."""
         if not isinstance(x, Tensor) or x.dim() < 2:
             raise ValueError("x must be a tensor of shape [B, C, ...]")
         B = x.shape[0]

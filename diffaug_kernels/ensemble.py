@@ -1,18 +1,21 @@
 """DiffAug-Ensemble (DE): average the classifier's softmax over DiffAug'd copies of the input at several t."""
 from __future__ import annotations
 
+import contextlib
 import time
+import weakref
 from typing import Callable, Optional, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import ops
 from .augment import DiffAug
 
 DEFAULT_TIMES = tuple(range(0, 451, 50))
 
-# (model id, device, per-image shape, dtype, batch, total rows) -> rows per UNet call, measured once
+# (model id, compiled, device, per-image shape, dtype, autocast dtype, batch, total rows) -> (a weak reference
+# to the model, rows per UNet call), measured once; the reference tells a recycled id from the same model
 _CHUNKS: dict = {}
 
 
@@ -42,9 +45,10 @@ def pick_chunk(aug: DiffAug, x_t: Tensor, t: Tensor, batch: int) -> int:
     that fits is taken untimed (measured on the CPU: all 9 times in one compiled call, 1.14x the compiled
     per-t loop)."""
     total = x_t.shape[0]
-    key = (id(aug.model), aug.compiled, x_t.device, tuple(x_t.shape[1:]), x_t.dtype, batch, total)
-    if key in _CHUNKS:
-        return _CHUNKS[key]
+    key = (id(aug.model), aug.compiled, x_t.device, tuple(x_t.shape[1:]), x_t.dtype, aug.dtype, batch, total)
+    hit = _CHUNKS.get(key)
+    if hit is not None and hit[0]() is aug.model:
+        return hit[1]
     cands, c = [], batch
     while c < total:
         cands.append(c)
@@ -74,8 +78,22 @@ def pick_chunk(aug: DiffAug, x_t: Tensor, t: Tensor, batch: int) -> int:
     if best is None:
         raise torch.OutOfMemoryError(f"DiffAug-Ensemble: even {cands[-1 if aug.compiled else 0]} rows per UNet "
                                      f"call ran out of memory; pass a smaller batch")
-    _CHUNKS[key] = best
+    _CHUNKS[key] = (weakref.ref(aug.model), best)
     return best
+
+
+@contextlib.contextmanager
+def _eval_mode(*modules):
+    """Every nn.Module among modules in eval mode for the block, then each submodule's own mode back."""
+    saved = [(m, m.training) for mod in modules if isinstance(mod, nn.Module) for m in mod.modules()]
+    try:
+        for mod in modules:
+            if isinstance(mod, nn.Module):
+                mod.eval()
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
 
 
 @torch.no_grad()
@@ -86,7 +104,9 @@ def diffaug_ensemble(classifier: Callable[[Tensor], Tensor], aug: DiffAug, x: Te
 
     x: [B, C, H, W] in [-1, 1]. All noisy times are expanded at once with dk.forward_noise_multi and
     denoised in as few UNet calls as the budget allows: max_batch rows per call if given, else the chunk
-    measured fastest on this device (pick_chunk). Returns [B, num_classes] probabilities."""
+    measured fastest on this device (pick_chunk). Returns [B, num_classes] probabilities. The classifier and
+    the score model run in eval mode (a classifier left in train mode would normalise each chunk by its own
+    batch statistics, and update them); each module's mode is restored afterwards."""
     if not isinstance(aug, DiffAug):
         raise TypeError(f"aug must be a dk.DiffAug, got {type(aug).__name__}")
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2 or x.shape[0] == 0:
@@ -105,7 +125,6 @@ def diffaug_ensemble(classifier: Callable[[Tensor], Tensor], aug: DiffAug, x: Te
     if max_batch is not None and (not ops._is_int(max_batch) or max_batch < 1):
         raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
     pre = preprocess or (lambda v: v)
-    B = x.shape[0]
 
     def probs(v: Tensor) -> Tensor:
         logits = classifier(pre(v))
@@ -114,6 +133,12 @@ def diffaug_ensemble(classifier: Callable[[Tensor], Tensor], aug: DiffAug, x: Te
                              f"images it returned {tuple(logits.shape) if isinstance(logits, Tensor) else logits!r}")
         return torch.softmax(logits.float(), dim=-1)
 
+    with _eval_mode(classifier, aug):
+        return _ensemble(probs, aug, x, times, max_batch, seed)
+
+
+def _ensemble(probs, aug: DiffAug, x: Tensor, times: list, max_batch, seed) -> Tensor:
+    B = x.shape[0]
     total = None
     n_raw = sum(t == 0 for t in times)
     if n_raw:

@@ -1,8 +1,8 @@
 """Train a timm classifier with DiffAug, as the paper does: loss = CE(f(x), y) + CE(f(x0_hat), y).
 
-x0_hat = dk.DiffAug(score_model, schedule, t_range=(0, 1000))(x_da): each image is diffused to its own
-t ~ U{0..999} and denoised with one Tweedie step. The score model is frozen (no gradient reaches it). The
-images go through the classifier as one concatenated batch (one forward, one backward: DDP-safe, and batch
+x0_hat = dk.DiffAug(score_model, schedule)(x_da): each image is diffused to its own t ~ U{0..T-1}
+(U{0..999} for the usual T = 1000) and denoised with one Tweedie step. The score model is frozen (no gradient
+reaches it). The images go through the classifier as one concatenated batch (one forward, one backward: DDP-safe, and batch
 norm sees clean and denoised images together). ``--no-diffaug`` trains the plain baseline, CE(f(x), y).
 As in the authors' training scripts (github.com/oore-lab/diffaug, training_scripts/diffbase.py and
 diffaugmix.py), DiffAug's input x_da is the image's resize + centre crop for ImageFolder trees, while x is
@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the score model predicts (default: the model's own `prediction`, else eps)")
     g.add_argument("--schedule", default="linear", choices=("linear", "cosine"))
     g.add_argument("--diffusion-steps", type=int, default=1000)
-    g.add_argument("--t-range", type=_t_range, default=(0, 1000), help="t ~ U{lo..hi-1}")
+    g.add_argument("--t-range", type=_t_range, default=None,
+                   help="t ~ U{lo..hi-1} (default: the whole schedule, 0,T: the paper's 0..999 for T = 1000)")
     g.add_argument("--backend", default="auto", help="dk op backend: auto | reference | cpu | cuda | triton")
     g.add_argument("--compile-score", action="store_true", help="torch.compile the score model (fullgraph)")
 

@@ -41,6 +41,18 @@ def test_same_shape_and_dtype_and_t_in_range(model):
     assert "t_range=(100, 200)" in repr(aug)
 
 
+@pytest.mark.parametrize("T", [100, 1000, 4000])
+def test_default_t_range_is_the_whole_schedule(T):
+    """t ~ U{0..T-1} by default: the paper's U{0..999} for T = 1000, and all of another schedule."""
+    aug = dk.DiffAug(TinyEps(), dk.NoiseSchedule.linear(T))
+    aug.model.temb = nn.Embedding(T, 6)
+    assert aug.t_range == (0, T)
+    torch.manual_seed(0)
+    _, t = aug(torch.zeros(4000, 3, 1, 1), return_t=True)
+    assert 0 <= int(t.min()) <= 0.01 * T and 0.99 * (T - 1) <= int(t.max()) <= T - 1
+    assert t.float().mean().sub((T - 1) / 2).abs() < 0.05 * T
+
+
 def test_equals_the_op_chain(model):
     x = torch.rand(3, 3, 8, 8) * 2 - 1
     t = torch.tensor([5, 500, 999])

@@ -55,6 +55,26 @@ def test_t0_alone_is_the_classifier(parts):
     torch.testing.assert_close(dk.diffaug_ensemble(clf, aug, x, times=[0]), torch.softmax(clf(x), -1))
 
 
+def test_runs_in_eval_mode_and_restores_the_modes(parts):
+    """A classifier left in train mode: batch norm would normalise each UNet chunk by its own statistics (the
+    result would depend on the chunk) and update its running stats. DE runs it in eval mode, then gives every
+    submodule its own mode back."""
+    _, aug = parts
+    torch.manual_seed(1)
+    clf = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Dropout(0.5), nn.Linear(144, 5))
+    clf[1].running_mean.uniform_(-0.5, 0.5)
+    clf.train()
+    clf[3].eval()  # a submodule in its own mode
+    stats = clf[1].running_mean.clone()
+    x = torch.rand(3, 3, 8, 8) * 2 - 1
+    got = [dk.diffaug_ensemble(clf, aug, x, max_batch=m, seed=11) for m in (3, 27)]
+    assert clf.training and clf[1].training and not clf[3].training and aug.training
+    assert torch.equal(clf[1].running_mean, stats), "running statistics must not move"
+    want = per_t_loop(clf.eval(), aug, x, list(range(0, 451, 50)), 11)
+    for g in got:
+        torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-6)
+
+
 def _record_unet_calls(monkeypatch, aug):
     """Wraps aug.denoise (the one path to the UNet) to record each call's row count and t values."""
     calls = []
@@ -102,7 +122,7 @@ def test_without_max_batch_the_picked_chunk_is_used(parts, monkeypatch, fastest,
 
     monkeypatch.setattr(ensemble, "_time_call", clock)
     got = dk.diffaug_ensemble(clf, aug, x, seed=3)
-    (chunk,) = ensemble._CHUNKS.values()
+    ((_, chunk),) = ensemble._CHUNKS.values()
     assert chunk == fastest
     measured = len(calls) - len(sizes)
     assert sorted({n for n, _ in calls[:measured]}) == [2, 4, 8, 16, 18]  # every candidate was tried
@@ -138,12 +158,20 @@ def test_chunk_is_measured_once_and_is_a_candidate(parts, monkeypatch):
     monkeypatch.setattr(ensemble, "_CHUNKS", {})
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     dk.diffaug_ensemble(clf, aug, x, seed=1)
-    (chunk,) = ensemble._CHUNKS.values()
+    ((_, chunk),) = ensemble._CHUNKS.values()
     assert chunk in (2, 4, 8, 16, 18)  # B, 2B, 4B, 8B or all 9 * B rows
     calls = []
     monkeypatch.setattr(ensemble, "_time_call", lambda fn, d: calls.append(1) or 1.0)
     dk.diffaug_ensemble(clf, aug, x, seed=1)
     assert not calls  # cached
+    # measured again for another autocast dtype, and for another model that happens to get a dead one's id
+    dk.diffaug_ensemble(clf, dk.DiffAug(aug.model, S, dtype=torch.bfloat16), x, seed=1)
+    assert calls and len(ensemble._CHUNKS) == 2
+    calls.clear()
+    key = next(iter(ensemble._CHUNKS))
+    ensemble._CHUNKS[key] = (lambda: None, 2)  # as if the model measured under this id had been freed
+    dk.diffaug_ensemble(clf, aug, x, seed=1)
+    assert calls and ensemble._CHUNKS[key][0]() is aug.model
 
 
 def test_bad_arguments(parts):
