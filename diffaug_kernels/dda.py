@@ -55,6 +55,7 @@ from torch import Tensor
 
 from . import ops
 from .augment import DiffAug
+from .ensemble import eval_mode
 from .schedule import PREDICTIONS, NoiseSchedule
 
 __all__ = ["DDA_DEFAULTS", "space_timesteps", "respace", "low_pass", "adapt", "dda_predict", "dda_se_predict"]
@@ -269,7 +270,8 @@ def adapt(model: Callable, schedule: NoiseSchedule, x: Tensor, *, steps: Union[i
     clip: clamp x0_hat to [-1, 1] before the posterior mean and the guidance (DDA: clip_denoised=True).
 
     Runs under torch.no_grad except the guidance gradient, which flows through the model (one forward and one
-    backward pass of the model per guided step). The model is used in whatever mode it is in (call .eval()).
+    backward pass of the model per guided step). The model runs in eval mode (every submodule's mode is restored
+    afterwards), as the classifier does in dda_predict and dda_se_predict.
     """
     if not callable(model):
         raise TypeError(f"model must be callable as model(x_t, t, **model_kwargs), got {type(model).__name__}")
@@ -315,7 +317,7 @@ def adapt(model: Callable, schedule: NoiseSchedule, x: Tensor, *, steps: Union[i
 
     # The guidance needs autograd even when the caller runs under torch.inference_mode (a common evaluation
     # setting): leave inference mode for the adaptation, with a normal copy of an inference-mode input.
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad(), eval_mode(model):
         if x.is_inference():
             x = x.clone()
         model_kwargs = {k: v.clone() if isinstance(v, Tensor) and v.is_inference() else v
@@ -421,7 +423,7 @@ def dda_predict(classifier: Callable[[Tensor], Tensor], model: Callable, schedul
     ImageNet normalisation); None passes the images as they are."""
     pre = _check_classifier(classifier, preprocess)
     adapted = adapt(model, schedule, x, **adapt_kwargs)
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(classifier):
         return _probs(classifier, pre, adapted)
 
 
@@ -436,7 +438,7 @@ def dda_se_predict(classifier: Callable[[Tensor], Tensor], model: Callable, sche
     p_original), so DDA and DDA-SE come from one adaptation."""
     pre = _check_classifier(classifier, preprocess)
     adapted = adapt(model, schedule, x, **adapt_kwargs)
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(classifier):
         p_adapted = _probs(classifier, pre, adapted)
         p_original = _probs(classifier, pre, x)
     mean = 0.5 * (p_adapted + p_original)

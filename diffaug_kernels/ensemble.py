@@ -83,7 +83,7 @@ def pick_chunk(aug: DiffAug, x_t: Tensor, t: Tensor, batch: int) -> int:
 
 
 @contextlib.contextmanager
-def _eval_mode(*modules):
+def eval_mode(*modules):
     """Every nn.Module among modules in eval mode for the block, then each submodule's own mode back."""
     saved = [(m, m.training) for mod in modules if isinstance(mod, nn.Module) for m in mod.modules()]
     try:
@@ -133,7 +133,7 @@ def diffaug_ensemble(classifier: Callable[[Tensor], Tensor], aug: DiffAug, x: Te
                              f"images it returned {tuple(logits.shape) if isinstance(logits, Tensor) else logits!r}")
         return torch.softmax(logits.float(), dim=-1)
 
-    with _eval_mode(classifier, aug):
+    with eval_mode(classifier, aug):
         return _ensemble(probs, aug, x, times, max_batch, seed)
 
 

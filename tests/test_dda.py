@@ -4,6 +4,7 @@ The guidance is checked with an analytic model whose x0-prediction is exact for 
 centred on an image mu that is NOT the input: unguided sampling drifts to mu, and DDA's low-pass guidance must
 keep the input's coarse structure. A tiny random ADM UNet checks the real model path (learned sigma, 2C
 output channels, gradients through the network)."""
+import copy
 import math
 
 import pytest
@@ -334,6 +335,30 @@ def test_dda_se_is_the_mean_of_the_two_softmaxes(sched):
     torch.testing.assert_close(pa, dda_p, rtol=0, atol=0)
     torch.testing.assert_close(po, p_original, rtol=0, atol=1e-6)
     assert not se.requires_grad
+
+
+def test_models_run_in_eval_mode_and_get_their_modes_back(sched, tiny_unet):
+    """The score model (dropout) and the classifier (batch norm) run in eval mode: the same prediction as after
+    .eval(), no batch-norm statistics moved, and each module's own mode back afterwards."""
+    x = _images((2, 3, 16, 16), 3)
+    torch.manual_seed(2)
+    clf = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 14 * 14, 5))
+    unet = copy.deepcopy(tiny_unet)
+    torch.nn.init.normal_(unet.out[-1].weight, std=0.05)  # ADM zero-inits it: the output would ignore dropout
+    for m in unet.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5  # a mode-dependent score model
+    kw = dict(seed=5, steps=10, depth=3, guidance_scale=1.0)
+    want = dda.dda_se_predict(clf.eval(), unet.eval(), sched, x, **kw)
+    clf.train()
+    unet.train()
+    unet.out.eval()  # a submodule in its own mode
+    stats = clf[1].running_mean.clone()
+    got = dda.dda_se_predict(clf, unet, sched, x, **kw)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.equal(clf[1].running_mean, stats)
+    assert clf.training and clf[1].training and unet.training and not unet.out.training
 
 
 def test_dda_predict_errors(sched):
