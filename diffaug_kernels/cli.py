@@ -329,7 +329,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--dda-scale", type=_dda_scale, default="auto",
                    help="DDA guidance scale >= 0; 'auto' (default) = 6 * sqrt(C*H*W / (3*256*256))")
     p.add_argument("--image-size", type=_positive, default=None,
-                   help="image size of ImageFolder sets (default 224; digits and CIFAR are 32)")
+                   help="size the digits and ImageFolder sets are made at (CIFAR-10 stays 32); default: the "
+                        "size the classifiers were trained at, else 32 for digits / CIFAR-10 sets and 224 otherwise")
     p.add_argument("--ood-datasets", default=None, help="comma list of OOD datasets (same syntax as --datasets)")
     p.add_argument("--id-dataset", default=None, help="the in-distribution set for OOD (default: first of --datasets)")
     p.add_argument("--react-percentile", type=float, default=90.0,

@@ -167,9 +167,9 @@ def _run(out, quick, seed, score_model, threads, overrides) -> dict:
     cfg = ev.EvalConfig(modes=ev.MODES, batch_size=64, max_images=s["eval_images"], dda_max_images=s["dda_images"],
                         de_times=tuple(s["de_times"]), dda_steps=s["dda_steps"], dda_depth=s["dda_depth"],
                         image_size=32, seed=seed, device="cpu", progress=True,
-                        extra={"score_model": score_model,  # retrained classifiers invalidate finished evaluations
-                               "classifiers": {"no DiffAug": [plain_ck, os.path.getmtime(plain_ck)],
-                                               "DiffAug": [da_ck, os.path.getmtime(da_ck)]}})
+                        extra={"score_model": score_model},
+                        # retrained classifiers invalidate finished evaluations
+                        identities={"no DiffAug": ev.file_identity(plain_ck), "DiffAug": ev.file_identity(da_ck)})
     res = ev.run(classifiers, aug, datasets, cfg, out=os.path.join(out, "eval"), log=_say)
     times["evaluate_s"] = round(time.time() - t0, 1)
 

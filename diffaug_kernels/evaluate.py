@@ -305,8 +305,9 @@ def parse_classifiers(items: Sequence[str]) -> List[ClassifierSpec]:
             name = os.path.basename(os.path.dirname(os.path.abspath(path))) if stem == "checkpoint" else stem
         out.append(ClassifierSpec(name, path))
     names = [c.name for c in out]
-    if len(set(names)) != len(names):
-        raise EvalError(f"classifier names must differ, got {names}: use NAME=PATH")
+    if len(set(names)) != len(names) or len({_safe(n) for n in names}) != len(names):
+        raise EvalError(f"classifier names must differ (also as file names: {[_safe(n) for n in names]}), got "
+                        f"{names}: use NAME=PATH")
     return out
 
 
@@ -400,10 +401,15 @@ class EvalConfig:
     ash_percentile: float = 90.0
     scale_percentile: float = 85.0
     extra: Dict = field(default_factory=dict)
+    # classifier name -> what identifies the classifier itself (file_identity of its checkpoint): a result file
+    # of another classifier under the same name is then recomputed, not reused
+    identities: Dict = field(default_factory=dict)
 
     def mode_settings(self, mode: str) -> dict:
         """What one mode's number depends on (resume compares it)."""
         s = {"max_images": self.max_images, "seed": self.seed, "image_size": self.image_size, **self.extra}
+        if mode != "Default":  # the noise of a batch is seeded by its index
+            s["batch_size"] = self.batch_size
         if mode == "DE":
             s["de_times"] = list(self.de_times)
         if mode in ("DDA", "DDA-SE"):
@@ -412,6 +418,23 @@ class EvalConfig:
         if mode == "Default":
             s.pop("score_model", None)
         return _jsonable(s)
+
+    def pair_settings(self, mode: str, classifier: str, ds: "DatasetSpec") -> dict:
+        """mode_settings plus which classifier and which data: a resumed run compares them all."""
+        return {**self.mode_settings(mode), "classifier": _jsonable(self.identities.get(classifier)),
+                "data": dataset_identity(ds)}
+
+
+def file_identity(path: str) -> list:
+    """[absolute path, size, modification time in ns]: changes when the file is replaced or rewritten."""
+    st = os.stat(path)
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+
+
+def dataset_identity(ds: "DatasetSpec") -> list:
+    """The spec a dataset was built from, paths made absolute (two roots with the same column name differ)."""
+    return [ds.kind, *(os.path.abspath(a) if isinstance(a, str) and os.path.exists(a) else _jsonable(a)
+                       for a in ds.args)]
 
 
 def parse_modes(s) -> tuple:
@@ -627,7 +650,7 @@ def run(classifiers, aug, datasets: Sequence[DatasetSpec], cfg: EvalConfig, out:
             prev = _load_json(path) if path and os.path.isfile(path) else None
             rec = prev if prev is not None and isinstance(prev.get("settings"), dict) else None
             todo[cname] = [m for m in cfg.modes if rec is None or rec["acc"].get(m) is None
-                           or rec["settings"].get(m) != cfg.mode_settings(m)]
+                           or rec["settings"].get(m) != cfg.pair_settings(m, cname, ds)]
             if rec is not None:
                 changed = [m for m in todo[cname] if m in rec["settings"]]
                 if changed:
@@ -650,7 +673,7 @@ def run(classifiers, aug, datasets: Sequence[DatasetSpec], cfg: EvalConfig, out:
                     rec["acc"][m], rec["n"][m], rec["correct"][m] = (r[cname]["acc"][m], r[cname]["n"][m],
                                                                      r[cname]["correct"][m])
                     rec["seconds"][m] = r[cname]["seconds"]
-                    rec["settings"][m] = cfg.mode_settings(m)
+                    rec["settings"][m] = cfg.pair_settings(m, cname, ds)
                 log(f"[{cname} | {ds.name}] " + "  ".join(
                     f"{m} {100 * rec['acc'][m]:.2f}% (n={rec['n'][m]})" for m in cfg.modes
                     if rec["acc"].get(m) is not None) + f"  ({r[cname]['seconds']:.1f}s for all classifiers)")
@@ -756,6 +779,7 @@ def run_ood(classifiers, aug, id_ds: DatasetSpec, ood_datasets, cfg: EvalConfig,
         got, missing, stamps, paths = {}, {}, {}, {}
         for cname, clf in classifiers:
             extra = {} if is_id or cname not in heads else {"react_threshold": thresholds[cname]}
+            extra |= {"classifier": _jsonable(cfg.identities.get(cname)), "data": dataset_identity(ds)}
             stamps[cname] = json.dumps(settings | extra, sort_keys=True)
             path = paths[cname] = os.path.join(out, f"{_safe(cname)}__{_safe(ds.name)}.scores.npz") if out else None
             if path and os.path.isfile(path):
@@ -931,6 +955,24 @@ def _percentile(v: float, flag: str, allow_100: bool = False) -> float:
     return float(v)
 
 
+def pick_image_size(given: Optional[int], classifiers, id_sets: Sequence[DatasetSpec], log=print) -> int:
+    """The size the digits and ImageFolder sets are made at (CIFAR-10 stays 32x32): --image-size if given, else
+    the size the classifiers were trained at (their checkpoints say), else 32 when every in-distribution set is
+    digits or CIFAR-10 and 224 otherwise. OOD sets are made at the same size; they do not choose it."""
+    trained = {n: getattr(c, "trained_image_size", None) for n, c in classifiers}
+    known = {v for v in trained.values() if v}
+    if given:
+        off = {n: v for n, v in trained.items() if v and v != given}
+        if off:
+            log(f"note: --image-size {given}, but {off} were trained at other sizes")
+        return given
+    if len(known) > 1:
+        raise EvalError(f"the classifiers were trained at different image sizes {trained}: give --image-size")
+    if known:
+        return known.pop()
+    return 32 if {d.kind for d in id_sets} <= {"digits", "digits-c", "cifar10", "cifar10-c"} else 224
+
+
 def _image_size(ds: DatasetSpec, size: int) -> int:
     return 32 if ds.kind in ("cifar10", "cifar10-c") else size
 
@@ -987,15 +1029,14 @@ def main_from_args(args) -> int:
         kinds = {d.kind for d in dsets + oods}
         small = kinds <= {"digits", "digits-c", "cifar10", "cifar10-c"}
         hint = "digits" if kinds <= {"digits", "digits-c"} else ("cifar10:" if small else "folder")
-        size = image_size or (32 if small else 224)
         need_dda = any(m in ("DDA", "DDA-SE") for m in modes)
         need_de = "DE" in modes or bool(oods)
-        if need_dda:
-            _check_dda(dda_steps, dda_depth, dda_down, [_image_size(d, size) for d in dsets])
+        if need_dda:  # the sizes are known now only when given; else once the classifiers say theirs
+            _check_dda(dda_steps, dda_depth, dda_down, [_image_size(d, image_size) for d in dsets] if image_size else [])
         cfg = EvalConfig(modes=modes, batch_size=batch_size, max_images=max_images,
                          dda_max_images=dda_max_images, de_times=de_times,
                          dda_steps=dda_steps, dda_depth=dda_depth, dda_down=dda_down,
-                         dda_scale=dda_scale, image_size=size, seed=args.seed,
+                         dda_scale=dda_scale, image_size=None, seed=args.seed,
                          device=device, progress=not args.no_progress,
                          react_percentile=_percentile(args.react_percentile, "--react-percentile", True),
                          ash_percentile=_percentile(args.ash_percentile, "--ash-percentile"),
@@ -1008,6 +1049,9 @@ def main_from_args(args) -> int:
                 raise EvalError(str(e)) from None
         channels = in_channels(classifiers[0][1])
         check_channels(dsets[0], channels)  # depends on the classifier only: once, before the score model
+        size = cfg.image_size = pick_image_size(image_size, classifiers, dsets + ([id_ds] if id_ds else []))
+        if need_dda:
+            _check_dda(dda_steps, dda_depth, dda_down, [_image_size(d, size) for d in dsets])
         need_score = any(m != "Default" for m in modes) or bool(oods)
         aug = None
         if need_score:
@@ -1021,7 +1065,11 @@ def main_from_args(args) -> int:
         elif args.score_model:
             print("note: --score-model is unused with --modes Default and no OOD sets")
         if aug is not None:
-            cfg.extra["score_model"] = args.score_model or "default"
+            spec = args.score_model or "default"
+            cfg.extra["score_model"] = {
+                "spec": file_identity(spec) if os.path.isfile(spec) else spec, "config": args.score_config,
+                "flags": list(args.score_flag or ()), "schedule": args.schedule}
+        cfg.identities = {c.name: file_identity(c.path) for c in cspecs}
         res = run(classifiers, aug, dsets, cfg, args.out, oods, id_ds)
     except (FileNotFoundError, EvalError) as e:
         raise SystemExit(f"diffaug evaluate: error: {e}") from None

@@ -407,6 +407,11 @@ def load_classifier(path, device=None) -> NormalizedClassifier:
             raise
         why = f"missing entry {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         raise UsageError(f"{path} is a broken train_classifier checkpoint ({why})") from None
+    args = ck.get("args") if isinstance(ck.get("args"), dict) else {}
+    data = args.get("data")
+    # the image size it was trained at (None when the checkpoint does not say): evaluate uses it by default
+    model.trained_image_size = args.get("image_size") or (
+        None if data is None else 32 if data == "digits" or str(data).startswith("cifar10:") else 224)
     return model.to(device or "cpu").eval()
 
 

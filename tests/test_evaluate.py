@@ -287,6 +287,76 @@ def test_harness_folder_all_modes_json_resume_and_ood(tmp_path, capsys):
     assert rec3["settings"]["DE"]["de_times"] == [0, 200] and rec3["acc"]["DDA"] == rec["acc"]["DDA"]
 
 
+def test_resume_recomputes_another_classifier_or_data_under_the_same_name(tmp_path, capsys):
+    """A result file is reused only for the same classifier file, the same data and the same batch size of the
+    noisy modes: a replaced checkpoint, another root with the same column name, or another --batch-size is
+    recomputed, and the numbers are the new ones."""
+    data, other = _folder(tmp_path / "d1" / "data"), _folder(tmp_path / "d2" / "data", seed=3, invert=True)
+    a, b = _checkpoint(tmp_path / "a.pt", seed=0, fit=data), _checkpoint(tmp_path / "b.pt", seed=1)
+    out = str(tmp_path / "out")
+
+    def acc(clf, root, *more):
+        argv = ["evaluate", "--classifier", f"c={clf}", "--modes", "Default", "--datasets", root, "--image-size",
+                "16", "--out", out, "--no-progress", "--threads", "1", *more]
+        assert cli.main(argv) == 0
+        text = capsys.readouterr().out
+        return json.loads(open(os.path.join(out, "c__data.json")).read())["acc"]["Default"], text
+
+    first, _ = acc(a, data)
+    again, text = acc(a, data)
+    assert again == first == 1.0 and "done already" in text
+    fresh = ev.run([("c", tc.load_classifier(b))], None, ev.parse_datasets([data]),
+                   ev.EvalConfig(modes=("Default",), image_size=16, progress=False), log=lambda m: None)
+    want_b = fresh["results"]["c"]["data"]["acc"]["Default"]
+    got_b, text = acc(b, data)
+    assert "settings of ['Default'] changed" in text and got_b == want_b != first
+    os.replace(a, b)  # the same path, another file
+    got, text = acc(b, data)
+    assert "changed" in text and got == first
+    got_other, text = acc(b, other)
+    assert "changed" in text and got_other != first
+    # DE's noise is seeded per batch: another --batch-size is another number
+    cfg = ev.EvalConfig(batch_size=4)
+    spec = ev.parse_datasets([data])[0]
+    assert cfg.pair_settings("DE", "c", spec) != ev.EvalConfig(batch_size=8).pair_settings("DE", "c", spec)
+    assert cfg.pair_settings("Default", "c", spec) == ev.EvalConfig(batch_size=8).pair_settings("Default", "c", spec)
+
+
+def test_classifier_names_must_differ_as_file_names(tmp_path):
+    a = _checkpoint(tmp_path / "a.pt")
+    with pytest.raises(ev.EvalError, match="also as file names"):
+        ev.parse_classifiers([f"a b={a}", f"a_b={a}"])
+
+
+def test_image_size_follows_the_classifiers(tmp_path, capsys):
+    """Without --image-size the digits are made at the size the classifier was trained at (its checkpoint's
+    args), not at 32; OOD folders do not change it; classifiers trained at different sizes need --image-size."""
+    def ck(path, size, data="digits"):
+        p = _checkpoint(path, num_classes=10, in_chans=1)
+        c = torch.load(p, weights_only=True)
+        c["args"] = {"data": data, "image_size": size}
+        torch.save(c, p)
+        return p
+
+    c16, c24, cdef = ck(tmp_path / "c16.pt", 16), ck(tmp_path / "c24.pt", 24), ck(tmp_path / "cd.pt", None)
+    assert tc.load_classifier(c16).trained_image_size == 16 and tc.load_classifier(cdef).trained_image_size == 32
+    ood = _folder(tmp_path / "ood")
+    for argv, size in ((["--classifier", c16], 16), (["--classifier", c16, "--ood-datasets", ood], 16),
+                       (["--classifier", cdef], 32), (["--classifier", c16, "--image-size", "24"], 24)):
+        out = tmp_path / f"o{len(os.listdir(tmp_path))}"
+        assert cli.main(["evaluate", *argv, "--modes", "Default", "--datasets", "digits", "--max-images", "8",
+                         "--no-progress", "--threads", "1", "--out", str(out), "--score-model", "random",
+                         "--score-config", "digits32", "--score-flag", "num_channels=32", "--score-flag",
+                         "num_res_blocks=1", "--score-flag", "channel_mult=1", "--score-flag",
+                         "attention_resolutions=", "--de-times", "0,100"]) == 0
+        rec = json.loads((out / "c16__digits.json" if "c16" in argv[1] else out / "cd__digits.json").read_text())
+        assert rec["settings"]["Default"]["image_size"] == size, (argv, rec["settings"])
+    assert "were trained at other sizes" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="different image sizes"):
+        cli.main(["evaluate", "--classifier", c16, "--classifier", c24, "--modes", "Default", "--datasets",
+                  "digits", "--no-progress"])
+
+
 def test_ood_feature_scores_are_dk_ood_on_the_penultimate_features(tmp_path):
     """The command's ReAct / ASH-S / SCALE scores, recomputed here from the classifier's own pooled features and fc
     layer with dk.ood and numpy's percentile; a classifier without a linear head gets MSP / energy only."""
@@ -475,7 +545,7 @@ def test_evaluate_bad_numbers_are_argparse_errors(argv, msg, capsys):
     (["--de-times=-50,0"], r"--de-times: times must be >= 0.*-50"),
     (["--modes", "DDA", "--dda-depth", "500"], r"--dda-depth must lie in \[1, 99\], got 500"),
     (["--modes", "DDA", "--dda-steps", "1"], r"--dda-steps must be at least 2"),
-    (["--modes", "DDA", "--dda-down", "64"], r"--dda-down 64 is larger than the images \(32x32\)"),
+    (["--modes", "DDA", "--dda-down", "64", "--image-size", "32"], r"--dda-down 64 is larger than the images \(32x32\)"),
     (["--device", "tpu"], r"diffaug evaluate: .*--device.*tpu"),
     (["--device", "cuda:x"], r"diffaug evaluate: bad --device 'cuda:x'"),
 ])
