@@ -164,7 +164,8 @@ def _add_train_score(sub) -> None:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast for the UNet (default off)")
     p.add_argument("--seed", type=int, default=None, help="seed of init, data order, t and noise (default 0)")
-    p.add_argument("--out", default="runs/train-score", help="checkpoint directory (default runs/train-score)")
+    p.add_argument("--out", default=None,
+                   help="checkpoint directory (default runs/train-score; with --resume, the checkpoint's folder)")
     p.add_argument("--save-every", type=_positive, default=None, help="checkpoint period in steps (default 500)")
     p.add_argument("--keep", type=int, default=2, help="newest checkpoints kept (default 2; 0 keeps all)")
     p.add_argument("--log-every", type=_positive, default=None, help="log period in steps (default 50)")

@@ -358,7 +358,7 @@ class _Progress:
 
 def train(data: Optional[str] = None, config=None, steps: Optional[int] = None, batch_size: Optional[int] = None,
           lr: Optional[float] = None, ema: Optional[float] = None, schedule: Optional[str] = None,
-          T: Optional[int] = None, out: str = "runs/train-score", export: Optional[str] = None,
+          T: Optional[int] = None, out: Optional[str] = None, export: Optional[str] = None,
           resume: Optional[str] = None, device=None, seed: Optional[int] = None, log_every: Optional[int] = None,
           save_every: Optional[int] = None, grad_clip: Optional[float] = None, weight_decay: Optional[float] = None,
           lr_warmup: Optional[int] = None, bf16: Optional[bool] = None, model_overrides: Optional[dict] = None,
@@ -369,7 +369,8 @@ def train(data: Optional[str] = None, config=None, steps: Optional[int] = None, 
 
     Arguments left None take DEFAULTS for a fresh run and the checkpoint's values for a resumed one (config,
     model_overrides, schedule and T must match the checkpoint's when given). steps is the total step count to
-    reach (a resumed run continues from the checkpoint's step). Checkpoints go to out/ckpt_<step>.pt every
+    reach (a resumed run continues from the checkpoint's step). Checkpoints go to out/ckpt_<step>.pt (out: default
+    runs/train-score, or the resumed checkpoint's folder) every
     save_every steps and at the end (the newest `keep` are kept); export writes the EMA weights as safetensors
     (export_dtype, default float16) with the config and schedule in its metadata.
     """
@@ -413,12 +414,17 @@ def train(data: Optional[str] = None, config=None, steps: Optional[int] = None, 
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], dev)
     start = trainer.step_count
     n_params = sum(p.numel() for p in model.parameters())
+    if out is None:  # a resumed run goes on writing where its checkpoints are
+        out = os.path.dirname(os.path.abspath(ckpt["path"])) if ckpt else "runs/train-score"
 
     os.makedirs(out, exist_ok=True)
     bar = _Progress(args["steps"], start, progress)
     bar.log(f"train-score: {n_params:,} parameters, {len(ds)} images from {args['data']!r}, schedule "
             f"{args['schedule']} T={args['T']}, device {dev}{' (bf16 autocast)' if args['bf16'] else ''}, "
             f"steps {start} -> {args['steps']}, batch {args['batch_size']}, out {out}")
+    if start >= args["steps"]:
+        bar.log(f"note: the checkpoint is at step {start}, so steps={args['steps']} leaves nothing to train "
+                f"(give a larger --steps to continue)")
 
     def save(step: int) -> str:
         path = os.path.join(out, f"ckpt_{step:07d}.pt")

@@ -67,9 +67,16 @@ def test_resume_continues_the_step_count_and_matches_an_unbroken_run(tiny_run, t
     unbroken = train_score.load_checkpoint(str(out / "ckpt_0000003.pt"))
     for k, v in unbroken["model"].items():
         torch.testing.assert_close(ckpt["model"][k], v, rtol=1e-5, atol=1e-6)
-    # a directory resumes from its newest checkpoint and counts on
-    assert _cli("--resume", str(resumed), "--steps", "4", "--out", str(resumed), "--no-progress") == 0
-    assert train_score.load_checkpoint(str(resumed))["step"] == 4
+    # a directory resumes from its newest checkpoint and counts on; without --out it writes there too
+    assert _cli("--resume", str(resumed), "--steps", "4", "--no-progress") == 0
+    assert train_score.load_checkpoint(str(resumed))["step"] == 4 and (resumed / "ckpt_0000004.pt").exists()
+
+
+def test_resume_with_fewer_steps_says_nothing_is_left(tiny_run, tmp_path, capsys):
+    out, _ = tiny_run
+    assert _cli("--resume", str(out / "ckpt_0000002.pt"), "--steps", "1", "--out", str(tmp_path / "r"),
+                "--no-progress") == 0
+    assert "leaves nothing to train" in capsys.readouterr().out
 
 
 def test_resume_rejects_a_different_architecture(tiny_run):
