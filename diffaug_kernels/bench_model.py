@@ -62,6 +62,16 @@ def _device_and_unet(device, flags: Optional[dict]):
     return device, gpu, flags
 
 
+def check_size(size: int, flags: dict) -> None:
+    """The UNet halves the image len(channel_mult) - 1 times: size must be a multiple of 2 to that power."""
+    from .models.unet import _parse_channel_mult
+
+    factor = 2 ** (len(_parse_channel_mult(flags.get("channel_mult", ""), flags["image_size"])) - 1)
+    if size % factor:
+        raise ValueError(f"size {size} is not a multiple of {factor}: this UNet halves the image "
+                         f"{factor.bit_length() - 1} times")
+
+
 def _fp16_copy(model, flags: dict, device):
     """The published code's fp16 model on a GPU (guided-diffusion's use_fp16 converts the weights)."""
     half = create_adm_unet(**flags).to(device).half().eval()
@@ -129,6 +139,7 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
     contiguous input, a second compile) and the DiffAug step against the published pipeline, in one run."""
     device, gpu, flags = _device_and_unet(device, flags)
     size = size or (224 if gpu else flags["image_size"])
+    check_size(size, flags)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     torch.manual_seed(0)
     model = create_adm_unet(**flags).to(device).eval()
@@ -288,6 +299,7 @@ def run_ensemble(device=None, batch: int = 8, size: Optional[int] = None, flags:
     device, gpu, flags = _device_and_unet(device, flags)
     compile = gpu if compile is None else compile
     size = size or flags["image_size"]
+    check_size(size, flags)
     classifier = classifier or ("resnet50" if gpu else "resnet18")
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     torch.manual_seed(0)

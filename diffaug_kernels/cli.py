@@ -128,6 +128,7 @@ def _run_bench(args) -> int:
     from .jsonfile import unused_path
 
     device = check_device("bench", args.device)
+    _check_png("bench", args.plot)
     if args.threads:
         torch.set_num_threads(args.threads)
     json_path = args.json
@@ -205,8 +206,15 @@ def _model_bench_args(p, batch: int, size_help: str) -> None:
 def _model_bench_device(name: str, args) -> None:
     import torch
 
+    from . import bench_model
+
     args.device = str(check_device(name, args.device))
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    if args.size:
+        try:
+            bench_model.check_size(args.size, bench_model._device_and_unet(args.device, None)[2])
+        except ValueError as e:
+            sys.exit(f"diffaug {name}: --size: {e}")
 
 
 def _add_bench_model(sub) -> None:
@@ -227,6 +235,7 @@ def _run_bench_model(args) -> int:
     from . import bench_model
 
     _model_bench_device("bench-model", args)
+    _check_png("bench-model", args.plot)
     result = bench_model.run(device=args.device, batch=args.batch, size=args.size, reps=args.reps,
                              warmup=args.warmup, json_path=args.json, profile=args.profile, nchw=args.nchw)
     return _plot(result, args.plot)
@@ -252,10 +261,26 @@ def _run_bench_ensemble(args) -> int:
     from . import bench_model
 
     _model_bench_device("bench-ensemble", args)
+    _check_png("bench-ensemble", args.plot)
     result = bench_model.run_ensemble(device=args.device, batch=args.batch, size=args.size, reps=args.reps,
                                       warmup=args.warmup, dda_reps=args.dda_reps, compile=args.compile,
                                       json_path=args.json)
     return _plot(result, args.plot)
+
+
+def _check_png(cmd: str, path) -> None:
+    """--plot's folder made now, before a long benchmark, so an unwritable path is one line, not lost results."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        sys.exit(f"diffaug {cmd}: --plot {path}: {folder} (or a folder above it) is a file, not a folder")
+    except OSError as e:
+        sys.exit(f"diffaug {cmd}: --plot {path}: cannot make its folder ({e.strerror or e})")
+    if os.path.isdir(path):
+        sys.exit(f"diffaug {cmd}: --plot {path} is a folder; give a .png file name")
 
 
 def _plot(result: dict, png) -> int:
@@ -285,6 +310,7 @@ def _run_plot(args) -> int:
         with open(args.json) as f:
             result = json.load(f)
         out = args.out or os.path.splitext(args.json)[0] + ".png"
+        _check_png("plot", out)
         print(f"wrote {plots.results_chart(result, out)}")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         sys.exit(f"diffaug plot: {args.json}: cannot draw it ({type(e).__name__}: {e})")

@@ -242,7 +242,8 @@ def _check_seed(seed) -> int:
 def adapt(model: Callable, schedule: NoiseSchedule, x: Tensor, *, steps: Union[int, str, Sequence[int], None] = 100,
           depth: int = 50, down_factor: int = 4, guidance_scale: float = 6.0, range_t: int = 0, seed=None,
           model_kwargs: Optional[dict] = None, learned_sigma: Optional[bool] = None,
-          guidance_norm: str = "sample", prediction: str = "eps", clip: bool = True) -> Tensor:
+          guidance_norm: str = "sample", prediction: str = "eps", clip: bool = True,
+          progress: Optional[Callable[[int, int], None]] = None) -> Tensor:
     """DDA-adapted images: x [B, C, H, W] in [-1, 1] -> same shape and dtype, in [-1, 1].
 
     model: the diffusion model, called as model(x_t, t, **model_kwargs) with t the ORIGINAL timesteps (int64
@@ -268,6 +269,7 @@ def adapt(model: Callable, schedule: NoiseSchedule, x: Tensor, *, steps: Union[i
         "batch": one norm over the whole batch, as the official code computes it (its runs used batches of 4).
     prediction: what the model predicts ("eps" for ADM; "v", "x0", "score" as in dk.tweedie).
     clip: clamp x0_hat to [-1, 1] before the posterior mean and the guidance (DDA: clip_denoised=True).
+    progress: called as progress(steps done, depth) after each reverse step (one call can take minutes).
 
     Runs under torch.no_grad except the guidance gradient, which flows through the model (one forward and one
     backward pass of the model per guided step). The model runs in eval mode (every submodule's mode is restored
@@ -323,11 +325,11 @@ def adapt(model: Callable, schedule: NoiseSchedule, x: Tensor, *, steps: Union[i
         model_kwargs = {k: v.clone() if isinstance(v, Tensor) and v.is_inference() else v
                         for k, v in model_kwargs.items()}
         return _adapt(run, schedule, spaced, tmap, x, depth, int(down_factor), float(guidance_scale), range_t,
-                      seed, model_kwargs, learned_sigma, guidance_norm, prediction, clip)
+                      seed, model_kwargs, learned_sigma, guidance_norm, prediction, clip, progress)
 
 
 def _adapt(run, schedule, spaced, tmap, x, depth, factor, scale, range_t, seed, model_kwargs, learned_sigma,
-           guidance_norm, prediction, clip):
+           guidance_norm, prediction, clip, progress=None):
     B, C = x.shape[:2]
     device = x.device
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -385,6 +387,8 @@ def _adapt(run, schedule, spaced, tmap, x, depth, factor, scale, range_t, seed, 
         if guided:
             x_next = x_next - scale * grad
         x_t = x_next
+        if progress is not None:
+            progress(k + 1, depth)
     return x_t.clamp(-1.0, 1.0).to(x.dtype)
 
 

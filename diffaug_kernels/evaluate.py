@@ -91,9 +91,14 @@ class CIFAR10C(Dataset):
             raise EvalError(f"CIFAR-10-C severity must be 1..5, got {severity}")
         x = np.load(path, mmap_mode="r")
         y = np.load(labels)
-        if x.ndim != 4 or x.shape[-1] != 3 or x.shape[0] % 5 or len(y) < x.shape[0]:
-            raise EvalError(f"{path}: expected [5 * N, H, W, 3] uint8 images and >= 5 * N labels, got {x.shape} "
+        if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or x.shape[0] % 5 or y.ndim != 1 or len(y) < x.shape[0]:
+            raise EvalError(f"{path}: expected [5 * N, 32, 32, 3] uint8 images and >= 5 * N labels, got {x.shape} "
                             f"and {y.shape}")
+        if x.dtype != np.uint8:  # 0..255 is what the [-1, 1] mapping below assumes
+            raise EvalError(f"{path}: expected uint8 images (CIFAR-10-C's 0..255), got {x.dtype}")
+        if y.dtype.kind not in "iu" or len(y) and (y.min() < 0 or y.max() > 9):
+            raise EvalError(f"{labels}: expected integer labels 0..9, got {y.dtype} in "
+                            f"[{y.min() if len(y) else '-'}, {y.max() if len(y) else '-'}]")
         n = x.shape[0] // 5
         lo = (severity - 1) * n
         self.x, self.y = x[lo:lo + n], np.asarray(y[lo:lo + n], dtype=np.int64)
@@ -567,9 +572,11 @@ def evaluate_dataset(clfs, aug, dataset: Dataset, modes: Sequence[str], cfg: Eva
         if k > 0:
             xs = x[sel]
             scale = cfg.dda_scale if cfg.dda_scale is not None else default_dda_scale(xs.shape)
+            step = None if bar is None else (lambda i, n: bar.set_postfix_str(f"DDA step {i}/{n} of this batch"))
             adapted = dda_mod.adapt(aug, aug.schedule, xs, steps=cfg.dda_steps, depth=cfg.dda_depth,
                                     down_factor=cfg.dda_down, guidance_scale=scale,
-                                    seed=_derive(cfg.seed, "dda", name, b), prediction=aug.prediction, clip=aug.clip)
+                                    seed=_derive(cfg.seed, "dda", name, b), prediction=aug.prediction, clip=aug.clip,
+                                    progress=step)
         for n, clf in clfs.items():
             if n in features:
                 f = clf.penultimate(x).float()
@@ -623,6 +630,12 @@ def _safe(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.@" else "_" for c in s)
 
 
+def _is_record(obj) -> bool:
+    """Whether obj looks like a result file run() wrote (anything else there is recomputed, not trusted)."""
+    return isinstance(obj, dict) and all(isinstance(obj.get(k), dict) for k in ("acc", "n", "correct", "seconds",
+                                                                                "settings"))
+
+
 def _load_json(path):
     try:
         with open(path) as f:
@@ -648,7 +661,9 @@ def run(classifiers, aug, datasets: Sequence[DatasetSpec], cfg: EvalConfig, out:
         for cname, _ in classifiers:
             path = os.path.join(out, f"{_safe(cname)}__{_safe(ds.name)}.json") if out else None
             prev = _load_json(path) if path and os.path.isfile(path) else None
-            rec = prev if prev is not None and isinstance(prev.get("settings"), dict) else None
+            rec = prev if _is_record(prev) else None
+            if prev is not None and rec is None:
+                log(f"[{cname} | {ds.name}] {path} is not a result file of this command: recomputing it")
             todo[cname] = [m for m in cfg.modes if rec is None or rec["acc"].get(m) is None
                            or rec["settings"].get(m) != cfg.pair_settings(m, cname, ds)]
             if rec is not None:
@@ -1010,6 +1025,8 @@ def main_from_args(args) -> int:
     # every option is checked before a model is loaded or an image read; a bad one is one line, no traceback
     device = str(check_device("evaluate", args.device))
     try:
+        if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise EvalError(f"--out {args.out} is a file; give a folder for the results")
         if args.threads:  # counts and sizes arrive checked by the parser (cli._positive, cli._dda_scale)
             torch.set_num_threads(args.threads)
         modes = parse_modes(args.modes)
@@ -1057,6 +1074,13 @@ def main_from_args(args) -> int:
         if need_score:
             aug = load_score(args.score_model, args.score_config, args.score_flag, args.schedule, hint, channels)
             T = aug.schedule.num_timesteps
+            mult = getattr(aug.model, "channel_mult", None)
+            factor = 2 ** (len(mult) - 1) if mult else 1
+            odd = sorted({_image_size(d, size) for d in dsets + oods} - {0}, key=int)
+            odd = [v for v in odd if v % factor]
+            if odd:
+                raise EvalError(f"the score model halves the image {len(mult) - 1} times, so the image size must be "
+                                f"a multiple of {factor}, got {odd} (--image-size)")
             if need_de:
                 check_times(de_times, T)
             if need_dda:

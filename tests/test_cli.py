@@ -64,6 +64,26 @@ def test_bench_plot_and_plot_of_the_kept_file(tmp_path, capsys):
     assert a.shape == b.shape and a.shape[0] > 100 and np.array_equal(a, b)
 
 
+def test_plot_paths_are_checked_before_the_benchmark(tmp_path, monkeypatch):
+    """--plot into a missing folder makes it; a path under a file is one line before any timing (the results
+    would otherwise be lost after the run); the model benchmarks refuse a size the UNet cannot halve."""
+    from diffaug_kernels import bench, bench_model
+
+    png = tmp_path / "new" / "deeper" / "run.png"
+    assert cli.main(["bench", "--shapes", "2x3x8x8", "--dtypes", "float32", "--ops", "tweedie", "--reps", "1",
+                     "--warmup", "1", "--no-json", "--plot", str(png)]) == 0
+    assert png.is_file()
+    (tmp_path / "f").write_text("")
+    monkeypatch.setattr(bench, "run_bench", lambda **k: pytest.fail("timed before checking --plot"))
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        cli.main(["bench", "--plot", str(tmp_path / "f" / "x.png")])
+    monkeypatch.setattr(bench_model, "run", lambda **k: pytest.fail("ran before checking --size"))
+    monkeypatch.setattr(bench_model, "run_ensemble", lambda **k: pytest.fail("ran before checking --size"))
+    for cmd in ("bench-model", "bench-ensemble"):
+        with pytest.raises(SystemExit, match="--size: size 10 is not a multiple of"):
+            cli.main([cmd, "--device", "cpu", "--size", "10"])
+
+
 def _bar_width(img, label):
     from diffaug_kernels import plots
 

@@ -361,6 +361,14 @@ def test_models_run_in_eval_mode_and_get_their_modes_back(sched, tiny_unet):
     assert clf.training and clf[1].training and unet.training and not unet.out.training
 
 
+def test_progress_is_called_after_every_reverse_step(sched):
+    x = _images((1, 3, 8, 8), 4)
+    seen = []
+    dda.adapt(GaussianOracle(-x, sched), sched, x, steps=20, depth=5, guidance_scale=0.5, down_factor=2, seed=1,
+              progress=lambda i, n: seen.append((i, n)))
+    assert seen == [(i, 5) for i in range(1, 6)]
+
+
 def test_dda_predict_errors(sched):
     x = torch.zeros(1, 3, 8, 8)
     with pytest.raises(TypeError, match="classifier"):

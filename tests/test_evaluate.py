@@ -106,6 +106,14 @@ def test_cifar10c_npy_layout(tmp_path):
         ev.CIFAR10C(str(tmp_path), "snow")
     with pytest.raises(FileNotFoundError, match="not found"):
         ev.parse_datasets([f"cifar10-c:{tmp_path}/nope"])
+    # arrays that are not CIFAR-10-C's are refused, not scaled into nonsense
+    for name, arr in (("float", x.astype(np.float32) / 255), ("small", x[:, :16, :16])):
+        np.save(tmp_path / f"{name}.npy", arr)
+        with pytest.raises(ev.EvalError, match="uint8|32, 32, 3"):
+            ev.CIFAR10C(str(tmp_path), name)
+    np.save(tmp_path / "labels.npy", y + 5)
+    with pytest.raises(ev.EvalError, match="labels 0..9"):
+        ev.CIFAR10C(str(tmp_path), "fog")
 
 
 def test_parse_datasets_and_errors(tmp_path):
@@ -320,6 +328,28 @@ def test_resume_recomputes_another_classifier_or_data_under_the_same_name(tmp_pa
     spec = ev.parse_datasets([data])[0]
     assert cfg.pair_settings("DE", "c", spec) != ev.EvalConfig(batch_size=8).pair_settings("DE", "c", spec)
     assert cfg.pair_settings("Default", "c", spec) == ev.EvalConfig(batch_size=8).pair_settings("Default", "c", spec)
+
+
+def test_evaluate_refuses_what_would_fail_later_in_one_line(tmp_path, capsys):
+    """--out naming a file, and an image size the score model cannot halve, are one line each; a file in --out
+    that is valid JSON but not a result is recomputed, not trusted."""
+    ck = _checkpoint(tmp_path / "c.pt", num_classes=10, in_chans=1)
+    base = ["evaluate", "--classifier", f"c={ck}", "--datasets", "digits", "--max-images", "4", "--no-progress",
+            "--threads", "1"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="--out .* is a file") as e:
+        cli.main(base + ["--out", str(tmp_path / "file")])
+    assert "\n" not in str(e.value)
+    with pytest.raises(SystemExit, match="multiple of 4, got \\[18\\]"):
+        cli.main(base + ["--modes", "DE", "--image-size", "18", "--score-model", "random", "--score-config",
+                         "digits32", "--score-flag", "channel_mult=1,2,2", "--score-flag", "num_channels=32",
+                         "--score-flag", "num_res_blocks=1", "--score-flag", "attention_resolutions="])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "c__digits.json").write_text("[1, 2]")
+    assert cli.main(base + ["--modes", "Default", "--out", str(out)]) == 0
+    assert "not a result file" in capsys.readouterr().out
+    assert json.loads((out / "c__digits.json").read_text())["n"]["Default"] == 4
 
 
 def test_classifier_names_must_differ_as_file_names(tmp_path):
