@@ -1049,7 +1049,8 @@ def main_from_args(args) -> int:
         need_dda = any(m in ("DDA", "DDA-SE") for m in modes)
         need_de = "DE" in modes or bool(oods)
         if need_dda:  # the sizes are known now only when given; else once the classifiers say theirs
-            _check_dda(dda_steps, dda_depth, dda_down, [_image_size(d, image_size) for d in dsets] if image_size else [])
+            _check_dda(dda_steps, dda_depth, dda_down,
+                       [_image_size(d, image_size) for d in dsets] if image_size else [])
         cfg = EvalConfig(modes=modes, batch_size=batch_size, max_images=max_images,
                          dda_max_images=dda_max_images, de_times=de_times,
                          dda_steps=dda_steps, dda_depth=dda_depth, dda_down=dda_down,

@@ -2,11 +2,12 @@
 
 x0_hat = dk.DiffAug(score_model, schedule)(x_da): each image is diffused to its own t ~ U{0..T-1}
 (U{0..999} for the usual T = 1000) and denoised with one Tweedie step. The score model is frozen (no gradient
-reaches it). The images go through the classifier as one concatenated batch (one forward, one backward: DDP-safe, and batch
-norm sees clean and denoised images together). ``--no-diffaug`` trains the plain baseline, CE(f(x), y).
-As in the authors' training scripts (github.com/oore-lab/diffaug, training_scripts/diffbase.py and
-diffaugmix.py), DiffAug's input x_da is the image's resize + centre crop for ImageFolder trees, while x is
-its random resized crop and flip; digits and CIFAR-10 have no random transform, so there x_da = x.
+reaches it). The images go through the classifier as one concatenated batch (one forward, one backward:
+DDP-safe, and batch norm sees clean and denoised images together). ``--no-diffaug`` trains the plain
+baseline, CE(f(x), y). As in the authors' training scripts (github.com/oore-lab/diffaug,
+training_scripts/diffbase.py and diffaugmix.py), DiffAug's input x_da is the image's resize + centre crop for
+ImageFolder trees, while x is its random resized crop and flip; digits and CIFAR-10 have no random transform,
+so there x_da = x.
 
 Run it (``python/train_classifier.py`` is the thin script; ``torchrun`` works as is)::
 
@@ -66,7 +67,8 @@ Choices and what they guarantee:
   stops after step N as if interrupted (chunked jobs on time-limited queues).
 - Logging: a tqdm bar on rank 0 when stderr is a terminal, plain progress lines otherwise; DIR/log.jsonl gets
   one JSON record per epoch (train loss and accuracy on clean and DiffAug'd images, with --augmix the
-  weighted JSD term, val accuracy clean and DiffAug'd, lr, step, time) and a final record; the final clean and DiffAug'd val accuracies are printed.
+  weighted JSD term, val accuracy clean and DiffAug'd, lr, step, time) and a final record; the final clean and
+  DiffAug'd val accuracies are printed.
   The DiffAug'd val accuracy draws t ~ U{t_range} per image from a generator reset at every evaluation, so
   epochs are compared on the same noise.
 """
@@ -718,7 +720,8 @@ def train_step(model: nn.Module, aug, x: Tensor, y: Tensor, optimizer, gen: Opti
     if augmix is not None and len(parts) != 3:
         raise ValueError(f"augmix must be two views of x, got {len(parts) - 1}")
     if aug is not None:
-        x0_hat, t, seed = diffaug_batch(aug, x if x_da is None else x_da, gen if gen is not None else torch.default_generator)
+        x0_hat, t, seed = diffaug_batch(aug, x if x_da is None else x_da,
+                                        gen if gen is not None else torch.default_generator)
         parts.append(x0_hat.to(x.dtype))
         info.update(t=t, seed=seed)
     with _autocast(x.device, amp):

@@ -575,7 +575,8 @@ def test_evaluate_bad_numbers_are_argparse_errors(argv, msg, capsys):
     (["--de-times=-50,0"], r"--de-times: times must be >= 0.*-50"),
     (["--modes", "DDA", "--dda-depth", "500"], r"--dda-depth must lie in \[1, 99\], got 500"),
     (["--modes", "DDA", "--dda-steps", "1"], r"--dda-steps must be at least 2"),
-    (["--modes", "DDA", "--dda-down", "64", "--image-size", "32"], r"--dda-down 64 is larger than the images \(32x32\)"),
+    (["--modes", "DDA", "--dda-down", "64", "--image-size", "32"],
+     r"--dda-down 64 is larger than the images \(32x32\)"),
     (["--device", "tpu"], r"diffaug evaluate: .*--device.*tpu"),
     (["--device", "cuda:x"], r"diffaug evaluate: bad --device 'cuda:x'"),
 ])
