@@ -106,7 +106,9 @@ def diffaug_ensemble(classifier: Callable[[Tensor], Tensor], aug: DiffAug, x: Te
     denoised in as few UNet calls as the budget allows: max_batch rows per call if given, else the chunk
     measured fastest on this device (pick_chunk). Returns [B, num_classes] probabilities. The classifier and
     the score model run in eval mode (a classifier left in train mode would normalise each chunk by its own
-    batch statistics, and update them); each module's mode is restored afterwards."""
+    batch statistics, and update them); each module's mode is restored afterwards. The score model is called
+    without labels: DE needs an unconditional one (a class-conditional model would need the very label the
+    classifier is asked for)."""
     if not isinstance(aug, DiffAug):
         raise TypeError(f"aug must be a dk.DiffAug, got {type(aug).__name__}")
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2 or x.shape[0] == 0:
