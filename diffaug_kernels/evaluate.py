@@ -499,6 +499,20 @@ def _subset(ds: Dataset, n: Optional[int], seed: int) -> Dataset:
     return Subset(ds, idx)
 
 
+def _step_note(bar, every_s: float = 2.0):
+    """progress(i, n) for dda.adapt: 'DDA step i/n' on the bar, redrawn at most every every_s seconds (a step can
+    take seconds at ImageNet sizes; redrawing at every step would flood a log)."""
+    last = [time.time()]
+
+    def note(i: int, n: int) -> None:
+        bar.set_postfix_str(f"DDA step {i}/{n} of this batch", refresh=False)
+        if time.time() - last[0] >= every_s:
+            last[0] = time.time()
+            bar.refresh()
+
+    return note
+
+
 def _bar(total, desc, enabled):
     if not enabled:
         return None
@@ -572,7 +586,7 @@ def evaluate_dataset(clfs, aug, dataset: Dataset, modes: Sequence[str], cfg: Eva
         if k > 0:
             xs = x[sel]
             scale = cfg.dda_scale if cfg.dda_scale is not None else default_dda_scale(xs.shape)
-            step = None if bar is None else (lambda i, n: bar.set_postfix_str(f"DDA step {i}/{n} of this batch"))
+            step = None if bar is None else _step_note(bar)
             adapted = dda_mod.adapt(aug, aug.schedule, xs, steps=cfg.dda_steps, depth=cfg.dda_depth,
                                     down_factor=cfg.dda_down, guidance_scale=scale,
                                     seed=_derive(cfg.seed, "dda", name, b), prediction=aug.prediction, clip=aug.clip,

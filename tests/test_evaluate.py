@@ -693,3 +693,24 @@ def test_files_that_are_not_checkpoints(tmp_path):
             cli.main(["evaluate", "--classifier", ck, "--modes", "DE", "--score-model", str(path), "--score-config",
                       "digits32"])
         assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_dda_step_note_redraws_the_bar_at_most_every_few_seconds():
+    class Bar:
+        def __init__(self):
+            self.postfix, self.redraws = None, 0
+
+        def set_postfix_str(self, s, refresh=True):
+            self.postfix = s
+            self.redraws += refresh
+
+        def refresh(self):
+            self.redraws += 1
+
+    slow, fast = Bar(), Bar()
+    note_slow, note_fast = ev._step_note(slow, every_s=3600), ev._step_note(fast, every_s=0)
+    for i in range(1, 26):
+        note_slow(i, 25)
+        note_fast(i, 25)
+    assert slow.postfix == fast.postfix == "DDA step 25/25 of this batch"
+    assert slow.redraws == 0 and fast.redraws == 25
