@@ -29,10 +29,11 @@ jpeg_compression   JPEG quality 25 18 15 10 7                    80 65 58 50 40
 Departures from the reference code (results are close in distribution, not bit-identical): the noise comes
 from torch's generator, not numpy's global one; blurs are torch convolutions with edge-replicating
 (gaussian_blur, skimage's mode="nearest") or reflecting (defocus_blur, OpenCV's BORDER_REFLECT_101) padding;
-the defocus alias blur is folded into one kernel; pixelate uses area averaging down and nearest-neighbour up
-(PIL's BOX both ways in the reference; BOX upsampling by a factor is nearest-neighbour); grey images get
+the defocus alias blur is folded into one kernel; pixelate resizes with PIL's BOX both ways as the reference
+does, but on float images (no 8-bit rounding in between); grey images get
 brightness as value + c (for one channel HSV's value is the pixel). The reference saves corrupted images as
-8-bit files; ``quantize=True`` reproduces that rounding (default False, except JPEG, which is 8-bit by nature).
+8-bit files (np.uint8 truncates; ImageNet-C's are JPEG at quality 85 besides); ``quantize=True`` rounds to 8
+bits like them, to the nearest level (default False, except JPEG, which is 8-bit by nature).
 Left out: glass/motion/zoom blur, snow, frost, fog, spatter, elastic_transform, saturate (they need OpenCV,
 ImageMagick or texture files); read the released ImageNet-C / CIFAR-10-C files for those.
 """
@@ -145,7 +146,7 @@ def _defocus_blur(x, c, g):
 
 
 def _contrast(x, c, g):
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    mean = x.mean(dim=(2, 3), keepdim=True)  # per channel, as the reference's np.mean(x, axis=(0, 1)) on HxWxC
     return (x - mean) * c + mean
 
 
@@ -159,9 +160,20 @@ def _brightness(x, c, g):
 
 
 def _pixelate(x, c, g):
+    """PIL's BOX resize down to c * size and back up, as the reference, on 32-bit float ("F") images: no 8-bit
+    rounding in between. (BOX weights input pixels by their overlap; for a non-integer factor that is not
+    nearest-neighbour, which had made the severities non-monotonic.)"""
+    from PIL import Image
+
     H, W = x.shape[-2:]
-    small = (max(1, int(H * c)), max(1, int(W * c)))
-    return F.interpolate(F.interpolate(x, size=small, mode="area"), size=(H, W), mode="nearest")
+    small = (max(1, int(W * c)), max(1, int(H * c)))  # PIL sizes are (width, height)
+    out = torch.empty_like(x)
+    for b in range(x.shape[0]):
+        for ch in range(x.shape[1]):
+            img = Image.fromarray(x[b, ch].numpy().astype(np.float32), "F")
+            img = img.resize(small, Image.BOX).resize((W, H), Image.BOX)
+            out[b, ch] = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).to(x.dtype)
+    return out
 
 
 def _jpeg(x, quality, g):
@@ -219,7 +231,9 @@ def corrupt(x: Tensor, name: str, severity: int, seed: int = 0, preset: Optional
 
 def corrupt_image(x: Tensor, name: str, severity: int, seed: int, index: int, preset: Optional[str] = None) -> Tensor:
     """One image [C, H, W] corrupted with a seed derived from (seed, index): independent of the batching."""
-    s = int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)]).generate_state(1, np.uint64)[0])
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    words = [seed & 0xFFFFFFFF, int(index)] + ([seed >> 32] if seed >> 32 else [])  # seeds < 2**32: unchanged
+    s = int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0])
     return corrupt(x, name, severity, seed=s, preset=preset)
 
 

@@ -29,8 +29,12 @@ def read_metadata(path) -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"score-model weights not found: {path!r}")
-    with safe_open(path, framework="pt") as f:
-        raw = f.metadata() or {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a file of another format
+        raise ValueError(f"{path} is not a safetensors file ({type(e).__name__}: {e}); for a guided-diffusion "
+                         f".pt checkpoint use dk.models.load_guided_diffusion") from None
     meta = {}
     for k, v in raw.items():
         try:
@@ -55,8 +59,9 @@ def load_score_model(path, device=None, dtype: torch.dtype = torch.float32) -> T
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
     sched_meta = meta["schedule"]
     name, T = sched_meta.get("name"), sched_meta.get("T")
-    if name not in ("linear", "cosine"):
-        raise ValueError(f"{path}: unknown schedule {sched_meta!r} in the metadata")
+    if name not in ("linear", "cosine") or isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"{path}: the metadata's schedule must be {{'name': 'linear' or 'cosine', 'T': a positive "
+                         f"integer}}, got {sched_meta!r}")
     schedule = getattr(NoiseSchedule, name)(int(T))
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(os.fspath(path)).items()}
     with torch.device("meta"):

@@ -59,9 +59,28 @@ def test_corruption_severity_is_monotonic(preset):
         assert v[-1] < _hf_energy(x)
     v = series(lambda a, b: float(a.std()), "contrast")
     assert all(b < a for a, b in zip(v, v[1:])) and v[0] < float(x.std())
+    for inp in (x, xr):  # pixelate: further from the clean image with every severity (it was not, before BOX)
+        v = series(lambda a, b: float((a - b).abs().mean()), "pixelate", inp)
+        assert all(b > a for a, b in zip(v, v[1:])), v
     for inp in (x, xr):  # grey and RGB (HSV value)
         v = series(lambda a, b: float(a.mean()), "brightness", inp)
         assert all(b > a for a, b in zip(v, v[1:])) and v[0] > float(inp.mean())
+
+
+def test_pixelate_is_pils_box_resize_and_contrast_is_per_channel():
+    """pixelate = PIL's BOX resize down and up (the reference's), here checked on 8-bit images within the
+    reference's own intermediate rounding; contrast takes each channel's own mean (a flat colour is unchanged)."""
+    from PIL import Image
+
+    x = (torch.rand(2, 3, 32, 32) * 255).round() / 127.5 - 1
+    got = C.corrupt(x, "pixelate", 3, preset="cifar")  # c = 0.85: 32 -> 27 -> 32, not an integer factor
+    for img, out in zip(x, got):
+        im = Image.fromarray(((img + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy(), "RGB")
+        ref = np.asarray(im.resize((27, 27), Image.BOX).resize((32, 32), Image.BOX), dtype=np.float32)
+        ref = torch.from_numpy(ref.copy()).permute(2, 0, 1) / 127.5 - 1
+        assert (out - ref).abs().max() <= 3 / 255
+    flat = torch.tensor([0.8, -0.8, 0.0]).view(1, 3, 1, 1).expand(2, 3, 8, 8).contiguous()
+    torch.testing.assert_close(C.corrupt(flat, "contrast", 5, preset="imagenet"), flat)
 
 
 def test_pixelate_constant_blocks_and_errors():

@@ -212,3 +212,21 @@ def test_device_without_a_gpu_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(train_score, "load_data", lambda *a, **k: pytest.fail("data loaded before the device check"))
     with pytest.raises(SystemExit, match="diffaug train-score: --device cuda: torch sees no CUDA device"):
         _cli(*TINY, "--steps", "1", "--device", "cuda", "--out", str(tmp_path / "o"))
+
+
+def test_score_files_that_are_not_train_score_exports_are_named(tiny_run, tmp_path):
+    """A .pt file, or an export whose schedule metadata lacks T, is one clear error naming the file."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    pt = tmp_path / "gd.pt"
+    torch.save({"w": torch.zeros(2)}, pt)
+    with pytest.raises(ValueError, match="not a safetensors file.*load_guided_diffusion"):
+        pretrained.load_score_model(pt)
+    _, export = tiny_run
+    with safe_open(str(export), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    bad = tmp_path / "no_T.safetensors"
+    save_file(tensors, str(bad), metadata={**meta, "schedule": json.dumps({"name": "linear"})})
+    with pytest.raises(ValueError, match="'T': a positive integer"):
+        pretrained.load_score_model(bad)
