@@ -231,8 +231,10 @@ def corrupt(x: Tensor, name: str, severity: int, seed: int = 0, preset: Optional
 
 def corrupt_image(x: Tensor, name: str, severity: int, seed: int, index: int, preset: Optional[str] = None) -> Tensor:
     """One image [C, H, W] corrupted with a seed derived from (seed, index): independent of the batching."""
-    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    words = [seed & 0xFFFFFFFF, int(index)] + ([seed >> 32] if seed >> 32 else [])  # seeds < 2**32: unchanged
+    seed = int(seed)
+    words = [seed & 0xFFFFFFFF, int(index)]
+    if not 0 <= seed < 2**32:  # the rest of the seed, so 2**32 + s differs from s (seeds in [0, 2**32) as before)
+        words += [(seed >> 32) & 0xFFFFFFFF, (seed >> 64) & 0xFFFFFFFF, int(seed < 0)]
     s = int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0])
     return corrupt(x, name, severity, seed=s, preset=preset)
 

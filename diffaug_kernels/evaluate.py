@@ -1039,8 +1039,12 @@ def main_from_args(args) -> int:
     # every option is checked before a model is loaded or an image read; a bad one is one line, no traceback
     device = str(check_device("evaluate", args.device))
     try:
-        if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
-            raise EvalError(f"--out {args.out} is a file; give a folder for the results")
+        if args.out:  # made now: a file in its place (or above it) is one line before any model loads
+            try:
+                os.makedirs(args.out, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise EvalError(f"--out {args.out} is a file (or lies under one); give a folder for the results") \
+                    from None
         if args.threads:  # counts and sizes arrive checked by the parser (cli._positive, cli._dda_scale)
             torch.set_num_threads(args.threads)
         modes = parse_modes(args.modes)

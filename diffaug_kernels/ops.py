@@ -417,7 +417,7 @@ def _tweedie_backward(ctx, grad):
     g = grad.to(cd)
     if scale is not None:
         g = g * scale.reshape(1, -1, *([1] * (x_t.dim() - 2)))
-    if ctx.clip:  # zero where the clamp is active, bounds included (the reference's hardtanh)
+    if ctx.clip:  # zero where the clamp is active, bounds and NaN included (as the reference)
         ax = torch.where(a == 0, 0, a * x_t.to(cd))  # x0 prediction ignores x_t, as the kernels do
         y = ax + b * m.to(cd)
         g = g * ((y > -1) & (y < 1)).to(cd)

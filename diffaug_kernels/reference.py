@@ -146,8 +146,9 @@ def tweedie(x_t, model_output, t, schedule: NoiseSchedule, prediction="eps", cli
         x0 = g("sqrt_recip_alphas_cumprod") * x + g("one_minus_alphas_cumprod_over_sqrt") * out
     else:
         raise ValueError(f"unknown prediction {prediction!r}")
-    if clip:  # clamp to [-1, 1]; the gradient passes strictly inside (hardtanh's convention on every torch
-        x0 = torch.nn.functional.hardtanh(x0)  # version; clamp's at the bounds changed between versions)
+    if clip:  # clamp to [-1, 1]; the gradient passes strictly inside only (not on the bounds, nor at NaN), spelled
+        # out: torch.clamp's convention at the bounds changed between versions, hardtanh's at NaN depends on size
+        x0 = torch.where((x0 > -1) & (x0 < 1), x0, x0.detach().clamp(-1, 1))
     if normalize is not None:
         mean, std = (torch.as_tensor(v, dtype=cd, device=x_t.device).reshape(1, C, *([1] * (x_t.dim() - 2)))
                      for v in normalize)

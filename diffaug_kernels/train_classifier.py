@@ -824,6 +824,18 @@ def _resolve_resume(args) -> Optional[str]:
     return args.resume
 
 
+def _run_defining(a: dict) -> dict:
+    """The run-defining args as they act, so a resume compares like with like: t_range None is the whole schedule
+    [0, T); the AugMix options only count with --augmix; a checkpoint from before --augmix-all-ops had it off."""
+    r = {k: _jsonable(a.get(k)) for k in _RUN_DEFINING}
+    if r["t_range"] is None:
+        r["t_range"] = [0, a.get("diffusion_steps") or 1000]
+    r["augmix_all_ops"] = bool(r["augmix_all_ops"])
+    if not r["augmix"]:
+        r["augmix_config"] = r["augmix_all_ops"] = None
+    return r
+
+
 def _jsonable(v):
     return list(v) if isinstance(v, tuple) else v
 
@@ -973,7 +985,8 @@ def _train(args, info: DistInfo) -> dict:
         if main:
             saved = ck["epoch_stats"]  # the epoch's sums so far, over all ranks
             epoch_stats[:len(saved)].copy_(saved)
-        changed = [k for k in _RUN_DEFINING if _jsonable(ck["args"].get(k)) != _jsonable(getattr(args, k, None))]
+        old, now = _run_defining(ck["args"]), _run_defining(vars(args))
+        changed = [k for k in _RUN_DEFINING if old.get(k) != now.get(k)]
         if changed:
             say(f"warning: resuming with different {', '.join(changed)} than the checkpoint's run")
         if ck["total_steps"] != total_steps:

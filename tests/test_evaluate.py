@@ -67,6 +67,13 @@ def test_corruption_severity_is_monotonic(preset):
         assert all(b > a for a, b in zip(v, v[1:])) and v[0] > float(inp.mean())
 
 
+def test_per_image_seeds_use_the_whole_seed():
+    x = torch.rand(3, 8, 8) * 2 - 1
+    out = {s: C.corrupt_image(x, "gaussian_noise", 3, s, 5) for s in (0, 7, 2**32, 2**32 + 7, 2**64, -1, 2**32 - 1)}
+    assert len({o.numpy().tobytes() for o in out.values()}) == len(out)
+    torch.testing.assert_close(C.corrupt_image(x, "gaussian_noise", 3, 7, 5), out[7], rtol=0, atol=0)
+
+
 def test_pixelate_is_pils_box_resize_and_contrast_is_per_channel():
     """pixelate = PIL's BOX resize down and up (the reference's), here checked on 8-bit images within the
     reference's own intermediate rounding; contrast takes each channel's own mean (a flat colour is unchanged)."""
@@ -356,9 +363,10 @@ def test_evaluate_refuses_what_would_fail_later_in_one_line(tmp_path, capsys):
     base = ["evaluate", "--classifier", f"c={ck}", "--datasets", "digits", "--max-images", "4", "--no-progress",
             "--threads", "1"]
     (tmp_path / "file").write_text("")
-    with pytest.raises(SystemExit, match="--out .* is a file") as e:
-        cli.main(base + ["--out", str(tmp_path / "file")])
-    assert "\n" not in str(e.value)
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        with pytest.raises(SystemExit, match="--out .* is a file") as e:
+            cli.main(base + ["--out", str(out)])
+        assert "\n" not in str(e.value)
     with pytest.raises(SystemExit, match="multiple of 4, got \\[18\\]"):
         cli.main(base + ["--modes", "DE", "--image-size", "18", "--score-model", "random", "--score-config",
                          "digits32", "--score-flag", "channel_mult=1,2,2", "--score-flag", "num_channels=32",

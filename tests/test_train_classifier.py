@@ -103,6 +103,27 @@ def test_checkpoint_and_resume_continue_exactly(tmp_path, capsys):
     assert clf(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
 
 
+def test_resume_of_an_older_checkpoint_does_not_warn_about_unchanged_settings(tmp_path, capsys):
+    """A checkpoint written before t_range defaulted to None and before --augmix-all-ops (and with 5 epoch
+    sums) resumes with the same options and no warning: the settings are compared as they act."""
+    out = str(tmp_path / "run")
+    common = TINY_ARGS + ["--steps", "4", "--out", out]
+    assert tc.main(common + ["--stop-at-step", "2"]) == 0
+    path = os.path.join(out, tc.CHECKPOINT_NAME)
+    ck = torch.load(path, weights_only=False)
+    ck["args"]["t_range"] = [0, 1000]
+    ck["args"]["augmix_config"] = "augmix-m3-w3-d1"
+    del ck["args"]["augmix_all_ops"]
+    ck["epoch_stats"] = ck["epoch_stats"][:5]
+    torch.save(ck, path)
+    capsys.readouterr()
+    assert tc.main(common + ["--resume"]) == 0
+    text = capsys.readouterr().out
+    assert "resumed from" in text and "warning: resuming with different" not in text, text
+    assert tc.main(common + ["--resume", "--t-range", "0,500"]) == 0
+    assert "different t_range" in capsys.readouterr().out
+
+
 def test_torchrun_two_processes_gloo(tmp_path):
     out = str(tmp_path / "ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -135,10 +135,10 @@ def test_gradient_equals_reference_autograd_mixed_dtypes(backend):
 def test_clip_gradient_is_zero_on_the_bounds(backend, dtype):
     """Where x0_hat lands exactly on -1 or 1 (a saturated x0 model, bf16 rounding) the clamp is active: no
     gradient, on every backend. (torch.clamp's own convention at the bounds changed between torch versions.)"""
-    xt = torch.zeros(1, 1, 1, 5, dtype=dtype, requires_grad=True)
-    m = torch.tensor([[[[1.0, -1.0, 0.5, 1.5, -0.25]]]], dtype=dtype, requires_grad=True)
+    xt = torch.zeros(1, 1, 1, 6, dtype=dtype, requires_grad=True)
+    m = torch.tensor([[[[1.0, -1.0, 0.5, 1.5, -0.25, float("nan")]]]], dtype=dtype, requires_grad=True)
     dk.tweedie(xt, m, 10, S, prediction="x0", clip=True, backend=backend).sum().backward()
-    assert m.grad.flatten().tolist() == [0.0, 0.0, 1.0, 0.0, 1.0]
+    assert m.grad.flatten().tolist() == [0.0, 0.0, 1.0, 0.0, 1.0, 0.0]  # NaN: no gradient either
     # eps prediction: x0_hat = a x_t - b eps hits the bounds exactly where a x_t = +-1 + b eps
     a, b = (float(S.table(n, "cpu", torch.float64)[10]) for n in ("sqrt_recip_alphas_cumprod",
                                                                    "sqrt_recipm1_alphas_cumprod"))
