@@ -63,10 +63,10 @@ def _device_and_unet(device, flags: Optional[dict]):
 
 
 def check_size(size: int, flags: dict) -> None:
-    """The UNet halves the image len(channel_mult) - 1 times: size must be a multiple of 2 to that power."""
-    from .models.unet import _parse_channel_mult
+    """ValueError unless size suits the UNet the flags describe (models.unet.size_multiple)."""
+    from .models.unet import _parse_channel_mult, size_multiple
 
-    factor = 2 ** (len(_parse_channel_mult(flags.get("channel_mult", ""), flags["image_size"])) - 1)
+    factor = size_multiple(_parse_channel_mult(flags.get("channel_mult", ""), flags["image_size"]))
     if size % factor:
         raise ValueError(f"size {size} is not a multiple of {factor}: this UNet halves the image "
                          f"{factor.bit_length() - 1} times")

@@ -984,6 +984,9 @@ def _percentile(v: float, flag: str, allow_100: bool = False) -> float:
     return float(v)
 
 
+_SMALL_KINDS = {"digits", "digits-c", "cifar10", "cifar10-c"}  # 32x32 sets; ImageFolder trees default to 224
+
+
 def pick_image_size(given: Optional[int], classifiers, id_sets: Sequence[DatasetSpec], log=print) -> int:
     """The size the digits and ImageFolder sets are made at (CIFAR-10 stays 32x32): --image-size if given, else
     the size the classifiers were trained at (their checkpoints say), else 32 when every in-distribution set is
@@ -999,7 +1002,7 @@ def pick_image_size(given: Optional[int], classifiers, id_sets: Sequence[Dataset
         raise EvalError(f"the classifiers were trained at different image sizes {trained}: give --image-size")
     if known:
         return known.pop()
-    return 32 if {d.kind for d in id_sets} <= {"digits", "digits-c", "cifar10", "cifar10-c"} else 224
+    return 32 if {d.kind for d in id_sets} <= _SMALL_KINDS else 224
 
 
 def _image_size(ds: DatasetSpec, size: int) -> int:
@@ -1062,7 +1065,7 @@ def main_from_args(args) -> int:
         dda_steps, dda_depth, dda_down, image_size = args.dda_steps, args.dda_depth, args.dda_down, args.image_size
         dda_scale = None if args.dda_scale == "auto" else float(args.dda_scale)
         kinds = {d.kind for d in dsets + oods}
-        small = kinds <= {"digits", "digits-c", "cifar10", "cifar10-c"}
+        small = kinds <= _SMALL_KINDS
         hint = "digits" if kinds <= {"digits", "digits-c"} else ("cifar10:" if small else "folder")
         need_dda = any(m in ("DDA", "DDA-SE") for m in modes)
         need_de = "DE" in modes or bool(oods)
@@ -1086,20 +1089,18 @@ def main_from_args(args) -> int:
         channels = in_channels(classifiers[0][1])
         check_channels(dsets[0], channels)  # depends on the classifier only: once, before the score model
         size = cfg.image_size = pick_image_size(image_size, classifiers, dsets + ([id_ds] if id_ds else []))
-        if need_dda:
+        if need_dda and not image_size:  # a given size was checked above
             _check_dda(dda_steps, dda_depth, dda_down, [_image_size(d, size) for d in dsets])
         need_score = any(m != "Default" for m in modes) or bool(oods)
         aug = None
         if need_score:
             aug = load_score(args.score_model, args.score_config, args.score_flag, args.schedule, hint, channels)
             T = aug.schedule.num_timesteps
-            mult = getattr(aug.model, "channel_mult", None)
-            factor = 2 ** (len(mult) - 1) if mult else 1
-            odd = sorted({_image_size(d, size) for d in dsets + oods} - {0}, key=int)
-            odd = [v for v in odd if v % factor]
+            factor = getattr(aug.model, "size_multiple", 1)
+            odd = sorted({v for v in (_image_size(d, size) for d in dsets + oods) if v % factor})
             if odd:
-                raise EvalError(f"the score model halves the image {len(mult) - 1} times, so the image size must be "
-                                f"a multiple of {factor}, got {odd} (--image-size)")
+                raise EvalError(f"the score model halves the image {factor.bit_length() - 1} times, so the image "
+                                f"size must be a multiple of {factor}, got {odd} (--image-size)")
             if need_de:
                 check_times(de_times, T)
             if need_dda:

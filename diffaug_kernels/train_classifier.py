@@ -649,7 +649,8 @@ def build_datasets(args):
     if args.data.startswith("cifar10:") and size != 32:
         raise UsageError("CIFAR-10 is 32x32; --image-size must be 32 (or left out)")
     augmix = augmix_transform(args.augmix_config, channels, args.augmix_all_ops) if args.augmix else None
-    train = make_dataset(args.data, "train", size, channels, centre_view=is_folder and not args.no_diffaug)
+    centre_view = is_folder and not args.no_diffaug  # DiffAug takes the centre crop, as the authors' scripts do
+    train = make_dataset(args.data, "train", size, channels, centre_view=centre_view)
     val = None
     if not args.no_val:
         vspec = args.val_data or args.data
@@ -661,7 +662,7 @@ def build_datasets(args):
         train = Subset(train, range(min(args.limit_train, len(train))))
     if val is not None and args.limit_val:
         val = Subset(val, range(min(args.limit_val, len(val))))
-    if augmix is not None or (is_folder and not args.no_diffaug):
+    if augmix is not None or centre_view:
         train = TrainViews(train, augmix)
     return train, val, channels, size, num_classes
 

@@ -59,6 +59,12 @@ _DEFAULT_CHANNEL_MULT = {
 }
 
 
+def size_multiple(channel_mult: Sequence[float]) -> int:
+    """What a UNet input's height and width must be multiples of: it halves the image len(channel_mult) - 1
+    times."""
+    return 2 ** (len(channel_mult) - 1)
+
+
 def default_channel_mult(image_size: int) -> tuple:
     """The channel multipliers create_model picks for an image size (guided-diffusion's, and our small ones)."""
     try:
@@ -384,6 +390,11 @@ class ADMUNet(nn.Module):
         self.out = nn.Sequential(_norm(ch), nn.SiLU(), _zero(nn.Conv2d(input_ch, out_channels, 3, padding=1)))
 
     # -------------------------------------------------------------------------------------------------
+    @property
+    def size_multiple(self) -> int:
+        """Input height and width must be multiples of this (see size_multiple())."""
+        return size_multiple(self.channel_mult)
+
     def set_attention_backend(self, backend: str) -> "ADMUNet":
         """Switches every attention block to "sdpa" or "xformers" (same math); returns self."""
         _check_attention_backend(backend)
@@ -408,7 +419,7 @@ class ADMUNet(nn.Module):
     def forward(self, x: Tensor, t, y: Optional[Tensor] = None) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
-        factor = 2 ** (len(self.channel_mult) - 1)
+        factor = self.size_multiple
         if x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(f"x's height and width must be multiples of {factor} (the UNet downsamples "
                              f"{len(self.channel_mult) - 1} times), got {tuple(x.shape[2:])}")
