@@ -13,6 +13,9 @@
 # tested too; fetch them beforehand where the package registry is reachable, e.g.
 #   pip download --no-deps -d .cache xformers==0.0.35 nvidia-cuda-runtime-cu12
 # Nothing is downloaded on the GPU machine.
+# The model step also times the compiled UNet with the group norm's previous, group-wise statistics (--norm-ab)
+# and keeps the generated source of the slowest inductor kernels (kernels/); model-cdt (not in the default list)
+# runs it again with inductor's coordinate-descent tuning of block sizes.
 # Measured on an H200 (2026-11-26): environment 6-9 s, build 54-97 s, tests with the sanitizer beside them
 # 150-215 s, ops benchmark 22-74 s, RNG floor 18-33 s, UNet/DiffAug-step benchmark 111-163 s (with the
 # profile; its NCHW row, one more compile, only in the model-cudnn step), DE benchmark 64 s before its two
@@ -159,6 +162,18 @@ bench_model() {  # bench_model NAME [EXTRA ARGS...]
     > "$W/$n.txt" 2> "$W/$n.log"
   local rc=$?; cat "$W/$n.txt"; tail -5 "$W/$n.log"; return $rc
 }
+kernel_sources() {  # kernel_sources PROFILE DEST: the generated source of the slowest inductor kernels the profile
+  # names (its full-name list), and the two biggest graph wrappers (call(): buffer layouts, launch order), gzipped
+  local prof=$1 dest=$2 k f n=0; mkdir -p "$dest"
+  for k in $(sed -n '/inductor kernels by self time, full names:/,$p' "$prof" | awk 'NF >= 5 {print $5}' | head -12); do
+    f=$(grep -rl --include='*.py' -e "def $k(" "$INDUCTOR_CACHE" 2>/dev/null | xargs -r grep -L "def call(" | head -1)
+    [ -n "$f" ] && cp "$f" "$dest/$k.py" && n=$((n + 1))
+  done
+  for f in $(grep -rl --include='*.py' "def call(" "$INDUCTOR_CACHE" 2>/dev/null | xargs -r ls -S | head -2); do
+    gzip -c "$f" > "$dest/wrapper-$(basename "$f").gz"
+  done
+  echo "kernel sources: $n kernels and $(ls "$dest" | grep -c wrapper) wrappers in $dest"
+}
 rng_floor() {
   "$PY" benchmarks/floor.py --device cuda "$W/floor.json" > "$W/floor.txt" 2>&1; local rc=$?; cat "$W/floor.txt"; return $rc
 }
@@ -179,7 +194,7 @@ if runs:
         same = r1.get("vs_same_bytes_copy")
         print(f"{r1['op']:<20}{r1['dtype']:<10}{r1['impl']:<24}{ms}{r1.get('gb_s', 0):7.0f}{r1['pct_copy']:6.0f}%"
               f"{100 * same if same else float('nan'):7.0f}%{r1['speedup']:8.2f}x{comp / r1['ms']:11.2f}x")
-for name in ("floor", "bench-ensemble", "bench-model", "bench-model-cudnn"):
+for name in ("floor", "bench-ensemble", "bench-model", "bench-model-cdt", "bench-model-cudnn"):
     p = f"{d}/{name}.txt"
     if os.path.exists(p) and os.path.getsize(p):
         print(); print(open(p).read().rstrip())
@@ -190,8 +205,11 @@ for name in ("floor", "bench-ensemble", "bench-model", "bench-model-cudnn"):
 PY
 }
 
-export PY W
-export -f env_info build gpu_tests sanitize kernel_profile bench_ops bench_ensemble bench_model rng_floor
+# inductor's generated code goes to a fresh cache of this run's own, so kernel_sources finds what ran
+INDUCTOR_CACHE=/tmp/gpu-check-inductor
+rm -rf "$INDUCTOR_CACHE"
+export PY W INDUCTOR_CACHE TORCHINDUCTOR_CACHE_DIR="$INDUCTOR_CACHE"
+export -f env_info build gpu_tests sanitize kernel_profile bench_ops bench_ensemble bench_model kernel_sources rng_floor
 step environment 60 5 env_info 2>&1 | tee "$W/env.log"
 # GPU_CHECK_BUILD=0 keeps the extension an earlier call built on the same (warm) machine, when it still loads.
 if [ "${GPU_CHECK_BUILD:-1}" = 0 ] && "$PY" -c "import diffaug_kernels as dk; assert 'cuda' in dk.available_backends()" 2>/dev/null; then
@@ -219,7 +237,12 @@ if "$PY" -c "import diffaug_kernels" 2>/dev/null; then
       ensemble) step "benchmark DiffAug-Ensemble vs per-t loop vs DDA" 300 90 bench_ensemble ;;
       bench2) step "benchmark ops, run 2 (run-to-run noise)" 120 30 bench_ops 2 ;;
       model) step "benchmark UNet forward + DiffAug step (+ profile)" 270 60 bench_model bench-model \
-             --profile "$W/bench-model-profile.txt" ;;
+             --profile "$W/bench-model-profile.txt" --norm-ab \
+             && kernel_sources "$W/bench-model-profile.txt" "$W/kernels" ;;
+      model-cdt)  # the same with inductor's coordinate-descent tuning of its kernels' block sizes (slower compile)
+        TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 step "benchmark UNet + DiffAug step, coordinate-descent tuning" \
+          330 90 bench_model bench-model-cdt --profile "$W/bench-model-cdt-profile.txt" \
+          && kernel_sources "$W/bench-model-cdt-profile.txt" "$W/kernels-cdt" ;;
       model-cudnn) step "benchmark UNet forward + DiffAug step, cudnn.benchmark, + NCHW" 300 60 bench_model \
                    bench-model-cudnn --cudnn-benchmark --nchw ;;
       *) note "unknown step '$s' in GPU_CHECK_STEPS"; status=1 ;;

@@ -320,6 +320,9 @@ def environment(device) -> dict:
         "fused_backends": fused_backends(device),
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        # inductor settings given through the environment (e.g. TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1): they
+        # change what the compiled rows measure
+        "inductor_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TORCHINDUCTOR_")},
     }
 
 

@@ -16,6 +16,7 @@ from . import bench
 from .jsonfile import write_json
 from .augment import DiffAug
 from .models import create_adm_unet
+from .models.unet import GroupNorm32
 from .schedule import NoiseSchedule
 
 # ~8.0M parameters (learned sigma, scale-shift norm, attention at 16x16 and 8x8): guided-diffusion-sized.
@@ -103,6 +104,18 @@ def _profile_group(name: str) -> str:
     return next((g for g, pats in _PROFILE_GROUPS if any(p in name for p in pats)), "other")
 
 
+def _full_kernel_names(events, attr: str, rows: int) -> list:
+    """Lines naming the inductor-generated kernels with the most self time, in full: the profile's table cuts
+    names short, and inductor's names (which list the fused aten ops) find a kernel's generated source under
+    TORCHINDUCTOR_CACHE_DIR, to see what a slow one reads and writes. None on the CPU (no per-kernel events)."""
+    top = sorted((e for e in events if (getattr(e, attr, 0.0) or 0.0) > 0 and e.key.startswith("triton_")),
+                 key=lambda e: getattr(e, attr), reverse=True)[:rows]
+    if not top:
+        return []
+    return ["", "inductor kernels by self time, full names:"] + [
+        f"  {getattr(e, attr) / 1e3:9.3f} ms  {e.count:4d} calls  {e.key}" for e in top]
+
+
 def profile_step(fn, device: torch.device, path: str, rows: int = 30) -> dict:
     """One call of fn under torch.profiler (after one untimed call): time per group of kernels (GPU) or ops
     (CPU) and the top `rows` by self time, written to path as text. Returns {group: ms}."""
@@ -126,6 +139,7 @@ def profile_step(fn, device: torch.device, path: str, rows: int = 30) -> dict:
     lines = [f"{'GPU kernel' if gpu else 'CPU op self'} time by group, one call ({total:.1f} ms in all):"]
     lines += [f"  {g:<48} {ms:9.2f} ms  {100 * ms / max(total, 1e-9):5.1f}%" for g, ms in groups.items() if ms]
     lines += ["", events.table(sort_by=attr, row_limit=rows)]
+    lines += _full_kernel_names(events, attr, rows)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -134,10 +148,15 @@ def profile_step(fn, device: torch.device, path: str, rows: int = 30) -> dict:
 
 def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optional[dict] = None, reps: int = 5,
         warmup: int = 2, json_path: Optional[str] = None,
-        profile: Optional[str] = None, nchw: bool = False) -> dict:
+        profile: Optional[str] = None, nchw: bool = False, norm_ab: bool = False) -> dict:
     """The UNet forward (eager fp32, eager bf16 + channels_last, compiled; nchw: also the compiled model on a
-    contiguous input, a second compile) and the DiffAug step against the published pipeline, in one run."""
+    contiguous input, a second compile; norm_ab (GPU): also the compiled model with its group norms' statistics
+    reduced group-wise, GroupNorm32.nhwc_stats = "group", a second compile) and the DiffAug step against the
+    published pipeline, in one run."""
     device, gpu, flags = _device_and_unet(device, flags)
+    if norm_ab and not gpu:
+        raise ValueError("norm_ab times the two ways the compiled GPU group norm reduces its statistics; on the "
+                         "CPU, GroupNorm32 runs aten's group norm, so there is nothing to compare")
     size = size or (224 if gpu else flags["image_size"])
     check_size(size, flags)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -167,6 +186,18 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
         with autocast():       # serves inductor's norm kernels and the convolutions better is measured, not assumed
             return compiled(x, t)
 
+    norms = [m for m in model.modules() if isinstance(m, GroupNorm32)]
+
+    def bf16_compiled_group_stats():  # the same compiled model with the other statistics: a second graph
+        for m in norms:
+            m.nhwc_stats = "group"
+        try:
+            with autocast():
+                return compiled(cl, t)
+        finally:
+            for m in norms:
+                del m.nhwc_stats  # back to the class's default
+
     def bf16_eager():
         with autocast():
             return model(cl, t)
@@ -181,6 +212,8 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
             "eager bf16 autocast + channels_last": bf16_eager,
             "compiled bf16 autocast + channels_last": bf16_compiled,
             **({"compiled bf16 autocast, contiguous (NCHW)": bf16_compiled_nchw} if nchw else {}),
+            **({"compiled bf16 autocast + channels_last, group-wise norm stats": bf16_compiled_group_stats}
+               if norm_ab else {}),
         },
         "DiffAug step": {
             f"published ({'fp16' if gpu else 'fp32'} eager)": (lambda: published_diffaug(half_model or model, x, tables,

@@ -480,18 +480,27 @@ def test_xformers_on_cpu_tensors_is_a_clear_error():
         net(x, torch.tensor([1, 2]))
 
 
+@pytest.mark.parametrize("stats", ["channel", "group"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_group_norm_nhwc_is_group_norm(dtype, compiled):
-    """The channels_last group norm gives F.group_norm's float32 result (any scale), and stays channels_last."""
+def test_group_norm_nhwc_is_group_norm(dtype, compiled, stats):
+    """The channels_last group norm gives F.group_norm's float32 result (any scale), and stays channels_last.
+    The channels of a group have different means and spreads, so per-channel statistics merged without the
+    spread of the channel means (or with unequal weights) would be far off; a large common offset checks
+    the merge does not cancel catastrophically."""
     g = torch.Generator().manual_seed(3)
-    x = (torch.randn(3, 64, 9, 7, generator=g) * 5 + 2).to(dtype).contiguous(memory_format=torch.channels_last)
-    w, b = torch.randn(64, generator=g), torch.randn(64, generator=g)
-    fn = torch.compile(group_norm_nhwc, fullgraph=True) if compiled else group_norm_nhwc
-    got = fn(x, 32, w, b, 1e-5)
-    want = F.group_norm(x.float(), 32, w, b, 1e-5)
-    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    spread = torch.rand(1, 64, 1, 1, generator=g) * 4
+    for offset in (2.0, 300.0):
+        x = torch.randn(3, 64, 9, 7, generator=g) * spread + torch.randn(1, 64, 1, 1, generator=g) * 3 + offset
+        x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(64, generator=g), torch.randn(64, generator=g)
+        fn = torch.compile(group_norm_nhwc, fullgraph=True) if compiled else group_norm_nhwc
+        got = fn(x, 32, w, b, 1e-5, stats)
+        want = F.group_norm(x.double(), 32, w.double(), b.double(), 1e-5)
+        assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="stats must be"):
+        group_norm_nhwc(x, 32, w, b, 1e-5, "pixel")
 
 
 def test_compiled_gpu_group_norm_keeps_channels_last(monkeypatch):
@@ -518,6 +527,36 @@ def test_compiled_gpu_group_norm_keeps_channels_last(monkeypatch):
 
         assert copies(norm) == []
         assert copies(lambda v: F.group_norm(v.float(), 32, norm.weight, norm.bias, norm.eps)) != []
+
+
+def test_gpu_group_norm_statistics_follow_nhwc_stats(monkeypatch):
+    """Traced for a GPU (fake CUDA tensors), GroupNorm32 reduces per channel by default and group-wise when an
+    instance says nhwc_stats="group" (bench-model --norm-ab times the two in one run); deleting the instance's
+    attribute restores the default. Both give the group norm (test_group_norm_nhwc_is_group_norm)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def reductions(norm, x):
+        graph = make_fx(norm)(x).graph
+        return [(len(n.args[0].meta["val"].shape), list(n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else [])))
+                for n in graph.nodes if n.op == "call_function" and "var_mean" in str(n.target)]
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with FakeTensorMode():
+        norm = GroupNorm32(32, 64, device="cuda")
+        x = torch.empty(2, 64, 8, 8, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        assert reductions(norm, x) == [(3, [1])]  # [B, HW, C] over the pixels
+        norm.nhwc_stats = "group"
+        assert reductions(norm, x) == [(4, [1, 3])]  # [B, HW, G, C/G] over pixels and the group's channels
+        del norm.nhwc_stats
+        assert reductions(norm, x) == [(3, [1])]
+
+
+def test_bench_model_norm_ab_is_gpu_only():
+    from diffaug_kernels import bench_model
+
+    with pytest.raises(ValueError, match="nothing to compare"):
+        bench_model.run(device="cpu", norm_ab=True)
 
 
 @pytest.mark.parametrize("fixed", [True, False])
@@ -628,6 +667,26 @@ def test_profile_groups_kernel_names_by_what_they_do():
     assert _profile_group("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
     assert _profile_group("nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_TNN") == "matmul"
     assert _profile_group("void noise_plane_kernel<c10::BFloat16, c10::BFloat16, 2>") == "dk ops (noise, tweedie)"
+
+
+def test_profile_names_the_slowest_inductor_kernels_in_full():
+    """The profile's table cuts kernel names at 55 characters (the H100 run's three 10.3 ms kernels were all
+    "triton_poi_fused__to_copy_add_convolution_mul_permut..."); the full names follow, slowest first, so the
+    generated source can be found. Other kernels and zero-time (CPU-side) events are left out."""
+    from types import SimpleNamespace as E
+
+    from diffaug_kernels.bench_model import _full_kernel_names
+
+    long = "triton_poi_fused__to_copy_add_convolution_mul_permute_rsqrt_silu_split_sub_unsqueeze_var_mean_12"
+    events = [E(key="sm90_xmma_fprop", count=46, self_device_time_total=66589.0),
+              E(key="triton_red_fused_var_mean_3", count=7, self_device_time_total=7270.0),
+              E(key=long, count=3, self_device_time_total=30895.0),
+              E(key="triton_poi_fused_cat_9", count=1, self_device_time_total=0.0)]
+    lines = _full_kernel_names(events, "self_device_time_total", rows=5)
+    assert lines[1] == "inductor kernels by self time, full names:"
+    assert lines[2].split() == ["30.895", "ms", "3", "calls", long]
+    assert lines[3].split()[-1] == "triton_red_fused_var_mean_3" and len(lines) == 4
+    assert _full_kernel_names(events[:1], "self_device_time_total", rows=5) == []  # none: no section
 
 
 def test_bench_model_runs_at_toy_size(tmp_path):

@@ -87,26 +87,46 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
     return emb
 
 
-def group_norm_nhwc(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+def group_norm_nhwc(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float,
+                    stats: str = "channel") -> Tensor:
     """F.group_norm in float32 of a 4-D channels_last x, computed on views of its NHWC memory; the result is
     channels_last too. On GPUs, aten's group norm (eager, and inductor's decomposition of it) first copies a
     channels_last input to NCHW and returns NCHW; in the compiled 256x256 UNet on an H200 those layout copies,
-    fused with the norm, were the slowest kernels of the step (RESULTS.md, 2026-11-26, session 4)."""
+    fused with the norm, were the slowest kernels of the step (RESULTS.md, 2026-11-26, session 4).
+
+    stats="channel" reduces over the pixels per channel, reading whole NHWC rows, then merges each group's
+    channels exactly (equal counts: the group's mean is the mean of the channel means, its variance the mean of
+    the channel variances plus the variance of the channel means). stats="group" reduces over (pixels, the
+    group's channels) at once, which reads C/G channels of every row: 16 bytes in 512 for 256 bf16 channels,
+    where the H100's reduction kernels ran at about half the copy rate (session 7's profile)."""
     b, c, h, w = x.shape
-    xg = x.float().permute(0, 2, 3, 1).reshape(b, h * w, groups, c // groups)  # views: NHWC is x's memory order
-    var, mean = torch.var_mean(xg, dim=(1, 3), correction=0, keepdim=True)
+    xc = x.float().permute(0, 2, 3, 1).reshape(b, h * w, c)  # views: NHWC is x's memory order
+    xg = xc.view(b, h * w, groups, c // groups)
+    if stats == "channel":
+        var_c, mean_c = torch.var_mean(xc, dim=1, correction=0)
+        mean_c, var_c = mean_c.view(b, 1, groups, c // groups), var_c.view(b, 1, groups, c // groups)
+        mean = mean_c.mean(-1, keepdim=True)
+        var = (var_c + (mean_c - mean).square()).mean(-1, keepdim=True)
+    elif stats == "group":
+        var, mean = torch.var_mean(xg, dim=(1, 3), correction=0, keepdim=True)
+    else:
+        raise ValueError(f"stats must be 'channel' or 'group', got {stats!r}")
     y = ((xg - mean) * torch.rsqrt(var + eps)).reshape(b, h, w, c) * weight.float() + bias.float()
     return y.permute(0, 3, 1, 2)
 
 
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the input dtype; the result comes back in the input's dtype.
-    Compiled for a GPU, channels_last inputs take group_norm_nhwc (same math, no layout copies)."""
+    Compiled for a GPU, channels_last inputs take group_norm_nhwc (same math, no layout copies), with its
+    statistics computed as nhwc_stats says (bench-model --norm-ab times the two ways in one run)."""
+
+    nhwc_stats = "channel"
 
     def forward(self, x: Tensor) -> Tensor:
         if (x.dim() == 4 and x.device.type != "cpu" and torch.compiler.is_compiling()
                 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
-            return group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+            return group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps,
+                                   self.nhwc_stats).to(x.dtype)
         return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(),
                             self.eps).to(x.dtype)
 
