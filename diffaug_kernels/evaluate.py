@@ -367,7 +367,9 @@ def de_predict(clfs: Dict[str, Callable], aug, x: Tensor, times, seed: int, allo
         # diffaug_ensemble's call order: the raw batch (when t = 0 is in times) first, then the expanded rows,
         # row r belonging to image r % B
         z = torch.cat(calls).cpu()
-        zf = z.nan_to_num(neginf=-1e4)
+        # -inf (a class _restrict left out) becomes finite for the sums; NaN and +inf stay, so the energy of an
+        # image whose logits broke is NaN and its metrics say so, as for the other scores
+        zf = z.masked_fill(z == float("-inf"), -1e4)
         p = torch.softmax(z, -1)
         probs, logits = torch.zeros(B, z.shape[-1]), torch.zeros(B, z.shape[-1])
         k = 0
@@ -668,6 +670,9 @@ def run(classifiers, aug, datasets: Sequence[DatasetSpec], cfg: EvalConfig, out:
     if out:
         os.makedirs(out, exist_ok=True)
     classifiers = [(n, c.to(cfg.device).eval()) for n, c in classifiers]
+    if ood_datasets:  # run_ood checks again on the heads that pass feature_head_check
+        _check_feature_percentiles({n: h for n, c in classifiers if hasattr(c, "linear_head")
+                                    and (h := c.linear_head()) is not None}, cfg)
     channels, size = _clf_input([c for _, c in classifiers], aug, cfg)
     results: Dict[str, Dict[str, dict]] = {n: {} for n, _ in classifiers}
     for ds in datasets:
@@ -774,6 +779,19 @@ def _metrics(id_s: np.ndarray, ood_s: np.ndarray) -> dict:
     return {"auroc": ood.auroc(id_s, ood_s), "fpr95": ood.fpr_at_95_tpr(id_s, ood_s)}
 
 
+def _check_feature_percentiles(heads: dict, cfg: EvalConfig) -> None:
+    """EvalError when ASH-S's or SCALE's percentile keeps none of a linear head's input features: checked before
+    any pass over the data, rather than failing after the ID set's whole DE pass."""
+    from . import ood
+
+    for cname, head in heads.items():
+        n = head.weight.shape[1]
+        for flag, p in (("--ash-percentile", cfg.ash_percentile), ("--scale-percentile", cfg.scale_percentile)):
+            if ood.kept_count(n, p) < 1:
+                raise EvalError(f"{flag} {p} keeps none of {cname}'s {n} penultimate features "
+                                f"(k = n - round(n * p / 100) = {ood.kept_count(n, p)}); use a smaller one")
+
+
 def run_ood(classifiers, aug, id_ds: DatasetSpec, ood_datasets, cfg: EvalConfig, out, log=print) -> dict:
     """AUROC and FPR@95 of each classifier with id_ds as in-distribution, for MSP and energy of the Default and DE
     outputs and, for classifiers whose logits are a linear head on penultimate features (feature_head_check),
@@ -798,6 +816,7 @@ def run_ood(classifiers, aug, id_ds: DatasetSpec, ood_datasets, cfg: EvalConfig,
             log(f"[{cname}] ReAct / ASH / SCALE skipped: {why}")
         else:
             heads[cname] = clf.linear_head()
+    _check_feature_percentiles(heads, cfg)
     keys = {n: base_keys + ([f"Default/{s}" for s in FEATURE_SCORES] if n in heads else []) for n, _ in classifiers}
     settings = {m: cfg.mode_settings(m) for m in modes}
     settings["ood"] = {"react_percentile": cfg.react_percentile, "ash_percentile": cfg.ash_percentile,
@@ -1056,7 +1075,14 @@ def main_from_args(args) -> int:
         if not dsets:
             raise EvalError("--datasets is empty")
         oods = parse_datasets(args.ood_datasets.split(",")) if args.ood_datasets else []
-        id_ds = parse_datasets([args.id_dataset])[0] if args.id_dataset else None
+        id_ds = None
+        if args.id_dataset:
+            ids = parse_datasets([args.id_dataset])
+            if len(ids) != 1:  # "digits-c:all:3" and the like name several sets
+                raise EvalError(f"--id-dataset {args.id_dataset!r} names {len(ids)} data sets "
+                                f"({', '.join(d.name for d in ids[:4])}{', ...' if len(ids) > 4 else ''}); "
+                                f"give exactly one")
+            id_ds = ids[0]
         try:
             de_times = parse_times(args.de_times)
         except EvalError as e:

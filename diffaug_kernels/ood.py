@@ -162,11 +162,17 @@ def _head_energy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     return torch.logsumexp(logits, dim=1)
 
 
+def kept_count(n: int, percentile: float) -> int:
+    """How many of n activations ASH-S and SCALE keep: k = n - round(n p / 100) (Python's round, half to even,
+    is numpy's, as in the reference code)."""
+    return n - int(round(n * percentile / 100.0))
+
+
 def _topk_keep(x: torch.Tensor, percentile: float):
     """Per-sample (flat over all non-batch dims): k, the kept-mask of the k largest, s1, s2."""
     flat = x.reshape(x.shape[0], -1)
     n = flat.shape[1]
-    k = n - int(round(n * percentile / 100.0))  # Python round == np.round: half to even, as the reference
+    k = kept_count(n, percentile)
     if k < 1:
         raise ValueError(f"percentile={percentile} keeps no activation of the {n} per sample "
                          f"(k = n - round(n * p / 100) = {k}); use a smaller percentile")

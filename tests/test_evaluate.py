@@ -231,6 +231,26 @@ def test_de_predict_matches_diffaug_ensemble():
         assert got[n][1].shape == ref.shape
 
 
+def test_de_predict_keeps_broken_logits_broken():
+    """A classifier whose logits are NaN for one image: DE's mean logits (the energy score's input) stay NaN for
+    that image, as its mean softmax does, instead of NaN turning into 0 (a made-up finite energy and a valid-
+    looking AUROC); +inf stays +inf; the other images are untouched."""
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            z = x.flatten(1)[:, :3] * 5
+            return torch.cat([z[:1] * float("nan"), z[1:2].clamp(max=0) + torch.tensor([float("inf"), 0, 0]), z[2:]])
+
+    torch.manual_seed(0)
+    unet = dk.models.create_adm_unet(image_size=16, in_channels=1, **TINY_FLAGS).eval()
+    aug = dk.DiffAug(unet, dk.NoiseSchedule.linear(1000))
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    (p, z), = ev.de_predict({"c": Broken()}, aug, x, (0, 100), seed=0).values()
+    assert torch.isnan(z[0]).all() and torch.isnan(p[0]).all()
+    assert z[1, 0] == float("inf") and torch.isfinite(z[1, 1:]).all()
+    assert torch.isfinite(z[2]).all() and torch.isfinite(dk.ood.energy(z[2:])).all()
+    assert torch.isnan(dk.ood.energy(z[:1])).all()
+
+
 def _expected_counts(clf, aug, spec, x, y, cfg):
     """Each mode's number of right answers, recomputed with the package's own prediction functions (torch argmax,
     dk.diffaug_ensemble, dk.dda.dda_se_predict) and the harness's seeding: batches of cfg.batch_size, per-batch
@@ -538,6 +558,21 @@ def test_evaluate_clear_errors(tmp_path, capsys):
         cli.main(["evaluate", "--classifier", ck, "--modes", "TTA"])
     with pytest.raises(SystemExit, match=r"--ash-percentile must be in \[0, 100\)"):
         cli.main(["evaluate", "--classifier", ck, "--modes", "Default", "--ash-percentile", "100"])
+    # one in-distribution set, named: a pattern naming several, or none, is refused (it used the first one)
+    data = _folder(tmp_path / "data")
+    for ids, want in (("digits-c:all:3", "names 10 data sets"), (" ", "names 0 data sets")):
+        with pytest.raises(SystemExit, match=want):
+            cli.main(["evaluate", "--classifier", ck, "--datasets", data, "--ood-datasets", data,
+                      "--id-dataset", ids, "--no-progress"])
+    # a percentile that keeps none of the classifier's penultimate features is refused before any pass over the
+    # data (it failed with a traceback after the whole ID pass), for ASH-S and SCALE alike
+    n = tc.load_classifier(ck).linear_head().weight.shape[1]
+    for flag in ("--ash-percentile", "--scale-percentile"):
+        p = 100 * (n - 0.4) / n  # k = n - round(n - 0.4) = 0
+        with pytest.raises(SystemExit, match=f"{flag} {p} keeps none of .*'s {n} penultimate features") as e:
+            cli.main(["evaluate", "--classifier", ck, "--datasets", "digits", "--ood-datasets", data, "--modes",
+                      "Default", "--image-size", "16", "--out", str(tmp_path / "o"), "--no-progress", flag, str(p)])
+        assert "\n" not in str(e.value) and not os.listdir(tmp_path / "o")
 
 
 # ------------------------------------------------------------------------------------------------ plots
