@@ -229,8 +229,8 @@ def _add_bench_model(sub) -> None:
                    help="also time the compiled UNet on a contiguous (NCHW) input: which layout is faster (one more "
                         "compile)")
     p.add_argument("--norm-ab", action="store_true",
-                   help="GPU: also time the compiled UNet with its group norms' statistics reduced group-wise (the "
-                        "code before 2026-11-26) against per channel, the default (one more compile)")
+                   help="GPU: also time the compiled UNet with its group norms' statistics reduced per channel "
+                        "(merged per group) against group-wise, the default (one more compile)")
     p.set_defaults(func=_run_bench_model)
 
 

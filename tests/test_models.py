@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import diffaug_kernels.models as M
-from diffaug_kernels.models.unet import AttentionBlock, GroupNorm32, ResBlock, attention, group_norm_nhwc
+from diffaug_kernels.models.unet import (AttentionBlock, GroupNorm32, ResBlock, attention, cat_channels,
+                                         group_norm_nhwc)
 
 
 # ------------------------------------------------------------------------ expected guided-diffusion keys
@@ -530,8 +531,8 @@ def test_compiled_gpu_group_norm_keeps_channels_last(monkeypatch):
 
 
 def test_gpu_group_norm_statistics_follow_nhwc_stats(monkeypatch):
-    """Traced for a GPU (fake CUDA tensors), GroupNorm32 reduces per channel by default and group-wise when an
-    instance says nhwc_stats="group" (bench-model --norm-ab times the two in one run); deleting the instance's
+    """Traced for a GPU (fake CUDA tensors), GroupNorm32 reduces group-wise by default and per channel when an
+    instance says nhwc_stats="channel" (bench-model --norm-ab times the two in one run); deleting the instance's
     attribute restores the default. Both give the group norm (test_group_norm_nhwc_is_group_norm)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -545,11 +546,45 @@ def test_gpu_group_norm_statistics_follow_nhwc_stats(monkeypatch):
     with FakeTensorMode():
         norm = GroupNorm32(32, 64, device="cuda")
         x = torch.empty(2, 64, 8, 8, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        assert reductions(norm, x) == [(3, [1])]  # [B, HW, C] over the pixels
-        norm.nhwc_stats = "group"
         assert reductions(norm, x) == [(4, [1, 3])]  # [B, HW, G, C/G] over pixels and the group's channels
+        norm.nhwc_stats = "channel"
+        assert reductions(norm, x) == [(3, [1])]  # [B, HW, C] over the pixels
         del norm.nhwc_stats
-        assert reductions(norm, x) == [(3, [1])]
+        assert reductions(norm, x) == [(4, [1, 3])]
+
+
+def test_cat_channels_is_cat_and_keeps_channels_last_on_the_compiled_gpu_path(monkeypatch):
+    """cat_channels is torch.cat along channels for every layout. Traced for a GPU (fake CUDA tensors, compiling),
+    channels_last inputs are concatenated as 2-D [pixels, channels] rows of their NHWC memory, a cat inductor
+    gives a row-major (so NHWC) buffer (with the plain 4-D cat, torch 2.11's inductor gave the skip-connection cat
+    an NCHW buffer that the next group norm gathered across; benchmarks/inductor_layouts.py shows it without a
+    GPU), and the result is a channels_last view of it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 4, 5, 3, generator=g), torch.randn(2, 6, 5, 3, generator=g)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        got = cat_channels(a.contiguous(memory_format=fmt), b.contiguous(memory_format=fmt))
+        assert torch.equal(got, torch.cat([a, b], 1))
+    assert torch.equal(cat_channels(a, b.contiguous(memory_format=torch.channels_last)), torch.cat([a, b], 1))
+
+    def cats(fn, *xs):
+        graph = make_fx(fn)(*xs).graph
+        return [(n.args[1], n.meta["val"].is_contiguous()) for n in graph.nodes
+                if n.op == "call_function" and "cat" in str(n.target)]
+
+    with FakeTensorMode():
+        ac, bc = (torch.empty(2, c, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last)
+                  for c in (4, 6))
+        assert cats(cat_channels, ac, bc) == [(1, False)]  # eager: torch.cat along channels
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert cats(cat_channels, ac, bc) == [(1, True)]  # [N*H*W, C] rows, cat along the channels
+        graph = make_fx(cat_channels)(ac, bc).graph
+        assert [n.meta["val"].dim() for n in graph.nodes if "cat" in str(n.target)] == [2]
+        out = cat_channels(ac, bc)
+        assert out.shape == (2, 10, 8, 8) and out.is_contiguous(memory_format=torch.channels_last)
+        assert cats(cat_channels, ac.contiguous(), bc.contiguous()) == [(1, True)]  # NCHW inputs: plain cat
 
 
 def test_bench_model_norm_ab_is_gpu_only():

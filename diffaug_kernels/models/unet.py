@@ -87,44 +87,66 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
     return emb
 
 
+def _compiled_gpu_nhwc(*xs: Tensor) -> bool:
+    """True while compiling for a GPU with every x a 4-D channels_last (and not also contiguous) tensor: where
+    the UNet computes on NHWC views so that inductor's buffers keep that layout (group_norm_nhwc, cat_channels)."""
+    return torch.compiler.is_compiling() and all(
+        x.dim() == 4 and x.device.type != "cpu" and x.is_contiguous(memory_format=torch.channels_last)
+        and not x.is_contiguous() for x in xs)
+
+
 def group_norm_nhwc(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float,
-                    stats: str = "channel") -> Tensor:
+                    stats: str = "group") -> Tensor:
     """F.group_norm in float32 of a 4-D channels_last x, computed on views of its NHWC memory; the result is
     channels_last too. On GPUs, aten's group norm (eager, and inductor's decomposition of it) first copies a
     channels_last input to NCHW and returns NCHW; in the compiled 256x256 UNet on an H200 those layout copies,
     fused with the norm, were the slowest kernels of the step (RESULTS.md, 2026-11-26, session 4).
 
-    stats="channel" reduces over the pixels per channel, reading whole NHWC rows, then merges each group's
-    channels exactly (equal counts: the group's mean is the mean of the channel means, its variance the mean of
-    the channel variances plus the variance of the channel means). stats="group" reduces over (pixels, the
-    group's channels) at once, which reads C/G channels of every row: 16 bytes in 512 for 256 bf16 channels,
-    where the H100's reduction kernels ran at about half the copy rate (session 7's profile)."""
+    stats="group" reduces over (pixels, the group's channels) at once, reading C/G channels of every NHWC row
+    (16 bytes in 512 for 256 bf16 channels: the H100's reductions ran at about half the copy rate, session 7).
+    stats="channel" reduces over the pixels per channel, reading whole rows, then merges each group's channels
+    exactly (equal counts: the group's mean is the mean of the channel means, its variance the mean of the
+    channel variances plus the variance of the channel means); whether inductor's kernel for that reduction is
+    faster is for a GPU run to say (bench-model --norm-ab)."""
     b, c, h, w = x.shape
     xc = x.float().permute(0, 2, 3, 1).reshape(b, h * w, c)  # views: NHWC is x's memory order
     xg = xc.view(b, h * w, groups, c // groups)
-    if stats == "channel":
+    if stats == "group":
+        var, mean = torch.var_mean(xg, dim=(1, 3), correction=0, keepdim=True)
+    elif stats == "channel":
         var_c, mean_c = torch.var_mean(xc, dim=1, correction=0)
         mean_c, var_c = mean_c.view(b, 1, groups, c // groups), var_c.view(b, 1, groups, c // groups)
         mean = mean_c.mean(-1, keepdim=True)
         var = (var_c + (mean_c - mean).square()).mean(-1, keepdim=True)
-    elif stats == "group":
-        var, mean = torch.var_mean(xg, dim=(1, 3), correction=0, keepdim=True)
     else:
-        raise ValueError(f"stats must be 'channel' or 'group', got {stats!r}")
+        raise ValueError(f"stats must be 'group' or 'channel', got {stats!r}")
     y = ((xg - mean) * torch.rsqrt(var + eps)).reshape(b, h, w, c) * weight.float() + bias.float()
     return y.permute(0, 3, 1, 2)
+
+
+def cat_channels(a: Tensor, b: Tensor) -> Tensor:
+    """torch.cat([a, b], dim=1). Compiled for a GPU on channels_last inputs, the cat joins [pixels, channels]
+    rows of their NHWC memory: a 2-D cat, whose default buffer is that memory order, out of reach of inductor's
+    layout rules for 4-D cats. Those rules gave the output blocks' skip-connection cat an NCHW buffer in torch
+    2.11 (the GPU machines' release), which the group norm after it gathered one channel plane apart per element:
+    the three 10.3 ms kernels of the H100 profile (RESULTS.md, 2026-11-26). A cat of 4-D NHWC views fixed 2.11
+    but gave 2.14 transposes of its own (benchmarks/inductor_layouts.py shows both without a GPU)."""
+    if _compiled_gpu_nhwc(a, b):
+        (n, ca, h, w), cb = a.shape, b.shape[1]
+        rows = [a.permute(0, 2, 3, 1).reshape(n * h * w, ca), b.permute(0, 2, 3, 1).reshape(n * h * w, cb)]
+        return torch.cat(rows, dim=1).view(n, h, w, ca + cb).permute(0, 3, 1, 2)
+    return torch.cat([a, b], dim=1)
 
 
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the input dtype; the result comes back in the input's dtype.
     Compiled for a GPU, channels_last inputs take group_norm_nhwc (same math, no layout copies), with its
-    statistics computed as nhwc_stats says (bench-model --norm-ab times the two ways in one run)."""
+    statistics reduced as nhwc_stats says (bench-model --norm-ab times both ways in one run)."""
 
-    nhwc_stats = "channel"
+    nhwc_stats = "group"
 
     def forward(self, x: Tensor) -> Tensor:
-        if (x.dim() == 4 and x.device.type != "cpu" and torch.compiler.is_compiling()
-                and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
+        if _compiled_gpu_nhwc(x):
             return group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps,
                                    self.nhwc_stats).to(x.dtype)
         return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(),
@@ -473,7 +495,7 @@ class ADMUNet(nn.Module):
             hs.append(h)
         h = self.middle_block(h, emb)
         for module in self.output_blocks:
-            h = module(torch.cat([h, hs.pop()], dim=1), emb)
+            h = module(cat_channels(h, hs.pop()), emb)
         return h
 
 
