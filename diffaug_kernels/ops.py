@@ -249,6 +249,11 @@ def _as_seed(name: str, v, device: torch.device) -> Tensor:
             raise ValueError(f"offset must lie in [0, 2**63), got {v}")
         if not 0 <= v < 2**64:
             raise ValueError(f"seed must lie in [0, 2**64), got {v}")
+        if torch.compiler.is_compiling() and v >= 2**63:
+            # torch.compile may turn an int argument into a symbol, and inductor holds symbols as int64: the
+            # compiled graph would fail on this seed (or on its int64 form, v - 2**64) with an overflow
+            raise ValueError(f"{name}={v} is 2**63 or more: inside torch.compile give such a seed as a tensor "
+                             f"(torch.tensor({v - 2**64}), its int64 bits), or a Python int below 2**63")
         # a fill, not a host-to-device copy: nothing syncs and CUDA-graph capture works
         return torch.full((), v - 2**64 if v >= 2**63 else v, dtype=torch.int64, device=device)
     if isinstance(v, Tensor):

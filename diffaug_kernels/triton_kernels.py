@@ -272,8 +272,20 @@ def _grid(n_units):
     return lambda meta: (triton.cdiv(max(n_units, 1), meta["BLOCK"]),)
 
 
+def _check_t(t, T: int) -> None:
+    """0 <= t < T: the kernels read coef[t] unchecked and cannot assert. A CUDA t is asserted on the device (no
+    host sync); a t elsewhere (the CPU, through the interpreter) is checked here on the host, since inside a
+    compiled graph the op's own host check was skipped while tracing and nothing else would catch it."""
+    if t.is_cuda:
+        assert_t_on_device(t, T)
+    elif t.numel():
+        lo, hi = (int(v) for v in torch.aminmax(t))
+        if lo < 0 or hi >= T:
+            raise ValueError(f"t must lie in [0, {T}) for this schedule, got values in [{lo}, {hi}]")
+
+
 def noise_out(x0, t, coef_a, coef_b, seed, offset, out):
-    assert_t_on_device(t, coef_a.shape[0])  # the kernels read coef[t] unchecked and cannot assert
+    _check_t(t, coef_a.shape[0])
     x0, C, S, xs, xc = _view3(x0)
     _, _, _, os_, oc = _view3(out)
     K, N = t.shape[0], x0.numel()
@@ -293,7 +305,7 @@ def noise_out(x0, t, coef_a, coef_b, seed, offset, out):
 
 
 def tweedie_out(x_t, m, t, coef_a, coef_b, clip, scale, shift, out):
-    assert_t_on_device(t, coef_a.shape[0])  # the kernels read coef[t] unchecked and cannot assert
+    _check_t(t, coef_a.shape[0])
     x_t, C, S, xs, xc = _view3(x_t)
     m, _, _, ms, mc = _view3(m)
     _, _, _, os_, oc = _view3(out)

@@ -41,17 +41,21 @@ def test_dynamic_shapes_compile(backend):
         torch.testing.assert_close(f(x, m, t), step(x, m, t, 77, backend), rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("op", ["forward_noise", "tweedie"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["forward_noise", "forward_noise_multi", "tweedie"])
 @pytest.mark.parametrize("bad", [-1, 1000])
-def test_compiled_reference_refuses_out_of_range_t(op, bad):
-    """Compiled, the ops' host check of t is skipped; the reference's gather asserts in the graph instead, so a
-    negative t does not silently read the table's last entry (nor 1000 past its end)."""
+def test_compiled_ops_refuse_out_of_range_t(op, bad, backend):
+    """Compiled, the ops' host check of t is skipped. The reference's gather asserts in the graph instead, the
+    CPU kernels check t themselves, and the Triton wrapper checks a CPU t on the host (it had left that to the
+    skipped check: the kernels then read past the table, silently). So a negative t does not read the table's
+    last entry, nor 1000 past its end."""
     x = torch.rand(2, 3, 4, 4)
-    fn = (lambda x, t: dk.forward_noise(x, t, S, seed=1, backend="reference")) if op == "forward_noise" else (
-        lambda x, t: dk.tweedie(x, x, t, S, clip=False, backend="reference"))
+    fn = {"forward_noise": lambda x, t: dk.forward_noise(x, t, S, seed=1, backend=backend),
+          "forward_noise_multi": lambda x, t: dk.forward_noise_multi(x, t, S, seed=1, backend=backend),
+          "tweedie": lambda x, t: dk.tweedie(x, x, t, S, clip=False, backend=backend)}[op]
     f = torch.compile(fn, fullgraph=True)
     f(x, torch.tensor([3, 4]))
-    with pytest.raises(RuntimeError, match=r"t must lie in \[0, 1000\)"):
+    with pytest.raises((RuntimeError, ValueError), match=r"t must lie in \[0, 1000\)"):
         f(x, torch.tensor([bad, 4]))
 
 
@@ -83,6 +87,25 @@ def test_new_int_seed_does_not_recompile_forever(backend):
     assert counts["stats"]["unique_graphs"] <= 2  # one static, then one with the seed dynamic
     for s, o in enumerate(outs):
         assert torch.equal(o, dk.forward_noise(x, 5, S, seed=s, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seeds_of_2_63_and_more_inside_compile_are_a_clear_error(backend):
+    """Seeds lie in [0, 2**64), but inductor holds an int argument that became a symbol as int64: a seed of 2**63
+    or more failed inside the compiled graph ("too big to convert to int64_t", or a bad int arg at run time,
+    from the second distinct seed on). Inside torch.compile it is refused with what to pass instead; that
+    tensor (the seed's int64 bits) gives the eager noise of the int, and smaller ints keep working."""
+    x = torch.rand(2, 3, 8, 8)
+    f = torch.compile(lambda x, s: dk.forward_noise(x, 5, S, seed=s, backend=backend), fullgraph=True,
+                      dynamic=True)
+    big = 0xE3E70682C2094CAC
+    with pytest.raises(Exception, match="give such a seed as a tensor"):
+        f(x, big)
+    want = dk.forward_noise(x, 5, S, seed=big, backend=backend)  # eager takes it
+    # (inductor's fusion of the reference's math rounds a little differently from eager)
+    torch.testing.assert_close(f(x, torch.tensor(big - 2**64)), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(f(x, 2**63 - 1), dk.forward_noise(x, 5, S, seed=2**63 - 1, backend=backend),
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", CPU_FUSED)
