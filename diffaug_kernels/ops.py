@@ -530,6 +530,13 @@ def _norm_affine(normalize, C: int, device: torch.device, dtype: torch.dtype):
     """(x + 1) / 2 then (x - mean) / std, folded to x * scale + shift, per channel."""
     try:
         mean, std = normalize
+    except (TypeError, ValueError):
+        raise TypeError(f"normalize must be (mean, std), two sequences of {C} numbers, got {normalize!r}") from None
+    if torch.compiler.is_compiling() and (isinstance(mean, Tensor) or isinstance(std, Tensor)):
+        # the values become per-channel constants, read on the host: a graph cannot read a tensor's values
+        raise TypeError("inside torch.compile, give normalize's mean and std as sequences of Python floats, "
+                        "not tensors (e.g. normalize=(mean.tolist(), std.tolist()) outside the compiled code)")
+    try:
         mean = [_static_float(v) for v in (mean.tolist() if isinstance(mean, Tensor) else mean)]
         std = [_static_float(v) for v in (std.tolist() if isinstance(std, Tensor) else std)]
     except (TypeError, ValueError):

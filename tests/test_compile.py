@@ -41,6 +41,19 @@ def test_dynamic_shapes_compile(backend):
         torch.testing.assert_close(f(x, m, t), step(x, m, t, 77, backend), rtol=1e-6, atol=1e-5)
 
 
+def test_tensor_normalize_inside_compile_is_a_clear_error():
+    """normalize's values become per-channel constants read on the host, which a graph cannot do with tensors:
+    inside torch.compile, tensors are refused with what to pass instead (it was dynamo's tolist() graph-break
+    error); floats compile, and eager takes tensors."""
+    x, t = torch.rand(2, 3, 4, 4) * 2 - 1, torch.tensor([3, 500])
+    mean, std = torch.tensor(dk.IMAGENET_NORM[0]), torch.tensor(dk.IMAGENET_NORM[1])
+    want = dk.tweedie(x, x, t, S, normalize=(mean, std))
+    f = torch.compile(lambda x, t, n: dk.tweedie(x, x, t, S, normalize=n), fullgraph=True)
+    with pytest.raises(Exception, match="give normalize's mean and std as sequences of Python floats"):
+        f(x, t, (mean, std))
+    torch.testing.assert_close(f(x, t, (mean.tolist(), std.tolist())), want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", ["forward_noise", "forward_noise_multi", "tweedie"])
 @pytest.mark.parametrize("bad", [-1, 1000])
