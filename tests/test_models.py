@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import diffaug_kernels.models as M
-from diffaug_kernels.models.unet import (AttentionBlock, GroupNorm32, ResBlock, attention, cat_channels,
+from diffaug_kernels.models.unet import (AttentionBlock, GroupNorm32, ResBlock, Upsample, attention, cat_channels,
                                          group_norm_nhwc)
 
 
@@ -585,6 +585,28 @@ def test_cat_channels_is_cat_and_keeps_channels_last_on_the_compiled_gpu_path(mo
         out = cat_channels(ac, bc)
         assert out.shape == (2, 10, 8, 8) and out.is_contiguous(memory_format=torch.channels_last)
         assert cats(cat_channels, ac.contiguous(), bc.contiguous()) == [(1, True)]  # NCHW inputs: plain cat
+
+
+def test_upsampling_keeps_the_dtype_under_cuda_autocast(monkeypatch):
+    """CUDA autocast runs nearest upsampling in float32. Upsample casts back (exactly: nearest copies values), so
+    an up ResBlock under bf16 autocast returns bf16; its float32 result had made the residual sum and the
+    skip-connection cat after it float32, twice the bytes through the norms of each output level's first
+    block (found with benchmarks/inductor_layouts.py's trace)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(), torch.device("cuda"):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+        x = torch.empty(2, 32, 4, 4, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        block = ResBlock(32, 16, 0.0, up=True, use_scale_shift_norm=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert F.interpolate(x, scale_factor=2, mode="nearest").dtype == torch.float32  # autocast's rule
+            assert Upsample(32, False)(x).dtype == torch.bfloat16
+            y = block(x, torch.empty(2, 16))
+            assert y.dtype == torch.bfloat16 and y.shape == (2, 32, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, generator=g).to(torch.bfloat16)
+    assert torch.equal(Upsample(3, False)(x), x.repeat_interleave(2, 2).repeat_interleave(2, 3))
 
 
 def test_bench_model_norm_ab_is_gpu_only():

@@ -192,7 +192,10 @@ class Upsample(nn.Module):
             self.conv = nn.Conv2d(channels, self.out_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        # back to x's dtype: CUDA autocast runs nearest upsampling in float32, and a float32 result made the up
+        # blocks' residual sums, and the skip-connection cats after them, float32 (twice the bytes through
+        # every norm there); nearest copies values, so the cast back is exact
+        x = F.interpolate(x, scale_factor=2, mode="nearest").to(x.dtype)
         return self.conv(x) if self.use_conv else x
 
 
