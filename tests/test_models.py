@@ -667,6 +667,36 @@ def test_xformers_without_kernels_is_a_clear_error(monkeypatch):
     assert isinstance(info.value.__cause__, NotImplementedError)
 
 
+@pytest.mark.parametrize("stats", ["group", "channel"])
+def test_the_compiled_gpu_paths_give_the_eager_unet_on_the_cpu(monkeypatch, stats):
+    """The UNet's compiled-GPU code paths (group_norm_nhwc with either statistics, cat_channels) taken on the CPU
+    here, compiled by inductor, against the eager UNet: the same outputs, so the GPU run only has to confirm
+    them (test_compiled_unet_on_gpu_equals_eager)."""
+    import diffaug_kernels.models.unet as U
+
+    torch._dynamo.reset()
+    net = tiny(num_res_blocks=2).eval()
+    x, t, _ = inputs(net, b=2)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = net(x, t)
+        taken = []
+
+        def anywhere(*xs):  # the GPU condition without "not on the CPU"
+            ok = torch.compiler.is_compiling() and all(
+                v.dim() == 4 and v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous()
+                for v in xs)
+            taken.append(ok)
+            return ok
+
+        monkeypatch.setattr(U, "_compiled_gpu_nhwc", anywhere)
+        monkeypatch.setattr(GroupNorm32, "nhwc_stats", stats)
+        got = torch.compile(net, fullgraph=True)(x, t)
+    assert taken.count(True) >= 2 * len(net.output_blocks)  # taken while tracing: every cat, and the norms
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+
+
 @pytest.mark.cuda
 def test_compiled_unet_on_gpu_equals_eager(monkeypatch):
     """Compiled for a GPU on channels_last inputs, the norms take group_norm_nhwc: the same outputs as eager
