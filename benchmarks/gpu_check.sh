@@ -13,8 +13,8 @@
 # tested too; fetch them beforehand where the package registry is reachable, e.g.
 #   pip download --no-deps -d .cache xformers==0.0.35 nvidia-cuda-runtime-cu12
 # Nothing is downloaded on the GPU machine.
-# The model step also times the compiled UNet with the group norm's previous, group-wise statistics (--norm-ab)
-# and keeps the generated source of the slowest inductor kernels (kernels/); model-cdt (not in the default list)
+# The model step also times the compiled UNet with candidate settings (--candidates: group-norm statistics per
+# channel, cudnn.benchmark) and keeps the generated source of the slowest inductor kernels (kernels/); model-cdt (not in the default list)
 # runs it again with inductor's coordinate-descent tuning of block sizes.
 # Measured on an H200 (2026-11-26): environment 6-9 s, build 54-97 s, tests with the sanitizer beside them
 # 150-215 s, ops benchmark 22-74 s, RNG floor 18-33 s, UNet/DiffAug-step benchmark 111-163 s (with the
@@ -26,7 +26,7 @@
 #   (carrying .cache; the call's timeout 590 s; ncu is skipped when it no longer fits), then, at once on the
 #   warm machine, GPU_CHECK_BUILD=0 GPU_CHECK_STEPS=ensemble,bench2 ... with the device time left.
 # Measured on an H100 (2026-11-26): a machine start took about 200 s of device time, the build 61 s, tests with
-# the sanitizer 157 s, ops benchmark 54 s, model (with profile, before --norm-ab) 120 s, ncu 16 s.
+# the sanitizer 157 s, ops benchmark 54 s, model (with profile, before --candidates) 120 s, ncu 16 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -240,7 +240,7 @@ if "$PY" -c "import diffaug_kernels" 2>/dev/null; then
       ensemble) step "benchmark DiffAug-Ensemble vs per-t loop vs DDA" 300 90 bench_ensemble ;;
       bench2) step "benchmark ops, run 2 (run-to-run noise)" 120 30 bench_ops 2 ;;
       model) step "benchmark UNet forward + DiffAug step (+ profile)" 270 60 bench_model bench-model \
-             --profile "$W/bench-model-profile.txt" --norm-ab \
+             --profile "$W/bench-model-profile.txt" --candidates \
              && kernel_sources "$W/bench-model-profile.txt" "$W/kernels" ;;
       model-cdt)  # the same with inductor's coordinate-descent tuning of its kernels' block sizes (slower compile)
         TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 step "benchmark UNet + DiffAug step, coordinate-descent tuning" \

@@ -148,15 +148,17 @@ def profile_step(fn, device: torch.device, path: str, rows: int = 30) -> dict:
 
 def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optional[dict] = None, reps: int = 5,
         warmup: int = 2, json_path: Optional[str] = None,
-        profile: Optional[str] = None, nchw: bool = False, norm_ab: bool = False) -> dict:
+        profile: Optional[str] = None, nchw: bool = False, candidates: bool = False) -> dict:
     """The UNet forward (eager fp32, eager bf16 + channels_last, compiled; nchw: also the compiled model on a
-    contiguous input, a second compile; norm_ab (GPU): also the compiled model with its group norms' statistics
-    reduced per channel, GroupNorm32.nhwc_stats = "channel", a second compile) and the DiffAug step against the
-    published pipeline, in one run."""
+    contiguous input, a second compile) and the DiffAug step against the published pipeline, in one run.
+    candidates (GPU): also the compiled model with settings that are not the default yet, each to be measured
+    against it in the same run: its group norms' statistics reduced per channel (GroupNorm32.nhwc_stats =
+    "channel", a second compile), and cuDNN choosing its convolution algorithms by timing them
+    (cudnn.benchmark, the same graph)."""
     device, gpu, flags = _device_and_unet(device, flags)
-    if norm_ab and not gpu:
-        raise ValueError("norm_ab times the two ways the compiled GPU group norm reduces its statistics; on the "
-                         "CPU, GroupNorm32 runs aten's group norm, so there is nothing to compare")
+    if candidates and not gpu:
+        raise ValueError("candidates are settings of the compiled GPU UNet (its group norm's statistics, cuDNN's "
+                         "algorithm choice); on the CPU there is nothing to compare")
     size = size or (224 if gpu else flags["image_size"])
     check_size(size, flags)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -198,6 +200,15 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
             for m in norms:
                 del m.nhwc_stats  # back to the class's default
 
+    def bf16_compiled_cudnn_benchmark():  # cuDNN times its algorithms at the first call of each shape
+        before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            with autocast():
+                return compiled(cl, t)
+        finally:
+            torch.backends.cudnn.benchmark = before
+
     def bf16_eager():
         with autocast():
             return model(cl, t)
@@ -212,8 +223,9 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
             "eager bf16 autocast + channels_last": bf16_eager,
             "compiled bf16 autocast + channels_last": bf16_compiled,
             **({"compiled bf16 autocast, contiguous (NCHW)": bf16_compiled_nchw} if nchw else {}),
-            **({"compiled bf16 autocast + channels_last, per-channel norm stats": bf16_compiled_channel_stats}
-               if norm_ab else {}),
+            **({"compiled bf16 autocast + channels_last, per-channel norm stats": bf16_compiled_channel_stats,
+                "compiled bf16 autocast + channels_last, cudnn.benchmark": bf16_compiled_cudnn_benchmark}
+               if candidates else {}),
         },
         "DiffAug step": {
             f"published ({'fp16' if gpu else 'fp32'} eager)": (lambda: published_diffaug(half_model or model, x, tables,

@@ -228,9 +228,9 @@ def _add_bench_model(sub) -> None:
     p.add_argument("--nchw", action="store_true",
                    help="also time the compiled UNet on a contiguous (NCHW) input: which layout is faster (one more "
                         "compile)")
-    p.add_argument("--norm-ab", action="store_true",
-                   help="GPU: also time the compiled UNet with its group norms' statistics reduced per channel "
-                        "(merged per group) against group-wise, the default (one more compile)")
+    p.add_argument("--candidates", action="store_true",
+                   help="GPU: also time the compiled UNet with settings that are not the default yet: group-norm "
+                        "statistics per channel (one more compile), cudnn.benchmark")
     p.set_defaults(func=_run_bench_model)
 
 
@@ -238,13 +238,13 @@ def _run_bench_model(args) -> int:
     from . import bench_model
 
     _model_bench_device("bench-model", args)
-    if args.norm_ab and not args.device.startswith("cuda"):
-        sys.exit("diffaug bench-model: --norm-ab compares the compiled GPU group norm's two ways; on the CPU, "
-                 "GroupNorm32 runs aten's group norm")
+    if args.candidates and not args.device.startswith("cuda"):
+        sys.exit("diffaug bench-model: --candidates are settings of the compiled GPU UNet; on the CPU there is "
+                 "nothing to compare")
     _check_png("bench-model", args.plot)
     result = bench_model.run(device=args.device, batch=args.batch, size=args.size, reps=args.reps,
                              warmup=args.warmup, json_path=args.json, profile=args.profile, nchw=args.nchw,
-                             norm_ab=args.norm_ab)
+                             candidates=args.candidates)
     return _plot(result, args.plot)
 
 

@@ -82,8 +82,8 @@ def test_plot_paths_are_checked_before_the_benchmark(tmp_path, monkeypatch):
     for cmd in ("bench-model", "bench-ensemble"):
         with pytest.raises(SystemExit, match="--size: size 10 is not a multiple of"):
             cli.main([cmd, "--device", "cpu", "--size", "10"])
-    with pytest.raises(SystemExit, match="--norm-ab compares the compiled GPU group norm"):
-        cli.main(["bench-model", "--device", "cpu", "--norm-ab"])
+    with pytest.raises(SystemExit, match="--candidates are settings of the compiled GPU UNet"):
+        cli.main(["bench-model", "--device", "cpu", "--candidates"])
 
 
 def _bar_width(img, label):

@@ -532,7 +532,7 @@ def test_compiled_gpu_group_norm_keeps_channels_last(monkeypatch):
 
 def test_gpu_group_norm_statistics_follow_nhwc_stats(monkeypatch):
     """Traced for a GPU (fake CUDA tensors), GroupNorm32 reduces group-wise by default and per channel when an
-    instance says nhwc_stats="channel" (bench-model --norm-ab times the two in one run); deleting the instance's
+    instance says nhwc_stats="channel" (bench-model --candidates times the two in one run); deleting the instance's
     attribute restores the default. Both give the group norm (test_group_norm_nhwc_is_group_norm)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -609,11 +609,11 @@ def test_upsampling_keeps_the_dtype_under_cuda_autocast(monkeypatch):
     assert torch.equal(Upsample(3, False)(x), x.repeat_interleave(2, 2).repeat_interleave(2, 3))
 
 
-def test_bench_model_norm_ab_is_gpu_only():
+def test_bench_model_candidates_are_gpu_only():
     from diffaug_kernels import bench_model
 
     with pytest.raises(ValueError, match="nothing to compare"):
-        bench_model.run(device="cpu", norm_ab=True)
+        bench_model.run(device="cpu", candidates=True)
 
 
 @pytest.mark.parametrize("fixed", [True, False])

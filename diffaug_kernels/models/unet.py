@@ -107,7 +107,7 @@ def group_norm_nhwc(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: f
     stats="channel" reduces over the pixels per channel, reading whole rows, then merges each group's channels
     exactly (equal counts: the group's mean is the mean of the channel means, its variance the mean of the
     channel variances plus the variance of the channel means); whether inductor's kernel for that reduction is
-    faster is for a GPU run to say (bench-model --norm-ab)."""
+    faster is for a GPU run to say (bench-model --candidates)."""
     b, c, h, w = x.shape
     xc = x.float().permute(0, 2, 3, 1).reshape(b, h * w, c)  # views: NHWC is x's memory order
     xg = xc.view(b, h * w, groups, c // groups)
@@ -141,7 +141,7 @@ def cat_channels(a: Tensor, b: Tensor) -> Tensor:
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the input dtype; the result comes back in the input's dtype.
     Compiled for a GPU, channels_last inputs take group_norm_nhwc (same math, no layout copies), with its
-    statistics reduced as nhwc_stats says (bench-model --norm-ab times both ways in one run)."""
+    statistics reduced as nhwc_stats says (bench-model --candidates times both ways in one run)."""
 
     nhwc_stats = "group"
 
