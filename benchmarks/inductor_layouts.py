@@ -156,7 +156,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--config", default="imagenet256_uncond", help="an ADM_CONFIGS name (default: the paper's model)")
-    p.add_argument("--stats", default="group", choices=("group", "channel"), help="GroupNorm32.nhwc_stats")
+    p.add_argument("--stats", default="channel", choices=("group", "channel"), help="GroupNorm32.nhwc_stats")
     p.add_argument("--plain-cat", action="store_true", help="torch.cat for the skip connections (before the fix)")
     p.add_argument("--min-elements", type=float, default=1e7, help="list kernels moving at least this many")
     p.add_argument("--wrapper", metavar="PATH", help="also write the generated wrapper here")

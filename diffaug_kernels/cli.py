@@ -229,8 +229,8 @@ def _add_bench_model(sub) -> None:
                    help="also time the compiled UNet on a contiguous (NCHW) input: which layout is faster (one more "
                         "compile)")
     p.add_argument("--candidates", action="store_true",
-                   help="GPU: also time the compiled UNet with settings that are not the default yet: group-norm "
-                        "statistics per channel (one more compile), cudnn.benchmark")
+                   help="GPU: also time the compiled UNet with other settings than the default: group-norm "
+                        "statistics group-wise (one more compile), cudnn.benchmark")
     p.set_defaults(func=_run_bench_model)
 
 

@@ -96,18 +96,18 @@ def _compiled_gpu_nhwc(*xs: Tensor) -> bool:
 
 
 def group_norm_nhwc(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float,
-                    stats: str = "group") -> Tensor:
+                    stats: str = "channel") -> Tensor:
     """F.group_norm in float32 of a 4-D channels_last x, computed on views of its NHWC memory; the result is
     channels_last too. On GPUs, aten's group norm (eager, and inductor's decomposition of it) first copies a
     channels_last input to NCHW and returns NCHW; in the compiled 256x256 UNet on an H200 those layout copies,
     fused with the norm, were the slowest kernels of the step (RESULTS.md, 2026-11-26, session 4).
 
-    stats="group" reduces over (pixels, the group's channels) at once, reading C/G channels of every NHWC row
-    (16 bytes in 512 for 256 bf16 channels: the H100's reductions ran at about half the copy rate, session 7).
     stats="channel" reduces over the pixels per channel, reading whole rows, then merges each group's channels
     exactly (equal counts: the group's mean is the mean of the channel means, its variance the mean of the
-    channel variances plus the variance of the channel means); whether inductor's kernel for that reduction is
-    faster is for a GPU run to say (bench-model --candidates)."""
+    channel variances plus the variance of the channel means). stats="group" reduces over (pixels, the group's
+    channels) at once, reading C/G channels of every NHWC row (16 bytes in 512 for 256 bf16 channels, where the
+    H100's reductions ran at about half the copy rate). On the H100 the compiled 256x256 UNet ran 2.7% faster
+    per channel, in one run (226.6 against 232.9 ms, RESULTS.md 2026-11-26, session 8)."""
     b, c, h, w = x.shape
     xc = x.float().permute(0, 2, 3, 1).reshape(b, h * w, c)  # views: NHWC is x's memory order
     xg = xc.view(b, h * w, groups, c // groups)
@@ -141,9 +141,9 @@ def cat_channels(a: Tensor, b: Tensor) -> Tensor:
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the input dtype; the result comes back in the input's dtype.
     Compiled for a GPU, channels_last inputs take group_norm_nhwc (same math, no layout copies), with its
-    statistics reduced as nhwc_stats says (bench-model --candidates times both ways in one run)."""
+    statistics reduced as nhwc_stats says ("channel"; bench-model --candidates also times "group")."""
 
-    nhwc_stats = "group"
+    nhwc_stats = "channel"
 
     def forward(self, x: Tensor) -> Tensor:
         if _compiled_gpu_nhwc(x):
