@@ -92,6 +92,14 @@ def assert_t_on_device(t: torch.Tensor, T: int) -> None:
         torch._assert_async(((t >= 0) & (t < T)).all(), f"t must lie in [0, {T}) for this schedule")
 
 
+def check_t_on_host(name: str, t: torch.Tensor, T: int) -> None:
+    """0 <= t < T checked on the host (a sync on a GPU: for tensors already there); ValueError otherwise."""
+    if t.numel():
+        lo, hi = (int(v) for v in torch.aminmax(t))
+        if lo < 0 or hi >= T:
+            raise ValueError(f"{name} must lie in [0, {T}) for this schedule, got values in [{lo}, {hi}]")
+
+
 def _per_sample(table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     return table[t].reshape(-1, *([1] * (ndim - 1)))
 

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from .reference import assert_t_on_device
+from .reference import assert_t_on_device, check_t_on_host
 
 try:
     import triton
@@ -278,10 +278,8 @@ def _check_t(t, T: int) -> None:
     compiled graph the op's own host check was skipped while tracing and nothing else would catch it."""
     if t.is_cuda:
         assert_t_on_device(t, T)
-    elif t.numel():
-        lo, hi = (int(v) for v in torch.aminmax(t))
-        if lo < 0 or hi >= T:
-            raise ValueError(f"t must lie in [0, {T}) for this schedule, got values in [{lo}, {hi}]")
+    else:
+        check_t_on_host("t", t, T)
 
 
 def noise_out(x0, t, coef_a, coef_b, seed, offset, out):
