@@ -73,6 +73,13 @@ def check_size(size: int, flags: dict) -> None:
                          f"{factor.bit_length() - 1} times")
 
 
+def check_candidates(gpu: bool) -> None:
+    """ValueError off a GPU: run(candidates=True)'s rows are settings of the compiled GPU UNet."""
+    if not gpu:
+        raise ValueError("candidates are settings of the compiled GPU UNet (its group norm's statistics, cuDNN's "
+                         "algorithm choice); on the CPU there is nothing to compare")
+
+
 def _fp16_copy(model, flags: dict, device):
     """The published code's fp16 model on a GPU (guided-diffusion's use_fp16 converts the weights)."""
     half = create_adm_unet(**flags).to(device).half().eval()
@@ -156,9 +163,8 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
     until the H100 run of 2026-11-26 measured per channel faster; a second compile), and cuDNN choosing its
     convolution algorithms by timing them (cudnn.benchmark, the same graph; no faster in that run)."""
     device, gpu, flags = _device_and_unet(device, flags)
-    if candidates and not gpu:
-        raise ValueError("candidates are settings of the compiled GPU UNet (its group norm's statistics, cuDNN's "
-                         "algorithm choice); on the CPU there is nothing to compare")
+    if candidates:
+        check_candidates(gpu)
     size = size or (224 if gpu else flags["image_size"])
     check_size(size, flags)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731

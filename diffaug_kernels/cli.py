@@ -238,9 +238,11 @@ def _run_bench_model(args) -> int:
     from . import bench_model
 
     _model_bench_device("bench-model", args)
-    if args.candidates and not args.device.startswith("cuda"):
-        sys.exit("diffaug bench-model: --candidates are settings of the compiled GPU UNet; on the CPU there is "
-                 "nothing to compare")
+    if args.candidates:
+        try:
+            bench_model.check_candidates(args.device.startswith("cuda"))
+        except ValueError as e:
+            sys.exit(f"diffaug bench-model: --{e}")
     _check_png("bench-model", args.plot)
     result = bench_model.run(device=args.device, batch=args.batch, size=args.size, reps=args.reps,
                              warmup=args.warmup, json_path=args.json, profile=args.profile, nchw=args.nchw,
