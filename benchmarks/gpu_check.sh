@@ -177,6 +177,11 @@ kernel_sources() {  # kernel_sources PROFILE DEST: the generated source of the s
   done
   echo "kernel sources: $n kernels and $(ls "$dest" | grep -c wrapper) wrappers in $dest"
 }
+tune_tweedie() {  # the planar tweedie kernel's variants, interleaved; its last line names the fastest in bf16
+  "$PY" benchmarks/tweedie_variants.py --rounds 7 --reps 40 --json "$W/tweedie-variants.json" \
+    > "$W/tweedie-variants.txt" 2>&1
+  local rc=$?; cat "$W/tweedie-variants.txt"; return $rc
+}
 rng_floor() {
   "$PY" benchmarks/floor.py --device cuda "$W/floor.json" > "$W/floor.txt" 2>&1; local rc=$?; cat "$W/floor.txt"; return $rc
 }
@@ -197,7 +202,7 @@ if runs:
         same = r1.get("vs_same_bytes_copy")
         print(f"{r1['op']:<20}{r1['dtype']:<10}{r1['impl']:<24}{ms}{r1.get('gb_s', 0):7.0f}{r1['pct_copy']:6.0f}%"
               f"{100 * same if same else float('nan'):7.0f}%{r1['speedup']:8.2f}x{comp / r1['ms']:11.2f}x")
-for name in ("floor", "bench-ensemble", "bench-model", "bench-model-cdt", "bench-model-cudnn"):
+for name in ("tweedie-variants", "floor", "bench-ensemble", "bench-model", "bench-model-cdt", "bench-model-cudnn"):
     p = f"{d}/{name}.txt"
     if os.path.exists(p) and os.path.getsize(p):
         print(); print(open(p).read().rstrip())
@@ -213,7 +218,8 @@ PY
 INDUCTOR_CACHE=/tmp/gpu-check-inductor
 [ "${GPU_CHECK_BUILD:-1}" = 0 ] || rm -rf "$INDUCTOR_CACHE"
 export PY W INDUCTOR_CACHE TORCHINDUCTOR_CACHE_DIR="$INDUCTOR_CACHE"
-export -f env_info build gpu_tests sanitize kernel_profile bench_ops bench_ensemble bench_model kernel_sources rng_floor
+export -f env_info build gpu_tests sanitize kernel_profile bench_ops bench_ensemble bench_model kernel_sources rng_floor \
+  tune_tweedie
 step environment 60 5 env_info 2>&1 | tee "$W/env.log"
 # GPU_CHECK_BUILD=0 keeps the extension an earlier call built on the same (warm) machine, when it still loads.
 if [ "${GPU_CHECK_BUILD:-1}" = 0 ] && "$PY" -c "import diffaug_kernels as dk; assert 'cuda' in dk.available_backends()" 2>/dev/null; then
@@ -223,7 +229,7 @@ else
 fi
 # GPU_CHECK_STEPS picks and orders the steps after the build (default: all, correctness first), e.g.
 # GPU_CHECK_STEPS=bench1,floor,bench2 when only the timings are missing and device time is short.
-STEPS="${GPU_CHECK_STEPS:-tests,bench1,model,ncu,ensemble,bench2,model-cudnn,floor}"
+STEPS="${GPU_CHECK_STEPS:-tune,tests,bench1,model,ncu,ensemble,bench2,model-cudnn,floor}"
 # Without the CUDA kernels (a failed compile falls back to CPU) Triton is still worth testing and timing.
 if "$PY" -c "import diffaug_kernels" 2>/dev/null; then
   for s in ${STEPS//,/ }; do
@@ -237,6 +243,12 @@ if "$PY" -c "import diffaug_kernels" 2>/dev/null; then
         wait $pt || status=1
         cat "$W/step-tests.out"
         grep -q "GPU tests.*exit 0" "$W/summary.txt" || status=1 ;;
+      tune)  # the later steps (benchmarks, tests) then run with the fastest variant; GPU_CHECK_TUNE_APPLY=0: not
+        if step "tweedie variants (units per thread, streaming hints)" 90 20 tune_tweedie \
+           && [ "${GPU_CHECK_TUNE_APPLY:-1}" != 0 ]; then
+          best=$(awk '/^best:/ {print $2}' "$W/tweedie-variants.txt")
+          [ -n "$best" ] && export DIFFAUG_CUDA_TWEEDIE_UNITS="$best" && note "later steps: DIFFAUG_CUDA_TWEEDIE_UNITS=$best"
+        fi ;;
       bench1) step "benchmark ops, run 1" 180 40 bench_ops 1 ;;
       floor) step "what bounds the ops: RNG rate alone, per-call cost" 60 15 rng_floor ;;
       ncu) step "Nsight Compute profile of the CUDA kernels" 60 30 kernel_profile ;;

@@ -9,6 +9,10 @@
 // with vector access where whole samples are dense. Seed and offset are read from device memory, so a
 // captured CUDA graph replays with whatever the tensors hold (fresh noise) and no launch waits on the host.
 #include <ATen/Dispatch.h>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <type_traits>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -58,22 +62,24 @@ bool plane_vectorizable(const Tensor& x, const View3& v) {
          (v.C == 1 || v.sc % E == 0);
 }
 
-// Planar launch shape: grid.x = planes, grid.y = slices of one plane; dim3's y is at most 65535. Threads per
-// block: the whole warps, from kThreads (or the plane, if smaller) down to half that, that leave the fewest
-// lanes idle in a plane's last slice; ties keep the larger block. A 224x224 bf16 plane (6272 units of 8)
-// takes 28 blocks of 224 threads, where 256 would leave half of every plane's 25th block idle.
+// Planar launch shape: grid.x = planes, grid.y = slices of one plane; dim3's y is at most 65535. A block
+// covers threads x U units of its plane (U units per thread, a block apart). Threads per block: the whole
+// warps, from kThreads (or what the plane needs, if fewer) down to half that, that leave the fewest lanes
+// idle in a plane's last slice; ties keep the larger block. A 224x224 bf16 plane (6272 units of 8) takes 28
+// blocks of 224 threads at U = 1, where 256 would leave half of every plane's 25th block idle.
 struct PlaneLaunch {
   dim3 grid, block;
   bool ok;
 };
-inline PlaneLaunch plane_launch(int64_t planes, int64_t units_per_plane) {
-  const int64_t most = std::min<int64_t>(kThreads, std::max<int64_t>(32, (units_per_plane + 31) / 32 * 32));
+inline PlaneLaunch plane_launch(int64_t planes, int64_t units_per_plane, int64_t U = 1) {
+  const int64_t need = (units_per_plane + U - 1) / U;  // threads one block per plane would need
+  const int64_t most = std::min<int64_t>(kThreads, std::max<int64_t>(32, (need + 31) / 32 * 32));
   int64_t threads = most, idle = INT64_MAX;
   for (int64_t n = most; n >= std::max<int64_t>(32, most / 2); n -= 32) {
-    const int64_t slices = (units_per_plane + n - 1) / n, waste = slices * n - units_per_plane;
+    const int64_t slices = (units_per_plane + n * U - 1) / (n * U), waste = slices * n * U - units_per_plane;
     if (slices <= 65535 && waste < idle) threads = n, idle = waste;  // (a huge plane keeps `most`)
   }
-  const int64_t slices = (units_per_plane + threads - 1) / threads;
+  const int64_t slices = (units_per_plane + threads * U - 1) / (threads * U);
   const bool ok = planes > 0 && planes < (int64_t{1} << 31) && slices <= 65535 && units_per_plane >= 32;
   return {dim3(static_cast<unsigned>(ok ? planes : 1), static_cast<unsigned>(ok ? slices : 1)),
           dim3(static_cast<unsigned>(threads)), ok};
@@ -169,15 +175,41 @@ __global__ void __launch_bounds__(kThreads) noise_kernel(
   }
 }
 
-// This thread's place in a planar launch (grid.x = planes, grid.y = slices of a plane): its E-element unit
-// starts at element s0 of plane (b, c); s0 >= S means the last slice's spare thread, with nothing to do.
+// This thread's place in a planar launch (grid.x = planes, grid.y = slices of a plane): its first E-element
+// unit starts at element s0 of plane (b, c), its j-th (of U) at s0 + j * blockDim.x * E, so a warp's accesses
+// stay contiguous; a unit at or past S is a spare in the last slice, with nothing to do.
 struct PlaneSlot {
   int64_t s0, plane, b, c;
 };
-template <int E>
+template <int E, int U = 1>
 __device__ __forceinline__ PlaneSlot plane_slot(const View3& v) {
   const int64_t plane = blockIdx.x, b = plane / v.C;
-  return {(static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * E, plane, b, plane - b * v.C};
+  return {(static_cast<int64_t>(blockIdx.y) * blockDim.x * U + threadIdx.x) * E, plane, b, plane - b * v.C};
+}
+
+// 16-byte vector access, optionally with the streaming (evict-first) cache hint: data touched once.
+template <bool CS, typename V>
+__device__ __forceinline__ V load16(const V* p) {
+  static_assert(sizeof(V) == 16, "16-byte vectors only");
+  if constexpr (CS) {
+    const int4 r = __ldcs(reinterpret_cast<const int4*>(p));
+    V v;
+    memcpy(&v, &r, 16);
+    return v;
+  } else {
+    return *p;
+  }
+}
+template <bool CS, typename V>
+__device__ __forceinline__ void store16(V* p, const V& v) {
+  static_assert(sizeof(V) == 16, "16-byte vectors only");
+  if constexpr (CS) {
+    int4 r;
+    memcpy(&r, &v, 16);
+    __stcs(reinterpret_cast<int4*>(p), r);
+  } else {
+    *p = v;
+  }
 }
 
 // One block per slice of one (b, c) plane: t, the coefficients and the plane's addresses are per block.
@@ -311,29 +343,77 @@ __global__ void __launch_bounds__(kThreads) tweedie_kernel(
   }
 }
 
-template <typename in_t, typename out_t, int E>
+// U units per thread, every load issued before any arithmetic; CS: streaming cache hints (see tweedie_variant).
+template <typename in_t, typename out_t, int E, int U, bool CS>
 __global__ void __launch_bounds__(kThreads) tweedie_plane_kernel(
     const in_t* __restrict__ x, const in_t* __restrict__ m, out_t* __restrict__ out, const int64_t* __restrict__ t,
     int64_t tb, const acc_t<in_t>* __restrict__ ca, const acc_t<in_t>* __restrict__ cb, int64_t T, bool clip,
     const acc_t<in_t>* __restrict__ scale, const acc_t<in_t>* __restrict__ shift, View3 xv, View3 mv, View3 ov) {
   using acc = acc_t<in_t>;
-  const PlaneSlot p = plane_slot<E>(xv);
+  const PlaneSlot p = plane_slot<E, U>(xv);
   if (p.s0 >= xv.S) return;
-  const int64_t s0 = p.s0, b = p.b, c = p.c;
-  const auto xw = *reinterpret_cast<const Vec<in_t, E>*>(x + b * xv.sb + c * xv.sc + s0);
-  const auto mw = *reinterpret_cast<const Vec<in_t, E>*>(m + b * mv.sb + c * mv.sc + s0);
+  const int64_t b = p.b, c = p.c, step = static_cast<int64_t>(blockDim.x) * E;
+  const in_t* xp = x + b * xv.sb + c * xv.sc + p.s0;
+  const in_t* mp = m + b * mv.sb + c * mv.sc + p.s0;
+  Vec<in_t, E> xw[U], mw[U];
+#pragma unroll
+  for (int j = 0; j < U; ++j) {
+    if (j == 0 || p.s0 + j * step < xv.S) {
+      xw[j] = load16<CS>(reinterpret_cast<const Vec<in_t, E>*>(xp + j * step));
+      mw[j] = load16<CS>(reinterpret_cast<const Vec<in_t, E>*>(mp + j * step));
+    }
+  }
   const int64_t ti = t[b * tb];
   CUDA_KERNEL_ASSERT(ti >= 0 && ti < T);
   const acc a = ca[ti], bb = cb[ti];
   const acc g = scale != nullptr ? scale[c] : acc(1), h = scale != nullptr ? shift[c] : acc(0);
-  Vec<out_t, E> vo;
+  out_t* op = out + b * ov.sb + c * ov.sc + p.s0;
 #pragma unroll
-  for (int e = 0; e < E; ++e) {
-    acc y = dk::xt_term(a, static_cast<acc>(xw.v[e])) + bb * static_cast<acc>(mw.v[e]);
-    if (clip) y = clip1(y);
-    vo.v[e] = static_cast<out_t>(scale != nullptr ? y * g + h : y);
+  for (int j = 0; j < U; ++j) {
+    if (j > 0 && p.s0 + j * step >= xv.S) break;
+    Vec<out_t, E> vo;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      acc y = dk::xt_term(a, static_cast<acc>(xw[j].v[e])) + bb * static_cast<acc>(mw[j].v[e]);
+      if (clip) y = clip1(y);
+      vo.v[e] = static_cast<out_t>(scale != nullptr ? y * g + h : y);
+    }
+    if constexpr (sizeof(vo) == 16) {
+      store16<CS>(reinterpret_cast<Vec<out_t, E>*>(op + j * step), vo);
+    } else {  // a narrower output dtype: a shorter vector
+      *reinterpret_cast<Vec<out_t, E>*>(op + j * step) = vo;
+    }
   }
-  *reinterpret_cast<Vec<out_t, E>*>(out + b * ov.sb + c * ov.sc + s0) = vo;
+}
+
+// The planar tweedie kernel's shape: U units per thread and the streaming hint. The default (kTweedieUnits,
+// no hint) is the H100's measured best; DIFFAUG_CUDA_TWEEDIE_UNITS = 1, 2 or 4, with an "s" for the streaming
+// hint (e.g. "2s"), picks another, for tuning only: benchmarks/gpu_check.sh's tune step times each. Read on
+// every call (a getenv), so one process can compare them.
+constexpr int kTweedieUnits = 1;
+struct TweedieVariant {
+  int units;
+  bool stream;
+};
+TweedieVariant tweedie_variant() {
+  const char* env = std::getenv("DIFFAUG_CUDA_TWEEDIE_UNITS");
+  if (env == nullptr || *env == '\0') return {kTweedieUnits, false};
+  const std::string v(env);
+  const bool stream = v.size() == 2 && v[1] == 's';
+  TORCH_CHECK((v.size() == 1 || stream) && (v[0] == '1' || v[0] == '2' || v[0] == '4'),
+              "DIFFAUG_CUDA_TWEEDIE_UNITS must be 1, 2 or 4, optionally followed by s (streaming hints), not '", v, "'");
+  return {v[0] - '0', stream};
+}
+
+template <typename in_t, typename out_t, int E, int U, bool CS>
+void launch_tweedie_plane(const PlaneLaunch& pl, cudaStream_t stream, const Tensor& x, const Tensor& m, Tensor& out,
+                          const Tensor& t, const Tensor& ca, const Tensor& cb, bool clip, const acc_t<in_t>* scp,
+                          const acc_t<in_t>* shp, const View3& xv, const View3& mv, const View3& ov) {
+  using acc = acc_t<in_t>;
+  tweedie_plane_kernel<in_t, out_t, E, U, CS><<<pl.grid, pl.block, 0, stream>>>(
+      x.data_ptr<in_t>(), m.data_ptr<in_t>(), out.data_ptr<out_t>(), t.data_ptr<int64_t>(), t.stride(0),
+      ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), clip, scp, shp, xv, mv, ov);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void tweedie_out(const Tensor& x_t, const Tensor& model_output, const Tensor& t, const Tensor& coef_a,
@@ -356,13 +436,25 @@ void tweedie_out(const Tensor& x_t, const Tensor& model_output, const Tensor& t,
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "tweedie_out", [&] {
       const acc* scp = sc.defined() ? sc.data_ptr<acc>() : nullptr;
       const acc* shp = sh.defined() ? sh.data_ptr<acc>() : nullptr;
-      const PlaneLaunch pl = plane_launch(xv.B * xv.C, xv.S / E);
+      // the variants apply where output and input share a dtype (the DiffAug case); others take the default
+      const TweedieVariant var = std::is_same_v<in_t, scalar_t> ? tweedie_variant() : TweedieVariant{1, false};
+      const PlaneLaunch pl = plane_launch(xv.B * xv.C, xv.S / E, var.units);
       if (pl.ok && plane_vectorizable<in_t, E>(x, xv) && plane_vectorizable<in_t, E>(m, mv) &&
           plane_vectorizable<scalar_t, E>(out, ov)) {
-        tweedie_plane_kernel<in_t, scalar_t, E><<<pl.grid, pl.block, 0, stream>>>(
-            x.data_ptr<in_t>(), m.data_ptr<in_t>(), out.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), t.stride(0),
-            ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), clip, scp, shp, xv, mv, ov);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if constexpr (std::is_same_v<in_t, scalar_t>) {
+          auto run = [&](auto u, auto cs) {
+            launch_tweedie_plane<in_t, scalar_t, E, decltype(u)::value, decltype(cs)::value>(
+                pl, stream, x, m, out, t, ca, cb, clip, scp, shp, xv, mv, ov);
+          };
+          using std::integral_constant;
+          using F = std::false_type;
+          using Tr = std::true_type;
+          if (var.units == 1) var.stream ? run(integral_constant<int, 1>{}, Tr{}) : run(integral_constant<int, 1>{}, F{});
+          else if (var.units == 2) var.stream ? run(integral_constant<int, 2>{}, Tr{}) : run(integral_constant<int, 2>{}, F{});
+          else var.stream ? run(integral_constant<int, 4>{}, Tr{}) : run(integral_constant<int, 4>{}, F{});
+        } else {
+          launch_tweedie_plane<in_t, scalar_t, E, 1, false>(pl, stream, x, m, out, t, ca, cb, clip, scp, shp, xv, mv, ov);
+        }
         return;
       }
       tweedie_kernel<in_t, scalar_t, E><<<grid_for((N + E - 1) / E), kThreads, 0, stream>>>(

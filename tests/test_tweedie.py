@@ -219,6 +219,33 @@ def test_tweedie_cuda_planar_block_sizes(dtype, shape):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("variant", ["1", "2", "4", "1s", "2s", "4s"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tweedie_cuda_planar_variants(monkeypatch, variant, dtype):
+    """Every shape of the planar CUDA kernel (DIFFAUG_CUDA_TWEEDIE_UNITS: units per thread, streaming hints)
+    gives the reference, every element written: planes a whole number of blocks (224x224), with spare units
+    in the last slice (56x56, 24x20) and narrower than a block (8x32); a mixed output dtype keeps the default."""
+    monkeypatch.setenv("DIFFAUG_CUDA_TWEEDIE_UNITS", variant)
+    for shape in ((2, 3, 224, 224), (2, 3, 56, 56), (3, 3, 24, 20), (3, 3, 8, 32)):
+        B, C = shape[:2]
+        x = torch.randn(*shape, device=CUDA).to(dtype)
+        m = torch.randn(B, 2 * C, *shape[2:], device=CUDA).to(dtype)
+        t = torch.randint(0, 1000, (B,), device=CUDA)
+        for norm, out_dtype in ((None, None), (dk.IMAGENET_NORM, None), (dk.IMAGENET_NORM, torch.float32)):
+            got = dk.tweedie(x, m, t, S, "eps", True, norm, out_dtype=out_dtype, backend="cuda")
+            want = reference.tweedie(x, m, t, S, "eps", True, norm, out_dtype=out_dtype)
+            assert_matches(got, want, mag=magnitude(x.cpu(), m.cpu(), t.cpu(), "eps", norm, C).to(CUDA))
+
+
+@pytest.mark.cuda
+def test_tweedie_cuda_variant_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("DIFFAUG_CUDA_TWEEDIE_UNITS", "3")
+    x = torch.randn(2, 3, 32, 32, device=CUDA)
+    with pytest.raises(RuntimeError, match="DIFFAUG_CUDA_TWEEDIE_UNITS must be 1, 2 or 4"):
+        dk.tweedie(x, torch.randn_like(x), torch.tensor([1, 2], device=CUDA), S, backend="cuda")
+
+
+@pytest.mark.cuda
 def test_gradients_on_gpu(gpu_backend):
     x = (torch.rand(2, 3, 8, 8, device=CUDA, dtype=torch.float64) * 2 - 1).requires_grad_()
     m = torch.randn(2, 6, 8, 8, device=CUDA, dtype=torch.float64, requires_grad=True)
