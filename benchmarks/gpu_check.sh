@@ -13,6 +13,8 @@
 # tested too; fetch them beforehand where the package registry is reachable, e.g.
 #   pip download --no-deps -d .cache xformers==0.0.35 nvidia-cuda-runtime-cu12
 # Nothing is downloaded on the GPU machine.
+# The tune step (first by default) times the planar CUDA tweedie kernel's variants (benchmarks/tweedie_variants.py)
+# and runs the later steps with the fastest in bf16 (DIFFAUG_CUDA_TWEEDIE_UNITS; GPU_CHECK_TUNE_APPLY=0: not).
 # The model step also times the compiled UNet with candidate settings (--candidates: group-norm statistics per
 # channel, cudnn.benchmark) and keeps the generated source of the slowest inductor kernels (kernels/); model-cdt (not in the default list)
 # runs it again with inductor's coordinate-descent tuning of block sizes.
@@ -96,7 +98,7 @@ gpu_tests() {
 }
 sanitize() {
   cat > "$W/sanitize.py" <<'PY'
-import torch, diffaug_kernels as dk
+import os, torch, diffaug_kernels as dk
 S = dk.NoiseSchedule.linear()
 for dtype in (torch.float32, torch.bfloat16, torch.float64):
     for shape in ((3, 3, 17, 19), (4, 3, 32, 32), (2, 3, 64, 64), (2, 3, 56, 56)):  # 56x56: 224-thread blocks
@@ -107,7 +109,9 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
             y = dk.forward_noise(xi, t, S, seed=1, backend="cuda")
             z = dk.forward_noise_multi(xi, [0, 50, 450], S, seed=2, backend="cuda")
             m = torch.randn(shape[0], 2 * shape[1], *shape[2:], device="cuda").to(dtype)
-            w = dk.tweedie(y, m, t, S, normalize=dk.IMAGENET_NORM, backend="cuda")
+            for v in ("1", "2", "4", "1s", "2s", "4s"):  # the planar tweedie kernel's variants
+                os.environ["DIFFAUG_CUDA_TWEEDIE_UNITS"] = v
+                w = dk.tweedie(y, m, t, S, normalize=dk.IMAGENET_NORM, backend="cuda")
             w = dk.tweedie(y, m.contiguous(memory_format=torch.channels_last), t, S, backend="cuda", out_dtype=torch.float16)
     dk.philox_normal((1001,), 3, device="cuda", backend="cuda")
 torch.cuda.synchronize()
