@@ -36,6 +36,45 @@ struct alignas(sizeof(T) * E) Vec {
 
 constexpr int kThreads = 256;
 
+// Vector access through integer vectors and the store intrinsics. A Vec of c10::BFloat16 or float stored as
+// itself was split by the compiler into 2- and 4-byte stores (the PTX of every kernel here, session 9: six
+// st.global.u16 and one st.global.v2.u16 per bf16 unit), and so was a plain store of its int4 copy; __stwb
+// (st.global.wb, the default store) keeps it one 16- / 8-byte store. CS: the streaming (evict-first) cache
+// hint, for data touched once.
+template <bool CS, typename V>
+__device__ __forceinline__ V load16(const V* p) {
+  static_assert(sizeof(V) == 16, "16-byte vectors only");
+  const int4 r = CS ? __ldcs(reinterpret_cast<const int4*>(p)) : *reinterpret_cast<const int4*>(p);
+  V v;
+  memcpy(&v, &r, 16);
+  return v;
+}
+template <bool CS = false, typename V>
+__device__ __forceinline__ void store_vec(V* p, const V& v) {
+  if constexpr (sizeof(V) % 16 == 0) {
+    int4 r[sizeof(V) / 16];
+    memcpy(r, &v, sizeof(V));
+#pragma unroll
+    for (int i = 0; i < static_cast<int>(sizeof(V) / 16); ++i) {
+      if constexpr (CS) {
+        __stcs(reinterpret_cast<int4*>(p) + i, r[i]);
+      } else {
+        __stwb(reinterpret_cast<int4*>(p) + i, r[i]);  // a plain store (write-back), kept whole
+      }
+    }
+  } else if constexpr (sizeof(V) == 8) {
+    uint2 r;
+    memcpy(&r, &v, 8);
+    __stwb(reinterpret_cast<uint2*>(p), r);
+  } else if constexpr (sizeof(V) == 4) {
+    unsigned int r;
+    memcpy(&r, &v, 4);
+    __stwb(reinterpret_cast<unsigned int*>(p), r);
+  } else {
+    *p = v;
+  }
+}
+
 // ATen/cuda/CUDAContext.h would pull in cuBLAS/cuSPARSE headers this build does not need: ask the driver.
 int grid_for(int64_t units) {
   int dev = 0, sms = 0;
@@ -160,7 +199,7 @@ __global__ void __launch_bounds__(kThreads) noise_kernel(
         Vec<out_t, E> vo;
 #pragma unroll
         for (int e = 0; e < E; ++e) vo.v[e] = static_cast<out_t>(a * xr[e] + s * static_cast<acc>(nz[e]));
-        *reinterpret_cast<Vec<out_t, E>*>(out + (k * B + b) * ov.sb + (i0 - b * CS)) = vo;
+        store_vec(reinterpret_cast<Vec<out_t, E>*>(out + (k * B + b) * ov.sb + (i0 - b * CS)), vo);
       } else {
 #pragma unroll
         for (int e = 0; e < E; ++e) {
@@ -185,31 +224,6 @@ template <int E, int U = 1>
 __device__ __forceinline__ PlaneSlot plane_slot(const View3& v) {
   const int64_t plane = blockIdx.x, b = plane / v.C;
   return {(static_cast<int64_t>(blockIdx.y) * blockDim.x * U + threadIdx.x) * E, plane, b, plane - b * v.C};
-}
-
-// 16-byte vector access, optionally with the streaming (evict-first) cache hint: data touched once.
-template <bool CS, typename V>
-__device__ __forceinline__ V load16(const V* p) {
-  static_assert(sizeof(V) == 16, "16-byte vectors only");
-  if constexpr (CS) {
-    const int4 r = __ldcs(reinterpret_cast<const int4*>(p));
-    V v;
-    memcpy(&v, &r, 16);
-    return v;
-  } else {
-    return *p;
-  }
-}
-template <bool CS, typename V>
-__device__ __forceinline__ void store16(V* p, const V& v) {
-  static_assert(sizeof(V) == 16, "16-byte vectors only");
-  if constexpr (CS) {
-    int4 r;
-    memcpy(&r, &v, 16);
-    __stcs(reinterpret_cast<int4*>(p), r);
-  } else {
-    *p = v;
-  }
 }
 
 // One block per slice of one (b, c) plane: t, the coefficients and the plane's addresses are per block.
@@ -242,7 +256,7 @@ __global__ void __launch_bounds__(kThreads) noise_plane_kernel(
     Vec<out_t, E> vo;
 #pragma unroll
     for (int e = 0; e < E; ++e) vo.v[e] = static_cast<out_t>(a * xr[e] + sg * static_cast<acc>(nz[e]));
-    *reinterpret_cast<Vec<out_t, E>*>(out + (k * xv.B + b) * ov.sb + c * ov.sc + s0) = vo;
+    store_vec(reinterpret_cast<Vec<out_t, E>*>(out + (k * xv.B + b) * ov.sb + c * ov.sc + s0), vo);
   }
 }
 
@@ -334,7 +348,7 @@ __global__ void __launch_bounds__(kThreads) tweedie_kernel(
       Vec<out_t, E> vo;
 #pragma unroll
       for (int e = 0; e < E; ++e) vo.v[e] = res[e];
-      *reinterpret_cast<Vec<out_t, E>*>(out + b0 * ov.sb + (i0 - b0 * CS)) = vo;
+      store_vec(reinterpret_cast<Vec<out_t, E>*>(out + b0 * ov.sb + (i0 - b0 * CS)), vo);
     } else {
 #pragma unroll
       for (int e = 0; e < E; ++e)
@@ -378,11 +392,7 @@ __global__ void __launch_bounds__(kThreads) tweedie_plane_kernel(
       if (clip) y = clip1(y);
       vo.v[e] = static_cast<out_t>(scale != nullptr ? y * g + h : y);
     }
-    if constexpr (sizeof(vo) == 16) {
-      store16<CS>(reinterpret_cast<Vec<out_t, E>*>(op + j * step), vo);
-    } else {  // a narrower output dtype: a shorter vector
-      *reinterpret_cast<Vec<out_t, E>*>(op + j * step) = vo;
-    }
+    store_vec<CS>(reinterpret_cast<Vec<out_t, E>*>(op + j * step), vo);
   }
 }
 
