@@ -36,32 +36,26 @@ struct alignas(sizeof(T) * E) Vec {
 
 constexpr int kThreads = 256;
 
-// Vector access through integer vectors and the store intrinsics. A Vec of c10::BFloat16 or float stored as
+// Vector access through integer vectors and the store intrinsic. A Vec of c10::BFloat16 or float stored as
 // itself was split by the compiler into 2- and 4-byte stores (the PTX of every kernel here, session 9: six
 // st.global.u16 and one st.global.v2.u16 per bf16 unit), and so was a plain store of its int4 copy; __stwb
-// (st.global.wb, the default store) keeps it one 16- / 8-byte store. CS: the streaming (evict-first) cache
-// hint, for data touched once.
-template <bool CS, typename V>
+// (st.global.wb, the default store) keeps it one 16-, 8- or 4-byte store. (The streaming hints __ldcs /
+// __stcs were 2.5-3.5% slower for tweedie on an H100, session 9.)
+template <typename V>
 __device__ __forceinline__ V load16(const V* p) {
   static_assert(sizeof(V) == 16, "16-byte vectors only");
-  const int4 r = CS ? __ldcs(reinterpret_cast<const int4*>(p)) : *reinterpret_cast<const int4*>(p);
+  const int4 r = *reinterpret_cast<const int4*>(p);
   V v;
   memcpy(&v, &r, 16);
   return v;
 }
-template <bool CS = false, typename V>
+template <typename V>
 __device__ __forceinline__ void store_vec(V* p, const V& v) {
   if constexpr (sizeof(V) % 16 == 0) {
     int4 r[sizeof(V) / 16];
     memcpy(r, &v, sizeof(V));
 #pragma unroll
-    for (int i = 0; i < static_cast<int>(sizeof(V) / 16); ++i) {
-      if constexpr (CS) {
-        __stcs(reinterpret_cast<int4*>(p) + i, r[i]);
-      } else {
-        __stwb(reinterpret_cast<int4*>(p) + i, r[i]);  // a plain store (write-back), kept whole
-      }
-    }
+    for (int i = 0; i < static_cast<int>(sizeof(V) / 16); ++i) __stwb(reinterpret_cast<int4*>(p) + i, r[i]);
   } else if constexpr (sizeof(V) == 8) {
     uint2 r;
     memcpy(&r, &v, 8);
@@ -357,8 +351,8 @@ __global__ void __launch_bounds__(kThreads) tweedie_kernel(
   }
 }
 
-// U units per thread, every load issued before any arithmetic; CS: streaming cache hints (see tweedie_variant).
-template <typename in_t, typename out_t, int E, int U, bool CS>
+// U units per thread, every load issued before any arithmetic (see tweedie_units).
+template <typename in_t, typename out_t, int E, int U>
 __global__ void __launch_bounds__(kThreads) tweedie_plane_kernel(
     const in_t* __restrict__ x, const in_t* __restrict__ m, out_t* __restrict__ out, const int64_t* __restrict__ t,
     int64_t tb, const acc_t<in_t>* __restrict__ ca, const acc_t<in_t>* __restrict__ cb, int64_t T, bool clip,
@@ -373,8 +367,8 @@ __global__ void __launch_bounds__(kThreads) tweedie_plane_kernel(
 #pragma unroll
   for (int j = 0; j < U; ++j) {
     if (j == 0 || p.s0 + j * step < xv.S) {
-      xw[j] = load16<CS>(reinterpret_cast<const Vec<in_t, E>*>(xp + j * step));
-      mw[j] = load16<CS>(reinterpret_cast<const Vec<in_t, E>*>(mp + j * step));
+      xw[j] = load16(reinterpret_cast<const Vec<in_t, E>*>(xp + j * step));
+      mw[j] = load16(reinterpret_cast<const Vec<in_t, E>*>(mp + j * step));
     }
   }
   const int64_t ti = t[b * tb];
@@ -392,35 +386,29 @@ __global__ void __launch_bounds__(kThreads) tweedie_plane_kernel(
       if (clip) y = clip1(y);
       vo.v[e] = static_cast<out_t>(scale != nullptr ? y * g + h : y);
     }
-    store_vec<CS>(reinterpret_cast<Vec<out_t, E>*>(op + j * step), vo);
+    store_vec(reinterpret_cast<Vec<out_t, E>*>(op + j * step), vo);
   }
 }
 
-// The planar tweedie kernel's shape: U units per thread and the streaming hint. The default (kTweedieUnits,
-// no hint) is the H100's measured best; DIFFAUG_CUDA_TWEEDIE_UNITS = 1, 2 or 4, with an "s" for the streaming
-// hint (e.g. "2s"), picks another, for tuning only: benchmarks/gpu_check.sh's tune step times each. Read on
-// every call (a getenv), so one process can compare them.
-constexpr int kTweedieUnits = 1;
-struct TweedieVariant {
-  int units;
-  bool stream;
-};
-TweedieVariant tweedie_variant() {
+// Units per thread of the planar tweedie kernel. On an H100 (session 9, benchmarks/tweedie_variants.py, bf16
+// 256x3x224x224): 2 took 86.3 us, 1 and 4 86.7 us (float32: all three 165 us). DIFFAUG_CUDA_TWEEDIE_UNITS = 1,
+// 2 or 4 picks another, for tuning only (benchmarks/gpu_check.sh's tune step times each); read on every call
+// (a getenv), so one process can compare them.
+constexpr int kTweedieUnits = 2;
+int tweedie_units() {
   const char* env = std::getenv("DIFFAUG_CUDA_TWEEDIE_UNITS");
-  if (env == nullptr || *env == '\0') return {kTweedieUnits, false};
+  if (env == nullptr || *env == '\0') return kTweedieUnits;
   const std::string v(env);
-  const bool stream = v.size() == 2 && v[1] == 's';
-  TORCH_CHECK((v.size() == 1 || stream) && (v[0] == '1' || v[0] == '2' || v[0] == '4'),
-              "DIFFAUG_CUDA_TWEEDIE_UNITS must be 1, 2 or 4, optionally followed by s (streaming hints), not '", v, "'");
-  return {v[0] - '0', stream};
+  TORCH_CHECK(v == "1" || v == "2" || v == "4", "DIFFAUG_CUDA_TWEEDIE_UNITS must be 1, 2 or 4, not '", v, "'");
+  return v[0] - '0';
 }
 
-template <typename in_t, typename out_t, int E, int U, bool CS>
+template <typename in_t, typename out_t, int E, int U>
 void launch_tweedie_plane(const PlaneLaunch& pl, cudaStream_t stream, const Tensor& x, const Tensor& m, Tensor& out,
                           const Tensor& t, const Tensor& ca, const Tensor& cb, bool clip, const acc_t<in_t>* scp,
                           const acc_t<in_t>* shp, const View3& xv, const View3& mv, const View3& ov) {
   using acc = acc_t<in_t>;
-  tweedie_plane_kernel<in_t, out_t, E, U, CS><<<pl.grid, pl.block, 0, stream>>>(
+  tweedie_plane_kernel<in_t, out_t, E, U><<<pl.grid, pl.block, 0, stream>>>(
       x.data_ptr<in_t>(), m.data_ptr<in_t>(), out.data_ptr<out_t>(), t.data_ptr<int64_t>(), t.stride(0),
       ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), clip, scp, shp, xv, mv, ov);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -446,24 +434,21 @@ void tweedie_out(const Tensor& x_t, const Tensor& model_output, const Tensor& t,
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "tweedie_out", [&] {
       const acc* scp = sc.defined() ? sc.data_ptr<acc>() : nullptr;
       const acc* shp = sh.defined() ? sh.data_ptr<acc>() : nullptr;
-      // the variants apply where output and input share a dtype (the DiffAug case); others take the default
-      const TweedieVariant var = std::is_same_v<in_t, scalar_t> ? tweedie_variant() : TweedieVariant{1, false};
-      const PlaneLaunch pl = plane_launch(xv.B * xv.C, xv.S / E, var.units);
+      // the choice applies where output and input share a dtype (the DiffAug case); others take one unit
+      const int units = std::is_same_v<in_t, scalar_t> ? tweedie_units() : 1;
+      const PlaneLaunch pl = plane_launch(xv.B * xv.C, xv.S / E, units);
       if (pl.ok && plane_vectorizable<in_t, E>(x, xv) && plane_vectorizable<in_t, E>(m, mv) &&
           plane_vectorizable<scalar_t, E>(out, ov)) {
+        const auto run = [&](auto u) {
+          launch_tweedie_plane<in_t, scalar_t, E, decltype(u)::value>(pl, stream, x, m, out, t, ca, cb, clip, scp,
+                                                                        shp, xv, mv, ov);
+        };
         if constexpr (std::is_same_v<in_t, scalar_t>) {
-          auto run = [&](auto u, auto cs) {
-            launch_tweedie_plane<in_t, scalar_t, E, decltype(u)::value, decltype(cs)::value>(
-                pl, stream, x, m, out, t, ca, cb, clip, scp, shp, xv, mv, ov);
-          };
-          using std::integral_constant;
-          using F = std::false_type;
-          using Tr = std::true_type;
-          if (var.units == 1) var.stream ? run(integral_constant<int, 1>{}, Tr{}) : run(integral_constant<int, 1>{}, F{});
-          else if (var.units == 2) var.stream ? run(integral_constant<int, 2>{}, Tr{}) : run(integral_constant<int, 2>{}, F{});
-          else var.stream ? run(integral_constant<int, 4>{}, Tr{}) : run(integral_constant<int, 4>{}, F{});
+          if (units == 2) run(std::integral_constant<int, 2>{});
+          else if (units == 4) run(std::integral_constant<int, 4>{});
+          else run(std::integral_constant<int, 1>{});
         } else {
-          launch_tweedie_plane<in_t, scalar_t, E, 1, false>(pl, stream, x, m, out, t, ca, cb, clip, scp, shp, xv, mv, ov);
+          run(std::integral_constant<int, 1>{});
         }
         return;
       }

@@ -219,12 +219,12 @@ def test_tweedie_cuda_planar_block_sizes(dtype, shape):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", ["1", "2", "4", "1s", "2s", "4s"])
+@pytest.mark.parametrize("variant", ["1", "2", "4"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_tweedie_cuda_planar_variants(monkeypatch, variant, dtype):
-    """Every shape of the planar CUDA kernel (DIFFAUG_CUDA_TWEEDIE_UNITS: units per thread, streaming hints)
-    gives the reference, every element written: planes a whole number of blocks (224x224), with spare units
-    in the last slice (56x56, 24x20) and narrower than a block (8x32); a mixed output dtype keeps the default."""
+    """Every shape of the planar CUDA kernel (DIFFAUG_CUDA_TWEEDIE_UNITS: units per thread) gives the reference,
+    every element written: planes a whole number of blocks (224x224), with spare units in the last slice (56x56,
+    24x20) and narrower than a block (8x32); a mixed output dtype takes one unit per thread."""
     monkeypatch.setenv("DIFFAUG_CUDA_TWEEDIE_UNITS", variant)
     for shape in ((2, 3, 224, 224), (2, 3, 56, 56), (3, 3, 24, 20), (3, 3, 8, 32)):
         B, C = shape[:2]
