@@ -96,7 +96,7 @@ if triton is not None:
         return (bc // C) * sb + (bc % C) * sc + s * ss
 
     @triton.jit
-    def _noise_kernel(x_ptr, out_ptr, t_ptr, ca_ptr, cb_ptr, seed_ptr, off_ptr, N, K, C, S,
+    def _noise_kernel(x_ptr, out_ptr, t_ptr, ca_ptr, cb_ptr, T, seed_ptr, off_ptr, N, K, C, S,
                       xsb, xsc, xss, osb, osc, oss, tk, tb,
                       X_CONTIG: tl.constexpr, O_CONTIG: tl.constexpr, ALIGNED: tl.constexpr,
                       F64: tl.constexpr, BLOCK: tl.constexpr):
@@ -116,8 +116,7 @@ if triton is not None:
         for k32 in range(K):
             k = tl.cast(k32, tl.int64)
             t = tl.load(t_ptr + k * tk + b * tb, mask=mask, other=0)
-            a = tl.load(ca_ptr + t, mask=mask, other=0.0)
-            s = tl.load(cb_ptr + t, mask=mask, other=0.0)
+            a, s = _coefs(ca_ptr, cb_ptr, t, T)  # masked-off lanes hold t = 0
             e = k * N + i  # element index in the [K*B, ...] output: its counter and lane
             if ALIGNED:  # K*N keeps rows on counter boundaries: one counter per row
                 n0, n1, n2, n3 = _randn4(k0, k1, off + (k * N) // 4 + row[:, None])
@@ -129,7 +128,7 @@ if triton is not None:
             tl.store(out_ptr + k * (N // C // S) * osb + o_off, _cast_out(y, out_ptr), mask=mask)
 
     @triton.jit
-    def _tweedie_kernel(x_ptr, m_ptr, out_ptr, t_ptr, ca_ptr, cb_ptr, sc_ptr, sh_ptr, N, C, S,
+    def _tweedie_kernel(x_ptr, m_ptr, out_ptr, t_ptr, ca_ptr, cb_ptr, T, sc_ptr, sh_ptr, N, C, S,
                         xsb, xsc, xss, msb, msc, mss, osb, osc, oss, tb,
                         X_CONTIG: tl.constexpr, M_CONTIG: tl.constexpr, O_CONTIG: tl.constexpr,
                         CLIP: tl.constexpr, NORM: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
@@ -140,8 +139,7 @@ if triton is not None:
         mv = tl.load(m_ptr + _offset3(i, C, S, msb, msc, mss, M_CONTIG), mask=mask, other=0.0)
         cdt = tl.float64 if F64 else tl.float32
         t = tl.load(t_ptr + (i // (C * S)) * tb, mask=mask, other=0)
-        a = tl.load(ca_ptr + t, mask=mask, other=0.0)
-        s = tl.load(cb_ptr + t, mask=mask, other=0.0)
+        a, s = _coefs(ca_ptr, cb_ptr, t, T)  # masked-off lanes hold t = 0
         y = _xt_term(a, xv.to(cdt)) + s * mv.to(cdt)
         if CLIP:
             y = _clip(y)
@@ -154,7 +152,7 @@ if triton is not None:
     # coefficients are per-program scalars and no element pays a 64-bit division (the flat kernels above do).
     # Taken when planes are large (S >= PLANE_MIN); the noise one also needs S % 4 == 0 (rows on counters).
     @triton.jit
-    def _noise_plane_kernel(x_ptr, out_ptr, t_ptr, ca_ptr, cb_ptr, seed_ptr, off_ptr, N, K, B, C, S,
+    def _noise_plane_kernel(x_ptr, out_ptr, t_ptr, ca_ptr, cb_ptr, T, seed_ptr, off_ptr, N, K, B, C, S,
                             xsb, xsc, xss, osb, osc, oss, tk, tb, F64: tl.constexpr, BLOCK: tl.constexpr):
         N, B, C, S = tl.cast(N, tl.int64), tl.cast(B, tl.int64), tl.cast(C, tl.int64), tl.cast(S, tl.int64)
         k0, k1 = _key(seed_ptr)
@@ -172,14 +170,13 @@ if triton is not None:
         for k32 in range(K):
             k = tl.cast(k32, tl.int64)  # k * N passes 2**31 for large K * N
             tv = tl.load(t_ptr + k * tk + b * tb)
-            a = tl.load(ca_ptr + tv)
-            sg = tl.load(cb_ptr + tv)
+            a, sg = _coefs(ca_ptr, cb_ptr, tv, T)
             n0, n1, n2, n3 = _randn4(k0, k1, off + (k * N + plane * S) // 4 + row[:, None])
             y = a * xv + sg * _pick(lane[None, :], n0, n1, n2, n3).to(xv.dtype)
             tl.store(out_ptr + (k * B + b) * osb + o_off, _cast_out(y, out_ptr), mask=mask)
 
     @triton.jit
-    def _tweedie_plane_kernel(x_ptr, m_ptr, out_ptr, t_ptr, ca_ptr, cb_ptr, sc_ptr, sh_ptr, C, S,
+    def _tweedie_plane_kernel(x_ptr, m_ptr, out_ptr, t_ptr, ca_ptr, cb_ptr, T, sc_ptr, sh_ptr, C, S,
                               xsb, xsc, xss, msb, msc, mss, osb, osc, oss, tb,
                               CLIP: tl.constexpr, NORM: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
         plane = tl.program_id(0).to(tl.int64)
@@ -189,8 +186,7 @@ if triton is not None:
         mask = sp < S
         cdt = tl.float64 if F64 else tl.float32
         tv = tl.load(t_ptr + b * tb)
-        a = tl.load(ca_ptr + tv)
-        sg = tl.load(cb_ptr + tv)
+        a, sg = _coefs(ca_ptr, cb_ptr, tv, T)
         xv = tl.load(x_ptr + b * xsb + c * xsc + sp * xss, mask=mask, other=0.0)
         mv = tl.load(m_ptr + b * msb + c * msc + sp * mss, mask=mask, other=0.0)
         y = _xt_term(a, xv.to(cdt)) + sg * mv.to(cdt)
@@ -199,6 +195,14 @@ if triton is not None:
         if NORM:
             y = y * tl.load(sc_ptr + c) + tl.load(sh_ptr + c)
         tl.store(out_ptr + b * osb + c * osc + sp * oss, _cast_out(y, out_ptr), mask=mask)
+
+    @triton.jit
+    def _coefs(ca_ptr, cb_ptr, t, T):
+        """coef_a[t], coef_b[t]; NaN for a t outside [0, T), never a read outside the tables. The wrapper checks t
+        before launching, except while a CUDA graph is captured (no check can run there; the CUDA kernels
+        assert instead): a bad t then gives NaN outputs, not numbers read from other memory."""
+        ok = (t >= 0) & (t < T)
+        return (tl.load(ca_ptr + t, mask=ok, other=float("nan")), tl.load(cb_ptr + t, mask=ok, other=float("nan")))
 
     @triton.jit
     def _xt_term(a, x):
@@ -273,9 +277,10 @@ def _grid(n_units):
 
 
 def _check_t(t, T: int) -> None:
-    """0 <= t < T: the kernels read coef[t] unchecked and cannot assert. A CUDA t is asserted on the device (no
-    host sync); a t elsewhere (the CPU, through the interpreter) is checked here on the host, since inside a
-    compiled graph the op's own host check was skipped while tracing and nothing else would catch it."""
+    """0 <= t < T, before a launch (the kernels cannot raise: a bad t gives NaN there, see _coefs). A CUDA t is
+    asserted on the device (no host sync; nothing runs while a CUDA graph is captured); a t elsewhere (the CPU,
+    through the interpreter) is checked here on the host, since inside a compiled graph the op's own host check
+    was skipped while tracing and nothing else would catch it."""
     if t.is_cuda:
         assert_t_on_device(t, T)
     else:
@@ -294,10 +299,11 @@ def noise_out(x0, t, coef_a, coef_b, seed, offset, out):
     if S >= PLANE_MIN and S % 4 == 0 and (S // 4 + 127) // 128 < 65536:
         B = N // (C * S)
         _noise_plane[lambda meta: (B * C, triton.cdiv(S // 4, meta["BLOCK"]))](
-            x0, out, t, coef_a, coef_b, seed, offset, N, K, B, C, S, *xs, *os_, t.stride(0), t.stride(1), F64=F64,
+            x0, out, t, coef_a, coef_b, coef_a.shape[0], seed, offset, N, K, B, C, S, *xs, *os_, t.stride(0),
+            t.stride(1), F64=F64,
             **_FIXED)
         return
-    _noise[_grid((N + 3) // 4)](x0, out, t, coef_a, coef_b, seed, offset, N, K, C, S, *xs, *os_,
+    _noise[_grid((N + 3) // 4)](x0, out, t, coef_a, coef_b, coef_a.shape[0], seed, offset, N, K, C, S, *xs, *os_,
                                 t.stride(0), t.stride(1), X_CONTIG=xc, O_CONTIG=oc, ALIGNED=(K == 1 or N % 4 == 0),
                                 F64=coef_a.dtype == torch.float64, **_FIXED)
 
@@ -314,12 +320,12 @@ def tweedie_out(x_t, m, t, coef_a, coef_b, clip, scale, shift, out):
     if S >= PLANE_MIN and (S + 511) // 512 < 65536:
         B = N // (C * S)
         _tweedie_plane[lambda meta: (B * C, triton.cdiv(S, meta["BLOCK"]))](
-            x_t, m, out, t, coef_a, coef_b, scale if norm else coef_a, shift if norm else coef_a, C, S, *xs, *ms,
-            *os_, t.stride(0), CLIP=clip, NORM=norm, F64=coef_a.dtype == torch.float64,
+            x_t, m, out, t, coef_a, coef_b, coef_a.shape[0], scale if norm else coef_a, shift if norm else coef_a, C,
+            S, *xs, *ms, *os_, t.stride(0), CLIP=clip, NORM=norm, F64=coef_a.dtype == torch.float64,
             **{k: 4 * v for k, v in _FIXED.items()})
         return
-    _tweedie[_grid(N)](x_t, m, out, t, coef_a, coef_b, scale if norm else coef_a, shift if norm else coef_a, N, C, S,
-                       *xs, *ms, *os_, t.stride(0), X_CONTIG=xc, M_CONTIG=mc, O_CONTIG=oc, CLIP=clip, NORM=norm,
+    _tweedie[_grid(N)](x_t, m, out, t, coef_a, coef_b, coef_a.shape[0], scale if norm else coef_a,
+                       shift if norm else coef_a, N, C, S, *xs, *ms, *os_, t.stride(0), X_CONTIG=xc, M_CONTIG=mc, O_CONTIG=oc, CLIP=clip, NORM=norm,
                        F64=coef_a.dtype == torch.float64, **{k: 4 * v for k, v in _FIXED.items()})
 
 

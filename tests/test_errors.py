@@ -222,6 +222,34 @@ def test_auto_picks_the_fastest_measured_backend(monkeypatch):
     assert [row["impl"] for row in r["rows"]][-1] == "fused (auto: triton)"
 
 
+@pytest.mark.parametrize("op", ["forward_noise", "forward_noise_multi", "tweedie"])
+@pytest.mark.parametrize("hw", [8, 32])  # Triton's flat kernels (8x8 planes) and planar ones (32x32)
+def test_triton_kernels_never_read_outside_the_tables(monkeypatch, op, hw):
+    """While a CUDA graph is captured no check of t can run before a Triton kernel (the CUDA kernels assert
+    in-kernel). With every check off, a t outside [0, T) gives NaN for its sample, not coefficients read from
+    other memory; the in-range sample is untouched. (Triton interpreter: it fails on the old kernels, whose
+    unmasked gathers read past the table.)"""
+    from diffaug_kernels import reference, triton_kernels
+
+    monkeypatch.setattr(ops, "_check_t_values", lambda *a: None)
+    monkeypatch.setattr(triton_kernels, "_check_t", lambda *a: None)
+    S = dk.NoiseSchedule.linear(1000)
+    x = torch.rand(3, 3, hw, hw) * 2 - 1
+    t = torch.tensor([5, 1000, -1])
+    if op == "tweedie":
+        got = dk.tweedie(x, x, t, S, backend="triton")
+        want = reference.tweedie(x[:1], x[:1], t[:1], S)
+    elif op == "forward_noise":
+        got = dk.forward_noise(x, t, S, seed=1, backend="triton")
+        want = reference.forward_noise(x, t.clamp(0, 999), S, seed=1)[:1]
+    else:
+        got = dk.forward_noise_multi(x, t, S, seed=1, backend="triton").view(3, 3, *x.shape[1:])
+        got = got.diagonal(dim1=0, dim2=1).movedim(-1, 0)  # time k on sample k: t[k] as the only time
+        want = reference.forward_noise_multi(x, t.clamp(0, 999), S, seed=1).view(3, 3, *x.shape[1:])[0, :1]
+    assert torch.isnan(got[1:]).all(), "an out-of-range t must give NaN"
+    torch.testing.assert_close(got[:1], want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["reference", "cuda", "triton"])
 @pytest.mark.parametrize("op", ["forward_noise", "tweedie"])

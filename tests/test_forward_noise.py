@@ -190,10 +190,10 @@ def test_triton_counters_past_two_to_the_31(plane):
     ca, cb = torch.zeros(1000), torch.ones(1000)  # out = the noise itself
     sd, off = torch.tensor([seed]), torch.tensor([0])
     if plane:  # one plane of n elements (x strides 0: the same n values), block k stored at out[k * n]
-        tk._noise_plane_kernel[(1, 1)](x, out, t, ca, cb, sd, off, N, K, 1, 1, n, 0, 0, 1, n, 0, 1, 0, 0,
+        tk._noise_plane_kernel[(1, 1)](x, out, t, ca, cb, 1000, sd, off, N, K, 1, 1, n, 0, 0, 1, n, 0, 1, 0, 0,
                                        F64=False, BLOCK=n // 4)
     else:  # C = 1, S = N; out strides (n, 0, 1): block k stored at out[k * n]
-        tk._noise_kernel[(1,)](x, out, t, ca, cb, sd, off, N, K, 1, N, 0, 0, 1, n, 0, 1, 0, 0,
+        tk._noise_kernel[(1,)](x, out, t, ca, cb, 1000, sd, off, N, K, 1, N, 0, 0, 1, n, 0, 1, 0, 0,
                                X_CONTIG=False, O_CONTIG=False, ALIGNED=True, F64=False, BLOCK=n // 4)
     for k in range(K):
         torch.testing.assert_close(out[k * n:(k + 1) * n], reference.philox_normal((n,), seed, k * N // 4),
