@@ -204,7 +204,7 @@ if runs:
                     and r["impl"].startswith("compiled"))
         ms = "".join(f"{run['rows'][i]['ms']:9.3f}" for run in runs)
         same = r1.get("vs_same_bytes_copy")
-        print(f"{r1['op']:<20}{r1['dtype']:<10}{r1['impl']:<24}{ms}{r1.get('gb_s', 0):7.0f}{r1['pct_copy']:6.0f}%"
+        print(f"{r1['op']:<20}{r1['dtype']:<10}{r1['impl']:<24}{ms}{r1.get('gb_s', 0):7.0f}{r1['pct_copy']:6.1f}%"
               f"{100 * same if same else float('nan'):7.0f}%{r1['speedup']:8.2f}x{comp / r1['ms']:11.2f}x")
 for name in ("tweedie-variants", "floor", "bench-ensemble", "bench-model", "bench-model-cdt", "bench-model-cudnn"):
     p = f"{d}/{name}.txt"

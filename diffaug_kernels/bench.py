@@ -354,7 +354,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def format_table(rows: list[dict]) -> str:
     head = ("op", "shape", "dtype", "impl", "ms", "GB/s", "% copy", "% copy same bytes", "vs eager")
     body = [(r["op"], "x".join(map(str, r["shape"])), r["dtype"], r["impl"], f"{r['ms']:.3f}",
-             f"{r['gb_s']:.1f}", f"{r['pct_copy']:.0f}%",
+             f"{r['gb_s']:.1f}", f"{r['pct_copy']:.1f}%",
              f"{100 * r['vs_same_bytes_copy']:.0f}%" if "vs_same_bytes_copy" in r else "-",  # older files lack it
              f"{r['speedup']:.2f}x") for r in rows]
     w = [max(len(str(c)) for c in col) for col in zip(head, *body)]

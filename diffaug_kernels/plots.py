@@ -286,7 +286,7 @@ def results_chart(result: dict, path: str) -> str:
         for r in rows:
             head = f"{r['op']}  {'x'.join(map(str, r['shape']))}  {r['dtype']}"
             groups.setdefault(head, []).append(
-                (r["impl"], r["pct_copy"], f"{r['pct_copy']:.0f}%  {r['ms']:.3f} ms  {r['speedup']:.2f}x eager"))
+                (r["impl"], r["pct_copy"], f"{r['pct_copy']:.1f}%  {r['ms']:.3f} ms  {r['speedup']:.2f}x eager"))
         return plot_bars(groups, path, f"{where}: share of the measured copy bandwidth "
                                        f"({result.get('copy_gb_s', float('nan')):.0f} GB/s), longer is faster",
                          "% of copy bandwidth (bytes the op must read and write / time)", ref=(100, "100%"))
