@@ -27,9 +27,11 @@
 #   XFORMERS_WHEEL="$(ls .cache/*.whl)" GPU_CHECK_BUDGET_S=560 GPU_CHECK_STEPS=tests,bench1,model,ncu ...
 #   (carrying .cache; the call's timeout 590 s; ncu is skipped when it no longer fits), then, at once on the
 #   warm machine, GPU_CHECK_BUILD=0 GPU_CHECK_STEPS=ensemble,bench2 ... with the device time left.
-# Measured on an H100 (2026-11-26): a machine start took about 200 s of device time, the build 61 s, tests with
-# the sanitizer 157 s, ops benchmark 54 s, model 120 s (230 s with --candidates, session 8), ncu 16 s, DE
-# benchmark over 148 s (cut off; with --reps 3 --warmup 1 --dda-reps 0 it took 196 s).
+# Measured on an H100 (2026-11-26): a machine start took about 200 s of device time, the build 61-93 s, tests
+# with the sanitizer 157-195 s, ops benchmark 50-71 s, tune 11 s, floor 27 s, model 120 s (230 s with
+# --candidates, session 8), ncu 16-22 s, DE benchmark over 148 s (cut off; with --reps 3 --warmup 1
+# --dda-reps 0 it took 196 s). The device tool brings back at most 8 files from $OUT: leave only this script's
+# gpu-check.tgz and summary.txt there (copying the logs beside them lost the tarball, session 9).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
