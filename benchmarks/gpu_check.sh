@@ -111,7 +111,7 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
             y = dk.forward_noise(xi, t, S, seed=1, backend="cuda")
             z = dk.forward_noise_multi(xi, [0, 50, 450], S, seed=2, backend="cuda")
             m = torch.randn(shape[0], 2 * shape[1], *shape[2:], device="cuda").to(dtype)
-            for v in ("1", "2", "4"):  # the planar tweedie kernel's units per thread
+            for v in ("1", "2", "4", "1l", "2l", "4l"):  # the planar tweedie kernel's variants
                 os.environ["DIFFAUG_CUDA_TWEEDIE_UNITS"] = v
                 w = dk.tweedie(y, m, t, S, normalize=dk.IMAGENET_NORM, backend="cuda")
             w = dk.tweedie(y, m.contiguous(memory_format=torch.channels_last), t, S, backend="cuda", out_dtype=torch.float16)
@@ -250,7 +250,7 @@ if "$PY" -c "import diffaug_kernels" 2>/dev/null; then
         cat "$W/step-tests.out"
         grep -q "GPU tests.*exit 0" "$W/summary.txt" || status=1 ;;
       tune)  # the later steps (benchmarks, tests) then run with the fastest variant; GPU_CHECK_TUNE_APPLY=0: not
-        if step "tweedie variants (units per thread)" 90 20 tune_tweedie \
+        if step "tweedie variants (units per thread, block order)" 90 20 tune_tweedie \
            && [ "${GPU_CHECK_TUNE_APPLY:-1}" != 0 ]; then
           best=$(awk '/^best:/ {print $2}' "$W/tweedie-variants.txt")
           [ -n "$best" ] && export DIFFAUG_CUDA_TWEEDIE_UNITS="$best" && note "later steps: DIFFAUG_CUDA_TWEEDIE_UNITS=$best"

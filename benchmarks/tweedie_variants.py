@@ -1,5 +1,5 @@
-"""Times the planar CUDA tweedie kernel's variants (DIFFAUG_CUDA_TWEEDIE_UNITS: units per thread, 1, 2 or 4) on
-the benchmark's DiffAug case, against a copy of the same bytes, in rounds that
+"""Times the planar CUDA tweedie kernel's variants (DIFFAUG_CUDA_TWEEDIE_UNITS: units per thread, 1, 2 or 4; "l"
+for blocks in memory order) on the benchmark's DiffAug case, against a copy of the same bytes, in rounds that
 interleave the variants (so clock and thermal drift fall on all alike), each first checked against the reference. Prints a table and, last, the line
 "best: <variant>" (the fastest bf16 variant by median over rounds) for benchmarks/gpu_check.sh's tune step.
 
@@ -15,7 +15,7 @@ import torch
 from diffaug_kernels import bench, ops, reference
 from diffaug_kernels.jsonfile import write_json
 
-VARIANTS = ["1", "2", "4"]
+VARIANTS = ["1", "2", "4", "1l", "2l", "4l"]
 ENV = "DIFFAUG_CUDA_TWEEDIE_UNITS"
 
 

@@ -208,16 +208,19 @@ __global__ void __launch_bounds__(kThreads) noise_kernel(
   }
 }
 
-// This thread's place in a planar launch (grid.x = planes, grid.y = slices of a plane): its first E-element
-// unit starts at element s0 of plane (b, c), its j-th (of U) at s0 + j * blockDim.x * E, so a warp's accesses
-// stay contiguous; a unit at or past S is a spare in the last slice, with nothing to do.
+// This thread's place in a planar launch (grid.x = planes, grid.y = slices of a plane; or, LIN, a 1-D grid of
+// planes x slices blocks in memory order, `slices` per plane): its first E-element unit starts at element s0 of
+// plane (b, c), its j-th (of U) at s0 + j * blockDim.x * E, so a warp's accesses stay contiguous; a unit at or
+// past S is a spare in the last slice, with nothing to do.
 struct PlaneSlot {
   int64_t s0, plane, b, c;
 };
-template <int E, int U = 1>
-__device__ __forceinline__ PlaneSlot plane_slot(const View3& v) {
-  const int64_t plane = blockIdx.x, b = plane / v.C;
-  return {(static_cast<int64_t>(blockIdx.y) * blockDim.x * U + threadIdx.x) * E, plane, b, plane - b * v.C};
+template <int E, int U = 1, bool LIN = false>
+__device__ __forceinline__ PlaneSlot plane_slot(const View3& v, unsigned slices = 0) {
+  // 1-D: one 32-bit division per thread (blockIdx.x < 2**31), not per element
+  const unsigned plane32 = LIN ? blockIdx.x / slices : blockIdx.x, slice = LIN ? blockIdx.x - plane32 * slices : blockIdx.y;
+  const int64_t plane = plane32, b = plane / v.C;
+  return {(static_cast<int64_t>(slice) * blockDim.x * U + threadIdx.x) * E, plane, b, plane - b * v.C};
 }
 
 // One block per slice of one (b, c) plane: t, the coefficients and the plane's addresses are per block.
@@ -351,14 +354,15 @@ __global__ void __launch_bounds__(kThreads) tweedie_kernel(
   }
 }
 
-// U units per thread, every load issued before any arithmetic (see tweedie_units).
-template <typename in_t, typename out_t, int E, int U>
+// U units per thread, every load issued before any arithmetic; LIN: blocks in memory order (see TweedieVariant).
+template <typename in_t, typename out_t, int E, int U, bool LIN>
 __global__ void __launch_bounds__(kThreads) tweedie_plane_kernel(
     const in_t* __restrict__ x, const in_t* __restrict__ m, out_t* __restrict__ out, const int64_t* __restrict__ t,
     int64_t tb, const acc_t<in_t>* __restrict__ ca, const acc_t<in_t>* __restrict__ cb, int64_t T, bool clip,
-    const acc_t<in_t>* __restrict__ scale, const acc_t<in_t>* __restrict__ shift, View3 xv, View3 mv, View3 ov) {
+    const acc_t<in_t>* __restrict__ scale, const acc_t<in_t>* __restrict__ shift, View3 xv, View3 mv, View3 ov,
+    unsigned slices) {
   using acc = acc_t<in_t>;
-  const PlaneSlot p = plane_slot<E, U>(xv);
+  const PlaneSlot p = plane_slot<E, U, LIN>(xv, slices);
   if (p.s0 >= xv.S) return;
   const int64_t b = p.b, c = p.c, step = static_cast<int64_t>(blockDim.x) * E;
   const in_t* xp = x + b * xv.sb + c * xv.sc + p.s0;
@@ -390,27 +394,37 @@ __global__ void __launch_bounds__(kThreads) tweedie_plane_kernel(
   }
 }
 
-// Units per thread of the planar tweedie kernel. On an H100 (session 9, benchmarks/tweedie_variants.py, bf16
-// 256x3x224x224): 2 took 86.3 us, 1 and 4 86.7 us (float32: all three 165 us). DIFFAUG_CUDA_TWEEDIE_UNITS = 1,
-// 2 or 4 picks another, for tuning only (benchmarks/gpu_check.sh's tune step times each); read on every call
-// (a getenv), so one process can compare them.
-constexpr int kTweedieUnits = 2;
-int tweedie_units() {
+// The planar tweedie kernel's shape: units per thread, and the block order. On an H100 (session 9,
+// benchmarks/tweedie_variants.py, bf16 256x3x224x224): 2 units took 86.3 us, 1 and 4 86.7 us (float32: all
+// three 165 us); the default is 2, plane-major. DIFFAUG_CUDA_TWEEDIE_UNITS = 1, 2 or 4, with an "l" for blocks
+// in memory order (a 1-D grid sweeping the tensor as a copy does, where the plane-major grid has every plane
+// in flight at once; not yet measured), picks another, for tuning only: benchmarks/gpu_check.sh's tune step
+// times each. Read on every call (a getenv), so one process can compare them.
+struct TweedieVariant {
+  int units;
+  bool linear;
+};
+constexpr TweedieVariant kTweedieDefault{2, false};
+TweedieVariant tweedie_variant() {
   const char* env = std::getenv("DIFFAUG_CUDA_TWEEDIE_UNITS");
-  if (env == nullptr || *env == '\0') return kTweedieUnits;
+  if (env == nullptr || *env == '\0') return kTweedieDefault;
   const std::string v(env);
-  TORCH_CHECK(v == "1" || v == "2" || v == "4", "DIFFAUG_CUDA_TWEEDIE_UNITS must be 1, 2 or 4, not '", v, "'");
-  return v[0] - '0';
+  const bool linear = v.size() == 2 && v[1] == 'l';
+  TORCH_CHECK((v.size() == 1 || linear) && (v[0] == '1' || v[0] == '2' || v[0] == '4'),
+              "DIFFAUG_CUDA_TWEEDIE_UNITS must be 1, 2 or 4, optionally followed by l (blocks in memory order), not '",
+              v, "'");
+  return {v[0] - '0', linear};
 }
 
-template <typename in_t, typename out_t, int E, int U>
+template <typename in_t, typename out_t, int E, int U, bool LIN>
 void launch_tweedie_plane(const PlaneLaunch& pl, cudaStream_t stream, const Tensor& x, const Tensor& m, Tensor& out,
                           const Tensor& t, const Tensor& ca, const Tensor& cb, bool clip, const acc_t<in_t>* scp,
                           const acc_t<in_t>* shp, const View3& xv, const View3& mv, const View3& ov) {
   using acc = acc_t<in_t>;
-  tweedie_plane_kernel<in_t, out_t, E, U><<<pl.grid, pl.block, 0, stream>>>(
+  const dim3 grid = LIN ? dim3(pl.grid.x * pl.grid.y) : pl.grid;  // LIN only where planes x slices < 2**31
+  tweedie_plane_kernel<in_t, out_t, E, U, LIN><<<grid, pl.block, 0, stream>>>(
       x.data_ptr<in_t>(), m.data_ptr<in_t>(), out.data_ptr<out_t>(), t.data_ptr<int64_t>(), t.stride(0),
-      ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), clip, scp, shp, xv, mv, ov);
+      ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), clip, scp, shp, xv, mv, ov, pl.grid.y);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -434,21 +448,26 @@ void tweedie_out(const Tensor& x_t, const Tensor& model_output, const Tensor& t,
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "tweedie_out", [&] {
       const acc* scp = sc.defined() ? sc.data_ptr<acc>() : nullptr;
       const acc* shp = sh.defined() ? sh.data_ptr<acc>() : nullptr;
-      // the choice applies where output and input share a dtype (the DiffAug case); others take one unit
-      const int units = std::is_same_v<in_t, scalar_t> ? tweedie_units() : 1;
-      const PlaneLaunch pl = plane_launch(xv.B * xv.C, xv.S / E, units);
+      // the choice applies where output and input share a dtype (the DiffAug case); others take the basic shape
+      TweedieVariant var = std::is_same_v<in_t, scalar_t> ? tweedie_variant() : TweedieVariant{1, false};
+      const PlaneLaunch pl = plane_launch(xv.B * xv.C, xv.S / E, var.units);
+      var.linear = var.linear && static_cast<int64_t>(pl.grid.x) * pl.grid.y < (int64_t{1} << 31);
       if (pl.ok && plane_vectorizable<in_t, E>(x, xv) && plane_vectorizable<in_t, E>(m, mv) &&
           plane_vectorizable<scalar_t, E>(out, ov)) {
-        const auto run = [&](auto u) {
-          launch_tweedie_plane<in_t, scalar_t, E, decltype(u)::value>(pl, stream, x, m, out, t, ca, cb, clip, scp,
-                                                                        shp, xv, mv, ov);
+        const auto run = [&](auto u, auto lin) {
+          launch_tweedie_plane<in_t, scalar_t, E, decltype(u)::value, decltype(lin)::value>(
+              pl, stream, x, m, out, t, ca, cb, clip, scp, shp, xv, mv, ov);
         };
+        using std::integral_constant;
         if constexpr (std::is_same_v<in_t, scalar_t>) {
-          if (units == 2) run(std::integral_constant<int, 2>{});
-          else if (units == 4) run(std::integral_constant<int, 4>{});
-          else run(std::integral_constant<int, 1>{});
+          const auto by_units = [&](auto lin) {
+            if (var.units == 2) run(integral_constant<int, 2>{}, lin);
+            else if (var.units == 4) run(integral_constant<int, 4>{}, lin);
+            else run(integral_constant<int, 1>{}, lin);
+          };
+          var.linear ? by_units(std::true_type{}) : by_units(std::false_type{});
         } else {
-          run(std::integral_constant<int, 1>{});
+          run(integral_constant<int, 1>{}, std::false_type{});
         }
         return;
       }

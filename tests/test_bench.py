@@ -108,7 +108,7 @@ def test_tweedie_variants_script_runs_and_names_a_variant(tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stderr
     last = out.stdout.strip().splitlines()[-1]
-    assert last.split()[0] == "best:" and last.split()[1] in ("1", "2", "4"), out.stdout
+    assert last.split()[0] == "best:" and last.split()[1] in ("1", "2", "4", "1l", "2l", "4l"), out.stdout
     rows = json.load(open(tmp_path / "v.json"))["rows"]
     assert {(r["dtype"], r["variant"]) for r in rows} == {
-        (d, v) for d in ("bfloat16", "float32") for v in ("copy (same bytes)", "1", "2", "4")}
+        (d, v) for d in ("bfloat16", "float32") for v in ("copy (same bytes)", "1", "2", "4", "1l", "2l", "4l")}

@@ -219,12 +219,12 @@ def test_tweedie_cuda_planar_block_sizes(dtype, shape):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", ["1", "2", "4"])
+@pytest.mark.parametrize("variant", ["1", "2", "4", "1l", "2l", "4l"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_tweedie_cuda_planar_variants(monkeypatch, variant, dtype):
-    """Every shape of the planar CUDA kernel (DIFFAUG_CUDA_TWEEDIE_UNITS: units per thread) gives the reference,
-    every element written: planes a whole number of blocks (224x224), with spare units in the last slice (56x56,
-    24x20) and narrower than a block (8x32); a mixed output dtype takes one unit per thread."""
+    """Every shape of the planar CUDA kernel (DIFFAUG_CUDA_TWEEDIE_UNITS: units per thread, block order) gives
+    the reference, every element written: planes a whole number of blocks (224x224), with spare units in the
+    last slice (56x56, 24x20) and narrower than a block (8x32); a mixed output dtype takes the basic shape."""
     monkeypatch.setenv("DIFFAUG_CUDA_TWEEDIE_UNITS", variant)
     for shape in ((2, 3, 224, 224), (2, 3, 56, 56), (3, 3, 24, 20), (3, 3, 8, 32)):
         B, C = shape[:2]
@@ -239,7 +239,7 @@ def test_tweedie_cuda_planar_variants(monkeypatch, variant, dtype):
 
 @pytest.mark.cuda
 def test_tweedie_cuda_variant_setting_is_checked(monkeypatch):
-    monkeypatch.setenv("DIFFAUG_CUDA_TWEEDIE_UNITS", "3")
+    monkeypatch.setenv("DIFFAUG_CUDA_TWEEDIE_UNITS", "3l")
     x = torch.randn(2, 3, 32, 32, device=CUDA)
     with pytest.raises(RuntimeError, match="DIFFAUG_CUDA_TWEEDIE_UNITS must be 1, 2 or 4"):
         dk.tweedie(x, torch.randn_like(x), torch.tensor([1, 2], device=CUDA), S, backend="cuda")
