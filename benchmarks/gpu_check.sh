@@ -31,10 +31,13 @@
 # with the sanitizer 157-195 s, ops benchmark 50-71 s, tune 11 s, floor 27 s, model 120 s (230 s with
 # --candidates, session 8), ncu 16-22 s, DE benchmark over 148 s (cut off; with --reps 3 --warmup 1
 # --dda-reps 0 it took 196 s). The device tool brings back at most 8 files from $OUT: leave only this script's
-# gpu-check.tgz and summary.txt there (copying the logs beside them lost the tarball, session 9).
+# gpu-check.tgz and summary.txt there (copying the logs beside them lost the tarball, session 9). To spare the
+# build's device time, build the extension here first (bash benchmarks/prebuild_gpu_ext.sh), carry
+# diffaug_kernels/_C.cpython-312-x86_64-linux-gnu.so with .cache, and set GPU_CHECK_BUILD=0.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the tree's package, also where it is not pip-installed
 OUT_DIR="${1:-${OUT:-benchmarks/results/gpu-run}}"
 W=/tmp/gpu-check
 rm -rf "$W"; mkdir -p "$W" "$OUT_DIR"
@@ -227,7 +230,8 @@ export PY W INDUCTOR_CACHE TORCHINDUCTOR_CACHE_DIR="$INDUCTOR_CACHE"
 export -f env_info build gpu_tests sanitize kernel_profile bench_ops bench_ensemble bench_model kernel_sources rng_floor \
   tune_tweedie
 step environment 60 5 env_info 2>&1 | tee "$W/env.log"
-# GPU_CHECK_BUILD=0 keeps the extension an earlier call built on the same (warm) machine, when it still loads.
+# GPU_CHECK_BUILD=0 keeps the extension an earlier call built on the same (warm) machine, or one built beforehand
+# for the machine's Python and torch and carried (benchmarks/prebuild_gpu_ext.sh), when it loads.
 if [ "${GPU_CHECK_BUILD:-1}" = 0 ] && "$PY" -c "import diffaug_kernels as dk; assert 'cuda' in dk.available_backends()" 2>/dev/null; then
   note "build: kept the extension an earlier call built"
 else
