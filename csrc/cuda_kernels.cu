@@ -218,7 +218,8 @@ struct PlaneSlot {
 template <int E, int U = 1, bool LIN = false>
 __device__ __forceinline__ PlaneSlot plane_slot(const View3& v, unsigned slices = 0) {
   // 1-D: one 32-bit division per thread (blockIdx.x < 2**31), not per element
-  const unsigned plane32 = LIN ? blockIdx.x / slices : blockIdx.x, slice = LIN ? blockIdx.x - plane32 * slices : blockIdx.y;
+  const unsigned plane32 = LIN ? blockIdx.x / slices : blockIdx.x;
+  const unsigned slice = LIN ? blockIdx.x - plane32 * slices : blockIdx.y;
   const int64_t plane = plane32, b = plane / v.C;
   return {(static_cast<int64_t>(slice) * blockDim.x * U + threadIdx.x) * E, plane, b, plane - b * v.C};
 }
@@ -411,8 +412,8 @@ TweedieVariant tweedie_variant() {
   const std::string v(env);
   const bool linear = v.size() == 2 && v[1] == 'l';
   TORCH_CHECK((v.size() == 1 || linear) && (v[0] == '1' || v[0] == '2' || v[0] == '4'),
-              "DIFFAUG_CUDA_TWEEDIE_UNITS must be 1, 2 or 4, optionally followed by l (blocks in memory order), not '",
-              v, "'");
+              "DIFFAUG_CUDA_TWEEDIE_UNITS must be 1, 2 or 4, optionally followed by l (blocks in memory order), ",
+              "not '", v, "'");
   return {v[0] - '0', linear};
 }
 

@@ -325,7 +325,8 @@ def tweedie_out(x_t, m, t, coef_a, coef_b, clip, scale, shift, out):
             **{k: 4 * v for k, v in _FIXED.items()})
         return
     _tweedie[_grid(N)](x_t, m, out, t, coef_a, coef_b, coef_a.shape[0], scale if norm else coef_a,
-                       shift if norm else coef_a, N, C, S, *xs, *ms, *os_, t.stride(0), X_CONTIG=xc, M_CONTIG=mc, O_CONTIG=oc, CLIP=clip, NORM=norm,
+                       shift if norm else coef_a, N, C, S, *xs, *ms, *os_, t.stride(0), X_CONTIG=xc, M_CONTIG=mc,
+                       O_CONTIG=oc, CLIP=clip, NORM=norm,
                        F64=coef_a.dtype == torch.float64, **{k: 4 * v for k, v in _FIXED.items()})
 
 
