@@ -4,7 +4,8 @@
 // vector load). Planar kernels (the common case: every (sample, channel) plane dense and 16-byte aligned,
 // as in a contiguous tensor or its learned-sigma channel slice) give each block one slice of one plane, so
 // t, the coefficients and the addresses are per block and nothing per element divides; on an H200 they
-// made bf16 tweedie 3.5x faster than the general kernels (RESULTS.md, 2026-11-26). The general kernels
+// made bf16 tweedie 3.5x faster than the general kernels (RESULTS.md, 2026-11-26); tweedie's run in memory
+// order (a 1-D grid), which on an H100 took it from 89% to 92-93% of the copy ceiling. The general kernels
 // (any [B, C, S] view: channels_last, strided) grid-stride over units with a grid sized to the device,
 // with vector access where whole samples are dense. Seed and offset are read from device memory, so a
 // captured CUDA graph replays with whatever the tensors hold (fresh noise) and no launch waits on the host.
@@ -396,16 +397,18 @@ __global__ void __launch_bounds__(kThreads) tweedie_plane_kernel(
 }
 
 // The planar tweedie kernel's shape: units per thread, and the block order. On an H100 (session 9,
-// benchmarks/tweedie_variants.py, bf16 256x3x224x224): 2 units took 86.3 us, 1 and 4 86.7 us (float32: all
-// three 165 us); the default is 2, plane-major. DIFFAUG_CUDA_TWEEDIE_UNITS = 1, 2 or 4, with an "l" for blocks
-// in memory order (a 1-D grid sweeping the tensor as a copy does, where the plane-major grid has every plane
-// in flight at once; not yet measured), picks another, for tuning only: benchmarks/gpu_check.sh's tune step
-// times each. Read on every call (a getenv), so one process can compare them.
+// benchmarks/tweedie_variants.py, 256x3x224x224, run6): blocks in memory order, a 1-D grid sweeping the tensor
+// as a copy does, took 83.4 us in bf16 (92.2% of the copy ceiling) and 156.9 us in float32 (as fast as a copy of
+// the same bytes); the plane-major 2-D grid, which has every plane in flight at once, 86.2-86.6 and 165.0 us.
+// 2 and 4 units per thread gained nothing in memory order (83.5, 85.5 us in bf16). The default is 1 unit, in
+// memory order. DIFFAUG_CUDA_TWEEDIE_UNITS = 1, 2 or 4, with an "l" for memory order (without: plane-major),
+// picks another, for tuning only: benchmarks/gpu_check.sh's tune step times each. Read on every call (a
+// getenv), so one process can compare them.
 struct TweedieVariant {
   int units;
   bool linear;
 };
-constexpr TweedieVariant kTweedieDefault{2, false};
+constexpr TweedieVariant kTweedieDefault{1, true};
 TweedieVariant tweedie_variant() {
   const char* env = std::getenv("DIFFAUG_CUDA_TWEEDIE_UNITS");
   if (env == nullptr || *env == '\0') return kTweedieDefault;
@@ -449,7 +452,8 @@ void tweedie_out(const Tensor& x_t, const Tensor& model_output, const Tensor& t,
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "tweedie_out", [&] {
       const acc* scp = sc.defined() ? sc.data_ptr<acc>() : nullptr;
       const acc* shp = sh.defined() ? sh.data_ptr<acc>() : nullptr;
-      // the choice applies where output and input share a dtype (the DiffAug case); others take the basic shape
+      // the choice applies where output and input share a dtype (the DiffAug case, the one measured); others take
+      // the first shape, plane-major
       TweedieVariant var = std::is_same_v<in_t, scalar_t> ? tweedie_variant() : TweedieVariant{1, false};
       const PlaneLaunch pl = plane_launch(xv.B * xv.C, xv.S / E, var.units);
       var.linear = var.linear && static_cast<int64_t>(pl.grid.x) * pl.grid.y < (int64_t{1} << 31);
