@@ -103,7 +103,9 @@ gpu_tests() {
 }
 sanitize() {
   cat > "$W/sanitize.py" <<'PY'
-import os, torch, diffaug_kernels as dk
+import os, sys, torch, diffaug_kernels as dk
+sys.path.insert(0, "benchmarks")
+from tweedie_variants import VARIANTS
 S = dk.NoiseSchedule.linear()
 for dtype in (torch.float32, torch.bfloat16, torch.float64):
     for shape in ((3, 3, 17, 19), (4, 3, 32, 32), (2, 3, 64, 64), (2, 3, 56, 56)):  # 56x56: 224-thread blocks
@@ -114,7 +116,7 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
             y = dk.forward_noise(xi, t, S, seed=1, backend="cuda")
             z = dk.forward_noise_multi(xi, [0, 50, 450], S, seed=2, backend="cuda")
             m = torch.randn(shape[0], 2 * shape[1], *shape[2:], device="cuda").to(dtype)
-            for v in ("1", "2", "4", "1l", "2l", "4l"):  # the planar tweedie kernel's variants
+            for v in VARIANTS:  # the planar tweedie kernel's variants
                 os.environ["DIFFAUG_CUDA_TWEEDIE_UNITS"] = v
                 w = dk.tweedie(y, m, t, S, normalize=dk.IMAGENET_NORM, backend="cuda")
             w = dk.tweedie(y, m.contiguous(memory_format=torch.channels_last), t, S, backend="cuda", out_dtype=torch.float16)

@@ -16,6 +16,9 @@ import torch
 from diffaug_kernels import bench, ops, reference
 from diffaug_kernels.jsonfile import write_json
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from helpers import assert_matches, tweedie_magnitude  # noqa: E402 - the tests' comparison rule, not a copy
+
 VARIANTS = ["1", "2", "4", "1l", "2l", "4l"]
 ENV = "DIFFAUG_CUDA_TWEEDIE_UNITS"
 
@@ -46,27 +49,18 @@ def main(argv=None) -> int:
             fused, copy = case.impls[f"fused ({backend})"], case.impls[bench.SAME_COPY]
             inp = case.inputs
             want = reference.tweedie(inp["x"], inp["model_output"], inp["t"], inp["schedule"], "eps", True,
-                                     inp["normalize"]).double()
-            # the tests' tolerance (tests/helpers.assert_matches): 1e-5, plus 4 float32 ulps of the summed terms'
-            # size (a x_t and b eps cancel: b is up to ~100 at large t) scaled by the normalisation, plus one
-            # output ulp for 16-bit outputs (bounded here by 2**-7 of the value in bf16, 2**-10 in fp16)
-            A, B = inp["schedule"].x0_coefficients("eps", dtype=torch.float64)
-            A, B = A.to(dev)[inp["t"]].view(-1, 1, 1, 1), B.to(dev)[inp["t"]].view(-1, 1, 1, 1)
-            C = shape[1]
-            mag = ((A * inp["x"].double()).abs() + (B * inp["model_output"][:, :C].double()).abs()) / torch.tensor(
-                inp["normalize"][1], dtype=torch.float64, device=dev).view(1, -1, 1, 1)
-            ulp16 = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}.get(dtype, 0.0)
-            tol = 1e-5 + 4 * 2.0**-23 * mag + want.abs() * ulp16
-            del A, B, mag
+                                     inp["normalize"])
+            mag = tweedie_magnitude(inp["schedule"], inp["x"], inp["model_output"], inp["t"], "eps",
+                                    inp["normalize"], shape[1])
             ops.POISON_OUTPUTS = True  # outputs start as NaN: an element a variant leaves unwritten fails
-            for v in VARIANTS:  # a variant is timed only if it computes the op (every element, in tolerance)
+            for v in VARIANTS:  # a variant is timed only if it computes the op: the tests' comparison
                 os.environ[ENV] = v
-                got = fused().double()
-                bad = int(((got - want).abs() > tol).sum() + torch.isnan(got).sum())  # NaN compares False above
-                if bad:
-                    raise SystemExit(f"variant {v} ({dname}): {bad} elements differ from the reference")
+                try:
+                    assert_matches(fused(), want, mag=mag)
+                except AssertionError as e:
+                    raise SystemExit(f"variant {v} ({dname}) differs from the reference: {e}") from None
             ops.POISON_OUTPUTS = False
-            del want, tol, got
+            del want, mag
             per = {v: [] for v in ["copy (same bytes)"] + VARIANTS}
             for r in range(a.rounds):
                 per["copy (same bytes)"].append(bench.time_fn(copy, reps=a.reps, warmup=3, device=dev).ms)

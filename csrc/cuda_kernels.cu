@@ -61,12 +61,11 @@ __device__ __forceinline__ void store_vec(V* p, const V& v) {
     uint2 r;
     memcpy(&r, &v, 8);
     __stwb(reinterpret_cast<uint2*>(p), r);
-  } else if constexpr (sizeof(V) == 4) {
+  } else {  // a Vec is 16 input bytes at 2 to 8 bytes per output element: 4 to 64 bytes
+    static_assert(sizeof(V) == 4, "a Vec of 4, 8 or a multiple of 16 bytes");
     unsigned int r;
     memcpy(&r, &v, 4);
     __stwb(reinterpret_cast<unsigned int*>(p), r);
-  } else {
-    *p = v;
   }
 }
 

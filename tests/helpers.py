@@ -52,3 +52,14 @@ def assert_matches(out, ref, atol32=1e-5, mag=None):
     bad = (o - r).abs() > tol
     assert not bad.any(), (f"{int(bad.sum())} of {bad.numel()} elements differ; worst "
                            f"{float(((o - r).abs() - tol).max()):.3g} beyond tolerance")
+
+
+def tweedie_magnitude(schedule, x, m, t, prediction, normalize, C):
+    """|A x| + |B m| (times the normalisation scale): the size of the terms a float32 tweedie result is rounded
+    at, for assert_matches's mag (on t's device)."""
+    a, b = schedule.x0_coefficients(prediction, device=t.device, dtype=torch.float64)
+    a, b = a[t].view(-1, 1, 1, 1), b[t].view(-1, 1, 1, 1)
+    mag = (a * x.double()).abs() + (b * m[:, :C].double()).abs()
+    if normalize is not None:
+        mag = mag / torch.tensor(normalize[1], dtype=torch.float64, device=t.device).view(1, -1, 1, 1)
+    return mag

@@ -7,20 +7,14 @@ from hypothesis import strategies as st
 import diffaug_kernels as dk
 from diffaug_kernels import reference
 from conftest import CPU_FUSED
-from helpers import DTYPES, LAYOUTS, assert_matches, image_batches, make_layout
+from helpers import DTYPES, LAYOUTS, assert_matches, image_batches, make_layout, tweedie_magnitude
 
 S = dk.NoiseSchedule.linear(1000)
 PRED = ["eps", "v", "x0", "score"]
 
 
 def magnitude(x, m, t, prediction, normalize, C):
-    """|A x| + |B m| (times the normalisation scale): the size of the terms a float32 result is rounded at."""
-    a, b = S.x0_coefficients(prediction, dtype=torch.float64)
-    a, b = a[t].view(-1, 1, 1, 1), b[t].view(-1, 1, 1, 1)
-    mag = (a * x.double()).abs() + (b * m[:, :C].double()).abs()
-    if normalize is not None:
-        mag = mag / torch.tensor(normalize[1], dtype=torch.float64).view(1, -1, 1, 1)
-    return mag
+    return tweedie_magnitude(S, x, m, t, prediction, normalize, C)
 
 
 @pytest.mark.parametrize("backend", CPU_FUSED)
