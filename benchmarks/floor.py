@@ -1,9 +1,11 @@
 """What bounds the fused ops, measured beside them: the copy ceiling, the Philox + Box-Muller rate alone
-(dk.philox_normal writes float32 normals and reads nothing), and the host cost of one call on a tiny tensor,
-timed over back-to-back calls (the GPU work is negligible there): the public op, and what the custom-op dispatch
-adds to the kernel call (plain eager calls skip it; traced, autograd and dispatch-mode calls pay it).
+(dk.philox_normal writes float32 normals and reads nothing; on CUDA also with libm's log, sqrt and sincos,
+DIFFAUG_CUDA_RNG_MATH=libm, against the default branch-free ones), and the host cost of one call on a tiny
+tensor, timed over back-to-back calls (the GPU work is negligible there): the public op, and what the custom-op
+dispatch adds to the kernel call (plain eager calls skip it; traced, autograd and dispatch-mode calls pay it).
 Usage: python benchmarks/floor.py [--device cpu|cuda] [JSON]."""
 import argparse
+import os
 import time
 
 import torch
@@ -11,6 +13,8 @@ import torch
 import diffaug_kernels as dk
 from diffaug_kernels import bench, ops
 from diffaug_kernels.jsonfile import write_json
+
+LIBM = "DIFFAUG_CUDA_RNG_MATH"
 
 
 def host_us(fn, device, calls=300):
@@ -50,6 +54,13 @@ def main():
                                device=dev).ms
             r.update(philox_normal_ms=ms, normals_per_ns=n / (ms * 1e6), write_gb_s=4 * n / (ms * 1e-3) / 1e9,
                      pct_copy=100 * 4 * n / (ms * 1e-3) / 1e9 / copy)
+            if name == "cuda":  # the same kernel with CUDA's libm log/sqrt/sincos (csrc/cuda_kernels.cu)
+                os.environ[LIBM] = "libm"
+                try:
+                    r["philox_normal_libm_ms"] = bench.time_fn(
+                        lambda: dk.philox_normal((n,), 1, device=dev, backend=name), reps=10, warmup=2, device=dev).ms
+                finally:
+                    del os.environ[LIBM]
             args8 = (x, t.reshape(1, -1), a, b, seed, off, torch.float32, name)
             r["dispatch_us"] = host_us(lambda: ops._noise_op(*args8), dev) - host_us(lambda: ops._noise_impl(*args8), dev)
         r["forward_noise_us"] = host_us(lambda: dk.forward_noise(x, t, S, backend=name), dev)
@@ -59,6 +70,9 @@ def main():
     for r in rows:
         rng = (f"philox_normal {r['philox_normal_ms']:.3f} ms = {r['normals_per_ns']:.2f} normals/ns, writes at "
                f"{r['write_gb_s']:.0f} GB/s ({r['pct_copy']:.0f}% of copy); " if "philox_normal_ms" in r else "")
+        if "philox_normal_libm_ms" in r:
+            rng += (f"with libm's log/sqrt/sincos {r['philox_normal_libm_ms']:.3f} ms "
+                    f"({r['philox_normal_libm_ms'] / r['philox_normal_ms']:.2f}x); ")
         disp = f" (the custom-op dispatch would add {r['dispatch_us']:.0f} us)" if "dispatch_us" in r else ""
         print(f"{r['backend']:<9} {rng}host per call on 1x3x8x8: forward_noise {r['forward_noise_us']:.0f} us, "
               f"tweedie {r['tweedie_us']:.0f} us{disp}")

@@ -182,7 +182,8 @@ __global__ void __launch_bounds__(kThreads) noise_kernel(
           const int64_t el = k * N + i0 + e;
           float n4[4];
           normals4(off + static_cast<uint64_t>(el / 4), k0, k1, n4);
-          nz[e] = n4[el % 4];
+          const int64_t l = el % 4;  // a select, not n4[l]: a dynamic index would put n4 in local memory
+          nz[e] = l == 0 ? n4[0] : l == 1 ? n4[1] : l == 2 ? n4[2] : n4[3];
         }
       }
       if (full && o_vec) {  // o_vec implies E | C*S: the unit lies in one sample
@@ -485,6 +486,27 @@ void tweedie_out(const Tensor& x_t, const Tensor& model_output, const Tensor& t,
 }
 
 // ---------------------------------------------------------------------------------------------- normals
+// Box-Muller through CUDA's libm (logf, sqrtf, sincosf), as every kernel here did until session 10, for
+// philox_normal only: DIFFAUG_CUDA_RNG_MATH=libm selects it (read per call), so benchmarks/floor.py can time,
+// in one process, what philox.h's branch-free log, sincos and sqrt save. The same normals to float32 rounding.
+__device__ __forceinline__ void box_muller_libm(uint32_t a, uint32_t b, float& n1, float& n2) {
+  const float u1 = dk::uint_to_uniform(a), th = dk::kTwoPi * dk::uint_to_uniform(b);
+  const float r = sqrtf(-2.0f * logf(fmaxf(u1, dk::kMinUniform)));
+  float s, c;
+  sincosf(th, &s, &c);
+  n1 = r * c;
+  n2 = r * s;
+}
+
+bool rng_math_libm() {
+  const char* env = std::getenv("DIFFAUG_CUDA_RNG_MATH");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "poly") == 0) return false;
+  TORCH_CHECK(std::strcmp(env, "libm") == 0, "DIFFAUG_CUDA_RNG_MATH must be poly (the default) or libm, not '",
+              env, "'");
+  return true;
+}
+
+template <bool LIBM>
 __global__ void __launch_bounds__(kThreads) normal_kernel(float* __restrict__ out, const int64_t* __restrict__ seed_p,
                                                           const int64_t* __restrict__ off_p, int64_t N, bool vec) {
   const uint64_t seed = static_cast<uint64_t>(*seed_p), off = static_cast<uint64_t>(*off_p);
@@ -492,7 +514,15 @@ __global__ void __launch_bounds__(kThreads) normal_kernel(float* __restrict__ ou
   for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < units;
        u += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float n[4];
-    normals4(off + static_cast<uint64_t>(u), static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), n);
+    if constexpr (LIBM) {
+      const uint64_t ctr = off + static_cast<uint64_t>(u);
+      uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32), c2 = 0, c3 = 0;
+      dk::philox4x32_10(c0, c1, c2, c3, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+      box_muller_libm(c0, c1, n[0], n[1]);
+      box_muller_libm(c2, c3, n[2], n[3]);
+    } else {
+      normals4(off + static_cast<uint64_t>(u), static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), n);
+    }
     if (vec && 4 * u + 4 <= N) {
       *reinterpret_cast<float4*>(out + 4 * u) = make_float4(n[0], n[1], n[2], n[3]);
     } else {
@@ -505,10 +535,12 @@ void philox_normal_out(const Tensor& seed, const Tensor& offset, Tensor out) {
   const c10::cuda::CUDAGuard guard(out.device());
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat, "internal: out must be contiguous float32");
   const int64_t N = out.numel();
+  const bool libm = rng_math_libm();
   if (N == 0) return;
   const Tensor s = seed.to(out.device(), at::kLong), o = offset.to(out.device(), at::kLong);
   const bool vec = reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
-  normal_kernel<<<grid_for((N + 3) / 4), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  auto kernel = libm ? normal_kernel<true> : normal_kernel<false>;
+  kernel<<<grid_for((N + 3) / 4), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       out.data_ptr<float>(), s.data_ptr<int64_t>(), o.data_ptr<int64_t>(), N, vec);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

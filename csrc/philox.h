@@ -31,12 +31,21 @@ DK_HD void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3,
 #pragma GCC unroll 10  // straight-line code lets the caller's lane loop vectorise
 #endif
   for (int r = 0; r < 10; ++r) {
+#if defined(__CUDA_ARCH__)
+    // 32-bit halves: from the 64-bit product, NVVM widened the whole round to 64-bit masks and xors inside
+    // the noise kernels, and ptxas left an add of zero after every multiply (sm_90 SASS, session 10).
+    const uint32_t h0 = __umulhi(kPhiloxM0, c0), l0 = kPhiloxM0 * c0;
+    const uint32_t h1 = __umulhi(kPhiloxM1, c2), l1 = kPhiloxM1 * c2;
+#else
     const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
     const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2;
-    const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
-    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
-    c1 = static_cast<uint32_t>(p1);
-    c3 = static_cast<uint32_t>(p0);
+    const uint32_t h0 = static_cast<uint32_t>(p0 >> 32), l0 = static_cast<uint32_t>(p0);
+    const uint32_t h1 = static_cast<uint32_t>(p1 >> 32), l1 = static_cast<uint32_t>(p1);
+#endif
+    const uint32_t n0 = h1 ^ c1 ^ k0;
+    const uint32_t n2 = h0 ^ c3 ^ k1;
+    c1 = l1;
+    c3 = l0;
     c0 = n0;
     c2 = n2;
     k0 += kPhiloxW0;
@@ -51,15 +60,29 @@ DK_HD float uint_to_uniform(uint32_t v) {
   return static_cast<float>(x) * kUniformScale;
 }
 
-#if !defined(__CUDA_ARCH__)
-// Branch-free float32 log and sincos for the host, written so that GCC/Clang vectorise the loops that call
-// them (libm calls would not vectorise without -ffast-math). Accurate to about 1 ulp on the ranges used
-// here: log on [1e-7, 1), sincos on [0, 2*pi]. Minimax polynomials of the classic Cephes single-precision
-// routines.
-DK_HD float bits_to_float(uint32_t b) { return __builtin_bit_cast(float, b); }
-DK_HD uint32_t float_to_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
+// Branch-free float32 log, sincos and sqrt on the ranges Box-Muller uses, one source for host and device, so
+// CPU and CUDA compute the same normals. Host: GCC/Clang vectorise the loops that call them (libm calls would
+// not without -ffast-math). Device: the libm functions carry guards for inputs that cannot occur here
+// (denormals, zero, infinity, the huge-argument sincos reduction, which also puts a local-memory array in
+// the kernel); their branches split the noise kernels' Philox + Box-Muller code into blocks that ptxas could
+// not interleave (sm_90 SASS, session 10). Accurate to about 1 ulp: log on [1e-7, 1), sincos on [0, 2*pi].
+// Minimax polynomials of the classic Cephes single-precision routines.
+DK_HD float bits_to_float(uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  return __builtin_bit_cast(float, b);
+#endif
+}
+DK_HD uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  return __builtin_bit_cast(uint32_t, f);
+#endif
+}
 
-DK_HD float host_logf(float x) {  // x positive, finite and normal
+DK_HD float log_unit(float x) {  // x positive, finite and normal
   // x = 2^e * m with m in [sqrt(1/2), sqrt(2)): subtracting sqrt(1/2)'s bits makes the exponent field e and
   // leaves the mantissa to re-attach, with no data-dependent select (which would stop vectorisation).
   const int32_t d = static_cast<int32_t>(float_to_bits(x)) - 0x3f3504f3;
@@ -83,8 +106,12 @@ DK_HD float host_logf(float x) {  // x positive, finite and normal
   return (f + y) + 0.693359375f * fe;
 }
 
-DK_HD void host_sincosf(float x, float& s, float& c) {  // x in [0, 2*pi] (any modest |x| works)
-  const float j = __builtin_rintf(x * 0.63661977236758134f);  // nearest multiple of pi/2
+DK_HD void sincos_unit(float x, float& s, float& c) {  // x in [0, 2*pi] (any modest |x| works)
+#if defined(__CUDA_ARCH__)
+  const float j = rintf(x * 0.63661977236758134f);  // nearest multiple of pi/2
+#else
+  const float j = __builtin_rintf(x * 0.63661977236758134f);
+#endif
   const int32_t q = static_cast<int32_t>(j) & 3;
   const float y = ((x - j * 1.5703125f) - j * 4.837512969970703125e-4f) - j * 7.54978995489188216e-8f;
   const float z = y * y;
@@ -96,25 +123,40 @@ DK_HD void host_sincosf(float x, float& s, float& c) {  // x in [0, 2*pi] (any m
   s = (q & 2) ? -sv : sv;
   c = ((q + 1) & 2) ? -cv : cv;
 }
+
+// sqrt(x) from r, an approximate 1/sqrt(x): y = x * r, then one Newton step y + (x - y*y) * r / 2, which squares
+// r's relative error (2^-22.9 for the hardware's rsqrt.approx) before the last rounding. sqrtf does the same on
+// the device but first branches on special inputs. tests/cpp/math_check.cpp checks it on the host.
+DK_HD float sqrt_newton(float x, float r) {
+#if defined(__CUDA_ARCH__)
+  const float y = x * r;
+  return fmaf(fmaf(-y, y, x), 0.5f * r, y);
+#else
+  const float y = x * r;
+  return __builtin_fmaf(__builtin_fmaf(-y, y, x), 0.5f * r, y);
 #endif
+}
+
+DK_HD float sqrt_positive(float x) {  // x positive, finite and normal
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("rsqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return sqrt_newton(x, r);
+#else
+  return __builtin_sqrtf(x);
+#endif
+}
 
 // Triton's pair_uniform_to_normal (Box-Muller) on the raw uint32 pair.
 DK_HD void box_muller(uint32_t a, uint32_t b, float& n1, float& n2) {
   const float u1 = uint_to_uniform(a);
   const float th = kTwoPi * uint_to_uniform(b);
-#if defined(__CUDA_ARCH__)
-  const float r = sqrtf(-2.0f * logf(fmaxf(u1, kMinUniform)));
-  float s, c;
-  sincosf(th, &s, &c);
-#else
   // max(u1, 1e-7) as an integer max of the bit patterns (equal for non-negative floats): a float select
   // here lets GCC specialise the constant branch, and that control flow stops vectorisation.
   const uint32_t ub = float_to_bits(u1), kb = float_to_bits(kMinUniform);
-  const float lg = host_logf(bits_to_float(ub > kb ? ub : kb));
-  const float r = __builtin_sqrtf(-2.0f * lg);
+  const float r = sqrt_positive(-2.0f * log_unit(bits_to_float(ub > kb ? ub : kb)));
   float s, c;
-  host_sincosf(th, s, c);
-#endif
+  sincos_unit(th, s, c);
   n1 = r * c;
   n2 = r * s;
 }

@@ -1,5 +1,6 @@
 """The Philox header builds on its own (CMake, no torch) and gives the reference's stream."""
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,29 @@ def test_standalone_philox_header(tmp_path):
                                    rtol=1e-6, atol=2e-6)
 
 
+def test_box_muller_math_is_accurate_on_every_input(tmp_path):
+    """philox.h's branch-free log, sincos and sqrt give every backend's normals (the CUDA kernels use them too,
+    compiled with FMA contraction, in place of libm's, whose guards for inputs that cannot occur here split the
+    noise kernels into blocks). tests/cpp/math_check.cpp measures them against double precision: with FMA
+    contraction over all 2^31 uniforms, without it over every 7th. Bounds: r = sqrt(-2 log u1) within 1.1e-7
+    relative and sin, cos within 1.05e-7 (about 1 ulp each; measured 9.8e-8 and 9.3e-8; a 0.1% change in one
+    polynomial coefficient breaks them), so a normal (|r| < 5.7) is off by under 1.1e-7 relative plus 6e-7
+    absolute, inside the cross-backend tolerance (rtol 1e-6, atol 2e-6) with room for the reference's own
+    rounding; and the device's sqrt step, from an rsqrt off by 2^-22, within half an ulp."""
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    fma = ["-mfma"] if platform.machine() in ("x86_64", "AMD64") else []
+    for flags, stride in [(fma + ["-ffp-contract=fast"], 1), (["-ffp-contract=off"], 7)]:
+        exe = tmp_path / f"math_check{stride}"
+        subprocess.run([cxx, "-O2", "-std=c++17", "-fopenmp", "-fno-math-errno", *flags, "-I", str(ROOT / "csrc"),
+                        str(ROOT / "tests/cpp/math_check.cpp"), "-o", str(exe)], check=True, capture_output=True)
+        words = subprocess.run([str(exe), str(stride)], check=True, capture_output=True, text=True).stdout.split()
+        got = dict(zip(words[::2], map(float, words[1::2])))
+        assert got["r_rel"] <= 1.1e-7 and got["sincos_abs"] <= 1.05e-7, (flags, got)
+        assert got["sqrt_newton_ulp"] <= 0.5 + 1e-6, (flags, got)
+
+
 def test_cuda_sources_compiled_where_nvcc_is():
     """The CUDA kernels build wherever torch has CUDA and nvcc is found (CI compiles them without a GPU)."""
     from diffaug_kernels import _ext
@@ -37,6 +61,55 @@ def test_cuda_sources_compiled_where_nvcc_is():
     if _ext._C is None:
         pytest.fail(f"the extension did not load: {_ext.ERROR}")
     assert _ext.has_kernel("CUDA"), "csrc/*.cu were not compiled into the extension"
+
+
+def _cuobjdump():
+    """The cuobjdump that Triton bundles (this toolkit has none), else one on PATH."""
+    try:
+        import triton
+
+        bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        if bundled.is_file():
+            return str(bundled)
+    except ImportError:
+        pass
+    return shutil.which("cuobjdump")
+
+
+def test_cuda_kernels_keep_to_registers_and_whole_vector_stores():
+    """Two properties of the compiled sm_90 code that the GPU timings depend on, read from the extension's own
+    SASS, so CI checks them without a GPU. (1) The planar kernels (what the benchmarks time) and philox_normal's
+    have no stack frame or local memory: libm's sincosf put a 32-byte array (its huge-argument reduction) in
+    every noise kernel until session 10. (The general kernels may save a register around their assert's call;
+    the libm kernel kept for benchmarks/floor.py has sincosf's array.) (2) The planar kernels write each unit
+    with whole vector stores of one width: no 16-bit stores, no mix of widths (session 9 found every bf16 unit's
+    store split into six 2-byte and one 4-byte store)."""
+    import re
+
+    from diffaug_kernels import _ext
+
+    if torch.version.cuda is None or shutil.which("nvcc") is None:
+        pytest.skip("torch without CUDA or no nvcc: the CUDA sources are not built here")
+    if not _ext.has_kernel("CUDA"):
+        pytest.fail(f"csrc/*.cu were not compiled into the extension: {_ext.ERROR}")
+    tool = _cuobjdump()
+    assert tool, "no cuobjdump (Triton bundles one; is triton installed?)"
+    so = _ext._C.__file__
+    usage = subprocess.run([tool, "-res-usage", so], check=True, capture_output=True, text=True).stdout
+    kernels = re.findall(r"Function (\S+):\s*\n\s*REG:\d+ STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    assert len(kernels) > 100, usage[:2000]  # every dtype pair of every kernel
+    hot = [(k, stack, local) for k, stack, local in kernels if "_plane_kernel" in k or "normal_kernelILb0E" in k]
+    assert len(hot) >= 100 and [k for k, stack, local in hot if stack != "0" or local != "0"] == []
+    sass = subprocess.run([tool, "-sass", so], check=True, capture_output=True, text=True).stdout
+    planar = 0
+    for body in re.split(r"\n\s*Function : ", sass)[1:]:
+        name = body.split("\n", 1)[0]
+        if "_plane_kernel" not in name:
+            continue
+        planar += 1
+        stores = set(re.findall(r"\bSTG\.E(\.\d+|\.U16|\.S16|\.U8|\.S8)?\.", body))
+        assert stores and len(stores) == 1 and not stores & {".U16", ".S16", ".U8", ".S8"}, (name, stores)
+    assert planar >= 100
 
 
 def test_gpu_check_script_parses_and_knows_its_default_steps():

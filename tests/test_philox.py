@@ -207,6 +207,22 @@ def test_one_noise_stream_on_every_backend():
 
 
 @pytest.mark.cuda
+def test_cuda_normals_with_either_math_match_the_reference(monkeypatch):
+    """The CUDA kernels' branch-free log, sincos and sqrt (philox.h, the default) and libm's
+    (DIFFAUG_CUDA_RNG_MATH=libm, philox_normal only, kept for benchmarks/floor.py's comparison) both give the
+    reference's normals, over 4M of them; any other value is an error naming the setting."""
+    n, seed, off = 1 << 22, 2**40 + 3, 2**32 - 5
+    want = reference.philox_normal((n,), seed, off)
+    for math in ("poly", "libm"):
+        monkeypatch.setenv("DIFFAUG_CUDA_RNG_MATH", math)
+        got = dk.philox_normal((n,), seed, off, device=CUDA, backend="cuda").cpu()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=2e-6)
+    monkeypatch.setenv("DIFFAUG_CUDA_RNG_MATH", "fast")
+    with pytest.raises(RuntimeError, match="DIFFAUG_CUDA_RNG_MATH must be poly"):
+        dk.philox_normal((8,), 1, device=CUDA, backend="cuda")
+
+
+@pytest.mark.cuda
 def test_cuda_graph_replay_gives_fresh_noise(gpu_backend):
     x = torch.rand(8, 3, 32, 32, device=CUDA) * 2 - 1
     t = torch.full((8,), 900, device=CUDA)
