@@ -1,7 +1,8 @@
 """Triton kernels for forward_noise (+ the ensemble expansion), tweedie and philox_normal.
 
 The same Philox4x32-10 stream as csrc/philox.h (written out here rather than taken from tl.randint4x, whose
-treatment of 64-bit offsets has changed across Triton releases), Triton's uniform and Box-Muller conversion,
+treatment of 64-bit offsets has changed across Triton releases), Triton's uniform and Box-Muller conversion
+with csrc/philox.h's branch-free log and sincos,
 per-sample coefficients gathered in-kernel, fp32 math (fp64 for fp64 I/O). Elements are handled as
 [BLOCK, 4] tiles: row r is one Philox counter, column l its lane, so each counter is computed once.
 
@@ -53,15 +54,46 @@ if triton is not None:
             c3 = p0 * 0xD2511F53
             k0 = k0 + 0x9E3779B9
             k1 = k1 + 0xBB67AE85
-        u0 = _uniform(c0)
-        u1 = _uniform(c1)
-        u2 = _uniform(c2)
-        u3 = _uniform(c3)
-        r0 = tl.sqrt(-2.0 * tl.log(tl.maximum(u0, 1.0e-7)))
-        r1 = tl.sqrt(-2.0 * tl.log(tl.maximum(u2, 1.0e-7)))
-        th0 = 6.283185307179586 * u1
-        th1 = 6.283185307179586 * u3
-        return r0 * tl.cos(th0), r0 * tl.sin(th0), r1 * tl.cos(th1), r1 * tl.sin(th1)
+        r0 = tl.sqrt(-2.0 * _log_unit(tl.maximum(_uniform(c0), 1.0e-7)))
+        r1 = tl.sqrt(-2.0 * _log_unit(tl.maximum(_uniform(c2), 1.0e-7)))
+        s0, co0 = _sincos_unit(6.283185307179586 * _uniform(c1))
+        s1, co1 = _sincos_unit(6.283185307179586 * _uniform(c3))
+        return r0 * co0, r0 * s0, r1 * co1, r1 * s1
+
+    # The log and sincos of csrc/philox.h (Cephes polynomials, about 1 ulp on log's [1e-7, 1) and sincos's
+    # [0, 2*pi]), in place of tl.log, tl.cos and tl.sin: libdevice's carry guards for inputs that cannot occur
+    # here and a huge-argument reduction with a local-memory array, and sin and cos each reduced the angle.
+    @triton.jit
+    def _log_unit(x):
+        """log(x) for positive normal float32 x: x = 2^e * m with m in [sqrt(1/2), sqrt(2)), no branch."""
+        d = x.to(tl.int32, bitcast=True) - 0x3F3504F3
+        e = (d >> 23).to(tl.float32)
+        f = ((d & 0x007FFFFF) + 0x3F3504F3).to(tl.float32, bitcast=True) - 1.0
+        z = f * f
+        p = f * 7.0376836292e-2 - 1.1514610310e-1
+        p = p * f + 1.1676998740e-1
+        p = p * f - 1.2420140846e-1
+        p = p * f + 1.4249322787e-1
+        p = p * f - 1.6668057665e-1
+        p = p * f + 2.0000714765e-1
+        p = p * f - 2.4999993993e-1
+        p = p * f + 3.3333331174e-1
+        y = p * f * z - 2.12194440e-4 * e - 0.5 * z
+        return (f + y) + 0.693359375 * e
+
+    @triton.jit
+    def _sincos_unit(x):
+        """(sin x, cos x) for float32 x in [0, 2*pi]: one reduction by pi/2 for both."""
+        q = (x * 0.63661977236758134 + 0.5).to(tl.int32)  # nearest multiple of pi/2 (x >= 0)
+        j = q.to(tl.float32)
+        y = ((x - j * 1.5703125) - j * 4.837512969970703125e-4) - j * 7.54978995489188216e-8
+        z = y * y
+        ps = y + y * z * (-1.6666654611e-1 + z * (8.3321608736e-3 + z * -1.9515295891e-4))
+        pc = 1.0 - 0.5 * z + z * z * (4.166664568298827e-2 + z * (-1.388731625493765e-3 + z * 2.443315711809948e-5))
+        odd = (q & 1) != 0
+        sv = tl.where(odd, pc, ps)
+        cv = tl.where(odd, ps, pc)
+        return tl.where((q & 2) != 0, -sv, sv), tl.where(((q + 1) & 2) != 0, -cv, cv)
 
     @triton.jit
     def _uniform(v):

@@ -31,8 +31,8 @@ def test_standalone_philox_header(tmp_path):
 
 def test_box_muller_math_is_accurate_on_every_input(tmp_path):
     """philox.h's branch-free log, sincos and sqrt give every backend's normals (the CUDA kernels use them too,
-    compiled with FMA contraction, in place of libm's, whose guards for inputs that cannot occur here split the
-    noise kernels into blocks). tests/cpp/math_check.cpp measures them against double precision: with FMA
+    compiled with FMA contraction, and the Triton kernels the same log and sincos, in place of libm's and
+    libdevice's, whose guards for inputs that cannot occur here split the noise kernels into blocks). tests/cpp/math_check.cpp measures them against double precision: with FMA
     contraction over all 2^31 uniforms, without it over every 7th. Bounds: r = sqrt(-2 log u1) within 1.1e-7
     relative and sin, cos within 1.05e-7 (about 1 ulp each; measured 9.8e-8 and 9.3e-8; a 0.1% change in one
     polynomial coefficient breaks them), so a normal (|r| < 5.7) is off by under 1.1e-7 relative plus 6e-7
@@ -126,7 +126,9 @@ def test_gpu_check_script_parses_and_knows_its_default_steps():
 
 
 TRITON_COMPILE = r"""
+import os
 import re
+import subprocess
 
 import triton
 from triton.compiler import ASTSource
@@ -153,6 +155,12 @@ for fn in (tk._noise_kernel, tk._noise_plane_kernel, tk._tweedie_kernel, tk._twe
                 sig[n] = "i32"  # sizes and strides below 2**31 arrive as int32
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32))
         assert k.asm.get("cubin"), fn.__name__
+        # no stack frame or local memory (libdevice's sin and cos had a local array until session 10)
+        cubin = os.path.join(os.environ["TRITON_CACHE_DIR"], fn.__name__ + ".cubin")
+        with open(cubin, "wb") as f:
+            f.write(k.asm["cubin"])
+        usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin], check=True, capture_output=True, text=True).stdout
+        assert re.search(r"STACK:0 SHARED:\d+ LOCAL:0 ", usage), (fn.__name__, data, usage)
         ttir = [l.split(" loc(")[0].strip() for l in k.asm["ttir"].splitlines()]
         # scalar size products (the counter of block k is k * N / 4) in 32 bits wrap past 2**31 elements; the
         # Philox rounds' 32-bit tensor products are meant to be
@@ -168,7 +176,11 @@ print("TRITON-SM90-OK")
 def test_triton_kernels_compile_for_hopper(tmp_path):
     """The interpreter runs the Triton kernels' Python, not their compilation: compile each kernel here for
     sm_90 (TTIR to cubin, as on a GPU) for 16-bit, 32-bit and 64-bit data, and check that no size product is
-    computed in 32 bits and every pointer offset is 64-bit (the kernels widen sizes to int64 first)."""
+    computed in 32 bits, every pointer offset is 64-bit (the kernels widen sizes to int64 first), and no kernel
+    has a stack frame or local memory."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
-    r = subprocess.run([sys.executable, "-c", TRITON_COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    tool = _cuobjdump()
+    assert tool, "no cuobjdump (Triton bundles one)"
+    script = f"CUOBJDUMP = {tool!r}\n" + TRITON_COMPILE
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert "TRITON-SM90-OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
