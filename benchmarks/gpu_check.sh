@@ -13,8 +13,9 @@
 # tested too; fetch them beforehand where the package registry is reachable, e.g.
 #   pip download --no-deps -d .cache xformers==0.0.35 nvidia-cuda-runtime-cu12
 # Nothing is downloaded on the GPU machine.
-# The tune step (first by default) times the planar CUDA tweedie kernel's variants (benchmarks/tweedie_variants.py)
-# and runs the later steps with the fastest in bf16 (DIFFAUG_CUDA_TWEEDIE_UNITS; GPU_CHECK_TUNE_APPLY=0: not).
+# The tune step (first by default) times the planar CUDA tweedie and noise kernels' variants (benchmarks/variants.py)
+# and runs the later steps with the fastest of each in bf16 (DIFFAUG_CUDA_TWEEDIE_UNITS, DIFFAUG_CUDA_NOISE_UNITS;
+# GPU_CHECK_TUNE_APPLY=0: not).
 # The model step also times the compiled UNet with candidate settings (--candidates: group-norm statistics per
 # channel, cudnn.benchmark) and keeps the generated source of the slowest inductor kernels (kernels/); model-cdt (not in the default list)
 # runs it again with inductor's coordinate-descent tuning of block sizes.
@@ -105,7 +106,7 @@ sanitize() {
   cat > "$W/sanitize.py" <<'PY'
 import os, sys, torch, diffaug_kernels as dk
 sys.path.insert(0, "benchmarks")
-from tweedie_variants import VARIANTS
+from variants import ENV, VARIANTS
 S = dk.NoiseSchedule.linear()
 for dtype in (torch.float32, torch.bfloat16, torch.float64):
     for shape in ((3, 3, 17, 19), (4, 3, 32, 32), (2, 3, 64, 64), (2, 3, 56, 56)):  # 56x56: 224-thread blocks
@@ -113,11 +114,11 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
         t = torch.randint(0, 1000, (shape[0],), device="cuda")
         for cl in (False, True):
             xi = x.contiguous(memory_format=torch.channels_last) if cl else x
-            y = dk.forward_noise(xi, t, S, seed=1, backend="cuda")
-            z = dk.forward_noise_multi(xi, [0, 50, 450], S, seed=2, backend="cuda")
             m = torch.randn(shape[0], 2 * shape[1], *shape[2:], device="cuda").to(dtype)
-            for v in VARIANTS:  # the planar tweedie kernel's variants
-                os.environ["DIFFAUG_CUDA_TWEEDIE_UNITS"] = v
+            for v in VARIANTS:  # the planar kernels' variants
+                os.environ[ENV["forward_noise"]] = os.environ[ENV["tweedie"]] = v
+                y = dk.forward_noise(xi, t, S, seed=1, backend="cuda")
+                z = dk.forward_noise_multi(xi, [0, 50, 450], S, seed=2, backend="cuda")
                 w = dk.tweedie(y, m, t, S, normalize=dk.IMAGENET_NORM, backend="cuda")
             w = dk.tweedie(y, m.contiguous(memory_format=torch.channels_last), t, S, backend="cuda", out_dtype=torch.float16)
     dk.philox_normal((1001,), 3, device="cuda", backend="cuda")
@@ -188,10 +189,9 @@ kernel_sources() {  # kernel_sources PROFILE DEST: the generated source of the s
   done
   echo "kernel sources: $n kernels and $(ls "$dest" | grep -c wrapper) wrappers in $dest"
 }
-tune_tweedie() {  # the planar tweedie kernel's variants, interleaved; its last line names the fastest in bf16
-  "$PY" benchmarks/tweedie_variants.py --rounds 7 --reps 40 --json "$W/tweedie-variants.json" \
-    > "$W/tweedie-variants.txt" 2>&1
-  local rc=$?; cat "$W/tweedie-variants.txt"; return $rc
+tune_variants() {  # the planar kernels' variants, interleaved; its last lines name the fastest of each in bf16
+  "$PY" benchmarks/variants.py --rounds 7 --reps 40 --json "$W/variants.json" > "$W/variants.txt" 2>&1
+  local rc=$?; cat "$W/variants.txt"; return $rc
 }
 rng_floor() {
   "$PY" benchmarks/floor.py --device cuda "$W/floor.json" > "$W/floor.txt" 2>&1; local rc=$?; cat "$W/floor.txt"; return $rc
@@ -213,7 +213,7 @@ if runs:
         same = r1.get("vs_same_bytes_copy")
         print(f"{r1['op']:<20}{r1['dtype']:<10}{r1['impl']:<24}{ms}{r1.get('gb_s', 0):7.0f}{r1['pct_copy']:6.1f}%"
               f"{100 * same if same else float('nan'):7.0f}%{r1['speedup']:8.2f}x{comp / r1['ms']:11.2f}x")
-for name in ("tweedie-variants", "floor", "bench-ensemble", "bench-model", "bench-model-cdt", "bench-model-cudnn"):
+for name in ("variants", "floor", "bench-ensemble", "bench-model", "bench-model-cdt", "bench-model-cudnn"):
     p = f"{d}/{name}.txt"
     if os.path.exists(p) and os.path.getsize(p):
         print(); print(open(p).read().rstrip())
@@ -230,7 +230,7 @@ INDUCTOR_CACHE=/tmp/gpu-check-inductor
 [ "${GPU_CHECK_BUILD:-1}" = 0 ] || rm -rf "$INDUCTOR_CACHE"
 export PY W INDUCTOR_CACHE TORCHINDUCTOR_CACHE_DIR="$INDUCTOR_CACHE"
 export -f env_info build gpu_tests sanitize kernel_profile bench_ops bench_ensemble bench_model kernel_sources rng_floor \
-  tune_tweedie
+  tune_variants
 step environment 60 5 env_info 2>&1 | tee "$W/env.log"
 # GPU_CHECK_BUILD=0 keeps the extension an earlier call built on the same (warm) machine, or one built beforehand
 # for the machine's Python and torch and carried (benchmarks/prebuild_gpu_ext.sh), when it loads.
@@ -256,10 +256,12 @@ if "$PY" -c "import diffaug_kernels" 2>/dev/null; then
         cat "$W/step-tests.out"
         grep -q "GPU tests.*exit 0" "$W/summary.txt" || status=1 ;;
       tune)  # the later steps (benchmarks, tests) then run with the fastest variant; GPU_CHECK_TUNE_APPLY=0: not
-        if step "tweedie variants (units per thread, block order)" 90 20 tune_tweedie \
+        if step "planar kernel variants (units per thread, block order)" 150 30 tune_variants \
            && [ "${GPU_CHECK_TUNE_APPLY:-1}" != 0 ]; then
-          best=$(awk '/^best:/ {print $2}' "$W/tweedie-variants.txt")
-          [ -n "$best" ] && export DIFFAUG_CUDA_TWEEDIE_UNITS="$best" && note "later steps: DIFFAUG_CUDA_TWEEDIE_UNITS=$best"
+          for pair in tweedie:DIFFAUG_CUDA_TWEEDIE_UNITS forward_noise:DIFFAUG_CUDA_NOISE_UNITS; do
+            best=$(awk -v op="${pair%%:*}:" '$1 == "best" && $2 == op {print $3}' "$W/variants.txt")
+            [ -n "$best" ] && export "${pair#*:}=$best" && note "later steps: ${pair#*:}=$best"
+          done
         fi ;;
       bench1) step "benchmark ops, run 1" 180 40 bench_ops 1 ;;
       floor) step "what bounds the ops: RNG rate alone, per-call cost" 60 15 rng_floor ;;

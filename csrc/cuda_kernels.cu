@@ -225,37 +225,91 @@ __device__ __forceinline__ PlaneSlot plane_slot(const View3& v, unsigned slices 
   return {(static_cast<int64_t>(slice) * blockDim.x * U + threadIdx.x) * E, plane, b, plane - b * v.C};
 }
 
-// One block per slice of one (b, c) plane: t, the coefficients and the plane's addresses are per block.
-template <typename in_t, typename out_t, int VEC>
+// The planar kernels' shape: units per thread (a block apart), and the block order. LIN: a 1-D grid of blocks in
+// memory order, sweeping the tensor as a copy does; else plane-major (grid.x = planes), which has a slice of
+// every plane in flight at once. Tweedie (memory-bound), on an H100 (session 9, 256x3x224x224, run6): memory
+// order took 83.4 us in bf16 (92.2% of the copy ceiling) and 156.9 us in float32 (as fast as a copy of the same
+// bytes), plane-major 86.2-86.6 and 165.0 us; 2 and 4 units gained nothing (83.5, 85.5 us in bf16): default
+// 1 unit, memory order. Forward noise (bound by the Philox + Box-Muller arithmetic) amortises each thread's
+// set-up (plane, addresses, the Philox key schedule: 132 of the 546 sm_90 instructions a bf16 thread runs at
+// 1 unit) over more units; not yet timed on a GPU, so its default stays the shape measured since session 4,
+// 1 unit, plane-major. DIFFAUG_CUDA_TWEEDIE_UNITS and DIFFAUG_CUDA_NOISE_UNITS = 1, 2 or 4, with an "l" for
+// memory order, pick another, for tuning only (benchmarks/variants.py times each; benchmarks/gpu_check.sh's
+// tune step applies the fastest). Read on every call (a getenv), so one process can compare them. They apply
+// where output and input share a dtype (the DiffAug case, the one measured); other pairs take 1, plane-major.
+struct PlaneVariant {
+  int units;
+  bool linear;
+};
+constexpr PlaneVariant kTweedieDefault{1, true}, kNoiseDefault{1, false};
+PlaneVariant plane_variant(const char* name, PlaneVariant dflt) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return dflt;
+  const std::string v(env);
+  const bool linear = v.size() == 2 && v[1] == 'l';
+  TORCH_CHECK((v.size() == 1 || linear) && (v[0] == '1' || v[0] == '2' || v[0] == '4'), name,
+              " must be 1, 2 or 4, optionally followed by l (blocks in memory order), not '", v, "'");
+  return {v[0] - '0', linear};
+}
+
+// Calls run(integral_constant<int, U>, bool_constant<LIN>) for the variant: the same-dtype case takes any, others
+// (fewer kernels to compile) 1 unit, plane-major. A 1-D grid needs planes x slices < 2**31.
+template <bool kAny, typename F>
+void with_plane_variant(PlaneVariant var, const PlaneLaunch& pl, F&& run) {
+  using std::integral_constant;
+  if constexpr (kAny) {
+    const bool lin = var.linear && static_cast<int64_t>(pl.grid.x) * pl.grid.y < (int64_t{1} << 31);
+    const auto by_units = [&](auto l) {
+      if (var.units == 2) run(integral_constant<int, 2>{}, l);
+      else if (var.units == 4) run(integral_constant<int, 4>{}, l);
+      else run(integral_constant<int, 1>{}, l);
+    };
+    lin ? by_units(std::true_type{}) : by_units(std::false_type{});
+  } else {
+    run(integral_constant<int, 1>{}, std::false_type{});
+  }
+}
+
+// One block per slice of one (b, c) plane: t, the coefficients and the plane's addresses are per block. U units
+// per thread, a block apart, every load issued first; LIN: blocks in memory order (see PlaneVariant).
+template <typename in_t, typename out_t, int VEC, int U, bool LIN>
 __global__ void __launch_bounds__(kThreads) noise_plane_kernel(
     const in_t* __restrict__ x, out_t* __restrict__ out, const int64_t* __restrict__ t, int64_t tk, int64_t tb,
     const acc_t<in_t>* __restrict__ ca, const acc_t<in_t>* __restrict__ cb, int64_t T,
     const int64_t* __restrict__ seed_p, const int64_t* __restrict__ off_p, int64_t N, int64_t K, View3 xv,
-    View3 ov) {
+    View3 ov, unsigned slices) {
   using acc = acc_t<in_t>;
   constexpr int E = 4 * VEC;
-  const PlaneSlot p = plane_slot<E>(xv);
+  const PlaneSlot p = plane_slot<E, U, LIN>(xv, slices);
   if (p.s0 >= xv.S) return;
-  const int64_t s0 = p.s0, plane = p.plane, b = p.b, c = p.c;
+  const int64_t s0 = p.s0, plane = p.plane, b = p.b, c = p.c, step = static_cast<int64_t>(blockDim.x) * E;
   const uint64_t seed = static_cast<uint64_t>(*seed_p), off = static_cast<uint64_t>(*off_p);
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  const auto xw = *reinterpret_cast<const Vec<in_t, E>*>(x + b * xv.sb + c * xv.sc + s0);
-  acc xr[E];
+  const in_t* xp = x + b * xv.sb + c * xv.sc + s0;
+  Vec<in_t, E> xw[U];
 #pragma unroll
-  for (int e = 0; e < E; ++e) xr[e] = static_cast<acc>(xw.v[e]);
+  for (int j = 0; j < U; ++j) {
+    if (j == 0 || s0 + j * step < xv.S) xw[j] = *reinterpret_cast<const Vec<in_t, E>*>(xp + j * step);
+  }
   // N and S are multiples of 4 here, so element k * N + plane * S + s0 starts a counter.
   const uint64_t ctr0 = off + static_cast<uint64_t>(plane * xv.S + s0) / 4;
   for (int64_t k = 0; k < K; ++k) {
     const int64_t ti = t[k * tk + b * tb];
     CUDA_KERNEL_ASSERT(ti >= 0 && ti < T);
     const acc a = ca[ti], sg = cb[ti];
-    float nz[E];
+    out_t* op = out + (k * xv.B + b) * ov.sb + c * ov.sc + s0;
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) normals4(ctr0 + static_cast<uint64_t>(k * N) / 4 + v, k0, k1, nz + 4 * v);
-    Vec<out_t, E> vo;
+    for (int j = 0; j < U; ++j) {
+      if (j > 0 && s0 + j * step >= xv.S) break;
+      float nz[E];
 #pragma unroll
-    for (int e = 0; e < E; ++e) vo.v[e] = static_cast<out_t>(a * xr[e] + sg * static_cast<acc>(nz[e]));
-    store_vec(reinterpret_cast<Vec<out_t, E>*>(out + (k * xv.B + b) * ov.sb + c * ov.sc + s0), vo);
+      for (int v = 0; v < VEC; ++v)
+        normals4(ctr0 + static_cast<uint64_t>(k * N + j * step) / 4 + v, k0, k1, nz + 4 * v);
+      Vec<out_t, E> vo;
+#pragma unroll
+      for (int e = 0; e < E; ++e) vo.v[e] = static_cast<out_t>(a * static_cast<acc>(xw[j].v[e]) + sg * static_cast<acc>(nz[e]));
+      store_vec(reinterpret_cast<Vec<out_t, E>*>(op + j * step), vo);
+    }
   }
 }
 
@@ -276,13 +330,19 @@ void noise_out(const Tensor& x0_, const Tensor& t, const Tensor& coef_a, const T
     constexpr int VEC = sizeof(in_t) == 2 ? 2 : 1;  // 16-byte loads of 16-bit inputs take two counters
     constexpr int E = 4 * VEC;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "noise_out", [&] {
-      const PlaneLaunch pl = plane_launch(xv.B * xv.C, xv.S / E);
+      constexpr bool same = std::is_same_v<in_t, scalar_t>;
+      const PlaneVariant var = same ? plane_variant("DIFFAUG_CUDA_NOISE_UNITS", kNoiseDefault) : PlaneVariant{1, false};
+      const PlaneLaunch pl = plane_launch(xv.B * xv.C, xv.S / E, var.units);
       if (pl.ok && plane_vectorizable<in_t, E>(x0, xv) && plane_vectorizable<scalar_t, E>(out, ov)) {
-        noise_plane_kernel<in_t, scalar_t, VEC><<<pl.grid, pl.block, 0, stream>>>(
-            x0.data_ptr<in_t>(), out.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), t.stride(0), t.stride(1),
-            ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), s.data_ptr<int64_t>(), o.data_ptr<int64_t>(), N, K,
-            xv, ov);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        with_plane_variant<same>(var, pl, [&](auto u, auto lin) {
+          constexpr bool L = decltype(lin)::value;
+          noise_plane_kernel<in_t, scalar_t, VEC, decltype(u)::value, L>
+              <<<L ? dim3(pl.grid.x * pl.grid.y) : pl.grid, pl.block, 0, stream>>>(
+                  x0.data_ptr<in_t>(), out.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), t.stride(0), t.stride(1),
+                  ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), s.data_ptr<int64_t>(), o.data_ptr<int64_t>(),
+                  N, K, xv, ov, pl.grid.y);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
         return;
       }
       const bool x_vec = vectorizable<in_t, E>(x0, xv), o_vec = vectorizable<scalar_t, E>(out, ov);
@@ -356,7 +416,7 @@ __global__ void __launch_bounds__(kThreads) tweedie_kernel(
   }
 }
 
-// U units per thread, every load issued before any arithmetic; LIN: blocks in memory order (see TweedieVariant).
+// U units per thread, every load issued before any arithmetic; LIN: blocks in memory order (see PlaneVariant).
 template <typename in_t, typename out_t, int E, int U, bool LIN>
 __global__ void __launch_bounds__(kThreads) tweedie_plane_kernel(
     const in_t* __restrict__ x, const in_t* __restrict__ m, out_t* __restrict__ out, const int64_t* __restrict__ t,
@@ -396,42 +456,6 @@ __global__ void __launch_bounds__(kThreads) tweedie_plane_kernel(
   }
 }
 
-// The planar tweedie kernel's shape: units per thread, and the block order. On an H100 (session 9,
-// benchmarks/tweedie_variants.py, 256x3x224x224, run6): blocks in memory order, a 1-D grid sweeping the tensor
-// as a copy does, took 83.4 us in bf16 (92.2% of the copy ceiling) and 156.9 us in float32 (as fast as a copy of
-// the same bytes); the plane-major 2-D grid, which has every plane in flight at once, 86.2-86.6 and 165.0 us.
-// 2 and 4 units per thread gained nothing in memory order (83.5, 85.5 us in bf16). The default is 1 unit, in
-// memory order. DIFFAUG_CUDA_TWEEDIE_UNITS = 1, 2 or 4, with an "l" for memory order (without: plane-major),
-// picks another, for tuning only: benchmarks/gpu_check.sh's tune step times each. Read on every call (a
-// getenv), so one process can compare them.
-struct TweedieVariant {
-  int units;
-  bool linear;
-};
-constexpr TweedieVariant kTweedieDefault{1, true};
-TweedieVariant tweedie_variant() {
-  const char* env = std::getenv("DIFFAUG_CUDA_TWEEDIE_UNITS");
-  if (env == nullptr || *env == '\0') return kTweedieDefault;
-  const std::string v(env);
-  const bool linear = v.size() == 2 && v[1] == 'l';
-  TORCH_CHECK((v.size() == 1 || linear) && (v[0] == '1' || v[0] == '2' || v[0] == '4'),
-              "DIFFAUG_CUDA_TWEEDIE_UNITS must be 1, 2 or 4, optionally followed by l (blocks in memory order), ",
-              "not '", v, "'");
-  return {v[0] - '0', linear};
-}
-
-template <typename in_t, typename out_t, int E, int U, bool LIN>
-void launch_tweedie_plane(const PlaneLaunch& pl, cudaStream_t stream, const Tensor& x, const Tensor& m, Tensor& out,
-                          const Tensor& t, const Tensor& ca, const Tensor& cb, bool clip, const acc_t<in_t>* scp,
-                          const acc_t<in_t>* shp, const View3& xv, const View3& mv, const View3& ov) {
-  using acc = acc_t<in_t>;
-  const dim3 grid = LIN ? dim3(pl.grid.x * pl.grid.y) : pl.grid;  // LIN only where planes x slices < 2**31
-  tweedie_plane_kernel<in_t, out_t, E, U, LIN><<<grid, pl.block, 0, stream>>>(
-      x.data_ptr<in_t>(), m.data_ptr<in_t>(), out.data_ptr<out_t>(), t.data_ptr<int64_t>(), t.stride(0),
-      ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), clip, scp, shp, xv, mv, ov, pl.grid.y);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 void tweedie_out(const Tensor& x_t, const Tensor& model_output, const Tensor& t, const Tensor& coef_a,
                  const Tensor& coef_b, bool clip, const c10::optional<Tensor>& scale, const c10::optional<Tensor>& shift,
                  Tensor out) {
@@ -454,26 +478,20 @@ void tweedie_out(const Tensor& x_t, const Tensor& model_output, const Tensor& t,
       const acc* shp = sh.defined() ? sh.data_ptr<acc>() : nullptr;
       // the choice applies where output and input share a dtype (the DiffAug case, the one measured); others take
       // the first shape, plane-major
-      TweedieVariant var = std::is_same_v<in_t, scalar_t> ? tweedie_variant() : TweedieVariant{1, false};
+      constexpr bool same = std::is_same_v<in_t, scalar_t>;
+      const PlaneVariant var = same ? plane_variant("DIFFAUG_CUDA_TWEEDIE_UNITS", kTweedieDefault) : PlaneVariant{1, false};
       const PlaneLaunch pl = plane_launch(xv.B * xv.C, xv.S / E, var.units);
-      var.linear = var.linear && static_cast<int64_t>(pl.grid.x) * pl.grid.y < (int64_t{1} << 31);
       if (pl.ok && plane_vectorizable<in_t, E>(x, xv) && plane_vectorizable<in_t, E>(m, mv) &&
           plane_vectorizable<scalar_t, E>(out, ov)) {
-        const auto run = [&](auto u, auto lin) {
-          launch_tweedie_plane<in_t, scalar_t, E, decltype(u)::value, decltype(lin)::value>(
-              pl, stream, x, m, out, t, ca, cb, clip, scp, shp, xv, mv, ov);
-        };
-        using std::integral_constant;
-        if constexpr (std::is_same_v<in_t, scalar_t>) {
-          const auto by_units = [&](auto lin) {
-            if (var.units == 2) run(integral_constant<int, 2>{}, lin);
-            else if (var.units == 4) run(integral_constant<int, 4>{}, lin);
-            else run(integral_constant<int, 1>{}, lin);
-          };
-          var.linear ? by_units(std::true_type{}) : by_units(std::false_type{});
-        } else {
-          run(integral_constant<int, 1>{}, std::false_type{});
-        }
+        with_plane_variant<same>(var, pl, [&](auto u, auto lin) {
+          constexpr bool L = decltype(lin)::value;
+          tweedie_plane_kernel<in_t, scalar_t, E, decltype(u)::value, L>
+              <<<L ? dim3(pl.grid.x * pl.grid.y) : pl.grid, pl.block, 0, stream>>>(
+                  x.data_ptr<in_t>(), m.data_ptr<in_t>(), out.data_ptr<scalar_t>(), t.data_ptr<int64_t>(),
+                  t.stride(0), ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), clip, scp, shp, xv, mv, ov,
+                  pl.grid.y);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
         return;
       }
       tweedie_kernel<in_t, scalar_t, E><<<grid_for((N + E - 1) / E), kThreads, 0, stream>>>(

@@ -323,8 +323,9 @@ def environment(device) -> dict:
         # inductor settings given through the environment (e.g. TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1): they
         # change what the compiled rows measure
         "inductor_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TORCHINDUCTOR_")},
-        # the CUDA tweedie kernel's variant when set (benchmarks/tweedie_variants.py); None: the built-in default
+        # the planar CUDA kernels' variants when set (benchmarks/variants.py); None: the built-in defaults
         "cuda_tweedie_units": os.environ.get("DIFFAUG_CUDA_TWEEDIE_UNITS"),
+        "cuda_noise_units": os.environ.get("DIFFAUG_CUDA_NOISE_UNITS"),
     }
 
 

@@ -94,21 +94,23 @@ def _seed_like_none():
     return torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
 
 
-def test_tweedie_variants_script_runs_and_names_a_variant(tmp_path):
-    """benchmarks/tweedie_variants.py (gpu_check.sh's tune step, whose last line sets the variant for the later
-    steps) runs end to end on the CPU: its reference check, timing rounds, JSON and the `best:` line."""
+def test_variants_script_runs_and_names_a_variant_per_op(tmp_path):
+    """benchmarks/variants.py (gpu_check.sh's tune step, whose last lines set the variants for the later steps)
+    runs end to end on the CPU: its reference checks, timing rounds, JSON and one `best <op>:` line per op."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "tweedie_variants.py"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "variants.py"
     out = subprocess.run([sys.executable, str(script), "--device", "cpu", "--shape", "2x3x16x16", "--rounds", "1",
                           "--reps", "1", "--json", str(tmp_path / "v.json")], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
-    last = out.stdout.strip().splitlines()[-1]
-    assert last.split()[0] == "best:" and last.split()[1] in ("1", "2", "4", "1l", "2l", "4l"), out.stdout
+    last = [line.split() for line in out.stdout.strip().splitlines()[-2:]]
+    assert [w[:2] for w in last] == [["best", "tweedie:"], ["best", "forward_noise:"]], out.stdout
+    assert all(w[2] in ("1", "2", "4", "1l", "2l", "4l") for w in last), out.stdout
     rows = json.load(open(tmp_path / "v.json"))["rows"]
-    assert {(r["dtype"], r["variant"]) for r in rows} == {
-        (d, v) for d in ("bfloat16", "float32") for v in ("copy (same bytes)", "1", "2", "4", "1l", "2l", "4l")}
+    assert {(r["op"], r["dtype"], r["variant"]) for r in rows} == {
+        (o, d, v) for o in ("tweedie", "forward_noise") for d in ("bfloat16", "float32")
+        for v in ("copy (same bytes)", "1", "2", "4", "1l", "2l", "4l")}

@@ -233,6 +233,33 @@ def test_cuda_planar_block_sizes(dtype, shape):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("variant", ["1", "2", "4", "1l", "2l", "4l"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_noise_cuda_planar_variants(monkeypatch, variant, dtype):
+    """Every shape of the planar CUDA noise kernel (DIFFAUG_CUDA_NOISE_UNITS: units per thread, block order)
+    gives the reference's noise, every element written (outputs start as NaN): planes a whole number of blocks
+    (224x224), with spare units in the last slice (56x56, 24x20) and narrower than a block (8x32); single and
+    multi (K blocks); a mixed output dtype takes the basic shape."""
+    monkeypatch.setenv("DIFFAUG_CUDA_NOISE_UNITS", variant)
+    for shape in ((2, 3, 224, 224), (2, 3, 56, 56), (3, 3, 24, 20), (3, 3, 8, 32)):
+        x = torch.rand(*shape, device=CUDA, dtype=torch.float64).to(dtype) * 2 - 1
+        t = torch.randint(0, 1000, (shape[0],), device=CUDA)
+        for out_dtype in (None, torch.float32):
+            got = dk.forward_noise(x, t, S, seed=2**40 + 5, offset=2**32 - 3, out_dtype=out_dtype, backend="cuda")
+            assert_matches(got, reference.forward_noise(x, t, S, 2**40 + 5, 2**32 - 3, out_dtype))
+        got = dk.forward_noise_multi(x, [0, 250, 999], S, seed=13, offset=7, backend="cuda")
+        assert_matches(got, reference.forward_noise_multi(x, [0, 250, 999], S, 13, 7))
+
+
+@pytest.mark.cuda
+def test_forward_noise_cuda_variant_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("DIFFAUG_CUDA_NOISE_UNITS", "8")
+    x = torch.rand(2, 3, 32, 32, device=CUDA)
+    with pytest.raises(RuntimeError, match="DIFFAUG_CUDA_NOISE_UNITS must be 1, 2 or 4"):
+        dk.forward_noise(x, 5, S, seed=1, backend="cuda")
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 3, 17, 19), (4, 3, 32, 32), (2, 3, 5, 5)])
 def test_forward_noise_multi_on_gpu(gpu_backend, dtype, shape):
