@@ -1,6 +1,7 @@
 """The Philox header builds on its own (CMake, no torch) and gives the reference's stream."""
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -63,19 +64,6 @@ def test_cuda_sources_compiled_where_nvcc_is():
     assert _ext.has_kernel("CUDA"), "csrc/*.cu were not compiled into the extension"
 
 
-def _cuobjdump():
-    """The cuobjdump that Triton bundles (this toolkit has none), else one on PATH."""
-    try:
-        import triton
-
-        bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-        if bundled.is_file():
-            return str(bundled)
-    except ImportError:
-        pass
-    return shutil.which("cuobjdump")
-
-
 def test_cuda_kernels_keep_to_registers_and_whole_vector_stores():
     """Two properties of the compiled sm_90 code that the GPU timings depend on, read from the extension's own
     SASS, so CI checks them without a GPU. (1) The planar kernels (what the benchmarks time) and philox_normal's
@@ -84,32 +72,37 @@ def test_cuda_kernels_keep_to_registers_and_whole_vector_stores():
     the libm kernel kept for benchmarks/floor.py has sincosf's array.) (2) The planar kernels write each unit
     with whole vector stores of one width: no 16-bit stores, no mix of widths (session 9 found every bf16 unit's
     store split into six 2-byte and one 4-byte store)."""
-    import re
-
-    from diffaug_kernels import _ext
+    from diffaug_kernels import _ext, _sass
 
     if torch.version.cuda is None or shutil.which("nvcc") is None:
         pytest.skip("torch without CUDA or no nvcc: the CUDA sources are not built here")
     if not _ext.has_kernel("CUDA"):
         pytest.fail(f"csrc/*.cu were not compiled into the extension: {_ext.ERROR}")
-    tool = _cuobjdump()
-    assert tool, "no cuobjdump (Triton bundles one; is triton installed?)"
-    so = _ext._C.__file__
-    usage = subprocess.run([tool, "-res-usage", so], check=True, capture_output=True, text=True).stdout
-    kernels = re.findall(r"Function (\S+):\s*\n\s*REG:\d+ STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
-    assert len(kernels) > 90, usage[:2000]  # every dtype pair of every kernel
-    hot = [(k, stack, local) for k, stack, local in kernels if "_plane_kernel" in k or "normal_kernelILb0E" in k]
-    assert len(hot) >= 70 and [k for k, stack, local in hot if stack != "0" or local != "0"] == []
-    sass = subprocess.run([tool, "-sass", so], check=True, capture_output=True, text=True).stdout
-    planar = 0
-    for body in re.split(r"\n\s*Function : ", sass)[1:]:
-        name = body.split("\n", 1)[0]
-        if "_plane_kernel" not in name:
-            continue
-        planar += 1
-        stores = set(re.findall(r"\bSTG\.E(\.\d+|\.U16|\.S16|\.U8|\.S8)?\.", body))
-        assert stores and len(stores) == 1 and not stores & {".U16", ".S16", ".U8", ".S8"}, (name, stores)
-    assert planar >= 70  # 6 shapes x 4 same-dtype pairs + 12 mixed pairs, per op
+    kernels = _sass.kernels(_ext._C.__file__)
+    assert len(kernels) > 70 and all(k.stack >= 0 for k in kernels), len(kernels)  # every one with its usage
+    planar = [k for k in kernels if "_plane_kernel" in k.name]
+    hot = planar + [k for k in kernels if "normal_kernelILb0E" in k.name]
+    assert len(planar) >= 70  # 6 shapes x 4 same-dtype pairs + 12 mixed pairs, per op
+    assert [k.name for k in hot if k.stack or k.local] == []
+    for k in planar:
+        widths = [re.search(r"\bSTG\.E(\.\d+|\.U16|\.S16|\.U8|\.S8)?\.", ins) for _, ins in k.sass]
+        stores = {m.group(1) for m in widths if m}  # None: a 32-bit store
+        assert len(stores) == 1 and not stores & {".U16", ".S16", ".U8", ".S8"}, (k.name, stores)
+
+
+def test_sass_stats_script_counts_the_noise_kernels():
+    """benchmarks/sass_stats.py (the static instruction counts RESULTS.md cites) runs on the built extension and
+    lists every same-dtype noise variant and both philox_normal kernels; the branch-free math's loop is the
+    shorter one."""
+    from diffaug_kernels import _ext
+
+    if torch.version.cuda is None or shutil.which("nvcc") is None or not _ext.has_kernel("CUDA"):
+        pytest.skip("no CUDA kernels built here")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sass_stats.py")], capture_output=True,
+                         text=True, timeout=300, check=True).stdout
+    rows = {line[:50].strip(): line[50:].split() for line in out.splitlines()[2:]}
+    assert sum(k.startswith("noise_plane") for k in rows) == 24, out
+    assert int(rows["philox_normal, philox.h math"][3]) < int(rows["philox_normal, libm math"][3]), out
 
 
 def test_gpu_check_script_parses_and_knows_its_default_steps():
@@ -179,7 +172,9 @@ def test_triton_kernels_compile_for_hopper(tmp_path):
     computed in 32 bits, every pointer offset is 64-bit (the kernels widen sizes to int64 first), and no kernel
     has a stack frame or local memory."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
-    tool = _cuobjdump()
+    from diffaug_kernels import _sass
+
+    tool = _sass.cuobjdump()
     assert tool, "no cuobjdump (Triton bundles one)"
     script = f"CUOBJDUMP = {tool!r}\n" + TRITON_COMPILE
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)

@@ -1,0 +1,60 @@
+"""Static instruction counts of the CUDA kernels' sm_90 code (the built extension's SASS; no GPU needed): for the
+planar noise kernel's variants and philox_normal's kernel, the registers, stack, per-thread set-up, the main loop
+and the instructions per element a thread runs (set-up + one pass of the loop, the assert's never-run branch left
+out, over the elements of that pass: one K block; philox_normal's grid-stride loop alone). The noise kernels are bound by this arithmetic (Nsight
+Compute, session 9: 81% issue-slot use), so fewer instructions per element is the lever their speed has; only a
+GPU run says how much. Counts include code in the loop that valid inputs never reach (libm's huge-argument
+sincos in the libm kernel).
+
+    python benchmarks/sass_stats.py [PATH of an extension .so or a cubin; default: the loaded extension]
+"""
+import re
+import shutil
+import subprocess
+import sys
+
+from diffaug_kernels import _ext, _sass
+
+BYTES = {"c10::BFloat16": 2, "c10::Half": 2, "float": 4, "double": 8}
+
+
+def demangle(names):
+    if shutil.which("c++filt") is None:
+        return names
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return out if len(out) == len(names) else names
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    binary = argv[0] if argv else (_ext._C.__file__ if _ext.has_kernel("CUDA") else None)
+    if binary is None:
+        print("sass_stats: the extension has no CUDA kernels here (built without nvcc?)", file=sys.stderr)
+        return 2
+    ks = _sass.kernels(binary)
+    rows = []
+    for k, full in zip(ks, demangle([k.name for k in ks])):
+        # (builds before session 10 had no unit / order arguments: 1 unit, plane-major; nor the math choice)
+        m = re.search(r"noise_plane_kernel<([\w:]+), ([\w:]+), (\d+)(?:, (\d+), (true|false))?>", full)
+        n = re.search(r"normal_kernel(?:<(true|false)>)?\(", full)
+        setup, loop, cold = _sass.outer_loop(k)
+        if m and m.group(1) == m.group(2):
+            units = int(m.group(4) or 1)
+            elems = 4 * int(m.group(3)) * units
+            what = (f"noise_plane {m.group(1).split('::')[-1]:<8} {units} unit(s), "
+                    f"{'memory order' if m.group(5) == 'true' else 'plane-major'}")
+            per = (setup + loop - cold) / elems
+        elif n:  # a grid-stride loop: each thread makes many passes, its set-up is spread over them
+            elems, per = 4, (loop - cold) / 4
+            what = "philox_normal" + {"true": ", libm math", "false": ", philox.h math", None: ""}[n.group(1)]
+        else:
+            continue
+        rows.append((what, k.regs, k.stack, setup, loop - cold, elems, per))
+    print(f"{binary}\n{'kernel':<50}{'regs':>5}{'stack':>6}{'set-up':>7}{'loop':>6}{'elems':>6}{'instr/elem':>11}")
+    for r in sorted(rows):
+        print(f"{r[0]:<50}{r[1]:>5}{r[2]:>6}{r[3]:>7}{r[4]:>6}{r[5]:>6}{r[6]:>11.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
