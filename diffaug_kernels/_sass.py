@@ -51,8 +51,9 @@ def kernels(binary: str, tool: str | None = None) -> list[Kernel]:
 
 def outer_loop(k: Kernel) -> tuple[int, int, int]:
     """(set-up, loop, cold): instructions before the outermost backward branch's target (a kernel's set-up), from
-    there to that branch (its main loop body), and of those, the ones a predicated forward branch skips to
-    avoid a call (the device-side assert: never run while the input is valid)."""
+    there to that branch (its main loop body), and of those, the ones that valid inputs never run: what a
+    predicated forward branch skips to avoid a call (the device-side assert; libm's sqrtf slow path) or local
+    memory (libm's sincosf reduction of huge arguments)."""
     idx = {a: i for i, (a, _) in enumerate(k.sass)}
     back, skips = [], []
     for i, (a, ins) in enumerate(k.sass):
@@ -62,10 +63,13 @@ def outer_loop(k: Kernel) -> tuple[int, int, int]:
         j = idx[int(m.group(1), 16)]
         if j < i:
             back.append((j, i))
-        elif ins.startswith("@") and any("CALL" in c for _, c in k.sass[i + 1:j]):
+        elif ins.startswith("@") and any(re.match(r"(@\S+\s+)?(CALL|LDL|STL)\b", c) for _, c in k.sass[i + 1:j]):
             skips.append((i + 1, j))
     if not back:
         return len(k.sass), 0, 0
     start, end = min(back)
-    cold = sum(b - a for a, b in skips if start <= a and b <= end)
-    return start, end - start + 1, cold
+    cold = set()
+    for a, b in skips:
+        if start <= a and b <= end + 1:
+            cold.update(range(a, b))
+    return start, end - start + 1, len(cold)
