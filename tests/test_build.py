@@ -31,14 +31,15 @@ def test_standalone_philox_header(tmp_path):
 
 
 def test_box_muller_math_is_accurate_on_every_input(tmp_path):
-    """philox.h's branch-free log, sincos and sqrt give every backend's normals (the CUDA kernels use them too,
-    compiled with FMA contraction, and the Triton kernels the same log and sincos, in place of libm's and
-    libdevice's, whose guards for inputs that cannot occur here split the noise kernels into blocks). tests/cpp/math_check.cpp measures them against double precision: with FMA
-    contraction over all 2^31 uniforms, without it over every 7th. Bounds: r = sqrt(-2 log u1) within 1.1e-7
-    relative and sin, cos within 1.05e-7 (about 1 ulp each; measured 9.8e-8 and 9.3e-8; a 0.1% change in one
-    polynomial coefficient breaks them), so a normal (|r| < 5.7) is off by under 1.1e-7 relative plus 6e-7
-    absolute, inside the cross-backend tolerance (rtol 1e-6, atol 2e-6) with room for the reference's own
-    rounding; and the device's sqrt step, from an rsqrt off by 2^-22, within half an ulp."""
+    """philox.h's branch-free log, sincos and sqrt give every backend's normals (the CUDA kernels compile them
+    with FMA contraction; the Triton kernels port the log and sincos), in place of libm's and libdevice's, whose
+    guards for inputs that cannot occur here split the noise kernels into blocks. tests/cpp/math_check.cpp
+    measures them against double precision: with FMA contraction over all 2^31 uniforms, without it over every
+    7th. Bounds: r = sqrt(-2 log u1) within 1.1e-7 relative and sin, cos within 1.05e-7 (about 1 ulp each;
+    measured 9.8e-8 and 9.3e-8; moving one log coefficient by 0.09%, or one sine coefficient by 0.01%, breaks
+    them), so a normal (|r| < 5.7) is off by under 1.1e-7 relative plus 6e-7 absolute, inside the cross-backend
+    tolerance (rtol 1e-6, atol 2e-6) with room for the reference's own rounding; and the device's sqrt step,
+    from an rsqrt off by 2^-22, within half an ulp."""
     cxx = shutil.which("c++") or shutil.which("g++")
     if cxx is None:
         pytest.skip("no C++ compiler")
