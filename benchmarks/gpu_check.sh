@@ -29,7 +29,7 @@
 #   (carrying .cache; the call's timeout 590 s; ncu is skipped when it no longer fits), then, at once on the
 #   warm machine, GPU_CHECK_BUILD=0 GPU_CHECK_STEPS=ensemble,bench2 ... with the device time left.
 # Measured on an H100 (2026-11-26): a machine start took about 200 s of device time, the build 61-93 s, tests
-# with the sanitizer 157-195 s, ops benchmark 50-71 s, tune 11 s, floor 27 s, model 120 s (230 s with
+# with the sanitizer 157-195 s, ops benchmark 50-71 s, tune 11 s (tweedie only, before session 10), floor 27 s, model 120 s (230 s with
 # --candidates, session 8), ncu 16-22 s, DE benchmark over 148 s (cut off; with --reps 3 --warmup 1
 # --dda-reps 0 it took 196 s). The device tool brings back at most 8 files from $OUT: leave only this script's
 # gpu-check.tgz and summary.txt there (copying the logs beside them lost the tarball, session 9). To spare the
