@@ -6,7 +6,9 @@ Compute, session 9: 81% issue-slot use), so fewer instructions per element is th
 GPU run says how much. Counts include code in the loop that valid inputs never reach (libm's huge-argument
 sincos in the libm kernel).
 
-    python benchmarks/sass_stats.py [PATH of an extension .so or a cubin; default: the loaded extension]
+    python benchmarks/sass_stats.py [PATH of an extension .so or a cubin; default: the loaded extension] [--triton]
+
+--triton adds the Triton planar noise kernel's counts per autotune config (compiled here for sm_90).
 """
 import re
 import shutil
@@ -27,7 +29,8 @@ def demangle(names):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    binary = argv[0] if argv else (_ext._C.__file__ if _ext.has_kernel("CUDA") else None)
+    paths = [a for a in argv if not a.startswith("--")]
+    binary = paths[0] if paths else (_ext._C.__file__ if _ext.has_kernel("CUDA") else None)
     if binary is None:
         print("sass_stats: the extension has no CUDA kernels here (built without nvcc?)", file=sys.stderr)
         return 2
@@ -53,7 +56,52 @@ def main(argv=None) -> int:
     print(f"{binary}\n{'kernel':<50}{'regs':>5}{'stack':>6}{'set-up':>7}{'loop':>6}{'elems':>6}{'instr/elem':>11}")
     for r in sorted(rows):
         print(f"{r[0]:<50}{r[1]:>5}{r[2]:>6}{r[3]:>7}{r[4]:>6}{r[5]:>6}{r[6]:>11.1f}")
+    if "--triton" in argv:
+        triton_rows()
     return 0
+
+
+def triton_rows():
+    """The Triton planar noise kernel, compiled for sm_90 as a contiguous 256x3x224x224 forward_noise call gets it
+    (sizes, strides and pointers divisible by 16, unit strides and K = 1 specialised), for each autotune config:
+    straight-line code (K = 1 unrolls the loop), so instructions per element are all of them over the elements
+    one thread handles."""
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from diffaug_kernels import triton_kernels as tk
+
+    fn = tk._noise_plane_kernel
+    names = fn.arg_names
+    const_names = [names[i] for i in fn.constexprs]
+    print(f"\nTriton {triton.__version__}, _noise_plane_kernel for sm_90\n"
+          f"{'data':<6}{'BLOCK':>6}{'warps':>6}{'regs':>5}{'stack':>6}{'instr':>6}{'elems':>6}{'instr/elem':>11}")
+    for data in ("bf16", "fp32"):
+        for cfg in tk._CONFIGS:
+            block, warps = cfg.kwargs["BLOCK"], cfg.num_warps
+            sig, const, attrs = {}, {}, {}
+            for i, n in enumerate(names):
+                if n in const_names:
+                    sig[n], const[n] = "constexpr", (False if n == "F64" else block)
+                elif n in ("xss", "oss", "tb", "K"):  # Triton specialises an int argument equal to 1
+                    sig[n], const[n] = "constexpr", 1
+                else:
+                    sig[n] = ("*i64" if n in ("t_ptr", "seed_ptr", "off_ptr") else "*fp32" if n in ("ca_ptr", "cb_ptr")
+                              else "*" + data if n.endswith("_ptr") else "i32")
+                    if n not in ("T", "B", "C"):  # 1000, 256, 3: not multiples of 16
+                        attrs[(i,)] = [["tt.divisibility", 16]]
+            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(k.asm["cubin"])
+                f.flush()
+                kern = _sass.kernels(f.name)[0]
+            elems = block * 4 // (32 * warps)
+            print(f"{data:<6}{block:>6}{warps:>6}{kern.regs:>5}{kern.stack:>6}{len(kern.sass):>6}{elems:>6}"
+                  f"{len(kern.sass) / elems:>11.1f}")
 
 
 if __name__ == "__main__":

@@ -47,11 +47,11 @@ if triton is not None:
         c2 = c0 * 0
         c3 = c0 * 0
         for _ in tl.static_range(10):
-            p0, p2 = c0, c2
-            c0 = tl.umulhi(p2, 0xCD9E8D57) ^ c1 ^ k0
-            c2 = tl.umulhi(p0, 0xD2511F53) ^ c3 ^ k1
-            c1 = p2 * 0xCD9E8D57
-            c3 = p0 * 0xD2511F53
+            # one 32x32 -> 64-bit product per word (one IMAD.WIDE.U32 on sm_90; umulhi and a low multiply were two)
+            w0 = c0.to(tl.uint64) * 0xD2511F53
+            w2 = c2.to(tl.uint64) * 0xCD9E8D57
+            c0, c2 = (w2 >> 32).to(tl.uint32) ^ c1 ^ k0, (w0 >> 32).to(tl.uint32) ^ c3 ^ k1
+            c1, c3 = w2.to(tl.uint32), w0.to(tl.uint32)
             k0 = k0 + 0x9E3779B9
             k1 = k1 + 0xBB67AE85
         r0 = tl.sqrt(-2.0 * _log_unit(tl.maximum(_uniform(c0), 1.0e-7)))
