@@ -93,17 +93,21 @@ def test_cuda_kernels_keep_to_registers_and_whole_vector_stores():
 
 def test_sass_stats_script_counts_the_noise_kernels():
     """benchmarks/sass_stats.py (the static instruction counts RESULTS.md cites) runs on the built extension and
-    lists every same-dtype noise variant and both philox_normal kernels; the branch-free math's loop is the
-    shorter one."""
+    lists every same-dtype noise variant and both philox_normal kernels, the branch-free math's loop the shorter
+    one; with --triton, the Triton planar noise kernel for every autotune config, none with a stack frame."""
     from diffaug_kernels import _ext
 
     if torch.version.cuda is None or shutil.which("nvcc") is None or not _ext.has_kernel("CUDA"):
         pytest.skip("no CUDA kernels built here")
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sass_stats.py")], capture_output=True,
-                         text=True, timeout=300, check=True).stdout
-    rows = {line[:50].strip(): line[50:].split() for line in out.splitlines()[2:]}
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sass_stats.py"), "--triton"], capture_output=True,
+                         text=True, timeout=600, check=True, env=env).stdout
+    cuda, triton_part = out.split("\nTriton ")
+    rows = {line[:50].strip(): line[50:].split() for line in cuda.splitlines()[2:]}
     assert sum(k.startswith("noise_plane") for k in rows) == 24, out
     assert int(rows["philox_normal, philox.h math"][3]) < int(rows["philox_normal, libm math"][3]), out
+    trows = [line.split() for line in triton_part.splitlines()[2:] if line.strip()]
+    assert len(trows) == 12 and all(r[4] == "0" for r in trows), triton_part  # 6 configs x 2 dtypes, no stack
 
 
 def test_gpu_check_script_parses_and_knows_its_default_steps():
