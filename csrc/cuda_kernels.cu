@@ -145,11 +145,30 @@ __device__ __forceinline__ T clip1(T y) {
   return y != y ? y : (y < T(-1) ? T(-1) : (y > T(1) ? T(1) : y));
 }
 
+// Box-Muller through CUDA's libm (logf, sqrtf, sincosf), as every kernel here did until session 10, for
+// philox_normal only: DIFFAUG_CUDA_RNG_MATH=libm selects it (read per call), so benchmarks/floor.py can time,
+// in one process, what philox.h's branch-free log, sincos and sqrt save. The same normals to float32 rounding.
+__device__ __forceinline__ void box_muller_libm(uint32_t a, uint32_t b, float& n1, float& n2) {
+  const float u1 = dk::uint_to_uniform(a), th = dk::kTwoPi * dk::uint_to_uniform(b);
+  const float r = sqrtf(-2.0f * logf(fmaxf(u1, dk::kMinUniform)));
+  float s, c;
+  sincosf(th, &s, &c);
+  n1 = r * c;
+  n2 = r * s;
+}
+
+// The four normals of one Philox counter; LIBM: through box_muller_libm (philox_normal's comparison build only).
+template <bool LIBM = false>
 __device__ __forceinline__ void normals4(uint64_t ctr, uint32_t k0, uint32_t k1, float* n) {
   uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32), c2 = 0, c3 = 0;
   dk::philox4x32_10(c0, c1, c2, c3, k0, k1);
-  dk::box_muller(c0, c1, n[0], n[1]);
-  dk::box_muller(c2, c3, n[2], n[3]);
+  if constexpr (LIBM) {
+    box_muller_libm(c0, c1, n[0], n[1]);
+    box_muller_libm(c2, c3, n[2], n[3]);
+  } else {
+    dk::box_muller(c0, c1, n[0], n[1]);
+    dk::box_muller(c2, c3, n[2], n[3]);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------ noise
@@ -252,21 +271,23 @@ PlaneVariant plane_variant(const char* name, PlaneVariant dflt) {
   return {v[0] - '0', linear};
 }
 
-// Calls run(integral_constant<int, U>, bool_constant<LIN>) for the variant: the same-dtype case takes any, others
-// (fewer kernels to compile) 1 unit, plane-major. A 1-D grid needs planes x slices < 2**31.
+// Calls run(integral_constant<int, U>, bool_constant<LIN>, grid) for the variant: the same-dtype case takes any,
+// others (fewer kernels to compile) 1 unit, plane-major. LIN launches pl's blocks as a 1-D grid, which needs
+// planes x slices < 2**31 (else plane-major).
 template <bool kAny, typename F>
 void with_plane_variant(PlaneVariant var, const PlaneLaunch& pl, F&& run) {
   using std::integral_constant;
   if constexpr (kAny) {
     const bool lin = var.linear && static_cast<int64_t>(pl.grid.x) * pl.grid.y < (int64_t{1} << 31);
+    const dim3 grid = lin ? dim3(pl.grid.x * pl.grid.y) : pl.grid;
     const auto by_units = [&](auto l) {
-      if (var.units == 2) run(integral_constant<int, 2>{}, l);
-      else if (var.units == 4) run(integral_constant<int, 4>{}, l);
-      else run(integral_constant<int, 1>{}, l);
+      if (var.units == 2) run(integral_constant<int, 2>{}, l, grid);
+      else if (var.units == 4) run(integral_constant<int, 4>{}, l, grid);
+      else run(integral_constant<int, 1>{}, l, grid);
     };
     lin ? by_units(std::true_type{}) : by_units(std::false_type{});
   } else {
-    run(integral_constant<int, 1>{}, std::false_type{});
+    run(integral_constant<int, 1>{}, std::false_type{}, pl.grid);
   }
 }
 
@@ -334,10 +355,9 @@ void noise_out(const Tensor& x0_, const Tensor& t, const Tensor& coef_a, const T
       const PlaneVariant var = same ? plane_variant("DIFFAUG_CUDA_NOISE_UNITS", kNoiseDefault) : PlaneVariant{1, false};
       const PlaneLaunch pl = plane_launch(xv.B * xv.C, xv.S / E, var.units);
       if (pl.ok && plane_vectorizable<in_t, E>(x0, xv) && plane_vectorizable<scalar_t, E>(out, ov)) {
-        with_plane_variant<same>(var, pl, [&](auto u, auto lin) {
-          constexpr bool L = decltype(lin)::value;
-          noise_plane_kernel<in_t, scalar_t, VEC, decltype(u)::value, L>
-              <<<L ? dim3(pl.grid.x * pl.grid.y) : pl.grid, pl.block, 0, stream>>>(
+        with_plane_variant<same>(var, pl, [&](auto u, auto lin, dim3 grid) {
+          noise_plane_kernel<in_t, scalar_t, VEC, decltype(u)::value, decltype(lin)::value>
+              <<<grid, pl.block, 0, stream>>>(
                   x0.data_ptr<in_t>(), out.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), t.stride(0), t.stride(1),
                   ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), s.data_ptr<int64_t>(), o.data_ptr<int64_t>(),
                   N, K, xv, ov, pl.grid.y);
@@ -483,10 +503,9 @@ void tweedie_out(const Tensor& x_t, const Tensor& model_output, const Tensor& t,
       const PlaneLaunch pl = plane_launch(xv.B * xv.C, xv.S / E, var.units);
       if (pl.ok && plane_vectorizable<in_t, E>(x, xv) && plane_vectorizable<in_t, E>(m, mv) &&
           plane_vectorizable<scalar_t, E>(out, ov)) {
-        with_plane_variant<same>(var, pl, [&](auto u, auto lin) {
-          constexpr bool L = decltype(lin)::value;
-          tweedie_plane_kernel<in_t, scalar_t, E, decltype(u)::value, L>
-              <<<L ? dim3(pl.grid.x * pl.grid.y) : pl.grid, pl.block, 0, stream>>>(
+        with_plane_variant<same>(var, pl, [&](auto u, auto lin, dim3 grid) {
+          tweedie_plane_kernel<in_t, scalar_t, E, decltype(u)::value, decltype(lin)::value>
+              <<<grid, pl.block, 0, stream>>>(
                   x.data_ptr<in_t>(), m.data_ptr<in_t>(), out.data_ptr<scalar_t>(), t.data_ptr<int64_t>(),
                   t.stride(0), ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), clip, scp, shp, xv, mv, ov,
                   pl.grid.y);
@@ -504,18 +523,6 @@ void tweedie_out(const Tensor& x_t, const Tensor& model_output, const Tensor& t,
 }
 
 // ---------------------------------------------------------------------------------------------- normals
-// Box-Muller through CUDA's libm (logf, sqrtf, sincosf), as every kernel here did until session 10, for
-// philox_normal only: DIFFAUG_CUDA_RNG_MATH=libm selects it (read per call), so benchmarks/floor.py can time,
-// in one process, what philox.h's branch-free log, sincos and sqrt save. The same normals to float32 rounding.
-__device__ __forceinline__ void box_muller_libm(uint32_t a, uint32_t b, float& n1, float& n2) {
-  const float u1 = dk::uint_to_uniform(a), th = dk::kTwoPi * dk::uint_to_uniform(b);
-  const float r = sqrtf(-2.0f * logf(fmaxf(u1, dk::kMinUniform)));
-  float s, c;
-  sincosf(th, &s, &c);
-  n1 = r * c;
-  n2 = r * s;
-}
-
 bool rng_math_libm() {
   const char* env = std::getenv("DIFFAUG_CUDA_RNG_MATH");
   if (env == nullptr || *env == '\0' || std::strcmp(env, "poly") == 0) return false;
@@ -532,15 +539,7 @@ __global__ void __launch_bounds__(kThreads) normal_kernel(float* __restrict__ ou
   for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < units;
        u += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float n[4];
-    if constexpr (LIBM) {
-      const uint64_t ctr = off + static_cast<uint64_t>(u);
-      uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32), c2 = 0, c3 = 0;
-      dk::philox4x32_10(c0, c1, c2, c3, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-      box_muller_libm(c0, c1, n[0], n[1]);
-      box_muller_libm(c2, c3, n[2], n[3]);
-    } else {
-      normals4(off + static_cast<uint64_t>(u), static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), n);
-    }
+    normals4<LIBM>(off + static_cast<uint64_t>(u), static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), n);
     if (vec && 4 * u + 4 <= N) {
       *reinterpret_cast<float4*>(out + 4 * u) = make_float4(n[0], n[1], n[2], n[3]);
     } else {
