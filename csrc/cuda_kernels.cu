@@ -9,20 +9,50 @@
 // (any [B, C, S] view: channels_last, strided) grid-stride over units with a grid sized to the device,
 // with vector access where whole samples are dense. Seed and offset are read from device memory, so a
 // captured CUDA graph replays with whatever the tensors hold (fresh noise) and no launch waits on the host.
+//
+// DK_CUDA_EMU: compiled by g++ for the CPU instead (tests/cpp/cuda_emu.h: the launch runs every thread of every
+// block in turn), so the tests run this file's kernels and launch logic without a GPU.
 #include <ATen/Dispatch.h>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <torch/library.h>
+#if defined(DK_CUDA_EMU)
+#include "cuda_emu.h"
+#else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#endif
 
 #include "philox.h"
 #include "view3.h"
 
 namespace {
+
+#if !defined(DK_CUDA_EMU)
+// kernel<<<grid, block, 0, stream>>>(args...), checked; one launch path, which the CPU emulation replaces.
+template <typename... P, typename... A>
+void launch(void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t stream, A... args) {
+  kernel<<<grid, block, 0, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ATen/cuda/CUDAContext.h would pull in cuBLAS/cuSPARSE headers this build does not need: ask the driver.
+int sm_count() {
+  int dev = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return sms;
+}
+
+// A vector access at p (the CPU emulation's version checks the alignment a GPU would fault on).
+template <typename V, typename T>
+__device__ __forceinline__ V* vec_at(T* p) {
+  return reinterpret_cast<V*>(p);
+}
+#endif
 
 using at::Tensor;
 using dk::View3;
@@ -45,7 +75,7 @@ constexpr int kThreads = 256;
 template <typename V>
 __device__ __forceinline__ V load16(const V* p) {
   static_assert(sizeof(V) == 16, "16-byte vectors only");
-  const int4 r = *reinterpret_cast<const int4*>(p);
+  const int4 r = *vec_at<const int4>(p);
   V v;
   memcpy(&v, &r, 16);
   return v;
@@ -56,25 +86,22 @@ __device__ __forceinline__ void store_vec(V* p, const V& v) {
     int4 r[sizeof(V) / 16];
     memcpy(r, &v, sizeof(V));
 #pragma unroll
-    for (int i = 0; i < static_cast<int>(sizeof(V) / 16); ++i) __stwb(reinterpret_cast<int4*>(p) + i, r[i]);
+    for (int i = 0; i < static_cast<int>(sizeof(V) / 16); ++i) __stwb(vec_at<int4>(p) + i, r[i]);
   } else if constexpr (sizeof(V) == 8) {
     uint2 r;
     memcpy(&r, &v, 8);
-    __stwb(reinterpret_cast<uint2*>(p), r);
+    __stwb(vec_at<uint2>(p), r);
   } else {  // a Vec is 16 input bytes at 2 to 8 bytes per output element: 4 to 64 bytes
     static_assert(sizeof(V) == 4, "a Vec of 4, 8 or a multiple of 16 bytes");
     unsigned int r;
     memcpy(&r, &v, 4);
-    __stwb(reinterpret_cast<unsigned int*>(p), r);
+    __stwb(vec_at<unsigned int>(p), r);
   }
 }
 
-// ATen/cuda/CUDAContext.h would pull in cuBLAS/cuSPARSE headers this build does not need: ask the driver.
+// A grid-stride kernel's grid: 8 blocks per SM at most.
 int grid_for(int64_t units) {
-  int dev = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  const int64_t cap = static_cast<int64_t>(sms) * 8;
+  const int64_t cap = static_cast<int64_t>(sm_count()) * 8;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((units + kThreads - 1) / kThreads, cap)));
 }
 
@@ -130,7 +157,7 @@ __device__ __forceinline__ void load_unit(const T* __restrict__ p, int64_t i0, i
                                           const View3& v, bool vec, A* r) {
   if (vec) {
     const int64_t b = i0 / CS;
-    const auto w = *reinterpret_cast<const Vec<T, E>*>(p + b * v.sb + (i0 - b * CS));
+    const auto w = *vec_at<const Vec<T, E>>(p + b * v.sb + (i0 - b * CS));
 #pragma unroll
     for (int e = 0; e < E; ++e) r[e] = static_cast<A>(w.v[e]);
   } else {
@@ -213,7 +240,7 @@ __global__ void __launch_bounds__(kThreads) noise_kernel(
         Vec<out_t, E> vo;
 #pragma unroll
         for (int e = 0; e < E; ++e) vo.v[e] = static_cast<out_t>(a * xr[e] + s * static_cast<acc>(nz[e]));
-        store_vec(reinterpret_cast<Vec<out_t, E>*>(out + (k * B + b) * ov.sb + (i0 - b * CS)), vo);
+        store_vec(vec_at<Vec<out_t, E>>(out + (k * B + b) * ov.sb + (i0 - b * CS)), vo);
       } else {
 #pragma unroll
         for (int e = 0; e < E; ++e) {
@@ -310,7 +337,7 @@ __global__ void __launch_bounds__(kThreads) noise_plane_kernel(
   Vec<in_t, E> xw[U];
 #pragma unroll
   for (int j = 0; j < U; ++j) {
-    if (j == 0 || s0 + j * step < xv.S) xw[j] = *reinterpret_cast<const Vec<in_t, E>*>(xp + j * step);
+    if (j == 0 || s0 + j * step < xv.S) xw[j] = *vec_at<const Vec<in_t, E>>(xp + j * step);
   }
   // N and S are multiples of 4 here, so element k * N + plane * S + s0 starts a counter.
   const uint64_t ctr0 = off + static_cast<uint64_t>(plane * xv.S + s0) / 4;
@@ -329,7 +356,7 @@ __global__ void __launch_bounds__(kThreads) noise_plane_kernel(
       Vec<out_t, E> vo;
 #pragma unroll
       for (int e = 0; e < E; ++e) vo.v[e] = static_cast<out_t>(a * static_cast<acc>(xw[j].v[e]) + sg * static_cast<acc>(nz[e]));
-      store_vec(reinterpret_cast<Vec<out_t, E>*>(op + j * step), vo);
+      store_vec(vec_at<Vec<out_t, E>>(op + j * step), vo);
     }
   }
 }
@@ -356,21 +383,18 @@ void noise_out(const Tensor& x0_, const Tensor& t, const Tensor& coef_a, const T
       const PlaneLaunch pl = plane_launch(xv.B * xv.C, xv.S / E, var.units);
       if (pl.ok && plane_vectorizable<in_t, E>(x0, xv) && plane_vectorizable<scalar_t, E>(out, ov)) {
         with_plane_variant<same>(var, pl, [&](auto u, auto lin, dim3 grid) {
-          noise_plane_kernel<in_t, scalar_t, VEC, decltype(u)::value, decltype(lin)::value>
-              <<<grid, pl.block, 0, stream>>>(
-                  x0.data_ptr<in_t>(), out.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), t.stride(0), t.stride(1),
-                  ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), s.data_ptr<int64_t>(), o.data_ptr<int64_t>(),
-                  N, K, xv, ov, pl.grid.y);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          launch(noise_plane_kernel<in_t, scalar_t, VEC, decltype(u)::value, decltype(lin)::value>, grid, pl.block,
+                 stream, x0.data_ptr<in_t>(), out.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), t.stride(0),
+                 t.stride(1), ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), s.data_ptr<int64_t>(),
+                 o.data_ptr<int64_t>(), N, K, xv, ov, pl.grid.y);
         });
         return;
       }
       const bool x_vec = vectorizable<in_t, E>(x0, xv), o_vec = vectorizable<scalar_t, E>(out, ov);
-      noise_kernel<in_t, scalar_t, VEC><<<grid_for((N + E - 1) / E), kThreads, 0, stream>>>(
-          x0.data_ptr<in_t>(), out.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), t.stride(0), t.stride(1),
-          ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), s.data_ptr<int64_t>(), o.data_ptr<int64_t>(), N, K,
-          xv, ov, x_vec, o_vec);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(noise_kernel<in_t, scalar_t, VEC>, dim3(grid_for((N + E - 1) / E)), dim3(kThreads), stream,
+             x0.data_ptr<in_t>(), out.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), t.stride(0), t.stride(1),
+             ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), s.data_ptr<int64_t>(), o.data_ptr<int64_t>(), N, K,
+             xv, ov, x_vec, o_vec);
     });
   });
 }
@@ -427,7 +451,7 @@ __global__ void __launch_bounds__(kThreads) tweedie_kernel(
       Vec<out_t, E> vo;
 #pragma unroll
       for (int e = 0; e < E; ++e) vo.v[e] = res[e];
-      store_vec(reinterpret_cast<Vec<out_t, E>*>(out + b0 * ov.sb + (i0 - b0 * CS)), vo);
+      store_vec(vec_at<Vec<out_t, E>>(out + b0 * ov.sb + (i0 - b0 * CS)), vo);
     } else {
 #pragma unroll
       for (int e = 0; e < E; ++e)
@@ -453,8 +477,8 @@ __global__ void __launch_bounds__(kThreads) tweedie_plane_kernel(
 #pragma unroll
   for (int j = 0; j < U; ++j) {
     if (j == 0 || p.s0 + j * step < xv.S) {
-      xw[j] = load16(reinterpret_cast<const Vec<in_t, E>*>(xp + j * step));
-      mw[j] = load16(reinterpret_cast<const Vec<in_t, E>*>(mp + j * step));
+      xw[j] = load16(vec_at<const Vec<in_t, E>>(xp + j * step));
+      mw[j] = load16(vec_at<const Vec<in_t, E>>(mp + j * step));
     }
   }
   const int64_t ti = t[b * tb];
@@ -472,7 +496,7 @@ __global__ void __launch_bounds__(kThreads) tweedie_plane_kernel(
       if (clip) y = clip1(y);
       vo.v[e] = static_cast<out_t>(scale != nullptr ? y * g + h : y);
     }
-    store_vec(reinterpret_cast<Vec<out_t, E>*>(op + j * step), vo);
+    store_vec(vec_at<Vec<out_t, E>>(op + j * step), vo);
   }
 }
 
@@ -504,20 +528,18 @@ void tweedie_out(const Tensor& x_t, const Tensor& model_output, const Tensor& t,
       if (pl.ok && plane_vectorizable<in_t, E>(x, xv) && plane_vectorizable<in_t, E>(m, mv) &&
           plane_vectorizable<scalar_t, E>(out, ov)) {
         with_plane_variant<same>(var, pl, [&](auto u, auto lin, dim3 grid) {
-          tweedie_plane_kernel<in_t, scalar_t, E, decltype(u)::value, decltype(lin)::value>
-              <<<grid, pl.block, 0, stream>>>(
-                  x.data_ptr<in_t>(), m.data_ptr<in_t>(), out.data_ptr<scalar_t>(), t.data_ptr<int64_t>(),
-                  t.stride(0), ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), clip, scp, shp, xv, mv, ov,
-                  pl.grid.y);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          launch(tweedie_plane_kernel<in_t, scalar_t, E, decltype(u)::value, decltype(lin)::value>, grid, pl.block,
+                 stream, x.data_ptr<in_t>(), m.data_ptr<in_t>(), out.data_ptr<scalar_t>(), t.data_ptr<int64_t>(),
+                 t.stride(0), ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), clip, scp, shp, xv, mv, ov,
+                 pl.grid.y);
         });
         return;
       }
-      tweedie_kernel<in_t, scalar_t, E><<<grid_for((N + E - 1) / E), kThreads, 0, stream>>>(
-          x.data_ptr<in_t>(), m.data_ptr<in_t>(), out.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), t.stride(0),
-          ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), clip, scp, shp, N, xv, mv, ov, vectorizable<in_t, E>(x, xv),
-          vectorizable<in_t, E>(m, mv), vectorizable<scalar_t, E>(out, ov), xv.S % E == 0);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(tweedie_kernel<in_t, scalar_t, E>, dim3(grid_for((N + E - 1) / E)), dim3(kThreads), stream,
+             x.data_ptr<in_t>(), m.data_ptr<in_t>(), out.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), t.stride(0),
+             ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), clip, scp, shp, N, xv, mv, ov,
+             vectorizable<in_t, E>(x, xv), vectorizable<in_t, E>(m, mv), vectorizable<scalar_t, E>(out, ov),
+             xv.S % E == 0);
     });
   });
 }
@@ -541,7 +563,7 @@ __global__ void __launch_bounds__(kThreads) normal_kernel(float* __restrict__ ou
     float n[4];
     normals4<LIBM>(off + static_cast<uint64_t>(u), static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), n);
     if (vec && 4 * u + 4 <= N) {
-      *reinterpret_cast<float4*>(out + 4 * u) = make_float4(n[0], n[1], n[2], n[3]);
+      *vec_at<float4>(out + 4 * u) = make_float4(n[0], n[1], n[2], n[3]);
     } else {
       for (int e = 0; e < 4 && 4 * u + e < N; ++e) out[4 * u + e] = n[e];
     }
@@ -556,16 +578,17 @@ void philox_normal_out(const Tensor& seed, const Tensor& offset, Tensor out) {
   if (N == 0) return;
   const Tensor s = seed.to(out.device(), at::kLong), o = offset.to(out.device(), at::kLong);
   const bool vec = reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
-  auto kernel = libm ? normal_kernel<true> : normal_kernel<false>;
-  kernel<<<grid_for((N + 3) / 4), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      out.data_ptr<float>(), s.data_ptr<int64_t>(), o.data_ptr<int64_t>(), N, vec);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(libm ? normal_kernel<true> : normal_kernel<false>, dim3(grid_for((N + 3) / 4)), dim3(kThreads),
+         c10::cuda::getCurrentCUDAStream(), out.data_ptr<float>(), s.data_ptr<int64_t>(), o.data_ptr<int64_t>(), N,
+         vec);
 }
 
 }  // namespace
 
+#if !defined(DK_CUDA_EMU)  // (the emulation registers them under its own library)
 TORCH_LIBRARY_IMPL(diffaug_kernels_C, CUDA, m) {
   m.impl("noise_out", &noise_out);
   m.impl("tweedie_out", &tweedie_out);
   m.impl("philox_normal_out", &philox_normal_out);
 }
+#endif

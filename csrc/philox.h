@@ -12,6 +12,11 @@
 #else
 #define DK_HD inline __attribute__((always_inline))
 #endif
+// The device code paths: compiled by nvcc for the GPU, or for the CPU by tests/cpp/cuda_emu.h, which runs
+// csrc/cuda_kernels.cu a thread at a time so CI tests that code without a GPU.
+#if defined(__CUDA_ARCH__) || defined(DK_CUDA_EMU)
+#define DK_DEVICE_PATH 1
+#endif
 
 namespace dk {
 
@@ -31,7 +36,7 @@ DK_HD void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3,
 #pragma GCC unroll 10  // straight-line code lets the caller's lane loop vectorise
 #endif
   for (int r = 0; r < 10; ++r) {
-#if defined(__CUDA_ARCH__)
+#if defined(DK_DEVICE_PATH)
     // 32-bit halves: from the 64-bit product, NVVM widened the whole round to 64-bit masks and xors inside
     // the noise kernels, and ptxas left an add of zero after every multiply (sm_90 SASS, session 10).
     const uint32_t h0 = __umulhi(kPhiloxM0, c0), l0 = kPhiloxM0 * c0;
@@ -68,14 +73,14 @@ DK_HD float uint_to_uniform(uint32_t v) {
 // not interleave (sm_90 SASS, session 10). Accurate to about 1 ulp: log on [1e-7, 1), sincos on [0, 2*pi].
 // Minimax polynomials of the classic Cephes single-precision routines.
 DK_HD float bits_to_float(uint32_t b) {
-#if defined(__CUDA_ARCH__)
+#if defined(DK_DEVICE_PATH)
   return __uint_as_float(b);
 #else
   return __builtin_bit_cast(float, b);
 #endif
 }
 DK_HD uint32_t float_to_bits(float f) {
-#if defined(__CUDA_ARCH__)
+#if defined(DK_DEVICE_PATH)
   return __float_as_uint(f);
 #else
   return __builtin_bit_cast(uint32_t, f);
@@ -107,7 +112,7 @@ DK_HD float log_unit(float x) {  // x positive, finite and normal
 }
 
 DK_HD void sincos_unit(float x, float& s, float& c) {  // x in [0, 2*pi] (any modest |x| works)
-#if defined(__CUDA_ARCH__)
+#if defined(DK_DEVICE_PATH)
   const float j = rintf(x * 0.63661977236758134f);  // nearest multiple of pi/2
 #else
   const float j = __builtin_rintf(x * 0.63661977236758134f);
@@ -128,7 +133,7 @@ DK_HD void sincos_unit(float x, float& s, float& c) {  // x in [0, 2*pi] (any mo
 // r's relative error (2^-22.9 for the hardware's rsqrt.approx) before the last rounding. sqrtf does the same on
 // the device but first branches on special inputs. tests/cpp/math_check.cpp checks it on the host.
 DK_HD float sqrt_newton(float x, float r) {
-#if defined(__CUDA_ARCH__)
+#if defined(DK_DEVICE_PATH)
   const float y = x * r;
   return fmaf(fmaf(-y, y, x), 0.5f * r, y);
 #else
@@ -142,6 +147,8 @@ DK_HD float sqrt_positive(float x) {  // x positive, finite and normal
   float r;
   asm("rsqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
   return sqrt_newton(x, r);
+#elif defined(DK_CUDA_EMU)  // the device path with an exact rsqrt (math_check.cpp covers rsqrt.approx's error)
+  return sqrt_newton(x, 1.0f / __builtin_sqrtf(x));
 #else
   return __builtin_sqrtf(x);
 #endif

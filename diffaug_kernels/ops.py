@@ -601,11 +601,14 @@ def tweedie(x_t: Tensor, model_output: Tensor, t, schedule: NoiseSchedule, predi
 
 
 def _philox_uint32(n_counters: int, seed: int, offset: int = 0, backend: str = "auto") -> Tensor:
-    """[n, 4] int64 raw Philox words (for tests of the stream itself), from the chosen backend."""
+    """[n, 4] int64 raw Philox words (for tests of the stream itself), from the reference or the CPU kernels (the
+    only ones that expose them; the others' words show in their normals)."""
     device = torch.device("cpu")
     name = resolve_backend(backend, device)
     if name == "reference":
         return reference.philox_uint32(n_counters, _as_seed("seed", seed, device), _as_seed("offset", offset, device))
+    if name != "cpu":
+        raise ValueError(f"raw Philox words come from the 'reference' and 'cpu' backends, not {name!r}")
     out = torch.empty(n_counters, 4, dtype=torch.int32)
     torch.ops.diffaug_kernels_C.philox_uint32_out(_as_seed("seed", seed, device), _as_seed("offset", offset, device), out)
     return out.to(torch.int64) & 0xFFFFFFFF

@@ -8,7 +8,15 @@ if not torch.cuda.is_available():  # Triton kernels run on CPU tensors in the in
     os.environ["TRITON_INTERPRET"] = "1"  # forced: a stray TRITON_INTERPRET=0 would drop every Triton test)
 
 import diffaug_kernels as dk  # noqa: E402
-from diffaug_kernels import ops  # noqa: E402
+from diffaug_kernels import _ext, ops  # noqa: E402
+
+# Likewise the CUDA kernels: without a GPU, csrc/cuda_kernels.cu compiled for the CPU (tests/cuda_emu.py) is the
+# "cuda" backend on CPU tensors. Wherever the extension built (a compiler is there) it must build too: a failure
+# stops the run rather than quietly dropping the CUDA code's tests (DIFFAUG_CUDA_EMU=0 opts out).
+if not torch.cuda.is_available() and _ext._C is not None and os.environ.get("DIFFAUG_CUDA_EMU", "1") != "0":
+    import cuda_emu  # noqa: E402
+
+    cuda_emu.register()
 
 # Derandomized, no deadline: the suite never flakes and never depends on the machine's speed.
 # No shrinking in CI: a failure is reported at once (shrinking Triton-interpreter cases can take minutes).
@@ -31,7 +39,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="no CUDA device")
     for item in items:
-        if "cuda" in item.keywords:
+        if item.get_closest_marker("cuda") is not None:  # (not item.keywords: that also holds ids like [cuda-...])
             item.add_marker(skip)
 
 
@@ -54,3 +62,16 @@ def gpu_backend(request):
     if not ops._usable(request.param, torch.device("cuda")):
         pytest.fail(f"backend {request.param!r} is not available on this GPU machine: {ops._ext.ERROR}")
     return request.param
+
+
+@pytest.fixture(params=[pytest.param("gpu", marks=pytest.mark.cuda), "emulated"])
+def cuda_kernels(request):
+    """The device for a test of the CUDA backend's own kernels: the GPU (-m cuda), or, on a machine without one,
+    CPU tensors through the emulation (tests/cuda_emu.py). Each machine runs the one it has."""
+    if request.param == "gpu":
+        return torch.device("cuda")
+    if torch.cuda.is_available():
+        pytest.skip("this machine runs the CUDA kernels on its GPU (the gpu case)")
+    if not ops._usable("cuda", torch.device("cpu")):
+        pytest.skip(f"no CUDA emulation without the compiled extension ({_ext.ERROR}) or with DIFFAUG_CUDA_EMU=0")
+    return torch.device("cpu")

@@ -201,6 +201,7 @@ def test_triton_counters_past_two_to_the_31(plane):
 
 
 # ------------------------------------------------------------------------------- on a GPU (-m cuda)
+# (Tests taking cuda_kernels run the CUDA backend on the GPU there, and emulated on a machine without one.)
 CUDA = torch.device("cuda")
 
 
@@ -216,15 +217,14 @@ def test_forward_noise_on_gpu(gpu_backend, dtype, layout, shape):
         assert_matches(got, reference.forward_noise(x, t, S, 2**40 + 3, 2**32 - 7, out_dtype))
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 3, 224, 224), (2, 3, 56, 56)])
-def test_cuda_planar_block_sizes(dtype, shape):
+def test_cuda_planar_block_sizes(cuda_kernels, dtype, shape):
     """The CUDA planar launch's block choice: 16-bit planes take 224 threads (224x224: 28 whole blocks per
     plane; 56x56: 2, the second part idle); float32 takes 256 at 224x224 and 160 at 56x56 (5 whole blocks).
     Every element written, single and multi. (Triton's launch does not depend on this.)"""
-    x = torch.rand(*shape, device=CUDA, dtype=torch.float64).to(dtype) * 2 - 1
-    t = torch.randint(0, 1000, (shape[0],), device=CUDA)
+    x = torch.rand(*shape, device=cuda_kernels, dtype=torch.float64).to(dtype) * 2 - 1
+    t = torch.randint(0, 1000, (shape[0],), device=cuda_kernels)
     for out_dtype in (None, torch.float32):
         got = dk.forward_noise(x, t, S, seed=11, offset=5, out_dtype=out_dtype, backend="cuda")
         assert_matches(got, reference.forward_noise(x, t, S, 11, 5, out_dtype))
@@ -232,18 +232,17 @@ def test_cuda_planar_block_sizes(dtype, shape):
     assert_matches(got, reference.forward_noise_multi(x, [0, 250, 999], S, 12, 0))
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("variant", ["1", "2", "4", "1l", "2l", "4l"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_forward_noise_cuda_planar_variants(monkeypatch, variant, dtype):
+def test_forward_noise_cuda_planar_variants(cuda_kernels, monkeypatch, variant, dtype):
     """Every shape of the planar CUDA noise kernel (DIFFAUG_CUDA_NOISE_UNITS: units per thread, block order)
     gives the reference's noise, every element written (outputs start as NaN): planes a whole number of blocks
     (224x224), with spare units in the last slice (56x56, 24x20) and narrower than a block (8x32); single and
     multi (K blocks); a mixed output dtype takes the basic shape."""
     monkeypatch.setenv("DIFFAUG_CUDA_NOISE_UNITS", variant)
     for shape in ((2, 3, 224, 224), (2, 3, 56, 56), (3, 3, 24, 20), (3, 3, 8, 32)):
-        x = torch.rand(*shape, device=CUDA, dtype=torch.float64).to(dtype) * 2 - 1
-        t = torch.randint(0, 1000, (shape[0],), device=CUDA)
+        x = torch.rand(*shape, device=cuda_kernels, dtype=torch.float64).to(dtype) * 2 - 1
+        t = torch.randint(0, 1000, (shape[0],), device=cuda_kernels)
         for out_dtype in (None, torch.float32):
             got = dk.forward_noise(x, t, S, seed=2**40 + 5, offset=2**32 - 3, out_dtype=out_dtype, backend="cuda")
             assert_matches(got, reference.forward_noise(x, t, S, 2**40 + 5, 2**32 - 3, out_dtype))
@@ -251,10 +250,25 @@ def test_forward_noise_cuda_planar_variants(monkeypatch, variant, dtype):
         assert_matches(got, reference.forward_noise_multi(x, [0, 250, 999], S, 13, 7))
 
 
-@pytest.mark.cuda
-def test_forward_noise_cuda_variant_setting_is_checked(monkeypatch):
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_cuda_general_kernels(cuda_kernels, layout):
+    """Layouts the planar kernels do not take (channels_last: planes not dense; strided: no vector access) go
+    to the general grid-stride kernel; 2x3x64x64 is more units than the emulated device's grid (1 SM, 2048
+    threads), so the loop takes several passes there. Single, multi, and an odd size (K blocks not starting on
+    a counter boundary)."""
+    for shape in ((2, 3, 64, 64), (3, 3, 17, 19)):
+        x = make_layout((torch.rand(*shape, device=cuda_kernels, dtype=torch.float64) * 2 - 1).float(), layout)
+        t = torch.randint(0, 1000, (shape[0],), device=cuda_kernels)
+        for out_dtype in (None, torch.bfloat16):
+            got = dk.forward_noise(x, t, S, seed=21, offset=2**32 - 1, out_dtype=out_dtype, backend="cuda")
+            assert_matches(got, reference.forward_noise(x, t, S, 21, 2**32 - 1, out_dtype))
+        got = dk.forward_noise_multi(x, [0, 250, 999], S, seed=22, offset=3, backend="cuda")
+        assert_matches(got, reference.forward_noise_multi(x, [0, 250, 999], S, 22, 3))
+
+
+def test_forward_noise_cuda_variant_setting_is_checked(cuda_kernels, monkeypatch):
     monkeypatch.setenv("DIFFAUG_CUDA_NOISE_UNITS", "8")
-    x = torch.rand(2, 3, 32, 32, device=CUDA)
+    x = torch.rand(2, 3, 32, 32, device=cuda_kernels)
     with pytest.raises(RuntimeError, match="DIFFAUG_CUDA_NOISE_UNITS must be 1, 2 or 4"):
         dk.forward_noise(x, 5, S, seed=1, backend="cuda")
 

@@ -161,6 +161,7 @@ def test_large_planes_match_reference(backend, layout, dtype):
 
 
 # ------------------------------------------------------------------------------- on a GPU (-m cuda)
+# (Tests taking cuda_kernels run the CUDA backend on the GPU there, and emulated on a machine without one.)
 CUDA = torch.device("cuda")
 
 
@@ -195,48 +196,45 @@ def test_tweedie_planes_on_gpu(gpu_backend, dtype, shape):
         assert_matches(got, want, mag=magnitude(x.cpu(), m.cpu(), t.cpu(), "eps", dk.IMAGENET_NORM, C).to(CUDA))
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 3, 224, 224), (2, 3, 56, 56)])
-def test_tweedie_cuda_planar_block_sizes(dtype, shape):
+def test_tweedie_cuda_planar_block_sizes(cuda_kernels, dtype, shape):
     """The CUDA planar launch's block choice: 16-bit planes take 224 threads (224x224: 28 whole blocks per
     plane; 56x56: 2, the second part idle), float32 256 or 160, float64 224 at 56x56. Every element written,
     normalised or not."""
     B, C = shape[:2]
-    x = torch.randn(*shape, device=CUDA).to(dtype)
-    m = torch.randn(B, 2 * C, *shape[2:], device=CUDA).to(dtype)
-    t = torch.randint(0, 1000, (B,), device=CUDA)
+    x = torch.randn(*shape, device=cuda_kernels).to(dtype)
+    m = torch.randn(B, 2 * C, *shape[2:], device=cuda_kernels).to(dtype)
+    t = torch.randint(0, 1000, (B,), device=cuda_kernels)
     for norm in (None, dk.IMAGENET_NORM):
         got = dk.tweedie(x, m, t, S, "eps", True, norm, backend="cuda")
         want = reference.tweedie(x, m, t, S, "eps", True, norm)
-        assert_matches(got, want, mag=magnitude(x.cpu(), m.cpu(), t.cpu(), "eps", norm, C).to(CUDA))
+        assert_matches(got, want, mag=magnitude(x.cpu(), m.cpu(), t.cpu(), "eps", norm, C).to(cuda_kernels))
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("variant", ["1", "2", "4", "1l", "2l", "4l"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_tweedie_cuda_planar_variants(monkeypatch, variant, dtype):
+def test_tweedie_cuda_planar_variants(cuda_kernels, monkeypatch, variant, dtype):
     """Every shape of the planar CUDA kernel (DIFFAUG_CUDA_TWEEDIE_UNITS: units per thread, block order) gives
     the reference, every element written: planes a whole number of blocks (224x224), with spare units in the
     last slice (56x56, 24x20) and narrower than a block (8x32); a mixed output dtype takes the basic shape."""
     monkeypatch.setenv("DIFFAUG_CUDA_TWEEDIE_UNITS", variant)
     for shape in ((2, 3, 224, 224), (2, 3, 56, 56), (3, 3, 24, 20), (3, 3, 8, 32)):
         B, C = shape[:2]
-        x = torch.randn(*shape, device=CUDA).to(dtype)
-        m = torch.randn(B, 2 * C, *shape[2:], device=CUDA).to(dtype)
-        t = torch.randint(0, 1000, (B,), device=CUDA)
+        x = torch.randn(*shape, device=cuda_kernels).to(dtype)
+        m = torch.randn(B, 2 * C, *shape[2:], device=cuda_kernels).to(dtype)
+        t = torch.randint(0, 1000, (B,), device=cuda_kernels)
         for norm, out_dtype in ((None, None), (dk.IMAGENET_NORM, None), (dk.IMAGENET_NORM, torch.float32)):
             got = dk.tweedie(x, m, t, S, "eps", True, norm, out_dtype=out_dtype, backend="cuda")
             want = reference.tweedie(x, m, t, S, "eps", True, norm, out_dtype=out_dtype)
-            assert_matches(got, want, mag=magnitude(x.cpu(), m.cpu(), t.cpu(), "eps", norm, C).to(CUDA))
+            assert_matches(got, want, mag=magnitude(x.cpu(), m.cpu(), t.cpu(), "eps", norm, C).to(cuda_kernels))
 
 
-@pytest.mark.cuda
-def test_tweedie_cuda_variant_setting_is_checked(monkeypatch):
+def test_tweedie_cuda_variant_setting_is_checked(cuda_kernels, monkeypatch):
     monkeypatch.setenv("DIFFAUG_CUDA_TWEEDIE_UNITS", "3l")
-    x = torch.randn(2, 3, 32, 32, device=CUDA)
+    x = torch.randn(2, 3, 32, 32, device=cuda_kernels)
     with pytest.raises(RuntimeError, match="DIFFAUG_CUDA_TWEEDIE_UNITS must be 1, 2 or 4"):
-        dk.tweedie(x, torch.randn_like(x), torch.tensor([1, 2], device=CUDA), S, backend="cuda")
+        dk.tweedie(x, torch.randn_like(x), torch.tensor([1, 2], device=cuda_kernels), S, backend="cuda")
 
 
 @pytest.mark.cuda

@@ -1,0 +1,39 @@
+"""The CUDA backend without a GPU: csrc/cuda_kernels.cu compiled for the CPU (tests/cpp/cuda_emu.h runs each
+launch one thread at a time) and registered as the "cuda" backend on CPU tensors, the way TRITON_INTERPRET=1
+runs the Triton kernels. conftest.py calls register() where there is no GPU, so every CPU test parametrised
+over the fused backends runs the CUDA kernels too. Built once into build/cuda_emu (about a minute on 2 cores;
+later runs reuse it unless a source changed)."""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def build():
+    """Compiles (or reuses) the emulation library and returns torch.ops.diffaug_kernels_cuda_emu."""
+    from torch.utils import cpp_extension
+
+    out = ROOT / "build" / "cuda_emu"
+    out.mkdir(parents=True, exist_ok=True)
+    # -O1: quick to build, fast enough for test tensors; no strict aliasing: the kernels read bf16 data
+    # through int4 vectors as CUDA code does.
+    cpp_extension.load(
+        name="diffaug_cuda_emu", sources=[str(ROOT / "tests" / "cpp" / "cuda_emu.cpp")],
+        extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "tests" / "cpp")],
+        extra_cflags=["-O1", "-fno-strict-aliasing", "-Wno-unknown-pragmas", "-Wno-class-memaccess"],
+        build_directory=str(out), is_python_module=False, verbose=os.environ.get("DIFFAUG_CUDA_EMU_VERBOSE") == "1")
+    return torch.ops.diffaug_kernels_cuda_emu
+
+
+def register() -> None:
+    """Registers the emulated kernels as the "cuda" backend for CPU tensors (never for "auto": _AUTO_ORDER
+    keeps "cpu" alone for CPU tensors)."""
+    from diffaug_kernels import ops
+
+    emu = build()
+    ops.register_backend("cuda", ops.Backend(("cpu",), emu.noise_out, emu.tweedie_out, emu.philox_normal_out,
+                                             available=True))
