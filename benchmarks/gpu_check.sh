@@ -102,32 +102,11 @@ gpu_tests() {
     > "$W/pytest-cuda.log" 2>&1
   local rc=$?; tail -25 "$W/pytest-cuda.log"; return $rc
 }
-sanitize() {
-  cat > "$W/sanitize.py" <<'PY'
-import os, sys, torch, diffaug_kernels as dk
-sys.path.insert(0, "benchmarks")
-from variants import ENV, VARIANTS
-S = dk.NoiseSchedule.linear()
-for dtype in (torch.float32, torch.bfloat16, torch.float64):
-    for shape in ((3, 3, 17, 19), (4, 3, 32, 32), (2, 3, 64, 64), (2, 3, 56, 56)):  # 56x56: 224-thread blocks
-        x = (torch.rand(shape, device="cuda") * 2 - 1).to(dtype)
-        t = torch.randint(0, 1000, (shape[0],), device="cuda")
-        for cl in (False, True):
-            xi = x.contiguous(memory_format=torch.channels_last) if cl else x
-            m = torch.randn(shape[0], 2 * shape[1], *shape[2:], device="cuda").to(dtype)
-            for v in VARIANTS:  # the planar kernels' variants
-                os.environ[ENV["forward_noise"]] = os.environ[ENV["tweedie"]] = v
-                y = dk.forward_noise(xi, t, S, seed=1, backend="cuda")
-                z = dk.forward_noise_multi(xi, [0, 50, 450], S, seed=2, backend="cuda")
-                w = dk.tweedie(y, m, t, S, normalize=dk.IMAGENET_NORM, backend="cuda")
-            w = dk.tweedie(y, m.contiguous(memory_format=torch.channels_last), t, S, backend="cuda", out_dtype=torch.float16)
-    dk.philox_normal((1001,), 3, device="cuda", backend="cuda")
-torch.cuda.synchronize()
-print("sanitize workload done")
-PY
+sanitize() {  # the workload (every CUDA kernel and variant, checked against the reference) is a file of its own:
+  # tests/test_build.py runs it under AddressSanitizer on the CPU emulation of the same kernels
   local rc=0 tool
   for tool in memcheck racecheck; do
-    compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" "$W/sanitize.py" > "$W/sanitizer-$tool.log" 2>&1
+    compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" benchmarks/sanitize_workload.py > "$W/sanitizer-$tool.log" 2>&1
     local r=$?; echo "$tool: exit $r; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$W/sanitizer-$tool.log" | tail -1)"
     [ $r -eq 0 ] || rc=1
   done

@@ -13,27 +13,32 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def build():
-    """Compiles (or reuses) the emulation library and returns torch.ops.diffaug_kernels_cuda_emu."""
+def build(asan: bool = False):
+    """Compiles (or reuses) the emulation library and returns torch.ops.diffaug_kernels_cuda_emu. asan: the
+    AddressSanitizer build (its own library and folder), for a process started with libasan preloaded
+    (benchmarks/sanitize_workload.py --emulated --asan)."""
     from torch.utils import cpp_extension
 
-    out = ROOT / "build" / "cuda_emu"
+    name = "diffaug_cuda_emu" + ("_asan" if asan else "")
+    out = ROOT / "build" / name
     out.mkdir(parents=True, exist_ok=True)
     # -O1: quick to build, fast enough for test tensors; no strict aliasing: the kernels read bf16 data
     # through int4 vectors as CUDA code does.
+    flags = ["-O1", "-fno-strict-aliasing", "-Wno-unknown-pragmas", "-Wno-class-memaccess"]
+    san = ["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []
     cpp_extension.load(
-        name="diffaug_cuda_emu", sources=[str(ROOT / "tests" / "cpp" / "cuda_emu.cpp")],
-        extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "tests" / "cpp")],
-        extra_cflags=["-O1", "-fno-strict-aliasing", "-Wno-unknown-pragmas", "-Wno-class-memaccess"],
-        build_directory=str(out), is_python_module=False, verbose=os.environ.get("DIFFAUG_CUDA_EMU_VERBOSE") == "1")
+        name=name, sources=[str(ROOT / "tests" / "cpp" / "cuda_emu.cpp")],
+        extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "tests" / "cpp")], extra_cflags=flags + san,
+        extra_ldflags=san, build_directory=str(out), is_python_module=False,
+        verbose=os.environ.get("DIFFAUG_CUDA_EMU_VERBOSE") == "1")
     return torch.ops.diffaug_kernels_cuda_emu
 
 
-def register() -> None:
+def register(asan: bool = False) -> None:
     """Registers the emulated kernels as the "cuda" backend for CPU tensors (never for "auto": _AUTO_ORDER
     keeps "cpu" alone for CPU tensors)."""
     from diffaug_kernels import ops
 
-    emu = build()
+    emu = build(asan)
     ops.register_backend("cuda", ops.Backend(("cpu",), emu.noise_out, emu.tweedie_out, emu.philox_normal_out,
                                              available=True))

@@ -60,15 +60,17 @@ def test_tensor_normalize_inside_compile_is_a_clear_error():
 def test_compiled_ops_refuse_out_of_range_t(op, bad, backend):
     """Compiled, the ops' host check of t is skipped. The reference's gather asserts in the graph instead, the
     CPU kernels check t themselves, and the Triton wrapper checks a CPU t on the host (it had left that to the
-    skipped check: the kernels then read past the table, silently). So a negative t does not read the table's
-    last entry, nor 1000 past its end."""
+    skipped check: the kernels then read past the table, silently); the CUDA kernels assert on the device
+    (emulated here: the assert raises). So a negative t does not read the table's last entry, nor 1000 past its
+    end."""
     x = torch.rand(2, 3, 4, 4)
     fn = {"forward_noise": lambda x, t: dk.forward_noise(x, t, S, seed=1, backend=backend),
           "forward_noise_multi": lambda x, t: dk.forward_noise_multi(x, t, S, seed=1, backend=backend),
           "tweedie": lambda x, t: dk.tweedie(x, x, t, S, clip=False, backend=backend)}[op]
     f = torch.compile(fn, fullgraph=True)
     f(x, torch.tensor([3, 4]))
-    with pytest.raises((RuntimeError, ValueError), match=r"t must lie in \[0, 1000\)"):
+    msg = r"device-side assert: ti >= 0 && ti < T" if backend == "cuda" else r"t must lie in \[0, 1000\)"
+    with pytest.raises((RuntimeError, ValueError), match=msg):
         f(x, torch.tensor([bad, 4]))
 
 
