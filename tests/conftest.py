@@ -39,7 +39,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="no CUDA device")
     for item in items:
-        if item.get_closest_marker("cuda") is not None:  # (not item.keywords: that also holds ids like [cuda-...])
+        if item.get_closest_marker("cuda") is not None:  # (not item.keywords: an id such as [cuda] is one too)
             item.add_marker(skip)
 
 
