@@ -52,6 +52,13 @@ template <typename V, typename T>
 __device__ __forceinline__ V* vec_at(T* p) {
   return reinterpret_cast<V*>(p);
 }
+
+// One element's store (the CPU emulation's version, like its __stwb, also records the bytes, to check that a
+// launch writes each output byte once).
+template <typename T>
+__device__ __forceinline__ void store1(T* p, T v) {
+  *p = v;
+}
 #endif
 
 using at::Tensor;
@@ -248,7 +255,8 @@ __global__ void __launch_bounds__(kThreads) noise_kernel(
           if (i >= N) break;
           const int64_t b = i / CS, ti = t[k * tk + b * tb];
           CUDA_KERNEL_ASSERT(ti >= 0 && ti < T);
-          out[k * B * ov.sb + offset_of(i, ov)] = static_cast<out_t>(ca[ti] * xr[e] + cb[ti] * static_cast<acc>(nz[e]));
+          store1(out + k * B * ov.sb + offset_of(i, ov),
+                 static_cast<out_t>(ca[ti] * xr[e] + cb[ti] * static_cast<acc>(nz[e])));
         }
       }
     }
@@ -455,7 +463,7 @@ __global__ void __launch_bounds__(kThreads) tweedie_kernel(
     } else {
 #pragma unroll
       for (int e = 0; e < E; ++e)
-        if (i0 + e < N) out[offset_of(i0 + e, ov)] = res[e];
+        if (i0 + e < N) store1(out + offset_of(i0 + e, ov), res[e]);
     }
   }
 }
@@ -563,9 +571,9 @@ __global__ void __launch_bounds__(kThreads) normal_kernel(float* __restrict__ ou
     float n[4];
     normals4<LIBM>(off + static_cast<uint64_t>(u), static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), n);
     if (vec && 4 * u + 4 <= N) {
-      *vec_at<float4>(out + 4 * u) = make_float4(n[0], n[1], n[2], n[3]);
+      store1(vec_at<float4>(out + 4 * u), make_float4(n[0], n[1], n[2], n[3]));
     } else {
-      for (int e = 0; e < 4 && 4 * u + e < N; ++e) out[4 * u + e] = n[e];
+      for (int e = 0; e < 4 && 4 * u + e < N; ++e) store1(out + 4 * u + e, n[e]);
     }
   }
 }

@@ -1,4 +1,4 @@
-"""Can the emulated CUDA tests fail? Each mutant below is a one-line bug put into csrc/cuda_kernels.cu; the
+"""Can the emulated CUDA tests fail? Each mutant below is a small bug put into csrc/cuda_kernels.cu; the
 emulation is rebuilt from it and the tests of the "cuda" backend (or, for the out-of-bounds mutant, the
 AddressSanitizer workload) are run; the source is restored after each. Run from the repository root:
     python benchmarks/results/emu-2026-11-26-s11/mutants.py
@@ -26,6 +26,13 @@ MUTANTS = [
      "          dim3(static_cast<unsigned>(threads)), ok};",
      "  return {dim3(static_cast<unsigned>(ok ? planes : 1), static_cast<unsigned>(ok ? slices : 1)),\n"
      "          dim3(static_cast<unsigned>(threads - 1)), ok};", "tests"),
+    ("philox_normal grid-stride loop at half stride (every unit written twice, none missed)",
+     "  const int64_t units = (N + 3) / 4;\n"
+     "  for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < units;\n"
+     "       u += static_cast<int64_t>(gridDim.x) * blockDim.x) {",
+     "  const int64_t units = (N + 3) / 4;\n"
+     "  for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < units;\n"
+     "       u += static_cast<int64_t>(gridDim.x) * blockDim.x / 2) {", "tests"),
     ("planar noise, a thread's last unit may run past its plane (out of bounds)",
      "      if (j > 0 && s0 + j * step >= xv.S) break;\n      float nz[E];",
      "      if (j > 0 && s0 + j * step >= xv.S + step) break;\n      float nz[E];", "asan"),
