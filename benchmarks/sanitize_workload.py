@@ -5,9 +5,10 @@ dtype, philox_normal with a tail. Every result is compared with the reference (c
 kernel that reads the wrong memory without faulting fails too.
 
   GPU:  compute-sanitizer --tool memcheck python benchmarks/sanitize_workload.py   (benchmarks/gpu_check.sh)
-  CPU:  LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \\
-        python benchmarks/sanitize_workload.py --emulated --asan   (tests/test_build.py: AddressSanitizer on
-        csrc/cuda_kernels.cu compiled for the CPU, tests/cuda_emu.py)
+  CPU:  LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)" \\
+        ASAN_OPTIONS=detect_leaks=0 python benchmarks/sanitize_workload.py --emulated --asan
+        (tests/test_build.py, with tests/cuda_emu.py's asan_env(): AddressSanitizer on csrc/cuda_kernels.cu
+        compiled for the CPU)
 """
 import argparse
 import os
@@ -66,9 +67,9 @@ def main(argv=None):
                 got = dk.tweedie(nd, md, td, S, backend="cuda", out_dtype=torch.float16).to(cpu)
                 assert_matches(got, reference.tweedie(noise, m, t, S, out_dtype=torch.float16))
                 runs += 1
-        got = dk.philox_normal((1001,), 3, device=dev, backend="cuda").to(cpu)
-        torch.testing.assert_close(got, reference.philox_normal((1001,), 3), rtol=1e-6, atol=2e-6)
-        runs += 1
+    got = dk.philox_normal((1001,), 3, device=dev, backend="cuda").to(cpu)
+    torch.testing.assert_close(got, reference.philox_normal((1001,), 3), rtol=1e-6, atol=2e-6)
+    runs += 1
     if dev.type == "cuda":
         torch.cuda.synchronize()
     print(f"sanitize workload done: {runs} CUDA-backend calls on {'the CPU emulation' if a.emulated else dev}, "

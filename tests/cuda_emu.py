@@ -1,12 +1,14 @@
 """The CUDA backend without a GPU: csrc/cuda_kernels.cu compiled for the CPU (tests/cpp/cuda_emu.h runs each
 launch one thread at a time) and registered as the "cuda" backend on CPU tensors, the way TRITON_INTERPRET=1
 runs the Triton kernels. conftest.py calls register() where there is no GPU, so every CPU test parametrised
-over the fused backends runs the CUDA kernels too. Built once into build/cuda_emu (about a minute on 2 cores;
+over the fused backends runs the CUDA kernels too. Built once into build/diffaug_cuda_emu (about 15 s on 2 cores;
 later runs reuse it unless a source changed)."""
 from __future__ import annotations
 
 import os
 import pathlib
+import shutil
+import subprocess
 
 import torch
 
@@ -42,3 +44,17 @@ def register(asan: bool = False) -> None:
     emu = build(asan)
     ops.register_backend("cuda", ops.Backend(("cpu",), emu.noise_out, emu.tweedie_out, emu.philox_normal_out,
                                              available=True))
+
+
+def asan_env():
+    """The environment for a process that loads the AddressSanitizer build: libasan preloaded, with the C++ runtime
+    (else libasan's exception interceptor finds no __cxa_throw and aborts at the first C++ throw, in Triton's
+    import), leak reports off. None without g++ or its libasan."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        return None
+    libs = [subprocess.run([cxx, f"-print-file-name={n}"], capture_output=True, text=True).stdout.strip()
+            for n in ("libasan.so", "libstdc++.so")]
+    if not all(os.path.isabs(x) and os.path.exists(x) for x in libs):
+        return None
+    return dict(os.environ, LD_PRELOAD=" ".join(libs), ASAN_OPTIONS="detect_leaks=0")

@@ -123,26 +123,17 @@ def test_gpu_check_script_parses_and_knows_its_default_steps():
     assert default and set(default) <= branches, set(default) - branches
 
 
-def _libasan():
-    """The compiler's AddressSanitizer runtime and the C++ runtime it must be preloaded with, or None."""
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        return None
-    libs = [subprocess.run([cxx, f"-print-file-name={n}"], capture_output=True, text=True).stdout.strip()
-            for n in ("libasan.so", "libstdc++.so")]
-    return libs if all(os.path.isabs(x) and os.path.exists(x) for x in libs) else None
-
-
 def test_cuda_kernels_emulated_under_address_sanitizer():
     """compute-sanitizer's workload (benchmarks/sanitize_workload.py: every CUDA kernel and planar variant,
     whole, partial and narrow planes, general layouts, multi, learned sigma, mixed output dtype, philox_normal)
     on csrc/cuda_kernels.cu compiled for the CPU with AddressSanitizer (tests/cuda_emu.py): a read or write
     outside a tensor fails it, as memcheck would on a GPU. (Making one planar variant run a unit past its plane
     fails it with a heap-buffer-overflow: checked 2026-11-26.)"""
-    libs = _libasan()
-    if libs is None or _ext._C is None:
+    from cuda_emu import asan_env
+
+    env = asan_env()
+    if env is None or _ext._C is None:
         pytest.skip("needs g++ with libasan and the compiled extension")
-    env = dict(os.environ, LD_PRELOAD=" ".join(libs), ASAN_OPTIONS="detect_leaks=0")
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sanitize_workload.py"), "--emulated", "--asan"],
                        capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0 and "sanitize workload done" in r.stdout, (r.stdout + r.stderr)[-4000:]

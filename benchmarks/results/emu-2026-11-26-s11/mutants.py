@@ -3,12 +3,13 @@ emulation is rebuilt from it and the tests of the "cuda" backend (or, for the ou
 AddressSanitizer workload) are run; the source is restored after each. Run from the repository root:
     python benchmarks/results/emu-2026-11-26-s11/mutants.py
 """
-import os
 import pathlib
 import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT / "tests"))
+from cuda_emu import asan_env  # noqa: E402
 SRC = ROOT / "csrc" / "cuda_kernels.cu"
 MUTANTS = [
     ("noise planar, units after the first reuse the first unit's counters",
@@ -45,9 +46,7 @@ def run(kind):
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *TESTS],
                            cwd=ROOT, capture_output=True, text=True)
         return r.returncode, r.stdout.strip().splitlines()[-1]
-    libs = [subprocess.run(["g++", f"-print-file-name={n}"], capture_output=True, text=True).stdout.strip()
-            for n in ("libasan.so", "libstdc++.so")]
-    env = dict(os.environ, LD_PRELOAD=" ".join(libs), ASAN_OPTIONS="detect_leaks=0")
+    env = asan_env()
     r = subprocess.run([sys.executable, "benchmarks/sanitize_workload.py", "--emulated", "--asan"], cwd=ROOT,
                        capture_output=True, text=True, env=env)
     summary = [x for x in r.stderr.splitlines() if x.startswith("SUMMARY")] or r.stdout.strip().splitlines()[-1:]
