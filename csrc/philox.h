@@ -87,7 +87,19 @@ DK_HD uint32_t float_to_bits(float f) {
 #endif
 }
 
-DK_HD float log_unit(float x) {  // x positive, finite and normal
+// -2 log(x), the radius Box-Muller squares, for x positive, finite and normal. The -2 is folded into every
+// coefficient: scaling by a power of two is exact and commutes with each rounding, so the result is bit for bit
+// -2 * log(x) computed the plain way, one multiply fewer (the last add becomes a fused -2 * f + y).
+// a * b + c, fused on the device (where the compiler would otherwise pick the instructions).
+DK_HD float fma_f(float a, float b, float c) {
+#if defined(DK_DEVICE_PATH)
+  return fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+DK_HD float neg2_log_unit(float x) {
   // x = 2^e * m with m in [sqrt(1/2), sqrt(2)): subtracting sqrt(1/2)'s bits makes the exponent field e and
   // leaves the mantissa to re-attach, with no data-dependent select (which would stop vectorisation).
   const int32_t d = static_cast<int32_t>(float_to_bits(x)) - 0x3f3504f3;
@@ -95,38 +107,42 @@ DK_HD float log_unit(float x) {  // x positive, finite and normal
   const float m = bits_to_float(static_cast<uint32_t>((d & 0x007fffff) + 0x3f3504f3));
   const float f = m - 1.0f;
   const float z = f * f;
-  float p = 7.0376836292e-2f;
-  p = p * f - 1.1514610310e-1f;
-  p = p * f + 1.1676998740e-1f;
-  p = p * f - 1.2420140846e-1f;
-  p = p * f + 1.4249322787e-1f;
-  p = p * f - 1.6668057665e-1f;
-  p = p * f + 2.0000714765e-1f;
-  p = p * f - 2.4999993993e-1f;
-  p = p * f + 3.3333331174e-1f;
+  constexpr float k = -2.0f;  // the log's Cephes coefficients, each times -2 (exactly, at compile time)
+  float p = k * 7.0376836292e-2f;
+  p = p * f - k * 1.1514610310e-1f;
+  p = p * f + k * 1.1676998740e-1f;
+  p = p * f - k * 1.2420140846e-1f;
+  p = p * f + k * 1.4249322787e-1f;
+  p = p * f - k * 1.6668057665e-1f;
+  p = p * f + k * 2.0000714765e-1f;
+  p = p * f - k * 2.4999993993e-1f;
+  p = p * f + k * 3.3333331174e-1f;
   const float fe = static_cast<float>(e);
   float y = p * f * z;
-  y += -2.12194440e-4f * fe;
-  y += -0.5f * z;
-  return (f + y) + 0.693359375f * fe;
+  y += (k * -2.12194440e-4f) * fe;
+  y += z;  // -2 * (-0.5 * z)
+  return fma_f(k, f, y) + (k * 0.693359375f) * fe;  // fused: as f + f, then a subtraction, it took two
 }
 
-DK_HD void sincos_unit(float x, float& s, float& c) {  // x in [0, 2*pi] (any modest |x| works)
-#if defined(DK_DEVICE_PATH)
-  const float j = rintf(x * 0.63661977236758134f);  // nearest multiple of pi/2
-#else
-  const float j = __builtin_rintf(x * 0.63661977236758134f);
-#endif
-  const int32_t q = static_cast<int32_t>(j) & 3;
-  const float y = ((x - j * 1.5703125f) - j * 4.837512969970703125e-4f) - j * 7.54978995489188216e-8f;
+DK_HD void sincos_unit(float x, float& s, float& c) {  // x in [0, 2*pi]
+  // j = x * 2/pi rounded to the nearest integer by adding 1.5 * 2^23, where a float's ulp is 1: the sum's low
+  // mantissa bits are then j's, so the quadrant needs no float-to-int conversion (a quarter-rate instruction on
+  // the GPU). Fused or not, the sum rounds x * 2/pi to a nearest multiple; q and j come from the same sum.
+  const float big = x * 0.63661977236758134f + 12582912.0f;
+  const uint32_t q = float_to_bits(big);
+  const float j = big - 12582912.0f;
+  // y = x - j * pi/2 in two parts: j * 1.5703125 is exact for j <= 4 and so (Sterbenz) is the subtraction; the
+  // second part's rounding (2.6e-12) times j is far below float32's. A third part serves only huge arguments.
+  const float y = (x - j * 1.5703125f) - j * 4.8382679233327508e-4f;
   const float z = y * y;
   const float ps = y + y * z * (-1.6666654611e-1f + z * (8.3321608736e-3f + z * -1.9515295891e-4f));
   const float pc = 1.0f - 0.5f * z +
                    z * z * (4.166664568298827e-2f + z * (-1.388731625493765e-3f + z * 2.443315711809948e-5f));
   const float sv = (q & 1) ? pc : ps;
   const float cv = (q & 1) ? ps : pc;
-  s = (q & 2) ? -sv : sv;
-  c = ((q + 1) & 2) ? -cv : cv;
+  // the signs as bit flips: sin is negative in quadrants 2 and 3 (q's bit 1), cos in 1 and 2 ((q + 1)'s bit 1)
+  s = bits_to_float(float_to_bits(sv) ^ ((q << 30) & 0x80000000u));
+  c = bits_to_float(float_to_bits(cv) ^ (((q + 1) << 30) & 0x80000000u));
 }
 
 // sqrt(x) from r, an approximate 1/sqrt(x): y = x * r, then one Newton step y + (x - y*y) * r / 2, which squares
@@ -161,7 +177,7 @@ DK_HD void box_muller(uint32_t a, uint32_t b, float& n1, float& n2) {
   // max(u1, 1e-7) as an integer max of the bit patterns (equal for non-negative floats): a float select
   // here lets GCC specialise the constant branch, and that control flow stops vectorisation.
   const uint32_t ub = float_to_bits(u1), kb = float_to_bits(kMinUniform);
-  const float r = sqrt_positive(-2.0f * log_unit(bits_to_float(ub > kb ? ub : kb)));
+  const float r = sqrt_positive(neg2_log_unit(bits_to_float(ub > kb ? ub : kb)));
   float s, c;
   sincos_unit(th, s, c);
   n1 = r * c;

@@ -54,8 +54,8 @@ if triton is not None:
             c1, c3 = w2.to(tl.uint32), w0.to(tl.uint32)
             k0 = k0 + 0x9E3779B9
             k1 = k1 + 0xBB67AE85
-        r0 = tl.sqrt(-2.0 * _log_unit(tl.maximum(_uniform(c0), 1.0e-7)))
-        r1 = tl.sqrt(-2.0 * _log_unit(tl.maximum(_uniform(c2), 1.0e-7)))
+        r0 = tl.sqrt(_neg2_log_unit(tl.maximum(_uniform(c0), 1.0e-7)))
+        r1 = tl.sqrt(_neg2_log_unit(tl.maximum(_uniform(c2), 1.0e-7)))
         s0, co0 = _sincos_unit(6.283185307179586 * _uniform(c1))
         s1, co1 = _sincos_unit(6.283185307179586 * _uniform(c3))
         return r0 * co0, r0 * s0, r1 * co1, r1 * s1
@@ -64,36 +64,40 @@ if triton is not None:
     # [0, 2*pi]), in place of tl.log, tl.cos and tl.sin: libdevice's carry guards for inputs that cannot occur
     # here and a huge-argument reduction with a local-memory array, and sin and cos each reduced the angle.
     @triton.jit
-    def _log_unit(x):
-        """log(x) for positive normal float32 x: x = 2^e * m with m in [sqrt(1/2), sqrt(2)), no branch."""
+    def _neg2_log_unit(x):
+        """-2 log(x) for positive normal float32 x: x = 2^e * m with m in [sqrt(1/2), sqrt(2)), no branch; the -2
+        folded into every coefficient (exact), as in philox.h."""
         d = x.to(tl.int32, bitcast=True) - 0x3F3504F3
         e = (d >> 23).to(tl.float32)
         f = ((d & 0x007FFFFF) + 0x3F3504F3).to(tl.float32, bitcast=True) - 1.0
         z = f * f
-        p = f * 7.0376836292e-2 - 1.1514610310e-1
-        p = p * f + 1.1676998740e-1
-        p = p * f - 1.2420140846e-1
-        p = p * f + 1.4249322787e-1
-        p = p * f - 1.6668057665e-1
-        p = p * f + 2.0000714765e-1
-        p = p * f - 2.4999993993e-1
-        p = p * f + 3.3333331174e-1
-        y = p * f * z - 2.12194440e-4 * e - 0.5 * z
-        return (f + y) + 0.693359375 * e
+        p = f * -1.40753672584e-1 + 2.3029220620e-1
+        p = p * f - 2.3353997480e-1
+        p = p * f + 2.4840281692e-1
+        p = p * f - 2.8498645574e-1
+        p = p * f + 3.3336115330e-1
+        p = p * f - 4.0001429530e-1
+        p = p * f + 4.9999987986e-1
+        p = p * f - 6.6666662348e-1
+        y = p * f * z + 4.24388880e-4 * e + z
+        return (-2.0 * f + y) - 1.38671875 * e
 
     @triton.jit
     def _sincos_unit(x):
-        """(sin x, cos x) for float32 x in [0, 2*pi]: one reduction by pi/2 for both."""
-        q = (x * 0.63661977236758134 + 0.5).to(tl.int32)  # nearest multiple of pi/2 (x >= 0)
-        j = q.to(tl.float32)
-        y = ((x - j * 1.5703125) - j * 4.837512969970703125e-4) - j * 7.54978995489188216e-8
+        """(sin x, cos x) for float32 x in [0, 2*pi]: one reduction by pi/2 for both, as in philox.h."""
+        big = x * 0.63661977236758134 + 12582912.0  # 1.5 * 2^23: rounds to an integer, j's bits at the bottom
+        q = big.to(tl.uint32, bitcast=True)
+        j = big - 12582912.0
+        y = (x - j * 1.5703125) - j * 4.8382679233327508e-4  # j <= 4: two parts of pi/2 suffice (philox.h)
         z = y * y
         ps = y + y * z * (-1.6666654611e-1 + z * (8.3321608736e-3 + z * -1.9515295891e-4))
         pc = 1.0 - 0.5 * z + z * z * (4.166664568298827e-2 + z * (-1.388731625493765e-3 + z * 2.443315711809948e-5))
         odd = (q & 1) != 0
-        sv = tl.where(odd, pc, ps)
-        cv = tl.where(odd, ps, pc)
-        return tl.where((q & 2) != 0, -sv, sv), tl.where(((q + 1) & 2) != 0, -cv, cv)
+        sv = tl.where(odd, pc, ps).to(tl.uint32, bitcast=True)
+        cv = tl.where(odd, ps, pc).to(tl.uint32, bitcast=True)
+        s = (sv ^ ((q << 30) & 0x80000000)).to(tl.float32, bitcast=True)
+        c = (cv ^ (((q + 1) << 30) & 0x80000000)).to(tl.float32, bitcast=True)
+        return s, c
 
     @triton.jit
     def _uniform(v):

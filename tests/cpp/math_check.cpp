@@ -35,7 +35,7 @@ int main(int argc, char** argv) {
     const float u = dk::uint_to_uniform(static_cast<uint32_t>(k));
     const uint32_t ub = to_bits(u), kb = to_bits(dk::kMinUniform);
     const float uc = from_bits(ub > kb ? ub : kb);
-    const float r = dk::sqrt_positive(-2.0f * dk::log_unit(uc));
+    const float r = dk::sqrt_positive(dk::neg2_log_unit(uc));
     const double rt = std::sqrt(-2.0 * std::log(static_cast<double>(uc)));
     r_rel = std::fmax(r_rel, std::fabs(r - rt) / rt);
     const float th = dk::kTwoPi * u;
