@@ -285,7 +285,7 @@ __device__ __forceinline__ PlaneSlot plane_slot(const View3& v, unsigned slices 
 // order took 83.4 us in bf16 (92.2% of the copy ceiling) and 156.9 us in float32 (as fast as a copy of the same
 // bytes), plane-major 86.2-86.6 and 165.0 us; 2 and 4 units gained nothing (83.5, 85.5 us in bf16): default
 // 1 unit, memory order. Forward noise (bound by the Philox + Box-Muller arithmetic) amortises each thread's
-// set-up (plane, addresses, the Philox key schedule: 129 of the 547 sm_90 instructions a bf16 thread runs at
+// set-up (plane, addresses, the Philox key schedule: 127 of the 529 sm_90 instructions a bf16 thread runs at
 // 1 unit) over more units; not yet timed on a GPU, so its default stays the shape measured since session 4,
 // 1 unit, plane-major. DIFFAUG_CUDA_TWEEDIE_UNITS and DIFFAUG_CUDA_NOISE_UNITS = 1, 2 or 4, with an "l" for
 // memory order, pick another, for tuning only (benchmarks/variants.py times each; benchmarks/gpu_check.sh's

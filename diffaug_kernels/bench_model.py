@@ -39,11 +39,12 @@ def published_diffaug(model, x, tables, half: bool = False):
     return x0.clamp(-1, 1)
 
 
-def matmul_rate(device, dtype=torch.bfloat16, n: Optional[int] = None) -> float:
-    """Measured dense matrix rate (FLOP/s) of an n x n x n matmul: the compute ceiling for the UNet."""
+def matmul_rate(device, dtype=torch.bfloat16, n: Optional[int] = None, reps: int = 10, warmup: int = 3) -> float:
+    """Measured dense matrix rate (FLOP/s) of an n x n x n matmul: the compute ceiling for the UNet. (A CPU
+    without AVX512-BF16 does the bf16 one at about 1 GFLOP/s: 17 s a call at n = 2048.)"""
     n = n or (8192 if device.type == "cuda" else 2048)
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    tm = bench.time_fn(lambda: a @ b, reps=10, warmup=3, device=device, flush=False)
+    tm = bench.time_fn(lambda: a @ b, reps=reps, warmup=warmup, device=device, flush=False)
     return 2 * n ** 3 / (tm.ms * 1e-3)
 
 
@@ -176,7 +177,7 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
     x = torch.rand(batch, flags.get("in_channels", 3), size, size, device=device) * 2 - 1
     t = torch.randint(0, 1000, (batch,), device=device)
     flops = unet_flops(model, x, t)
-    rate = matmul_rate(device)
+    rate = matmul_rate(device, reps=reps, warmup=warmup)  # the run's repetitions, like every row's
     log(f"[bench-model] {bench.device_name(device)}: UNet {params / 1e6:.1f}M params, {flops / batch / 1e9:.2f} "
         f"GFLOP/image at {size}x{size}; bf16 matmul {rate / 1e12:.2f} TFLOP/s")
 
