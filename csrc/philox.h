@@ -87,9 +87,6 @@ DK_HD uint32_t float_to_bits(float f) {
 #endif
 }
 
-// -2 log(x), the radius Box-Muller squares, for x positive, finite and normal. The -2 is folded into every
-// coefficient: scaling by a power of two is exact and commutes with each rounding, so the result is bit for bit
-// -2 * log(x) computed the plain way, one multiply fewer (the last add becomes a fused -2 * f + y).
 // a * b + c, fused on the device (where the compiler would otherwise pick the instructions).
 DK_HD float fma_f(float a, float b, float c) {
 #if defined(DK_DEVICE_PATH)
@@ -99,6 +96,9 @@ DK_HD float fma_f(float a, float b, float c) {
 #endif
 }
 
+// -2 log(x), the radius Box-Muller squares, for x positive, finite and normal. The -2 is folded into every
+// coefficient: scaling by a power of two is exact and commutes with each rounding, so the result is bit for bit
+// -2 * log(x) computed the plain way, one multiply fewer (the last add becomes a fused -2 * f + y).
 DK_HD float neg2_log_unit(float x) {
   // x = 2^e * m with m in [sqrt(1/2), sqrt(2)): subtracting sqrt(1/2)'s bits makes the exponent field e and
   // leaves the mantissa to re-attach, with no data-dependent select (which would stop vectorisation).
