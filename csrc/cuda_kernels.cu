@@ -286,8 +286,11 @@ __device__ __forceinline__ PlaneSlot plane_slot(const View3& v, unsigned slices 
 // bytes), plane-major 86.2-86.6 and 165.0 us; 2 and 4 units gained nothing (83.5, 85.5 us in bf16): default
 // 1 unit, memory order. Forward noise (bound by the Philox + Box-Muller arithmetic) amortises each thread's
 // set-up (plane, addresses, the Philox key schedule: 127 of the 529 sm_90 instructions a bf16 thread runs at
-// 1 unit) over more units; not yet timed on a GPU, so its default stays the shape measured since session 4,
-// 1 unit, plane-major. DIFFAUG_CUDA_TWEEDIE_UNITS and DIFFAUG_CUDA_NOISE_UNITS = 1, 2 or 4, with an "l" for
+// 1 unit) over more units. Timed on an H100 (session 13, benchmarks/variants.py, 7 interleaved rounds, the
+// session-12 code): bf16 1 unit plane-major 114.3 us, 2 units 105.8, 4 units 111.7, 2 in memory order 106.7;
+// float32 1 unit 139.9 us, 4 units in memory order 118.5 (the next best 4 plane-major, 129.8). Default: 2 units
+// plane-major for 16-bit tensors, 4 units in memory order for float32. DIFFAUG_CUDA_TWEEDIE_UNITS and
+// DIFFAUG_CUDA_NOISE_UNITS = 1, 2 or 4, with an "l" for
 // memory order, pick another, for tuning only (benchmarks/variants.py times each; benchmarks/gpu_check.sh's
 // tune step applies the fastest). Read on every call (a getenv), so one process can compare them. They apply
 // where output and input share a dtype (the DiffAug case, the one measured); other pairs take 1, plane-major.
@@ -295,7 +298,10 @@ struct PlaneVariant {
   int units;
   bool linear;
 };
-constexpr PlaneVariant kTweedieDefault{1, true}, kNoiseDefault{1, false};
+constexpr PlaneVariant kTweedieDefault{1, true};
+// forward noise's default by element size (measured above)
+template <typename T>
+constexpr PlaneVariant kNoiseDefault = sizeof(T) == 2 ? PlaneVariant{2, false} : PlaneVariant{4, true};
 PlaneVariant plane_variant(const char* name, PlaneVariant dflt) {
   const char* env = std::getenv(name);
   if (env == nullptr || *env == '\0') return dflt;
@@ -387,7 +393,7 @@ void noise_out(const Tensor& x0_, const Tensor& t, const Tensor& coef_a, const T
     constexpr int E = 4 * VEC;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "noise_out", [&] {
       constexpr bool same = std::is_same_v<in_t, scalar_t>;
-      const PlaneVariant var = same ? plane_variant("DIFFAUG_CUDA_NOISE_UNITS", kNoiseDefault) : PlaneVariant{1, false};
+      const PlaneVariant var = same ? plane_variant("DIFFAUG_CUDA_NOISE_UNITS", kNoiseDefault<in_t>) : PlaneVariant{1, false};
       const PlaneLaunch pl = plane_launch(xv.B * xv.C, xv.S / E, var.units);
       if (pl.ok && plane_vectorizable<in_t, E>(x0, xv) && plane_vectorizable<scalar_t, E>(out, ov)) {
         with_plane_variant<same>(var, pl, [&](auto u, auto lin, dim3 grid) {
