@@ -14,8 +14,9 @@
 #   pip download --no-deps -d .cache xformers==0.0.35 nvidia-cuda-runtime-cu12
 # Nothing is downloaded on the GPU machine.
 # The tune step (first by default) times the planar CUDA tweedie and noise kernels' variants (benchmarks/variants.py)
-# and runs the later steps with the fastest of each in bf16 (DIFFAUG_CUDA_TWEEDIE_UNITS, DIFFAUG_CUDA_NOISE_UNITS;
-# GPU_CHECK_TUNE_APPLY=0: not).
+# and reports the fastest of each in bf16. The built-in defaults are the shapes measured fastest on an H100
+# (session 13: forward noise's differ by dtype), so the later steps keep them; GPU_CHECK_TUNE_APPLY=1 runs the
+# later steps with the bf16 picks instead (DIFFAUG_CUDA_TWEEDIE_UNITS, DIFFAUG_CUDA_NOISE_UNITS: every dtype).
 # The model step also times the compiled UNet with candidate settings (--candidates: group-norm statistics per
 # channel, cudnn.benchmark) and keeps the generated source of the slowest inductor kernels (kernels/); model-cdt (not in the default list)
 # runs it again with inductor's coordinate-descent tuning of block sizes.
@@ -30,7 +31,8 @@
 #   warm machine, GPU_CHECK_BUILD=0 GPU_CHECK_STEPS=ensemble,bench2 ... with the device time left.
 # Measured on an H100 (2026-11-26): a machine start took about 200 s of device time, the build 61-93 s, tests
 # with the sanitizer 157-195 s, ops benchmark 50-71 s, tune 11 s (tweedie only, before session 10), floor 27 s, model 120 s (230 s with
-# --candidates, session 8), ncu 16-22 s, DE benchmark over 148 s (cut off; with --reps 3 --warmup 1
+# --candidates, session 8), ncu 16-22 s (session 13, 2026-11-27: start 32 s, tune 13 s, tests with the sanitizer
+# 181 s, ops 41-67 s, floor 21 s, ncu 21 s), DE benchmark over 148 s (cut off; with --reps 3 --warmup 1
 # --dda-reps 0 it took 196 s). The device tool brings back at most 8 files from $OUT: leave only this script's
 # gpu-check.tgz and summary.txt there (copying the logs beside them lost the tarball, session 9). To spare the
 # build's device time, build the extension here first (bash benchmarks/prebuild_gpu_ext.sh), carry
@@ -234,9 +236,9 @@ if "$PY" -c "import diffaug_kernels" 2>/dev/null; then
         wait $pt || status=1
         cat "$W/step-tests.out"
         grep -q "GPU tests.*exit 0" "$W/summary.txt" || status=1 ;;
-      tune)  # the later steps (benchmarks, tests) then run with the fastest variant; GPU_CHECK_TUNE_APPLY=0: not
+      tune)  # GPU_CHECK_TUNE_APPLY=1: the later steps (benchmarks, tests) run with the bf16 picks
         if step "planar kernel variants (units per thread, block order)" 150 30 tune_variants \
-           && [ "${GPU_CHECK_TUNE_APPLY:-1}" != 0 ]; then
+           && [ "${GPU_CHECK_TUNE_APPLY:-0}" = 1 ]; then
           for pair in tweedie:DIFFAUG_CUDA_TWEEDIE_UNITS forward_noise:DIFFAUG_CUDA_NOISE_UNITS; do
             best=$(awk -v op="${pair%%:*}:" '$1 == "best" && $2 == op {print $3}' "$W/variants.txt")
             [ -n "$best" ] && export "${pair#*:}=$best" && note "later steps: ${pair#*:}=$best"

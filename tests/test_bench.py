@@ -95,8 +95,8 @@ def _seed_like_none():
 
 
 def test_variants_script_runs_and_names_a_variant_per_op(tmp_path):
-    """benchmarks/variants.py (gpu_check.sh's tune step, whose last lines set the variants for the later steps)
-    runs end to end on the CPU: its reference checks, timing rounds, JSON and one `best <op>:` line per op."""
+    """benchmarks/variants.py (gpu_check.sh's tune step, whose last lines name the bf16 picks) runs end to end on
+    the CPU: its reference checks, timing rounds, JSON and one `best <op>:` line per op."""
     import json
     import subprocess
     import sys
