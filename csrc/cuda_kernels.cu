@@ -289,7 +289,8 @@ __device__ __forceinline__ PlaneSlot plane_slot(const View3& v, unsigned slices 
 // 1 unit) over more units. Timed on an H100 (session 13, benchmarks/variants.py, 7 interleaved rounds, the
 // session-12 code): bf16 1 unit plane-major 114.3 us, 2 units 105.8, 4 units 111.7, 2 in memory order 106.7;
 // float32 1 unit 139.9 us, 4 units in memory order 118.5 (the next best 4 plane-major, 129.8). Default: 2 units
-// plane-major for 16-bit tensors (fp16 shares bf16's, untimed), 4 units in memory order for float32.
+// plane-major for 16-bit tensors (fp16 shares bf16's, untimed), 4 units in memory order for float32 (and
+// float64, untimed).
 // DIFFAUG_CUDA_TWEEDIE_UNITS and DIFFAUG_CUDA_NOISE_UNITS = 1, 2 or 4, with an "l" for memory order, pick another
 // for every dtype, for tuning only (benchmarks/variants.py times each; benchmarks/gpu_check.sh's tune step reports
 // the fastest). Read on every call (a getenv), so one process can compare them. They apply where output and
