@@ -56,12 +56,12 @@ def extensions():
     if use_cuda:
         os.environ["CUDA_HOME"] = cuda_home  # must be set before cpp_extension is imported
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
-    from torch.utils import cpp_extension
-
     import runpy
 
+    from torch.utils import cpp_extension
+
     # csrc/'s fingerprint in a generated header only ops.cpp includes: an edit recompiles ops.cpp alone for it
-    src_hash = runpy.run_path(os.path.join(ROOT, "diffaug_kernels", "_sources.py"))["sources_hash"](
+    src_hash = runpy.run_path(os.path.join(ROOT, "diffaug_kernels", "ops", "sources.py"))["sources_hash"](
         os.path.join(ROOT, "csrc"))
     gen = os.path.join(ROOT, "build", "generated")
     os.makedirs(gen, exist_ok=True)

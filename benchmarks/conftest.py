@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from diffaug_kernels import bench
+from diffaug_kernels.bench import harness as bench
 
 
 def pytest_addoption(parser):
@@ -60,7 +60,7 @@ def run_timed(pytestconfig, device):
 
 
 def pytest_sessionstart(session):
-    session.config._bench_cpu0 = (bench._cpu_seconds(), time.perf_counter())
+    session.config._bench_cpu0 = (bench.cpu_seconds(), time.perf_counter())
 
 
 def pytest_terminal_summary(terminalreporter, config):
@@ -68,7 +68,7 @@ def pytest_terminal_summary(terminalreporter, config):
     c0, w0 = getattr(config, "_bench_cpu0", (None, None))
     if c0 is None:
         return
-    other = bench._other_cpu_fraction(c0, bench._cpu_seconds(), time.perf_counter() - w0)
+    other = bench.other_cpu_fraction(c0, bench.cpu_seconds(), time.perf_counter() - w0)
     if other is not None and other > 0.05:
         terminalreporter.write_line(f"warning: other processes used {100 * other:.0f}% of the CPUs during the "
                                     "benchmarks; the timings are noisy", yellow=True)

@@ -6,7 +6,7 @@ import functools
 import pytest
 import torch
 
-from diffaug_kernels import bench
+from diffaug_kernels.bench import harness as bench
 
 SHAPES = [(256, 3, 32, 32), (16, 3, 224, 224)]  # small enough for a ~2 minute run on a 2-core CPU
 DTYPES = [torch.float32, torch.bfloat16]
@@ -34,4 +34,4 @@ def test_op(benchmark, run_timed, op, shape, dtype, impl, device):
         benchmark.extra_info["GB/s"] = round(case.nbytes / benchmark.stats.stats.median / 1e9, 2)
 
 
-# What each row computes is tested in tests/test_bench.py (the CI suite).
+# What each row computes is tested in tests/bench/test_bench.py (the CI suite).

@@ -66,7 +66,8 @@ uint64_t seed_of(const Tensor& seed) {
 #if defined(__AVX512F__)
 // Sixteen counters at once. GCC vectorises the scalar rounds with 64-bit lanes and vpmullq; Philox needs only
 // the 32x32 -> 64 products that vpmuludq gives for the even lanes (and, shifted, the odd ones), which halves
-// the cost of the words (bit-exact; RESULTS.md 2026-11-26 has the benchmark before and after).
+// the cost of the words (bit-exact; RESULTS.md has `python -m diffaug_kernels bench --device cpu` with and
+// without it).
 inline void mulhilo16(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
   const __m512i even = _mm512_mul_epu32(a, m);
   const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
@@ -212,10 +213,10 @@ void check_t(const Tensor& t, int64_t T) {
     TORCH_CHECK(p[i] >= 0 && p[i] < T, "t must lie in [0, ", T, "), got ", p[i]);
 }
 
-// ---------------------------------------------------------------------------------------------- noise
+// -------------------------------------------------------------------------------------- forward noise
 template <typename in_t, typename out_t>
-void noise_kernel(const Tensor& x0_, const Tensor& t, const Tensor& ca_, const Tensor& cb_, uint64_t seed,
-                  uint64_t offset, Tensor& out) {
+void forward_noise_kernel(const Tensor& x0_, const Tensor& t, const Tensor& ca_, const Tensor& cb_, uint64_t seed,
+                          uint64_t offset, Tensor& out) {
   using acc_t = acc_type_t<in_t>;
   Tensor x0 = x0_;
   const View3 xv = view3(x0);
@@ -266,16 +267,16 @@ void noise_kernel(const Tensor& x0_, const Tensor& t, const Tensor& ca_, const T
   });
 }
 
-void noise_out(const Tensor& x0, const Tensor& t, const Tensor& coef_a, const Tensor& coef_b, const Tensor& seed,
-               const Tensor& offset, Tensor out) {
+void forward_noise_out(const Tensor& x0, const Tensor& t, const Tensor& coef_a, const Tensor& coef_b,
+                       const Tensor& seed, const Tensor& offset, Tensor out) {
   TORCH_CHECK(t.dim() == 2 && t.size(1) == x0.size(0) && t.scalar_type() == at::kLong, "internal: t must be [K, B] int64");
   TORCH_CHECK(out.size(0) == t.size(0) * x0.size(0), "internal: out must have K*B rows");
   check_t(t, coef_a.numel());
   const uint64_t s = seed_of(seed), o = seed_of(offset);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "noise_in", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "forward_noise_in", [&] {
     using in_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "noise_out", [&] {
-      noise_kernel<in_t, scalar_t>(x0, t, coef_a, coef_b, s, o, out);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "forward_noise_out", [&] {
+      forward_noise_kernel<in_t, scalar_t>(x0, t, coef_a, coef_b, s, o, out);
     });
   });
 }
@@ -388,7 +389,7 @@ void philox_uint32_out(const Tensor& seed, const Tensor& offset, Tensor out) {  
 }  // namespace
 
 TORCH_LIBRARY_IMPL(diffaug_kernels_C, CPU, m) {
-  m.impl("noise_out", &noise_out);
+  m.impl("forward_noise_out", &forward_noise_out);
   m.impl("tweedie_out", &tweedie_out);
   m.impl("philox_normal_out", &philox_normal_out);
   m.impl("philox_uint32_out", &philox_uint32_out);

@@ -3,12 +3,13 @@
 // Each thread takes a unit of E consecutive logical elements (16 bytes of input where the layout allows a
 // vector load). Planar kernels (the common case: every (sample, channel) plane dense and 16-byte aligned,
 // as in a contiguous tensor or its learned-sigma channel slice) give each block one slice of one plane, so
-// t, the coefficients and the addresses are per block and nothing per element divides; on an H200 they
-// made bf16 tweedie 3.5x faster than the general kernels (RESULTS.md, 2026-11-26); tweedie's run in memory
-// order (a 1-D grid), which on an H100 took it from 89% to 92-93% of the copy ceiling. The general kernels
-// (any [B, C, S] view: channels_last, strided) grid-stride over units with a grid sized to the device,
-// with vector access where whole samples are dense. Seed and offset are read from device memory, so a
-// captured CUDA graph replays with whatever the tensors hold (fresh noise) and no launch waits on the host.
+// t, the coefficients and the addresses are per block and nothing per element divides; on an H200 they run
+// bf16 tweedie 3.5x faster than the general kernels (`python -m diffaug_kernels bench`; RESULTS.md); tweedie's
+// run in memory order (a 1-D grid), 92-93% of the copy ceiling on an H100 against 89% plane-major
+// (tools/variants.py; RESULTS.md). The general kernels (any [B, C, S] view: channels_last, strided)
+// grid-stride over units with a grid sized to the device, with vector access where whole samples are dense.
+// Seed and offset are read from device memory, so a captured CUDA graph replays with whatever the tensors hold
+// (fresh noise) and no launch waits on the host.
 //
 // DK_CUDA_EMU: compiled by g++ for the CPU instead (tests/cpp/cuda_emu.h: the launch runs every thread of every
 // block in turn), so the tests run this file's kernels and launch logic without a GPU.
@@ -75,10 +76,10 @@ struct alignas(sizeof(T) * E) Vec {
 constexpr int kThreads = 256;
 
 // Vector access through integer vectors and the store intrinsic. A Vec of c10::BFloat16 or float stored as
-// itself was split by the compiler into 2- and 4-byte stores (the PTX of every kernel here, session 9: six
-// st.global.u16 and one st.global.v2.u16 per bf16 unit), and so was a plain store of its int4 copy; __stwb
-// (st.global.wb, the default store) keeps it one 16-, 8- or 4-byte store. (The streaming hints __ldcs /
-// __stcs were 2.5-3.5% slower for tweedie on an H100, session 9.)
+// itself is split by the compiler into 2- and 4-byte stores (in the PTX of these kernels: six st.global.u16
+// and one st.global.v2.u16 per bf16 unit), and so is a plain store of its int4 copy; __stwb (st.global.wb,
+// the default store) keeps it one 16-, 8- or 4-byte store (tests/ops/test_build.py checks the stores). (The
+// streaming hints __ldcs / __stcs are 2.5-3.5% slower for tweedie on an H100: RESULTS.md.)
 template <typename V>
 __device__ __forceinline__ V load16(const V* p) {
   static_assert(sizeof(V) == 16, "16-byte vectors only");
@@ -179,9 +180,9 @@ __device__ __forceinline__ T clip1(T y) {
   return y != y ? y : (y < T(-1) ? T(-1) : (y > T(1) ? T(1) : y));
 }
 
-// Box-Muller through CUDA's libm (logf, sqrtf, sincosf), as every kernel here did until session 10, for
-// philox_normal only: DIFFAUG_CUDA_RNG_MATH=libm selects it (read per call), so benchmarks/floor.py can time,
-// in one process, what philox.h's branch-free log, sincos and sqrt save. The same normals to float32 rounding.
+// Box-Muller through CUDA's libm (logf, sqrtf, sincosf), for philox_normal only: DIFFAUG_CUDA_RNG_MATH=libm
+// selects it (read per call), so tools/floor.py can time, in one process, what philox.h's branch-free log,
+// sincos and sqrt save. The same normals to float32 rounding.
 __device__ __forceinline__ void box_muller_libm(uint32_t a, uint32_t b, float& n1, float& n2) {
   const float u1 = dk::uint_to_uniform(a), th = dk::kTwoPi * dk::uint_to_uniform(b);
   const float r = sqrtf(-2.0f * logf(fmaxf(u1, dk::kMinUniform)));
@@ -205,9 +206,9 @@ __device__ __forceinline__ void normals4(uint64_t ctr, uint32_t k0, uint32_t k1,
   }
 }
 
-// ------------------------------------------------------------------------------------------------ noise
+// ---------------------------------------------------------------------------------------- forward noise
 template <typename in_t, typename out_t, int VEC>
-__global__ void __launch_bounds__(kThreads) noise_kernel(
+__global__ void __launch_bounds__(kThreads) forward_noise_kernel(
     const in_t* __restrict__ x, out_t* __restrict__ out, const int64_t* __restrict__ t, int64_t tk, int64_t tb,
     const acc_t<in_t>* __restrict__ ca, const acc_t<in_t>* __restrict__ cb, int64_t T,
     const int64_t* __restrict__ seed_p, const int64_t* __restrict__ off_p, int64_t N, int64_t K, View3 xv,
@@ -281,18 +282,18 @@ __device__ __forceinline__ PlaneSlot plane_slot(const View3& v, unsigned slices 
 
 // The planar kernels' shape: units per thread (a block apart), and the block order. LIN: a 1-D grid of blocks in
 // memory order, sweeping the tensor as a copy does; else plane-major (grid.x = planes), which has a slice of
-// every plane in flight at once. Tweedie (memory-bound), on an H100 (session 9, 256x3x224x224, run6): memory
-// order took 83.4 us in bf16 (92.2% of the copy ceiling) and 156.9 us in float32 (as fast as a copy of the same
-// bytes), plane-major 86.2-86.6 and 165.0 us; 2 and 4 units gained nothing (83.5, 85.5 us in bf16): default
+// every plane in flight at once. Tweedie (memory-bound), on an H100 (tools/variants.py, 256x3x224x224): memory
+// order takes 83.4 us in bf16 (92.2% of the copy ceiling) and 156.9 us in float32 (as fast as a copy of the same
+// bytes), plane-major 86.2-86.6 and 165.0 us; 2 and 4 units gain nothing (83.5, 85.5 us in bf16): default
 // 1 unit, memory order. Forward noise (bound by the Philox + Box-Muller arithmetic) amortises each thread's
 // set-up (plane, addresses, the Philox key schedule: 127 of the 529 sm_90 instructions a bf16 thread runs at
-// 1 unit) over more units. Timed on an H100 (session 13, benchmarks/variants.py, 7 interleaved rounds, the
-// session-12 code): bf16 1 unit plane-major 114.3 us, 2 units 105.8, 4 units 111.7, 2 in memory order 106.7;
+// 1 unit: tools/sass_stats.py) over more units. Timed on an H100 (tools/variants.py, 7 interleaved rounds;
+// RESULTS.md): bf16 1 unit plane-major 114.3 us, 2 units 105.8, 4 units 111.7, 2 in memory order 106.7;
 // float32 1 unit 139.9 us, 4 units in memory order 118.5 (the next best 4 plane-major, 129.8). Default: 2 units
 // plane-major for 16-bit tensors (fp16 shares bf16's, untimed), 4 units in memory order for float32 (and
 // float64, untimed).
 // DIFFAUG_CUDA_TWEEDIE_UNITS and DIFFAUG_CUDA_NOISE_UNITS = 1, 2 or 4, with an "l" for memory order, pick another
-// for every dtype, for tuning only (benchmarks/variants.py times each; benchmarks/gpu_check.sh's tune step reports
+// for every dtype, for tuning only (tools/variants.py times each; tools/gpu_check.sh's tune step reports
 // the fastest). Read on every call (a getenv), so one process can compare them. They apply where output and
 // input share a dtype (the DiffAug case, the one measured); other pairs take 1, plane-major.
 struct PlaneVariant {
@@ -302,7 +303,7 @@ struct PlaneVariant {
 constexpr PlaneVariant kTweedieDefault{1, true};
 // forward noise's default by element size (measured above)
 template <typename T>
-constexpr PlaneVariant kNoiseDefault = sizeof(T) == 2 ? PlaneVariant{2, false} : PlaneVariant{4, true};
+constexpr PlaneVariant kForwardNoiseDefault = sizeof(T) == 2 ? PlaneVariant{2, false} : PlaneVariant{4, true};
 PlaneVariant plane_variant(const char* name, PlaneVariant dflt) {
   const char* env = std::getenv(name);
   if (env == nullptr || *env == '\0') return dflt;
@@ -336,7 +337,7 @@ void with_plane_variant(PlaneVariant var, const PlaneLaunch& pl, F&& run) {
 // One block per slice of one (b, c) plane: t, the coefficients and the plane's addresses are per block. U units
 // per thread, a block apart, every load issued first; LIN: blocks in memory order (see PlaneVariant).
 template <typename in_t, typename out_t, int VEC, int U, bool LIN>
-__global__ void __launch_bounds__(kThreads) noise_plane_kernel(
+__global__ void __launch_bounds__(kThreads) forward_noise_plane_kernel(
     const in_t* __restrict__ x, out_t* __restrict__ out, const int64_t* __restrict__ t, int64_t tk, int64_t tb,
     const acc_t<in_t>* __restrict__ ca, const acc_t<in_t>* __restrict__ cb, int64_t T,
     const int64_t* __restrict__ seed_p, const int64_t* __restrict__ off_p, int64_t N, int64_t K, View3 xv,
@@ -376,8 +377,8 @@ __global__ void __launch_bounds__(kThreads) noise_plane_kernel(
   }
 }
 
-void noise_out(const Tensor& x0_, const Tensor& t, const Tensor& coef_a, const Tensor& coef_b, const Tensor& seed,
-               const Tensor& offset, Tensor out) {
+void forward_noise_out(const Tensor& x0_, const Tensor& t, const Tensor& coef_a, const Tensor& coef_b,
+                       const Tensor& seed, const Tensor& offset, Tensor out) {
   const c10::cuda::CUDAGuard guard(x0_.device());
   TORCH_CHECK(t.dim() == 2 && t.size(1) == x0_.size(0) && t.scalar_type() == at::kLong, "internal: t must be [K, B] int64");
   Tensor x0 = x0_;
@@ -387,26 +388,27 @@ void noise_out(const Tensor& x0_, const Tensor& t, const Tensor& coef_a, const T
   const Tensor s = seed.to(x0.device(), at::kLong), o = offset.to(x0.device(), at::kLong);
   const Tensor ca = coef_a.contiguous(), cb = coef_b.contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "noise_in", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "forward_noise_in", [&] {
     using in_t = scalar_t;
     using acc = acc_t<in_t>;
     constexpr int VEC = sizeof(in_t) == 2 ? 2 : 1;  // 16-byte loads of 16-bit inputs take two counters
     constexpr int E = 4 * VEC;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "noise_out", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "forward_noise_out", [&] {
       constexpr bool same = std::is_same_v<in_t, scalar_t>;
-      const PlaneVariant var = same ? plane_variant("DIFFAUG_CUDA_NOISE_UNITS", kNoiseDefault<in_t>) : PlaneVariant{1, false};
+      const PlaneVariant var =
+          same ? plane_variant("DIFFAUG_CUDA_NOISE_UNITS", kForwardNoiseDefault<in_t>) : PlaneVariant{1, false};
       const PlaneLaunch pl = plane_launch(xv.B * xv.C, xv.S / E, var.units);
       if (pl.ok && plane_vectorizable<in_t, E>(x0, xv) && plane_vectorizable<scalar_t, E>(out, ov)) {
         with_plane_variant<same>(var, pl, [&](auto u, auto lin, dim3 grid) {
-          launch(noise_plane_kernel<in_t, scalar_t, VEC, decltype(u)::value, decltype(lin)::value>, grid, pl.block,
-                 stream, x0.data_ptr<in_t>(), out.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), t.stride(0),
+          launch(forward_noise_plane_kernel<in_t, scalar_t, VEC, decltype(u)::value, decltype(lin)::value>, grid,
+                 pl.block, stream, x0.data_ptr<in_t>(), out.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), t.stride(0),
                  t.stride(1), ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), s.data_ptr<int64_t>(),
                  o.data_ptr<int64_t>(), N, K, xv, ov, pl.grid.y);
         });
         return;
       }
       const bool x_vec = vectorizable<in_t, E>(x0, xv), o_vec = vectorizable<scalar_t, E>(out, ov);
-      launch(noise_kernel<in_t, scalar_t, VEC>, dim3(grid_for((N + E - 1) / E)), dim3(kThreads), stream,
+      launch(forward_noise_kernel<in_t, scalar_t, VEC>, dim3(grid_for((N + E - 1) / E)), dim3(kThreads), stream,
              x0.data_ptr<in_t>(), out.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), t.stride(0), t.stride(1),
              ca.data_ptr<acc>(), cb.data_ptr<acc>(), ca.numel(), s.data_ptr<int64_t>(), o.data_ptr<int64_t>(), N, K,
              xv, ov, x_vec, o_vec);
@@ -559,7 +561,7 @@ void tweedie_out(const Tensor& x_t, const Tensor& model_output, const Tensor& t,
   });
 }
 
-// ---------------------------------------------------------------------------------------------- normals
+// ---------------------------------------------------------------------------------------- philox_normal
 bool rng_math_libm() {
   const char* env = std::getenv("DIFFAUG_CUDA_RNG_MATH");
   if (env == nullptr || *env == '\0' || std::strcmp(env, "poly") == 0) return false;
@@ -569,8 +571,9 @@ bool rng_math_libm() {
 }
 
 template <bool LIBM>
-__global__ void __launch_bounds__(kThreads) normal_kernel(float* __restrict__ out, const int64_t* __restrict__ seed_p,
-                                                          const int64_t* __restrict__ off_p, int64_t N, bool vec) {
+__global__ void __launch_bounds__(kThreads) philox_normal_kernel(
+    float* __restrict__ out, const int64_t* __restrict__ seed_p, const int64_t* __restrict__ off_p, int64_t N,
+    bool vec) {
   const uint64_t seed = static_cast<uint64_t>(*seed_p), off = static_cast<uint64_t>(*off_p);
   const int64_t units = (N + 3) / 4;
   for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < units;
@@ -593,7 +596,7 @@ void philox_normal_out(const Tensor& seed, const Tensor& offset, Tensor out) {
   if (N == 0) return;
   const Tensor s = seed.to(out.device(), at::kLong), o = offset.to(out.device(), at::kLong);
   const bool vec = reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
-  launch(libm ? normal_kernel<true> : normal_kernel<false>, dim3(grid_for((N + 3) / 4)), dim3(kThreads),
+  launch(libm ? philox_normal_kernel<true> : philox_normal_kernel<false>, dim3(grid_for((N + 3) / 4)), dim3(kThreads),
          c10::cuda::getCurrentCUDAStream(), out.data_ptr<float>(), s.data_ptr<int64_t>(), o.data_ptr<int64_t>(), N,
          vec);
 }
@@ -602,7 +605,7 @@ void philox_normal_out(const Tensor& seed, const Tensor& offset, Tensor out) {
 
 #if !defined(DK_CUDA_EMU)  // (the emulation registers them under its own library)
 TORCH_LIBRARY_IMPL(diffaug_kernels_C, CUDA, m) {
-  m.impl("noise_out", &noise_out);
+  m.impl("forward_noise_out", &forward_noise_out);
   m.impl("tweedie_out", &tweedie_out);
   m.impl("philox_normal_out", &philox_normal_out);
 }

@@ -37,8 +37,9 @@ DK_HD void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3,
 #endif
   for (int r = 0; r < 10; ++r) {
 #if defined(DK_DEVICE_PATH)
-    // 32-bit halves: from the 64-bit product, NVVM widened the whole round to 64-bit masks and xors inside
-    // the noise kernels, and ptxas left an add of zero after every multiply (sm_90 SASS, session 10).
+    // 32-bit halves: from the 64-bit product, NVVM widens the whole round to 64-bit masks and xors inside
+    // the forward-noise kernels, and ptxas leaves an add of zero after every multiply (sm_90 SASS:
+    // tools/sass_stats.py).
     const uint32_t h0 = __umulhi(kPhiloxM0, c0), l0 = kPhiloxM0 * c0;
     const uint32_t h1 = __umulhi(kPhiloxM1, c2), l1 = kPhiloxM1 * c2;
 #else
@@ -69,8 +70,9 @@ DK_HD float uint_to_uniform(uint32_t v) {
 // CPU and CUDA compute the same normals. Host: GCC/Clang vectorise the loops that call them (libm calls would
 // not without -ffast-math). Device: the libm functions carry guards for inputs that cannot occur here
 // (denormals, zero, infinity, the huge-argument sincos reduction, which also puts a local-memory array in
-// the kernel); their branches split the noise kernels' Philox + Box-Muller code into blocks that ptxas could
-// not interleave (sm_90 SASS, session 10). Accurate to about 1 ulp: log on [1e-7, 1), sincos on [0, 2*pi].
+// the kernel); their branches split the forward-noise kernels' Philox + Box-Muller code into blocks that ptxas
+// cannot interleave (sm_90 SASS: tools/sass_stats.py). Accurate to about 1 ulp: log on [1e-7, 1), sincos on
+// [0, 2*pi].
 // Minimax polynomials of the classic Cephes single-precision routines.
 DK_HD float bits_to_float(uint32_t b) {
 #if defined(DK_DEVICE_PATH)

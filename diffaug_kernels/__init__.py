@@ -1,14 +1,16 @@
 """diffaug_kernels: fused kernels for DiffAug (diffuse-and-denoise augmentation), checked against PyTorch."""
-from . import data, dda, models, ood, pretrained, reference
+from . import data, dda, models, ood
 from .augment import DiffAug
 from .ensemble import diffaug_ensemble
-from .pretrained import load_default_score_model
+from .models import score as pretrained
+from .models.score import load_default_score_model
 from .ops import (
     IMAGENET_NORM,
     available_backends,
     forward_noise,
     forward_noise_multi,
     philox_normal,
+    reference,
     tweedie,
 )
 from .schedule import NoiseSchedule
@@ -22,13 +24,13 @@ __all__ = [
     "data",
     "dda",
     "diffaug_ensemble",
+    "forward_noise",
+    "forward_noise_multi",
+    "load_default_score_model",
     "models",
     "ood",
-    "forward_noise",
-    "load_default_score_model",
-    "pretrained",
-    "forward_noise_multi",
     "philox_normal",
+    "pretrained",
     "reference",
     "tweedie",
 ]

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .ops import checks
 from .schedule import PREDICTIONS, NoiseSchedule
 
 
@@ -33,7 +34,7 @@ class DiffAug(nn.Module):
         if t_range is None:
             t_range = (0, schedule.num_timesteps)
         if (not isinstance(t_range, (tuple, list)) or len(t_range) != 2
-                or not all(ops._is_int(v) for v in t_range)):
+                or not all(checks.is_int(v) for v in t_range)):
             raise TypeError(f"t_range must be two integers (lo, hi), got {t_range!r}")
         lo, hi = (int(v) for v in t_range)
         if not 0 <= lo < hi <= schedule.num_timesteps:
@@ -85,7 +86,7 @@ class DiffAug(nn.Module):
         if t is None:
             t = self.sample_t(B, x.device)
         else:
-            t = ops._as_times("t", t, B, x.device, self.schedule.num_timesteps)
+            t = checks.as_times("t", t, B, x.device, self.schedule.num_timesteps)
         x_t = ops.forward_noise(x, t, self.schedule, seed=seed, backend=self.backend)
         with torch.set_grad_enabled(torch.is_grad_enabled() and x.requires_grad):
             out = self.denoise(x_t, t, **model_kwargs)

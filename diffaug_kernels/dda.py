@@ -56,6 +56,7 @@ from torch import Tensor
 from . import ops
 from .augment import DiffAug
 from .ensemble import eval_mode
+from .ops import checks
 from .schedule import PREDICTIONS, NoiseSchedule
 
 __all__ = ["DDA_DEFAULTS", "space_timesteps", "respace", "low_pass", "adapt", "dda_predict", "dda_se_predict"]
@@ -97,9 +98,9 @@ def space_timesteps(num_timesteps: int, section_counts) -> list:
         except ValueError:
             raise ValueError(f"steps must be an int, a comma string of ints like '100' or '10,15,20', or "
                              f"'ddimN', got {section_counts!r}") from None
-    elif ops._is_int(section_counts):
+    elif checks.is_int(section_counts):
         counts = [int(section_counts)]
-    elif isinstance(section_counts, (list, tuple)) and section_counts and all(ops._is_int(v) for v in section_counts):
+    elif isinstance(section_counts, (list, tuple)) and section_counts and all(checks.is_int(v) for v in section_counts):
         counts = [int(v) for v in section_counts]
     else:
         raise TypeError(f"steps must be an int, a string like '100' / '10,15,20' / 'ddim50', a sequence of "
@@ -201,11 +202,11 @@ def low_pass(x: Tensor, factor: int) -> Tensor:
     factor=1 is the identity. x: [..., H, W] floating point; returns x's shape and dtype."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point() or x.dtype not in ops.DTYPES:
+    if not x.is_floating_point() or x.dtype not in checks.DTYPES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.dim() < 2:
         raise ValueError(f"x must have at least 2 dims [..., H, W], got shape {tuple(x.shape)}")
-    if not ops._is_int(factor) or factor < 1:
+    if not checks.is_int(factor) or factor < 1:
         raise ValueError(f"factor must be a positive integer, got {factor!r}")
     H, W = x.shape[-2:]
     if factor > min(H, W):
@@ -221,8 +222,8 @@ def low_pass(x: Tensor, factor: int) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- DDA
-def _check_int(name: str, v, lo: int, hi: int) -> int:
-    if not ops._is_int(v):
+def check_int(name: str, v, lo: int, hi: int) -> int:
+    if not checks.is_int(v):
         raise TypeError(f"{name} must be an integer, got {v!r}")
     if not lo <= int(v) <= hi:
         raise ValueError(f"{name} must lie in [{lo}, {hi}], got {int(v)}")
@@ -234,7 +235,7 @@ def _check_seed(seed) -> int:
         return int(torch.randint(0, 2**63 - 1, ()))
     if isinstance(seed, Tensor) and seed.numel() == 1 and not seed.is_floating_point() and seed.dtype != torch.bool:
         seed = int(seed.item())
-    if not ops._is_int(seed) or not 0 <= int(seed) < 2**64:
+    if not checks.is_int(seed) or not 0 <= int(seed) < 2**64:
         raise TypeError(f"seed must be an integer in [0, 2**64) or None, got {seed!r}")
     return int(seed)
 
@@ -283,7 +284,7 @@ def adapt(model: Callable, schedule: NoiseSchedule, x: Tensor, *, steps: Union[i
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"x must have shape [B, C, H, W], got {tuple(x.shape)}")
-    if x.dtype not in ops.DTYPES:
+    if x.dtype not in checks.DTYPES:
         raise TypeError(f"x has unsupported dtype {x.dtype}; supported: float16, bfloat16, float32, float64")
     if x.shape[0] == 0:
         raise ValueError("x must hold at least one image")
@@ -292,10 +293,10 @@ def adapt(model: Callable, schedule: NoiseSchedule, x: Tensor, *, steps: Union[i
     if S < 2:
         raise ValueError(f"steps={steps!r} keeps {S} timestep; DDA needs at least 2 (depth >= 1 reverse step "
                          f"from the noise level one respaced step above)")
-    depth = _check_int("depth", depth, 1, S - 1)
-    range_t = _check_int("range_t", range_t, 0, depth)
+    depth = check_int("depth", depth, 1, S - 1)
+    range_t = check_int("range_t", range_t, 0, depth)
     B, C, H, W = x.shape
-    if not ops._is_int(down_factor) or down_factor < 1:
+    if not checks.is_int(down_factor) or down_factor < 1:
         raise ValueError(f"down_factor must be a positive integer, got {down_factor!r}")
     if down_factor > min(H, W):
         raise ValueError(f"down_factor {down_factor} is larger than the image ({H}x{W})")

@@ -11,12 +11,13 @@ from torch import Tensor, nn
 
 from . import ops
 from .augment import DiffAug
+from .ops import checks
 
 DEFAULT_TIMES = tuple(range(0, 451, 50))
 
 # (model id, compiled, device, per-image shape, dtype, autocast dtype, batch, total rows) -> (a weak reference
 # to the model, rows per UNet call), measured once; the reference tells a recycled id from the same model
-_CHUNKS: dict = {}
+CHUNKS: dict = {}
 
 
 def _time_call(fn: Callable[[], object], device: torch.device) -> float:
@@ -38,15 +39,15 @@ def pick_chunk(aug: DiffAug, x_t: Tensor, t: Tensor, batch: int) -> int:
     """Rows per UNet call for the expansion, chosen once per model, device and shape (candidates B, 2B, 4B, ...,
     all rows), within what memory holds: a candidate that runs out of memory ends the search.
 
-    Eager model: bigger calls are not always faster (on a 2-core CPU one call holding all 9 times of an
-    8M-parameter ADM UNet at 32x32 ran at 0.6-0.8x the per-t loop), so each candidate is timed (one warm-up
-    call, then the best of two) and the best rows per second wins. Compiled model (DiffAug(compile=True)):
-    every new size would be compiled (and captured as a CUDA graph) just to be timed, so the largest candidate
-    that fits is taken untimed (measured on the CPU: all 9 times in one compiled call, 1.14x the compiled
-    per-t loop)."""
+    Eager model: bigger calls are not always faster (on a 2-core CPU one fp32 call holding all 9 times of an
+    8M-parameter ADM UNet at 32x32 runs at 0.6-0.8x the per-t loop; RESULTS.md), so each candidate is timed
+    (one warm-up call, then the best of two) and the best rows per second wins. Compiled model
+    (DiffAug(compile=True)): every new size would be compiled (and captured as a CUDA graph) just to be timed,
+    so the largest candidate that fits is taken untimed (on the CPU, bench-ensemble: all 9 times in one compiled
+    call, 1.14x the compiled per-t loop)."""
     total = x_t.shape[0]
     key = (id(aug.model), aug.compiled, x_t.device, tuple(x_t.shape[1:]), x_t.dtype, aug.dtype, batch, total)
-    hit = _CHUNKS.get(key)
+    hit = CHUNKS.get(key)
     if hit is not None and hit[0]() is aug.model:
         return hit[1]
     cands, c = [], batch
@@ -78,7 +79,7 @@ def pick_chunk(aug: DiffAug, x_t: Tensor, t: Tensor, batch: int) -> int:
     if best is None:
         raise torch.OutOfMemoryError(f"DiffAug-Ensemble: even {cands[-1 if aug.compiled else 0]} rows per UNet "
                                      f"call ran out of memory; pass a smaller batch")
-    _CHUNKS[key] = (weakref.ref(aug.model), best)
+    CHUNKS[key] = (weakref.ref(aug.model), best)
     return best
 
 
@@ -116,15 +117,15 @@ def diffaug_ensemble(classifier: Callable[[Tensor], Tensor], aug: DiffAug, x: Te
                          + (f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__))
     if isinstance(times, Tensor):
         times = times.tolist()
-    if ops._is_int(times):
+    if checks.is_int(times):
         times = [times]
     times = list(times)
     if not times:
         raise ValueError("times must not be empty")
-    if not all(ops._is_int(t) for t in times):
+    if not all(checks.is_int(t) for t in times):
         raise TypeError(f"times must hold integers, got {times!r}")
     times = [int(t) for t in times]
-    if max_batch is not None and (not ops._is_int(max_batch) or max_batch < 1):
+    if max_batch is not None and (not checks.is_int(max_batch) or max_batch < 1):
         raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
     pre = preprocess or (lambda v: v)
 

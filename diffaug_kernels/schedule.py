@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from . import _constants
+from . import constants
 
 _TABLES = (
     "betas",
@@ -28,9 +28,9 @@ _X0_COEFFICIENTS = {
 PREDICTIONS = tuple(_X0_COEFFICIENTS)
 
 # Each schedule's float64 tables by the digest of its betas (copies of a schedule share them): the source of
-# the cached device copies (_constants.device_constant, kind "schedule").
+# the cached device copies (constants.device_constant, kind "schedule").
 _NP_BY_DIGEST: dict = {}
-_constants.register("schedule", lambda digest, name: _NP_BY_DIGEST[digest][name])
+constants.register("schedule", lambda digest, name: _NP_BY_DIGEST[digest][name])
 
 
 class NoiseSchedule:
@@ -102,7 +102,7 @@ class NoiseSchedule:
     def table(self, name: str, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if name not in self._np:
             raise KeyError(f"no table {name!r}; tables: {sorted(self._np)}")
-        return _constants.device_constant("schedule", (self._digest, name), torch.device(device or "cpu"), dtype)
+        return constants.device_constant("schedule", (self._digest, name), torch.device(device or "cpu"), dtype)
 
     def x0_coefficients(self, prediction: str, device=None, dtype=torch.float32):
         """(A, B) tables with x0_hat = A[t] * x_t + B[t] * model_output for this prediction type."""

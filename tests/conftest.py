@@ -8,12 +8,13 @@ if not torch.cuda.is_available():  # Triton kernels run on CPU tensors in the in
     os.environ["TRITON_INTERPRET"] = "1"  # forced: a stray TRITON_INTERPRET=0 would drop every Triton test)
 
 import diffaug_kernels as dk  # noqa: E402
-from diffaug_kernels import _ext, ops  # noqa: E402
+from diffaug_kernels import ops  # noqa: E402
+from diffaug_kernels.ops import dispatch, extension  # noqa: E402
 
 # Likewise the CUDA kernels: without a GPU, csrc/cuda_kernels.cu compiled for the CPU (tests/cuda_emu.py) is the
 # "cuda" backend on CPU tensors. Wherever the extension built (a compiler is there) it must build too: a failure
 # stops the run rather than quietly dropping the CUDA code's tests (DIFFAUG_CUDA_EMU=0 opts out).
-if not torch.cuda.is_available() and _ext._C is not None and os.environ.get("DIFFAUG_CUDA_EMU", "1") != "0":
+if not torch.cuda.is_available() and extension.C is not None and os.environ.get("DIFFAUG_CUDA_EMU", "1") != "0":
     import cuda_emu  # noqa: E402
 
     cuda_emu.register()
@@ -27,7 +28,7 @@ settings.register_profile("dev", deadline=None, max_examples=300)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Fused backends that run on CPU tensors in this process (the reference is what they are compared with).
-CPU_FUSED = [b for b in dk.available_backends() if b != "reference" and ops._usable(b, torch.device("cpu"))]
+CPU_FUSED = [b for b in dk.available_backends() if b != "reference" and ops.usable(b, torch.device("cpu"))]
 
 
 def pytest_configure(config):
@@ -46,9 +47,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def poison_outputs():
     """Every fused output starts as NaN, so an element a kernel forgot to write fails the comparison."""
-    ops.POISON_OUTPUTS = True
+    dispatch.POISON_OUTPUTS = True
     yield
-    ops.POISON_OUTPUTS = False
+    dispatch.POISON_OUTPUTS = False
 
 
 @pytest.fixture(scope="session")
@@ -59,8 +60,8 @@ def linear():
 @pytest.fixture(params=["cuda", "triton"])
 def gpu_backend(request):
     """Each GPU backend in turn; on a GPU machine both must be there (a missing one fails, never skips)."""
-    if not ops._usable(request.param, torch.device("cuda")):
-        pytest.fail(f"backend {request.param!r} is not available on this GPU machine: {ops._ext.ERROR}")
+    if not ops.usable(request.param, torch.device("cuda")):
+        pytest.fail(f"backend {request.param!r} is not available on this GPU machine: {extension.ERROR}")
     return request.param
 
 
@@ -72,6 +73,6 @@ def cuda_kernels(request):
         return torch.device("cuda")
     if torch.cuda.is_available():
         pytest.skip("this machine runs the CUDA kernels on its GPU (the gpu case)")
-    if not ops._usable("cuda", torch.device("cpu")):
-        pytest.skip(f"no CUDA emulation without the compiled extension ({_ext.ERROR}) or with DIFFAUG_CUDA_EMU=0")
+    if not ops.usable("cuda", torch.device("cpu")):
+        pytest.skip(f"no CUDA emulation without the compiled extension ({extension.ERROR}) or with DIFFAUG_CUDA_EMU=0")
     return torch.device("cpu")

@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def build(asan: bool = False):
     """Compiles (or reuses) the emulation library and returns torch.ops.diffaug_kernels_cuda_emu. asan: the
     AddressSanitizer build (its own library and folder), for a process started with libasan preloaded
-    (benchmarks/sanitize_workload.py --emulated --asan)."""
+    (tools/sanitize_workload.py --emulated --asan)."""
     from torch.utils import cpp_extension
 
     name = "diffaug_cuda_emu" + ("_asan" if asan else "")
@@ -37,13 +37,13 @@ def build(asan: bool = False):
 
 
 def register(asan: bool = False) -> None:
-    """Registers the emulated kernels as the "cuda" backend for CPU tensors (never for "auto": _AUTO_ORDER
+    """Registers the emulated kernels as the "cuda" backend for CPU tensors (never for "auto": AUTO_ORDER
     keeps "cpu" alone for CPU tensors)."""
-    from diffaug_kernels import ops
+    from diffaug_kernels.ops import dispatch
 
     emu = build(asan)
-    ops.register_backend("cuda", ops.Backend(("cpu",), emu.noise_out, emu.tweedie_out, emu.philox_normal_out,
-                                             available=True))
+    dispatch.register_backend("cuda", dispatch.Backend(("cpu",), emu.forward_noise_out, emu.tweedie_out,
+                                             emu.philox_normal_out, available=True))
 
 
 def asan_env():

@@ -1,25 +1,13 @@
 """dk.DiffAug: the op chain with a model in the middle, t sampling, reproducibility, gradients, dtype."""
 import pytest
 import torch
+from helpers import TinyEps
 from torch import nn
 
 import diffaug_kernels as dk
 from diffaug_kernels import reference
 
 S = dk.NoiseSchedule.linear(1000)
-
-
-class TinyEps(nn.Module):
-    """A stand-in score model: a conv over x_t with a time embedding, learned-sigma style 2C outputs."""
-
-    def __init__(self, C=3, learn_sigma=True):
-        super().__init__()
-        self.conv = nn.Conv2d(C, 2 * C if learn_sigma else C, 3, padding=1)
-        self.temb = nn.Embedding(1000, 2 * C if learn_sigma else C)
-
-    def forward(self, x, t, y=None):
-        h = self.conv(x) + self.temb(t)[:, :, None, None]
-        return h if y is None else h + y[:, None, None, None].to(h.dtype)
 
 
 @pytest.fixture

@@ -1,13 +1,12 @@
 """DiffAug-Ensemble: equal to a per-t loop of the reference with the same noise; t = 0 is the raw image."""
-import json
 
 import pytest
 import torch
+from helpers import TinyEps
 from torch import nn
 
 import diffaug_kernels as dk
 from diffaug_kernels import ensemble, reference
-from test_augment import TinyEps
 
 S = dk.NoiseSchedule.linear(1000)
 
@@ -112,7 +111,7 @@ def test_without_max_batch_the_picked_chunk_is_used(parts, monkeypatch, fastest,
     """max_batch=None: pick_chunk times the candidates B, 2B, 4B, 8B, all rows (fake clock: `fastest` rows per
     call has the best rate), caches its pick, and the ensemble then calls the UNet with exactly that many rows."""
     clf, aug = parts
-    monkeypatch.setattr(ensemble, "_CHUNKS", {})
+    monkeypatch.setattr(ensemble, "CHUNKS", {})
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     calls = _record_unet_calls(monkeypatch, aug)
 
@@ -122,7 +121,7 @@ def test_without_max_batch_the_picked_chunk_is_used(parts, monkeypatch, fastest,
 
     monkeypatch.setattr(ensemble, "_time_call", clock)
     got = dk.diffaug_ensemble(clf, aug, x, seed=3)
-    ((_, chunk),) = ensemble._CHUNKS.values()
+    ((_, chunk),) = ensemble.CHUNKS.values()
     assert chunk == fastest
     measured = len(calls) - len(sizes)
     assert sorted({n for n, _ in calls[:measured]}) == [2, 4, 8, 16, 18]  # every candidate was tried
@@ -155,10 +154,10 @@ def test_preprocess_applies_to_every_copy(parts):
 
 def test_chunk_is_measured_once_and_is_a_candidate(parts, monkeypatch):
     clf, aug = parts
-    monkeypatch.setattr(ensemble, "_CHUNKS", {})
+    monkeypatch.setattr(ensemble, "CHUNKS", {})
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     dk.diffaug_ensemble(clf, aug, x, seed=1)
-    ((_, chunk),) = ensemble._CHUNKS.values()
+    ((_, chunk),) = ensemble.CHUNKS.values()
     assert chunk in (2, 4, 8, 16, 18)  # B, 2B, 4B, 8B or all 9 * B rows
     calls = []
     monkeypatch.setattr(ensemble, "_time_call", lambda fn, d: calls.append(1) or 1.0)
@@ -166,12 +165,12 @@ def test_chunk_is_measured_once_and_is_a_candidate(parts, monkeypatch):
     assert not calls  # cached
     # measured again for another autocast dtype, and for another model that happens to get a dead one's id
     dk.diffaug_ensemble(clf, dk.DiffAug(aug.model, S, dtype=torch.bfloat16), x, seed=1)
-    assert calls and len(ensemble._CHUNKS) == 2
+    assert calls and len(ensemble.CHUNKS) == 2
     calls.clear()
-    key = next(iter(ensemble._CHUNKS))
-    ensemble._CHUNKS[key] = (lambda: None, 2)  # as if the model measured under this id had been freed
+    key = next(iter(ensemble.CHUNKS))
+    ensemble.CHUNKS[key] = (lambda: None, 2)  # as if the model measured under this id had been freed
     dk.diffaug_ensemble(clf, aug, x, seed=1)
-    assert calls and ensemble._CHUNKS[key][0]() is aug.model
+    assert calls and ensemble.CHUNKS[key][0]() is aug.model
 
 
 def test_bad_arguments(parts):
@@ -200,33 +199,11 @@ def test_bad_arguments(parts):
                                    dk.diffaug_ensemble(clf, aug, x, times=[50], seed=3))
 
 
-def test_bench_ensemble_runs_and_reports(tmp_path):
-    """The DE benchmark at toy size: every mode timed, ratios consistent, JSON written."""
-    from diffaug_kernels import bench_model
-
-    flags = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
-                 num_head_channels=16, learn_sigma=True)
-    res = bench_model.run_ensemble(device="cpu", batch=2, flags=flags, classifier="resnet10t", reps=1, warmup=1,
-                                   compile=True, json_path=str(tmp_path / "de.json"))
-    rows = {r["impl"]: r for r in res["rows"]}
-    names = list(rows)
-    assert names[0] == "per-t loop, published (fp32 eager)" and names[4].startswith("DDA") and len(names) == 7
-    assert names[5:] == ["DE, bf16 compiled, all 9 t in one call", "per-t loop, dk ops, bf16 compiled"]
-    assert all(r["ms"] > 0 for r in res["rows"]) and res["rows"][0]["vs_published_loop"] == 1.0
-    ips = {n: r["images_per_s"] for n, r in rows.items()}
-    assert res["ratios"]["batching, bf16 eager: DE all in one call / dk loop"] == pytest.approx(
-        ips["DE, bf16 eager, all 9 t in one call"] / ips["per-t loop, dk ops, bf16 eager"])
-    assert len(res["ratios"]) == 5
-    assert res["chunk_rows"] % 2 == 0 and 2 <= res["chunk_rows"] <= 18
-    saved = json.loads((tmp_path / "de.json").read_text())
-    assert saved["complete"] and [r["impl"] for r in saved["rows"]] == names
-
-
 @pytest.mark.parametrize("compiled", [False, True])
 def test_chunk_search_stops_at_what_memory_holds(parts, monkeypatch, compiled):
     """Candidates that run out of memory are not taken; a compiled model takes the largest that fits, untimed."""
     clf, aug = parts
-    monkeypatch.setattr(ensemble, "_CHUNKS", {})
+    monkeypatch.setattr(ensemble, "CHUNKS", {})
     monkeypatch.setattr(aug, "compiled", compiled)
     tried = []
 
@@ -250,7 +227,7 @@ def test_chunk_search_stops_at_what_memory_holds(parts, monkeypatch, compiled):
     def always_oom(xs, ts):
         raise torch.OutOfMemoryError("out of memory (simulated)")
 
-    monkeypatch.setattr(ensemble, "_CHUNKS", {})
+    monkeypatch.setattr(ensemble, "CHUNKS", {})
     monkeypatch.setattr(aug, "denoise", always_oom)
     with pytest.raises(torch.OutOfMemoryError, match="pass a smaller batch"):
         ensemble.pick_chunk(aug, x_t, t, 2)

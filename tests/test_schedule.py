@@ -85,13 +85,13 @@ def test_unpickled_schedule_finds_its_tables_in_a_fresh_registry(monkeypatch):
     """A schedule sent to another process (pickle, spawn workers) registers its tables there."""
     import pickle
 
-    from diffaug_kernels import _constants
+    from diffaug_kernels import constants
     from diffaug_kernels import schedule as sm
 
     blob = pickle.dumps(dk.NoiseSchedule.cosine(50))
     monkeypatch.setattr(sm, "_NP_BY_DIGEST", {})  # what a fresh process holds
-    monkeypatch.setattr(_constants, "_KEYS", {})
-    monkeypatch.setattr(_constants, "_STORE", _constants._Store())
+    monkeypatch.setattr(constants, "_KEYS", {})
+    monkeypatch.setattr(constants, "STORE", constants.Store())
     s = pickle.loads(blob)
     torch.testing.assert_close(s.table("sqrt_alphas_cumprod"), s.sqrt_alphas_cumprod.float())
 
@@ -100,8 +100,8 @@ def test_unpickled_schedule_finds_its_tables_in_a_fresh_registry(monkeypatch):
 def test_tables_first_made_in_inference_mode_or_a_transform_are_plain(context):
     """The op constants (schedule tables, normalisation) are cached on first use: made inside inference_mode they
     could never be saved for a later backward ("Inference tensors cannot be saved for backward"), made inside a
-    torch.func transform they would be cached as its wrapper. Both happened before the constants were built in a
-    neutral context."""
+    torch.func transform they would be cached as its wrapper. The constants are built in a neutral context, so
+    neither happens."""
     betas = np.linspace(1e-4, 0.02, 100) * (1 + 0.01 * np.random.rand())  # a schedule no other test has cached
     S = dk.NoiseSchedule.from_betas(betas)
     norm = ((0.4, 0.5, 0.6), (0.2, 0.3, 0.1 + np.random.rand()))

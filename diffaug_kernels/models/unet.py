@@ -100,14 +100,16 @@ def group_norm_nhwc(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: f
     """F.group_norm in float32 of a 4-D channels_last x, computed on views of its NHWC memory; the result is
     channels_last too. On GPUs, aten's group norm (eager, and inductor's decomposition of it) first copies a
     channels_last input to NCHW and returns NCHW; in the compiled 256x256 UNet on an H200 those layout copies,
-    fused with the norm, were the slowest kernels of the step (RESULTS.md, 2026-11-26, session 4).
+    fused with the norm, are the slowest kernels of the step (RESULTS.md, the H200 profile of `python -m
+    diffaug_kernels bench-model --profile`).
 
     stats="channel" reduces over the pixels per channel, reading whole rows, then merges each group's channels
     exactly (equal counts: the group's mean is the mean of the channel means, its variance the mean of the
     channel variances plus the variance of the channel means). stats="group" reduces over (pixels, the group's
     channels) at once, reading C/G channels of every NHWC row (16 bytes in 512 for 256 bf16 channels, where the
-    H100's reductions ran at about half the copy rate). On the H100 the compiled 256x256 UNet ran 2.7% faster
-    per channel, in one run (226.6 against 232.9 ms, RESULTS.md 2026-11-26, session 8)."""
+    H100's reductions run at about half the copy rate). On an H100 the compiled 256x256 UNet runs 2.7% faster
+    per channel (226.6 against 232.9 ms in one run of `python -m diffaug_kernels bench-model --candidates`;
+    RESULTS.md)."""
     b, c, h, w = x.shape
     xc = x.float().permute(0, 2, 3, 1).reshape(b, h * w, c)  # views: NHWC is x's memory order
     xg = xc.view(b, h * w, groups, c // groups)
@@ -127,10 +129,11 @@ def group_norm_nhwc(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: f
 def cat_channels(a: Tensor, b: Tensor) -> Tensor:
     """torch.cat([a, b], dim=1). Compiled for a GPU on channels_last inputs, the cat joins [pixels, channels]
     rows of their NHWC memory: a 2-D cat, whose default buffer is that memory order, out of reach of inductor's
-    layout rules for 4-D cats. Those rules gave the output blocks' skip-connection cat an NCHW buffer in torch
-    2.11 (the GPU machines' release), which the group norm after it gathered one channel plane apart per element:
-    the three 10.3 ms kernels of the H100 profile (RESULTS.md, 2026-11-26). A cat of 4-D NHWC views fixed 2.11
-    but gave 2.14 transposes of its own (benchmarks/inductor_layouts.py shows both without a GPU)."""
+    layout rules for 4-D cats. Those rules give the output blocks' skip-connection cat an NCHW buffer in torch
+    2.11 (the GPU machines' release), which the group norm after it gathers one channel plane apart per element:
+    three 10.3 ms kernels in an H100 profile of the compiled step (`python -m diffaug_kernels bench-model
+    --profile`; RESULTS.md). A cat of 4-D NHWC views avoids that in 2.11 but gives 2.14 transposes of its own
+    (tools/inductor_layouts.py shows both without a GPU)."""
     if _compiled_gpu_nhwc(a, b):
         (n, ca, h, w), cb = a.shape, b.shape[1]
         rows = [a.permute(0, 2, 3, 1).reshape(n * h * w, ca), b.permute(0, 2, 3, 1).reshape(n * h * w, cb)]
@@ -558,7 +561,7 @@ ADM_CONFIGS: dict[str, ADMConfig] = {
 }
 
 
-def _parse_channel_mult(channel_mult, image_size: int) -> tuple:
+def parse_channel_mult(channel_mult, image_size: int) -> tuple:
     if isinstance(channel_mult, str):
         if not channel_mult.strip():
             return default_channel_mult(image_size)
@@ -620,7 +623,7 @@ def create_adm_unet(image_size: int, num_channels: int, num_res_blocks: int, cha
         num_res_blocks=num_res_blocks,
         attention_resolutions=_parse_attention_resolutions(attention_resolutions, image_size),
         dropout=dropout,
-        channel_mult=_parse_channel_mult(channel_mult, image_size),
+        channel_mult=parse_channel_mult(channel_mult, image_size),
         num_classes=num_classes if class_cond else None,
         use_checkpoint=use_checkpoint,
         use_fp16=use_fp16,

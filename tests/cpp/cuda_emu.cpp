@@ -5,7 +5,7 @@
 #include "schemas.h"
 
 TORCH_LIBRARY(diffaug_kernels_cuda_emu, m) {
-  m.def(dk::kNoiseOut, &noise_out);
+  m.def(dk::kForwardNoiseOut, &forward_noise_out);
   m.def(dk::kTweedieOut, &tweedie_out);
   m.def(dk::kPhiloxNormalOut, &philox_normal_out);
 }

@@ -1,7 +1,7 @@
 // Accuracy of philox.h's branch-free Box-Muller math over every input the kernels can give it, against double
 // precision: all 2^31 uniforms u1 for r = sqrt(-2 log max(u1, 1e-7)), all 2^31 angles 2*pi*u2 for sin and cos,
 // and the device's sqrt step (sqrt_newton) from a reciprocal square root off by +-2^-22 over every float in r's
-// range. tests/test_build.py compiles it with and without FMA contraction (nvcc contracts the device code) and
+// range. tests/ops/test_build.py compiles it with and without FMA contraction (nvcc contracts the device code) and
 // holds the errors to the bounds the normals' tolerance needs. Prints one line of "name value" pairs.
 // Usage: math_check [STRIDE]: every STRIDE-th uniform only (default 1, all of them).
 #include <cmath>

@@ -1,5 +1,5 @@
 // Standalone check of csrc/philox.h (no torch): prints the words and normals of a few counters, which
-// tests/test_build.py compares with the Python reference. Built by CMakeLists.txt (target philox_check).
+// tests/ops/test_build.py compares with the Python reference. Built by CMakeLists.txt (target philox_check).
 #include <cinttypes>
 #include <cstdio>
 #include <cstdlib>

@@ -1,0 +1,81 @@
+"""Option types and checks the commands share: counts, --device, --plot paths, the benchmark chart."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import Optional
+
+
+def positive(s: str) -> int:
+    if not s.strip().isdigit() or int(s) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}")
+    return int(s)
+
+
+def non_negative(s: str) -> int:
+    if not s.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {s!r}")
+    return int(s)
+
+
+def dda_scale(s: str):
+    """'auto' or a finite number >= 0 (DDA's guidance scale)."""
+
+    if s.strip().lower() == "auto":
+        return "auto"
+    try:
+        v = float(s)
+    except ValueError:
+        v = float("nan")
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a finite number >= 0, got {s!r}")
+    return v
+
+
+def check_device(cmd: str, spec: Optional[str]):
+    """The torch.device a --device value names (None, '' or 'auto': cuda when torch sees a GPU, else cpu), checked
+    to exist here; else SystemExit("diffaug CMD: ...") naming the value, before any model or data is touched."""
+    import torch
+
+    if spec in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError):
+        raise SystemExit(f"diffaug {cmd}: bad --device {spec!r}: expected cpu or cuda[:i]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"diffaug {cmd}: --device {spec}: not supported here (cpu, or cuda[:i] with a GPU)")
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise SystemExit(f"diffaug {cmd}: --device {spec}: torch sees no CUDA device here (use --device cpu)")
+        if device.index is not None and device.index >= n:
+            raise SystemExit(f"diffaug {cmd}: --device {spec}: torch sees only {n} CUDA device(s)")
+    return device
+
+
+def check_png(cmd: str, path) -> None:
+    """--plot's folder made now, before a long benchmark, so an unwritable path is one line, not lost results."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        sys.exit(f"diffaug {cmd}: --plot {path}: {folder} (or a folder above it) is a file, not a folder")
+    except OSError as e:
+        sys.exit(f"diffaug {cmd}: --plot {path}: cannot make its folder ({e.strerror or e})")
+    if os.path.isdir(path):
+        sys.exit(f"diffaug {cmd}: --plot {path} is a folder; give a .png file name")
+
+
+def plot_result(result: dict, png) -> int:
+    if png:
+        from ..bench import plots
+
+        print(f"wrote {plots.results_chart(result, png)}")
+    return 0
+
+

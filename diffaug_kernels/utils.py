@@ -1,0 +1,122 @@
+"""Small helpers every layer uses, one of each: the JSON writer, atomic checkpoint saves, checkpoint loading
+with weights_only and one-line errors, the user-error type, and progress display."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import zipfile
+from typing import Optional
+
+
+class UsageError(ValueError):
+    """Bad input from the user (a flag, a path, a file that is not what it should be): the commands print it as
+    one line and exit with status 2."""
+
+
+# ---------------------------------------------------------------------------------------------- files
+def write_json(result: dict, path: str) -> None:
+    """result as JSON at path (its folders made), replaced whole: a run killed mid-write leaves the previous
+    version, not half a file (the temporary name carries the process id, so concurrent writers do not mix)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)
+
+
+def unused_path(stem: str, ext: str = ".json") -> str:
+    """stem + ext, or stem-2 + ext, -3, ...: the first name not taken. A default output name never replaces a
+    kept result (an earlier run of the same day); an explicit --json names a file to write whatever is there."""
+    path, n = stem + ext, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{stem}-{n}{ext}"
+    return path
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save(obj, path) through a temporary file: a run killed mid-save keeps the previous checkpoint."""
+    import torch
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def unreadable(e: BaseException) -> str:
+    """Why torch.load / safetensors could not read a file, in one line."""
+    msg = str(e).strip()
+    if "WeightsUnpickler error:" in msg:  # torch's page-long weights_only message: keep its one informative line
+        rest = [v.strip() for v in msg.split("WeightsUnpickler error:", 1)[1].splitlines() if v.strip()]
+        return "torch.load(weights_only=True) refused it: " + (rest[0][:200] if rest else type(e).__name__)
+    first = msg.splitlines()[0][:200] if msg else ""
+    return f"unreadable: {type(e).__name__}" + (f": {first}" if first else "")
+
+
+def is_torch_save_file(path) -> bool:
+    """Whether a file starts like something torch.load reads: a zip archive (torch.save since 1.6) or a pickle."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head.startswith(b"\x80") or zipfile.is_zipfile(path)
+
+
+def torch_load(path, kind: str, error=None):
+    """torch.load(path, weights_only=True) on the CPU, or error(f"{path} is not a {kind} checkpoint (why)") (default
+    UsageError) when the file is not a torch.save'd checkpoint of plain data: text, a truncated or foreign file."""
+    import torch
+
+    error = error or UsageError
+    if os.path.isdir(path):
+        raise error(f"{path} is a directory, not a {kind} checkpoint file")
+    if os.path.isfile(path) and not is_torch_save_file(path):
+        raise error(f"{path} is not a {kind} checkpoint (neither a torch.save archive nor a pickle)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # KeyError: 101 (a text file), UnpicklingError, EOFError, RuntimeError (a bad zip)...
+        raise error(f"{path} is not a {kind} checkpoint ({unreadable(e)})") from None
+
+
+# ------------------------------------------------------------------------------------------- progress
+class Progress:
+    """Progress of a long loop: a tqdm bar on stderr (by default where stderr is a terminal; bar=True forces it,
+    bar=False turns it off), and write() for log lines, printed above the bar or plainly without one.
+    quiet=True prints nothing at all (the ranks of a distributed run other than the first)."""
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "", unit: str = "it", bar: Optional[bool] = None,
+                 quiet: bool = False, leave: bool = True):
+        self.quiet, self.bar = quiet, None
+        if not quiet and (sys.stderr.isatty() if bar is None else bar):
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:  # the plain lines remain
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=leave,
+                                file=sys.stderr)
+
+    def update(self, n: int = 1, **postfix) -> None:
+        """Advances the bar by n, showing postfix (name=value) beside it."""
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def note(self, text: str, refresh: bool = False) -> None:
+        """A short status beside the bar (e.g. the step inside a slow batch)."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=refresh)
+
+    def write(self, msg: str) -> None:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
