@@ -1,6 +1,6 @@
 // Philox4x32-10 counter-based RNG and the Box-Muller normal transform, shared by host C++ and CUDA.
 //
-// The stream (DESIGN.md section 4) follows Triton's tl.randn4x: flat element i of a tensor takes lane i % 4
+// The stream (docs/design.md section 5) follows Triton's tl.randn4x: flat element i of a tensor takes lane i % 4
 // of the counter (offset + i / 4); counter word 0 is the low 32 bits of that 64-bit counter, word 1 the high
 // 32 bits, words 2 and 3 are zero; the key is (seed low 32 bits, seed high 32 bits). Uniforms and normals
 // use Triton's exact float32 conversion (uint_to_uniform_float, pair_uniform_to_normal).

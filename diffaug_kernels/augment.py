@@ -18,10 +18,10 @@ class DiffAug(nn.Module):
     the prediction ("eps", "v", "x0" or "score") with C or 2C channels (learned sigma). x is in [-1, 1].
     t is drawn uniformly from [t_range[0], t_range[1]) per sample with torch's generator (so
     torch.manual_seed makes it reproducible), or given; t_range=None (the default) is the whole schedule,
-    [0, T): the paper's t ~ U{0..999} for its T = 1000 (DESIGN.md wrote (0, 1000), which for another T would
-    leave part of the schedule out or fail). forward(x, seed=...) fixes the noise only: t is still drawn from
-    torch's generator unless given. The model runs without autograd unless x requires
-    grad (the perceptually-aligned-gradient analyses need d x0_hat / d x through the network).
+    [0, T): the paper's t ~ U{0..999} for its T = 1000 (a fixed (0, 1000) would leave part of a longer
+    schedule out, or fail on a shorter one). forward(x, seed=...) fixes the noise only: t is still drawn from
+    torch's generator unless given. The model runs without autograd unless x requires grad (the
+    perceptually-aligned-gradient analyses need d x0_hat / d x through the network).
     dtype (e.g. torch.bfloat16) runs the model under autocast; compile=True wraps it in torch.compile
     (fullgraph; mode="reduce-overhead", i.e. CUDA graphs, on CUDA devices) and feeds it channels_last inputs.
     """

@@ -105,8 +105,9 @@ def parse_classifiers(items: Sequence[str]) -> List[ClassifierSpec]:
     return out
 
 
-def load_score(spec, config, flags, schedule_name, data_hint: str, channels: Optional[int]):
-    """(DiffAug or None). spec None -> the shipped default when present."""
+def score_augment(spec, config, flags, schedule_name, data_hint: str, channels: Optional[int]):
+    """The dk.DiffAug of a --score-model spec (dk.models.score.resolve_score_model; None: the shipped default),
+    with the schedule its file carries, else schedule_name's 1000 steps."""
     if spec is None:
         spec = "default"
     model, schedule = resolve_score_model(spec, data_hint, config, flags, channels)
@@ -231,7 +232,7 @@ def main(args) -> int:
         need_score = any(m != "Default" for m in modes) or bool(oods)
         aug = None
         if need_score:
-            aug = load_score(args.score_model, args.score_config, args.score_flag, args.schedule, hint, channels)
+            aug = score_augment(args.score_model, args.score_config, args.score_flag, args.schedule, hint, channels)
             T = aug.schedule.num_timesteps
             factor = getattr(aug.model, "size_multiple", 1)
             odd = sorted({v for v in (_image_size(d, size) for d in dsets + oods) if v % factor})

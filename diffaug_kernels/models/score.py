@@ -133,7 +133,6 @@ def export_safetensors(model_or_state, path: str, config: ADMConfig, schedule_na
 
 
 # ------------------------------------------------------------------------------ a recipe's --score-model spec
-
 def _coerce_flag(key: str, value: str):
     fields = {f.name: f for f in dataclasses.fields(ADMConfig)}
     if key not in fields:
@@ -210,7 +209,7 @@ def _check_score_file(path: str) -> None:
 
 
 def resolve_score_model(spec: str, data: str, config: Optional[str] = None, flags: Sequence[str] = (),
-                     channels: Optional[int] = None):
+                        channels: Optional[int] = None):
     """-> (score model in eval mode with requires_grad False, NoiseSchedule or None when the caller picks it).
 
     spec: 'default' -> load_default_score_model() (the package's digits model);

@@ -1,8 +1,8 @@
 """The plain-PyTorch specification of every op. Fused backends are tested against these functions.
 
 Everything here is written for clarity, not speed: Philox4x32-10 on int64 tensors (uint32 words kept in the
-low 32 bits), Triton's uniform and Box-Muller conversions, then the per-sample formulas of DESIGN.md
-section 3, gathering float32 coefficients (float64 for float64 inputs) and computing in that precision.
+low 32 bits), Triton's uniform and Box-Muller conversions, then the per-sample formulas of docs/design.md
+(sections 4-6), gathering float32 coefficients (float64 for float64 inputs) and computing in that precision.
 seed and offset may be Python ints or integer tensors (so this traces under torch.compile).
 """
 from __future__ import annotations

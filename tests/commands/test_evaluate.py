@@ -44,7 +44,7 @@ def test_harness_folder_all_modes_json_resume_and_ood(tmp_path, capsys):
     (spec,) = eval_sets.parse_datasets([data])
     ds = eval_sets.build_dataset(spec, 16, 3)
     x, y = torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor([ds[i][1] for i in range(len(ds))])
-    aug = evc.load_score(unet_path, "digits32", score_flags, "linear", "folder", 3)
+    aug = evc.score_augment(unet_path, "digits32", score_flags, "linear", "folder", 3)
     cfg = ev.EvalConfig(batch_size=4, dda_max_images=2, de_times=(0, 300), dda_steps=10, dda_depth=3)
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # the command's --device auto
     for cname, path in (("a", a), ("second", b)):

@@ -186,7 +186,7 @@ TRITON_SCRIPT = textwrap.dedent("""
 
 
 def test_stream_is_tritons_randn4x():
-    """DESIGN.md section 4 defines the stream as Triton's tl.randint4x / tl.randn4x: check against Triton."""
+    """docs/design.md section 5 defines the stream as Triton's tl.randint4x / tl.randn4x: check against Triton."""
     import triton  # noqa: F401 - a dependency: missing, this must fail, not skip
 
     env = dict(os.environ, TRITON_INTERPRET="1")
