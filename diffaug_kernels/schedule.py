@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -50,6 +51,12 @@ class NoiseSchedule:
         self.name = name
         self.num_timesteps = int(b.size)
         ac = np.cumprod(1.0 - b, axis=0)
+        tiny = np.finfo(np.float32).tiny
+        if not ac[-1] >= tiny:  # ac decreases: its last value is the smallest
+            t = int(np.argmax(ac < tiny))
+            raise ValueError(f"these betas make alphas_cumprod underflow: it falls to {ac[t]:.3g} at t = {t}, below "
+                             f"float32's smallest normal number ({tiny:.3g}), where 1 / sqrt(alphas_cumprod) is "
+                             f"infinite and denoising gives NaN; use fewer steps or smaller betas")
         np_tables = {
             "betas": b,
             "alphas_cumprod": ac,
@@ -87,6 +94,11 @@ class NoiseSchedule:
     @classmethod
     def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> "NoiseSchedule":
         T = _check_T(T)
+        if not (_real(s) is not None and s >= 0):
+            raise ValueError(f"the cosine schedule's offset s must be a finite number >= 0 (guided-diffusion: "
+                             f"0.008), got {s!r}")
+        if not (_real(max_beta) is not None and 0 < max_beta < 1):
+            raise ValueError(f"max_beta must lie in (0, 1) (guided-diffusion: 0.999), got {max_beta!r}")
 
         def alpha_bar(u):
             return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
@@ -122,3 +134,10 @@ def _check_T(T) -> int:
     if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
         raise ValueError(f"T must be a positive integer, got {T!r}")
     return int(T)
+
+
+def _real(v):
+    """v as a finite float, or None for anything else (a string, a bool, NaN, inf)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        return None
+    return float(v)

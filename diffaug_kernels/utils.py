@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import zipfile
 from typing import Optional
@@ -47,9 +48,16 @@ def atomic_save(obj, path: str) -> None:
 def unreadable(e: BaseException) -> str:
     """Why torch.load / safetensors could not read a file, in one line."""
     msg = str(e).strip()
-    if "WeightsUnpickler error:" in msg:  # torch's page-long weights_only message: keep its one informative line
+    if "WeightsUnpickler error:" in msg:  # torch's page-long weights_only message: name what it refused, and no
+        # advice to load the file anyway (weights_only=False, add_safe_globals): a checkpoint is plain data here
         rest = [v.strip() for v in msg.split("WeightsUnpickler error:", 1)[1].splitlines() if v.strip()]
-        return "torch.load(weights_only=True) refused it: " + (rest[0][:200] if rest else type(e).__name__)
+        what = re.search(r"GLOBAL (\S+)", rest[0]) if rest else None
+        why = (f"it needs the Python object {what.group(1)} to load (pickled code)" if what
+               else (rest[0].split(" Please ")[0][:200] if rest else type(e).__name__))
+        return f"torch.load(weights_only=True) refused it: {why}; the file is not trusted and was not loaded"
+    said = "torch.load(weights_only=True) refused it:"
+    if said in msg:  # already said (a loader's re-raise, after the file's name)
+        return msg[msg.index(said):]
     first = msg.splitlines()[0][:200] if msg else ""
     return f"unreadable: {type(e).__name__}" + (f": {first}" if first else "")
 

@@ -81,6 +81,23 @@ def test_short_linear_schedule_says_why():
     assert dk.NoiseSchedule.linear(21).betas.max() < 1
 
 
+def test_betas_whose_alphas_cumprod_underflows_are_refused():
+    """[0.999] * 200 drives alphas_cumprod to 1e-600, 0 in float64: tweedie would divide by it and give NaN."""
+    with pytest.raises(ValueError, match=r"underflow.*t = 12\b.*fewer steps or smaller betas"):
+        dk.NoiseSchedule.from_betas([0.999] * 200)  # 0.001**13 = 1e-39 is the first value below float32's range
+    s = dk.NoiseSchedule.from_betas([0.999] * 12)  # 1e-36 at the end: every table finite in float32
+    assert all(torch.isfinite(s.table(n)).all() for n in ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod"))
+
+
+@pytest.mark.parametrize("kwargs, msg", [(dict(s=-1), "offset s"), (dict(s=float("nan")), "offset s"),
+                                         (dict(s="0.008"), "offset s"), (dict(max_beta=1.0), "max_beta"),
+                                         (dict(max_beta=0), "max_beta")])
+def test_bad_cosine_parameters_are_value_errors(kwargs, msg):
+    """cosine(s=-1) divided by zero (a bare ZeroDivisionError); every bad value is a ValueError naming it."""
+    with pytest.raises(ValueError, match=msg):
+        dk.NoiseSchedule.cosine(1000, **kwargs)
+
+
 def test_unpickled_schedule_finds_its_tables_in_a_fresh_registry(monkeypatch):
     """A schedule sent to another process (pickle, spawn workers) registers its tables there."""
     import pickle

@@ -24,6 +24,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import pickle
 from collections.abc import Mapping
 from typing import Iterable, Optional, Sequence, Union
 
@@ -31,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from ..utils import unreadable
 
 __all__ = [
     "ADMConfig",
@@ -645,7 +648,10 @@ def _read_state_dict(path: str) -> Mapping[str, Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # code in the file: say what, without torch's advice to load it anyway
+        raise pickle.UnpicklingError(f"{path}: {unreadable(e)}") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         keys = list(state)[:8] if isinstance(state, Mapping) else type(state).__name__
         raise ValueError(f"{path} does not hold a flat state_dict of tensors (found {keys}); save "
