@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from ..utils import UsageError
+
 
 def digits(split: str = "train", size: int = 32, channels: int = 1, test_fraction: float = 0.2,
            seed: int = 0) -> TensorDataset:
@@ -66,6 +68,48 @@ def image_folder(root: str, size: int = 224, train: bool = False, centre_view: b
     return datasets.ImageFolder(root, transform=_Pair(crop, centre) if centre_view else crop)
 
 
+# What pickles of CIFAR-10's python batches hold besides dicts, lists, strings and numbers: numpy arrays (the
+# reconstruction functions of numpy 1 and 2, and of pickle protocol 5) and Python 2 byte strings (_codecs.encode).
+_CIFAR_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),
+})
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what a CIFAR-10 batch holds: a crafted file cannot run code."""
+
+    def find_class(self, module, name):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which no CIFAR-10 batch holds (not loaded)")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path: str):
+    """(images uint8 [N, 3, 32, 32], labels: list of N ints in 0..9) from one of CIFAR-10's python batches, read
+    without running code from the file; anything else is a UsageError naming the file and what is wrong."""
+    try:
+        with open(path, "rb") as f:
+            d = _BatchUnpickler(f, encoding="latin1").load()
+    except OSError:
+        raise
+    except Exception as e:  # UnpicklingError, EOFError, ValueError, ...: a damaged or foreign file
+        why = str(e).splitlines()[0][:200] if str(e) else ""
+        raise UsageError(f"{path} is not a CIFAR-10 python batch ({type(e).__name__}: {why})") from None
+    x = d.get("data") if isinstance(d, dict) else None
+    y = d.get("labels") if isinstance(d, dict) else None
+    if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2 and x.shape[1] == 3 * 32 * 32):
+        got = f"a {type(d).__name__}" if not isinstance(d, dict) else (
+            f"data {getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
+        raise UsageError(f"{path} is not a CIFAR-10 python batch: expected {{'data': uint8 [N, 3072], 'labels': "
+                         f"N ints}}, got {got}")
+    if not (isinstance(y, list) and len(y) == len(x) and all(type(v) is int and 0 <= v < 10 for v in y)):
+        raise UsageError(f"{path} is not a CIFAR-10 python batch: its labels must be {len(x)} ints in 0..9")
+    return x.reshape(-1, 3, 32, 32), y
+
+
 class CIFAR10(Dataset):
     """CIFAR-10 from its python batches (cifar-10-batches-py/data_batch_1..5, test_batch), in [-1, 1]."""
 
@@ -78,10 +122,9 @@ class CIFAR10(Dataset):
             p = os.path.join(folder, n)
             if not os.path.exists(p):
                 raise FileNotFoundError(f"CIFAR-10 batch {p!r} is missing")
-            with open(p, "rb") as f:
-                d = pickle.load(f, encoding="latin1")
-            xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.extend(d["labels"])
+            x, y = read_cifar_batch(p)
+            xs.append(x)
+            ys.extend(y)
         self.x = torch.from_numpy(np.concatenate(xs))
         self.y = torch.tensor(ys, dtype=torch.int64)
 

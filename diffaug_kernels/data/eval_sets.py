@@ -48,8 +48,11 @@ class CIFAR10C(Dataset):
                 raise FileNotFoundError(f"CIFAR-10-C file {p!r} is missing")
         if severity not in C.SEVERITIES:
             raise UsageError(f"CIFAR-10-C severity must be 1..5, got {severity}")
-        x = np.load(path, mmap_mode="r")
-        y = np.load(labels)
+        try:  # allow_pickle stays False: an object array is refused, not unpickled
+            x, y = np.load(path, mmap_mode="r"), np.load(labels)
+        except (ValueError, EOFError, OSError) as e:
+            raise UsageError(f"{path} or {labels} is not a CIFAR-10-C .npy array of numbers ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
         if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or x.shape[0] % 5 or y.ndim != 1 or len(y) < x.shape[0]:
             raise UsageError(f"{path}: expected [5 * N, 32, 32, 3] uint8 images and >= 5 * N labels, got {x.shape} "
                             f"and {y.shape}")

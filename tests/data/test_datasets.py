@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffaug_kernels import data
+from diffaug_kernels import data, utils
 
 
 def test_digits_split_range_and_size():
@@ -65,3 +65,37 @@ def test_cifar10_batches_and_image_folder(tmp_path):
     ds = data.make_dataset(str(tmp_path / "imgs"), "val", size=24)
     x, y = ds[1]
     assert x.shape == (3, 24, 24) and y == 1
+
+
+class _Marker:
+    """Unpickling this runs code: it would create a file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_crafted_cifar_batches_run_nothing_and_damaged_ones_are_one_line(tmp_path):
+    """CIFAR-10's batches are pickles: one that asks for code (here open(), which would create a marker file) is
+    refused before anything runs; truncated, foreign or ill-shaped batches are one-line UsageErrors naming the file."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    good = {"data": np.zeros((2, 3072), np.uint8), "labels": [1, 2]}
+    cases = {"code": {"data": good["data"], "labels": [1, 2], "x": _Marker(str(marker))},
+             "truncated": None, "not a dict": [1, 2], "floats": {"data": np.zeros((2, 3072)), "labels": [1, 2]},
+             "labels": {"data": good["data"], "labels": [1, 12]}}
+    for what, payload in cases.items():
+        blob = pickle.dumps(good if payload is None else payload)
+        (folder / "test_batch").write_bytes(blob[: len(blob) // 2] if payload is None else blob)
+        with pytest.raises(utils.UsageError, match="test_batch is not a CIFAR-10 python batch") as e:
+            data.make_dataset(f"cifar10:{tmp_path}", "test")
+        assert "\n" not in str(e.value), what
+        if what == "code":
+            assert "builtins.open" in str(e.value) or "io.open" in str(e.value)
+    assert not marker.exists()
+    for protocol in (2, 5):  # the released batches are protocol 2; numpy arrays pickle differently under 5
+        (folder / "test_batch").write_bytes(pickle.dumps(good, protocol=protocol))
+        assert len(data.make_dataset(f"cifar10:{tmp_path}", "test")) == 2

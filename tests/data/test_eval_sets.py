@@ -81,3 +81,12 @@ def test_imagenet_wnid_folders_map_to_1k_indices(tmp_path):
     assert torch.isinf(z).sum() == 998
     with pytest.raises(utils.UsageError, match="2 classes"):
         eval_sets.label_map(ds, 10)
+
+
+def test_cifar10c_object_arrays_are_refused_not_unpickled(tmp_path):
+    """An .npy of Python objects would need pickle to load: refused in one line (allow_pickle stays off)."""
+    np.save(tmp_path / "fog.npy", np.array([{"a": 1}] * 5, dtype=object), allow_pickle=True)
+    np.save(tmp_path / "labels.npy", np.zeros(5, np.int64))
+    with pytest.raises(utils.UsageError, match="not a CIFAR-10-C .npy array of numbers") as e:
+        eval_sets.CIFAR10C(str(tmp_path), "fog")
+    assert "\n" not in str(e.value)
