@@ -22,7 +22,7 @@ import safetensors
 import torch
 from torch import nn
 
-from ..schedule import NoiseSchedule
+from ..schedule import PREDICTIONS, NoiseSchedule
 from ..utils import UsageError, is_torch_save_file, unreadable
 from .unet import ADM_CONFIGS, ADMConfig, create_adm_unet, load_guided_diffusion
 
@@ -33,6 +33,7 @@ DEFAULT_COMMAND = ("python -m diffaug_kernels train-score --data digits --config
                    "--out runs/digits32 --export diffaug_kernels/weights/digits32_eps.safetensors --bf16")
 EXPORT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 METADATA_FORMAT = "diffaug_kernels.score_model.v1"
+MAX_T = 100_000  # the longest schedule a score-model file may ask for (improved-diffusion's longest: 4000)
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_WEIGHTS = os.path.join(PACKAGE_DIR, "weights", "digits32_eps.safetensors")
@@ -72,21 +73,30 @@ def load_score_model(path, device=None, dtype: torch.dtype = torch.float32) -> T
     if missing:
         raise ValueError(f"{path} lacks the metadata {missing} of a train-score export (config and schedule "
                          f"as JSON); for a guided-diffusion checkpoint use dk.models.load_guided_diffusion")
+    if not isinstance(meta["config"], dict):
+        raise ValueError(f"{path}: the metadata's config must be a JSON object of ADM UNet flags, got "
+                         f"{str(meta['config'])[:200]}")
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
     sched_meta = meta["schedule"]
-    name, T = sched_meta.get("name"), sched_meta.get("T")
-    if name not in ("linear", "cosine") or isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise ValueError(f"{path}: the metadata's schedule must be {{'name': 'linear' or 'cosine', 'T': a positive "
-                         f"integer}}, got {sched_meta!r}")
+    name, T = (sched_meta.get("name"), sched_meta.get("T")) if isinstance(sched_meta, dict) else (None, None)
+    if name not in ("linear", "cosine") or isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= MAX_T:
+        raise ValueError(f"{path}: the metadata's schedule must be {{'name': 'linear' or 'cosine', 'T': an integer "
+                         f"in [1, {MAX_T}]}}, got {str(sched_meta)[:200]}")
+    try:  # on the meta device: flags asking for a huge network allocate nothing; the weights decide below
+        with torch.device("meta"):
+            model = create_adm_unet(**cfg)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: the metadata's config builds no ADM UNet ({str(e).splitlines()[0][:200]})") from None
     schedule = getattr(NoiseSchedule, name)(int(T))
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(os.fspath(path)).items()}
-    with torch.device("meta"):
-        model = create_adm_unet(**cfg)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise RuntimeError(f"{path}: the weights do not match the UNet its metadata describes ({cfg}).\n{e}") from None
     model.prediction = meta.get("prediction", "eps")
+    if model.prediction not in PREDICTIONS:
+        raise ValueError(f"{path}: the metadata's prediction must be one of {PREDICTIONS}, got "
+                         f"{str(model.prediction)[:100]!r}")
     if device is not None:
         model = model.to(device)
     return model.eval(), schedule

@@ -82,3 +82,26 @@ def test_score_model_from_a_train_score_export(tmp_path):
     assert torch.allclose(schedule.betas, dk.NoiseSchedule.cosine(1000).betas)
     with pytest.raises(utils.UsageError, match="score model"):  # the flags of another architecture do not fit
         pretrained.resolve_score_model(path, "digits", "digits32")
+
+
+@pytest.mark.parametrize("schedule, config, prediction, msg", [
+    ({"name": "cosine", "T": 10**9}, None, "eps", r"'T': an integer in \[1, 100000\]"),
+    ([1000], None, "eps", "schedule must be"),
+    ({"name": "cosine", "T": 1000}, "not a dict", "eps", "config must be a JSON object"),
+    ({"name": "cosine", "T": 1000}, {"bogus_flag": 1}, "eps", "config builds no ADM UNet"),
+    ({"name": "cosine", "T": 1000}, None, "noise", "prediction must be one of"),
+])
+def test_export_metadata_is_checked_before_anything_is_allocated(tmp_path, schedule, config, prediction, msg):
+    """A score-model file's metadata is bounded and checked: T = 1e9 would allocate tables until memory runs out
+    (tens of seconds, then MemoryError); a bad value is one ValueError naming the file, raised before the schedule
+    or the network is built (no timing here: the refusal itself is what a bounded load shows)."""
+    from safetensors.torch import save_file
+
+    cfg = dk.models.ADMConfig(**TINY_UNET)
+    path = str(tmp_path / "bad.safetensors")
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()} if config is None else config
+    save_file({k: v.half() for k, v in cfg.create().state_dict().items()}, path,
+              metadata={"config": json.dumps(config), "prediction": prediction, "schedule": json.dumps(schedule)})
+    with pytest.raises(ValueError, match=msg) as e:
+        pretrained.load_score_model(path)
+    assert "bad.safetensors" in str(e.value)
