@@ -20,16 +20,35 @@ def non_negative(s: str) -> int:
     return int(s)
 
 
-def dda_scale(s: str):
-    """'auto' or a finite number >= 0 (DDA's guidance scale)."""
-
-    if s.strip().lower() == "auto":
-        return "auto"
+def _finite(s: str) -> float:
+    """s as a finite float, NaN when it is none."""
     try:
         v = float(s)
     except ValueError:
-        v = float("nan")
-    if not math.isfinite(v) or v < 0:
+        return float("nan")
+    return v if math.isfinite(v) else float("nan")
+
+
+def positive_float(s: str) -> float:
+    v = _finite(s)
+    if not v > 0:  # (False for NaN)
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s!r}")
+    return v
+
+
+def non_negative_float(s: str) -> float:
+    v = _finite(s)
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s!r}")
+    return v
+
+
+def dda_scale(s: str):
+    """'auto' or a finite number >= 0 (DDA's guidance scale)."""
+    if s.strip().lower() == "auto":
+        return "auto"
+    v = _finite(s)
+    if not v >= 0:
         raise argparse.ArgumentTypeError(f"must be 'auto' or a finite number >= 0, got {s!r}")
     return v
 

@@ -95,7 +95,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from ..data.views import TrainViews, augmix_transform
 from ..models.classifier import CHECKPOINT_FORMAT, create_classifier, parse_normalize
 from ..models.score import resolve_score_model
+from ..ops import BACKENDS
 from ..utils import Progress, UsageError, atomic_save, torch_load
+from .options import non_negative_float, positive_float
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
@@ -115,6 +117,8 @@ def _t_range(s: str) -> tuple:
         lo, hi = (int(v) for v in s.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"t-range must look like 0,1000, got {s!r}") from None
+    if not 0 <= lo < hi:
+        raise argparse.ArgumentTypeError(f"t-range must be lo,hi with 0 <= lo < hi, got {s!r}")
     return lo, hi
 
 
@@ -186,7 +190,7 @@ def add_arguments(p) -> None:
     g.add_argument("--diffusion-steps", type=int, default=1000)
     g.add_argument("--t-range", type=_t_range, default=None,
                    help="t ~ U{lo..hi-1} (default: the whole schedule, 0,T: the paper's 0..999 for T = 1000)")
-    g.add_argument("--backend", default="auto", help="dk op backend: auto | reference | cpu | cuda | triton")
+    g.add_argument("--backend", default="auto", choices=("auto", *BACKENDS), help="dk op backend")
     g.add_argument("--compile-score", action="store_true", help="torch.compile the score model (fullgraph)")
 
     g = p.add_argument_group("optimisation")
@@ -195,8 +199,8 @@ def add_arguments(p) -> None:
     g.add_argument("--epochs", type=int, default=10)
     g.add_argument("--steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")
     g.add_argument("--opt", default="sgd", choices=("sgd", "adamw"))
-    g.add_argument("--lr", type=float, default=0.05)
-    g.add_argument("--min-lr", type=float, default=0.0, help="the cosine schedule's final lr")
+    g.add_argument("--lr", type=positive_float, default=0.05)
+    g.add_argument("--min-lr", type=non_negative_float, default=0.0, help="the cosine schedule's final lr")
     g.add_argument("--warmup-steps", type=int, default=0)
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--nesterov", action="store_true")
@@ -572,6 +576,9 @@ def _train(args, info: DistInfo) -> dict:
         if schedule is None:
             schedule = getattr(NoiseSchedule, args.schedule)(args.diffusion_steps)
         prediction = args.score_prediction or getattr(score, "prediction", "eps")
+        if args.t_range is not None and args.t_range[1] > schedule.num_timesteps:
+            raise UsageError(f"--t-range {args.t_range[0]},{args.t_range[1]} reaches past the score model's schedule "
+                             f"(t < {schedule.num_timesteps})")
         aug = DiffAug(score.to(device), schedule, t_range=args.t_range, prediction=prediction, backend=args.backend,
                       compile=args.compile_score, dtype=torch.bfloat16 if args.amp else None)
         if score_spec == "random":
@@ -600,6 +607,10 @@ def _train(args, info: DistInfo) -> dict:
         ck = torch_load(ckpt_path, "train_classifier")
         if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
             raise UsageError(f"{ckpt_path} is not a train_classifier checkpoint")
+        if (ck.get("model_name"), ck.get("num_classes"), ck.get("in_chans")) != (args.model, num_classes, channels):
+            raise UsageError(f"{ckpt_path} holds a {ck.get('model_name')} with {ck.get('num_classes')} classes and "
+                             f"{ck.get('in_chans')} input channels, not the {args.model} with {num_classes} and "
+                             f"{channels} asked for: resume with the same --model and data, or start a new --out")
         model.net.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])

@@ -324,3 +324,28 @@ def test_files_that_are_not_checkpoints_are_named(tmp_path):
     with pytest.raises(SystemExit) as e:
         train_main(TINY_ARGS + ["--steps", "1", "--resume", str(text), "--out", str(tmp_path / "o")])
     assert "notes.pt is not a train_classifier checkpoint" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--t-range", "5,2000"], "reaches past the score model's schedule"),
+    (["--t-range", "9,3"], "0 <= lo < hi"),
+    (["--backend", "gpu"], "invalid choice: 'gpu'"),
+    (["--lr", "-1"], "--lr: must be a finite number > 0"),
+    (["--min-lr", "nan"], "--min-lr: must be a finite number >= 0"),
+])
+def test_bad_options_are_one_line_in_a_subprocess(tmp_path, extra, msg):
+    """What a user types wrong is one line on stderr and a non-zero exit, never a traceback."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-m", "diffaug_kernels", "train-classifier", *TINY_ARGS, "--steps", "1",
+                        "--out", str(tmp_path / "o"), *extra], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and msg in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_resume_with_another_model_is_one_line(tmp_path):
+    """A checkpoint of another architecture is refused before its state_dict is loaded into the wrong network."""
+    out = str(tmp_path / "o")
+    assert train_main(TINY_ARGS + ["--steps", "1", "--out", out]) == 0
+    with pytest.raises(SystemExit) as e:
+        train_main(TINY_ARGS + ["--steps", "2", "--out", out, "--resume", "--model", "resnet10t"])
+    assert "holds a test_resnet" in str(e.value) and "resnet10t" in str(e.value) and "\n" not in str(e.value)
