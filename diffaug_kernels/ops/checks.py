@@ -14,6 +14,9 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def check_tensor(name: str, x, min_dim: int = 1) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:  # sparse, mkldnn: the kernels read strided memory
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}; convert it with "
+                        f".to_dense() first")
     if x.dtype not in DTYPES:
         raise TypeError(f"{name} has unsupported dtype {x.dtype}; supported: float16, bfloat16, float32, float64")
     if x.dim() < min_dim:

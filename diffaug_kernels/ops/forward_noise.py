@@ -100,6 +100,9 @@ def forward_noise_multi(x0: Tensor, times, schedule: NoiseSchedule, seed=None, o
         times = list(times)
     if is_int(times):
         times = [times]
+    if not isinstance(times, (list, tuple, Tensor)):
+        raise TypeError(f"times must be a sequence of integers, a 1-D integer tensor or an int, got "
+                        f"{type(times).__name__}")
     if isinstance(times, Tensor) and times.dim() != 1:
         raise ValueError(f"times must be a 1-D sequence of integers, got shape {tuple(times.shape)}")
     K = len(times)
