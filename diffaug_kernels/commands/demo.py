@@ -38,7 +38,7 @@ from ..models import ADM_CONFIGS
 from ..models.classifier import load_classifier
 from ..models.score import load_default_score_model
 from ..schedule import NoiseSchedule
-from ..utils import write_json
+from ..utils import UsageError, torch_load, write_json
 from . import train_classifier as tc
 from .options import positive
 
@@ -127,13 +127,20 @@ def _train(name: str, out: str, s: dict, score_flags: list, diffaug: bool, seed:
     args = tc.build_parser().parse_args(argv)
     ck = os.path.join(run_dir, tc.CHECKPOINT_NAME)
     if os.path.isfile(ck):
-        done = torch.load(ck, map_location="cpu", weights_only=True)
-        same = all(done.get("args", {}).get(k) == tc.jsonable(getattr(args, k)) for k in _SAME_RUN)
+        try:
+            done = torch_load(ck, "train_classifier")
+            if not isinstance(done, dict):
+                raise UsageError(f"{ck} is not a train_classifier checkpoint (it holds a {type(done).__name__})")
+            same = all(done.get("args", {}).get(k) == tc.jsonable(getattr(args, k)) for k in _SAME_RUN)
+        except UsageError as e:  # damaged or foreign: what it held is lost, so train afresh
+            _say(f"[train {name}] {e}: retraining")
+            done, same = {}, False
         if same and done.get("global_step") == done.get("total_steps"):
             _say(f"[train {name}] already trained ({ck}): reused")
             return load_classifier(ck), ck
-        if not same:  # another configuration trained here before: start this one afresh
-            _say(f"[train {name}] {ck} was trained with other settings: retraining")
+        if not same:  # another configuration (or a damaged file) is here: start this one afresh
+            if done:
+                _say(f"[train {name}] {ck} was trained with other settings: retraining")
             for f in (ck, os.path.join(run_dir, tc.LOG_NAME)):
                 if os.path.isfile(f):
                     os.remove(f)

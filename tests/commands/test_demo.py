@@ -46,6 +46,13 @@ def test_demo_quick_end_to_end_and_rerun(tmp_path, capsys):
     assert "already trained" in text2 and "done already" in text2
     assert json.loads((out / "results.json").read_text())["accuracy"] == res["accuracy"]
 
+    ck = out / "no-diffaug" / "checkpoint.pt"  # damaged (truncated) in the output folder: trained again, no traceback
+    ck.write_bytes(ck.read_bytes()[:1000])
+    assert cli.main(argv) == 0
+    text3 = capsys.readouterr().out
+    assert "is not a train_classifier checkpoint" in text3 and "retraining" in text3
+    assert classifier.load_classifier(str(ck)) is not None
+
 
 def test_demo_missing_shipped_model_is_a_clear_error(tmp_path, monkeypatch):
     from diffaug_kernels import pretrained
