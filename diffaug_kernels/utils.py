@@ -2,6 +2,7 @@
 with weights_only and one-line errors, the user-error type, and progress display."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -36,13 +37,36 @@ def unused_path(stem: str, ext: str = ".json") -> str:
     return path
 
 
+# A checkpoint's checksum: the zip archive's comment (the file's last bytes) is this tag and the SHA-256, in hex,
+# of every byte before it. torch.load ignores the comment; torch_load checks it.
+_SHA_TAG = b"diffaug-sha256:"
+_SEAL = len(_SHA_TAG) + 64
+
+
 def atomic_save(obj, path: str) -> None:
-    """torch.save(obj, path) through a temporary file: a run killed mid-save keeps the previous checkpoint."""
+    """torch.save(obj, path) through a temporary file (a run killed mid-save keeps the previous checkpoint), with
+    the checksum torch_load verifies."""
     import torch
 
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp)
+    with zipfile.ZipFile(tmp, "a") as z:  # the comment's room first: it is part of what the checksum covers
+        z.comment = _SHA_TAG + b"0" * 64
+    with open(tmp, "r+b") as f:
+        data = f.read()
+        f.seek(len(data) - 64)
+        f.write(hashlib.sha256(data[:-_SEAL]).hexdigest().encode())
     os.replace(tmp, path)
+
+
+def checksum_ok(path) -> Optional[bool]:
+    """Whether a checkpoint's contents match the checksum atomic_save wrote; None for a file without one."""
+    with open(path, "rb") as f:
+        data = f.read()
+    tail = data[-_SEAL:]
+    if not tail.startswith(_SHA_TAG):
+        return None
+    return hashlib.sha256(data[:-_SEAL]).hexdigest().encode() == tail[len(_SHA_TAG):]
 
 
 def unreadable(e: BaseException) -> str:
@@ -78,7 +102,14 @@ def torch_load(path, kind: str, error=None):
     if os.path.isdir(path):
         raise error(f"{path} is a directory, not a {kind} checkpoint file")
     if os.path.isfile(path) and not is_torch_save_file(path):
+        with open(path, "rb") as f:
+            zip_start = f.read(4) == b"PK\x03\x04"
+        if zip_start:  # the start of a zip archive without its end
+            raise error(f"{path} is truncated or damaged: an incomplete zip archive, not a whole {kind} checkpoint")
         raise error(f"{path} is not a {kind} checkpoint (neither a torch.save archive nor a pickle)")
+    if os.path.isfile(path) and checksum_ok(path) is False:
+        raise error(f"{path} is damaged: its contents do not match the checksum written with it (truncated or "
+                    f"altered since it was saved)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

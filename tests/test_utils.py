@@ -49,3 +49,24 @@ def test_write_json_replaces_whole_and_unused_path_never_replaces(tmp_path):
     assert open(p).read().strip().startswith("{") and "b" in open(p).read() and "a" not in open(p).read()
     assert utils.unused_path(str(tmp_path / "r")) == str(tmp_path / "r-2.json")
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # no temporary file left behind
+
+
+def test_atomic_save_writes_a_checksum_that_torch_load_and_torch_load_check(tmp_path):
+    """atomic_save's file is a plain torch.save archive to torch.load (the checksum is the zip comment); torch_load
+    verifies it, and a file saved without one (older checkpoints) still loads."""
+    path = str(tmp_path / "c.pt")
+    obj = {"w": torch.arange(1000, dtype=torch.float32), "step": 3}
+    utils.atomic_save(obj, path)
+    assert utils.checksum_ok(path) is True
+    assert torch.equal(torch.load(path, weights_only=True)["w"], obj["w"])
+    assert torch.equal(utils.torch_load(path, "test")["w"], obj["w"])
+    raw = bytearray(open(path, "rb").read())
+    i = raw.index(b"\x00\x00\x80\x3f")  # inside the tensor data: the float 1.0
+    raw[i + 3] ^= 0x01  # one bit, and the file still reads (torch.load alone would not notice)
+    open(path, "wb").write(bytes(raw))
+    assert torch.load(path, weights_only=True)["step"] == 3
+    with pytest.raises(utils.UsageError, match="c.pt is damaged"):
+        utils.torch_load(path, "test")
+    plain = str(tmp_path / "plain.pt")
+    torch.save(obj, plain)
+    assert utils.checksum_ok(plain) is None and utils.torch_load(plain, "test")["step"] == 3

@@ -264,20 +264,31 @@ def _batches(ds, batch_size: int, seed: int, start_step: int, num_workers: int):
 
 
 # ------------------------------------------------------------------------------------ checkpoints
-def latest_checkpoint(path: str) -> str:
-    """path itself if a file; in a directory, its highest-step ckpt_*.pt."""
+def checkpoints(path: str) -> list:
+    """[path] for a file; for a directory, its ckpt_*.pt, newest first."""
     if os.path.isfile(path):
-        return path
+        return [path]
     if os.path.isdir(path):
-        found = sorted(glob.glob(os.path.join(path, "ckpt_*.pt")))
+        found = sorted(glob.glob(os.path.join(path, "ckpt_*.pt")), reverse=True)
         if found:
-            return found[-1]
+            return found
         raise FileNotFoundError(f"no checkpoint (ckpt_*.pt) in {path!r}")
     raise FileNotFoundError(f"checkpoint not found: {path!r}")
 
 
-def load_checkpoint(path: str) -> dict:
-    path = latest_checkpoint(path)
+def load_checkpoint(path: str, log=print) -> dict:
+    """A train-score checkpoint: the file, or a directory's newest one that verifies (each one skipped is logged
+    with why); a file that does not verify is a ValueError."""
+    *newer, oldest = checkpoints(path)
+    for p in newer:
+        try:
+            return _read_checkpoint(p)
+        except ValueError as e:
+            log(f"train-score: skipping {p}: {e}")
+    return _read_checkpoint(oldest)
+
+
+def _read_checkpoint(path: str) -> dict:
     ckpt = torch_load(path, "train-score", error=ValueError)  # a file that is no checkpoint: one clear line
     if not isinstance(ckpt, dict) or ckpt.get("format") != "diffaug_kernels.train_score.v1":
         raise ValueError(f"{path} is not a train-score checkpoint (" + (

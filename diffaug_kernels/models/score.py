@@ -12,6 +12,7 @@ scikit-learn's digits by `diffaug train-score` (DEFAULT_COMMAND, also in the fil
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pickle
@@ -69,6 +70,12 @@ def load_score_model(path, device=None, dtype: torch.dtype = torch.float32) -> T
     from safetensors.torch import load_file
 
     meta = read_metadata(path)
+    if "sha256" in meta:  # exports carry the checksum of their tensor data
+        with open(path, "rb") as f:
+            raw = f.read()
+        if hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little"):]).hexdigest() != meta["sha256"]:
+            raise ValueError(f"{path} is damaged: its tensor data do not match the checksum in its metadata "
+                             f"(truncated or altered since it was exported)")
     missing = [k for k in ("config", "schedule") if k not in meta]
     if missing:
         raise ValueError(f"{path} lacks the metadata {missing} of a train-score export (config and schedule "
@@ -132,9 +139,16 @@ def export_safetensors(model_or_state, path: str, config: ADMConfig, schedule_na
             "schedule": json.dumps({"name": schedule_name, "T": int(T)}), "prediction": "eps", "dtype": dtype}
     for k, v in (extra or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
+    meta["sha256"] = "0" * 64  # room for the checksum of the tensor data, filled in below
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata=meta)
+    with open(tmp, "r+b") as f:
+        raw = f.read()
+        n = int.from_bytes(raw[:8], "little")  # the JSON header's length; the tensor data follows it
+        at = raw.index(b"0" * 64, 8, 8 + n)
+        f.seek(at)
+        f.write(hashlib.sha256(raw[8 + n:]).hexdigest().encode())
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # an ordinary file, not the 0600 of a temporary one

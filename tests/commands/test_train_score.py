@@ -1,6 +1,7 @@
 """`diffaug train-score` (commands/train_score.py): DDPM training, checkpoints and exact resume, the export.
 Tiny UNets on 16x16 digits keep this fast."""
 import json
+import os
 
 import pytest
 import torch
@@ -192,3 +193,43 @@ def test_score_files_that_are_not_train_score_exports_are_named(tiny_run, tmp_pa
     save_file(tensors, str(bad), metadata={**meta, "schedule": json.dumps({"name": "linear"})})
     with pytest.raises(ValueError, match=r"'T': an integer in \[1, 100000\]"):
         pretrained.load_score_model(bad)
+
+
+def _flip(path, at, n=64):
+    """n bytes at offset `at` inverted: a damaged but still readable file."""
+    raw = bytearray(open(path, "rb").read())
+    raw[at:at + n] = bytes(255 - v for v in raw[at:at + n])
+    open(path, "wb").write(bytes(raw))
+
+
+def test_damaged_checkpoints_are_refused_and_resume_falls_back(tiny_run, tmp_path, capsys):
+    """Checkpoints and exports carry a checksum: 64 flipped bytes are refused, naming the file; --resume DIR takes
+    the newest checkpoint that verifies and says which it skipped and why; a truncated one says so."""
+    import shutil
+
+    out, export = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    newest = run / "ckpt_0000003.pt"
+    _flip(newest, os.path.getsize(newest) // 2)
+    with pytest.raises(ValueError, match="ckpt_0000003.pt is damaged: its contents do not match the checksum"):
+        train_score.load_checkpoint(str(newest))
+    skipped = []
+    ckpt = train_score.load_checkpoint(str(run), log=skipped.append)
+    assert ckpt["step"] == 2 and ckpt["path"].endswith("ckpt_0000002.pt")
+    assert len(skipped) == 1 and "skipping" in skipped[0] and "ckpt_0000003.pt is damaged" in skipped[0]
+    truncated = tmp_path / "cut.pt"
+    truncated.write_bytes((run / "ckpt_0000002.pt").read_bytes()[:5000])
+    with pytest.raises(ValueError, match="cut.pt is truncated or damaged"):
+        train_score.load_checkpoint(str(truncated))
+    assert _cli("--resume", str(run), "--steps", "4", "--no-progress") == 0  # the CLI resumes from step 2
+    assert "skipping" in capsys.readouterr().out
+    assert train_score.load_checkpoint(str(run / "ckpt_0000004.pt"))["step"] == 4
+
+    damaged = tmp_path / "damaged.safetensors"
+    shutil.copy(export, damaged)
+    _flip(damaged, os.path.getsize(damaged) - 200)  # in the tensor data, after the header
+    with pytest.raises(ValueError, match="damaged.safetensors is damaged: its tensor data do not match"):
+        pretrained.load_score_model(damaged)
+    assert pretrained.read_metadata(export)["sha256"] != "0" * 64
+    pretrained.load_score_model(export)  # the intact export verifies
