@@ -169,3 +169,13 @@ class NearestMean(torch.nn.Module):
 
     def forward(self, x):
         return self.conv(x).flatten(1)
+
+
+class CodeMarker:
+    """Unpickling this runs code (open(path, "w")): the file it leaves shows that a loader ran code from data."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

@@ -4,6 +4,7 @@ import pickle
 
 import pytest
 import torch
+from helpers import CodeMarker
 
 import diffaug_kernels as dk
 from diffaug_kernels import pretrained, utils
@@ -11,22 +12,12 @@ from diffaug_kernels.commands import train_score
 from diffaug_kernels.models import classifier
 
 
-class _Marker:
-    """Unpickling this runs code: it would create a file."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def test_pickled_code_is_refused_by_every_loader_naming_what_it_wanted(tmp_path):
     """A checkpoint that needs code to load: every loader refuses it without running it, names the object it asked
     for, and gives no advice to load it anyway (torch's message suggests weights_only=False or add_safe_globals)."""
     marker = tmp_path / "ran"
     path = str(tmp_path / "evil.pt")
-    torch.save({"model": _Marker(str(marker))}, path)
+    torch.save({"model": CodeMarker(str(marker))}, path)
     loaders = [lambda: utils.torch_load(path, "train-score"),
                lambda: classifier.load_classifier(path),
                lambda: train_score.load_checkpoint(path),

@@ -3,6 +3,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from helpers import CodeMarker
 
 from diffaug_kernels import data, utils
 
@@ -67,16 +68,6 @@ def test_cifar10_batches_and_image_folder(tmp_path):
     assert x.shape == (3, 24, 24) and y == 1
 
 
-class _Marker:
-    """Unpickling this runs code: it would create a file."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def test_crafted_cifar_batches_run_nothing_and_damaged_ones_are_one_line(tmp_path):
     """CIFAR-10's batches are pickles: one that asks for code (here open(), which would create a marker file) is
     refused before anything runs; truncated, foreign or ill-shaped batches are one-line UsageErrors naming the file."""
@@ -84,7 +75,7 @@ def test_crafted_cifar_batches_run_nothing_and_damaged_ones_are_one_line(tmp_pat
     folder.mkdir()
     marker = tmp_path / "ran"
     good = {"data": np.zeros((2, 3072), np.uint8), "labels": [1, 2]}
-    cases = {"code": {"data": good["data"], "labels": [1, 2], "x": _Marker(str(marker))},
+    cases = {"code": {"data": good["data"], "labels": [1, 2], "x": CodeMarker(str(marker))},
              "truncated": None, "not a dict": [1, 2], "floats": {"data": np.zeros((2, 3072)), "labels": [1, 2]},
              "labels": {"data": good["data"], "labels": [1, 12]}}
     for what, payload in cases.items():
