@@ -43,6 +43,29 @@ _SHA_TAG = b"diffaug-sha256:"
 _SEAL = len(_SHA_TAG) + 64
 
 
+def trim_log(path: str, last_step: int) -> None:
+    """Drops the records of a JSON-lines log past last_step (the step a run resumes from), so the steps it repeats
+    are logged once. Lines that are not records with a step stay."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.read().splitlines()
+
+    def keep(line: str) -> bool:
+        try:
+            step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            return True
+        return not (isinstance(step, int) and step > last_step)
+
+    kept = [line for line in lines if keep(line)]
+    if len(kept) != len(lines):
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+
 def atomic_save(obj, path: str) -> None:
     """torch.save(obj, path) through a temporary file (a run killed mid-save keeps the previous checkpoint), with
     the checksum torch_load verifies."""

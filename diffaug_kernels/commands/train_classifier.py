@@ -96,7 +96,7 @@ from ..data.views import TrainViews, augmix_transform
 from ..models.classifier import CHECKPOINT_FORMAT, create_classifier, parse_normalize
 from ..models.score import resolve_score_model
 from ..ops import BACKENDS
-from ..utils import Progress, UsageError, atomic_save, torch_load
+from ..utils import Progress, UsageError, atomic_save, torch_load, trim_log
 from .options import non_negative_float, positive_float
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -648,6 +648,8 @@ def _train(args, info: DistInfo) -> dict:
     if main and out:
         os.makedirs(out, exist_ok=True)
     log_path = os.path.join(out, LOG_NAME) if out else None
+    if main and log_path and ckpt_path is not None:  # the steps after the checkpoint run again: their records go
+        trim_log(log_path, global_step)
 
     def log(record: dict):
         if main and log_path:

@@ -30,7 +30,7 @@ from .. import ops
 from ..models import ADM_CONFIGS, ADMConfig, create_adm_unet
 from ..models.score import config_to_dict, export_safetensors
 from ..schedule import NoiseSchedule
-from ..utils import Progress, atomic_save, torch_load
+from ..utils import Progress, atomic_save, torch_load, trim_log
 from .options import check_device, positive
 
 NAME = "train-score"
@@ -359,6 +359,8 @@ def train(data: Optional[str] = None, config=None, steps: Optional[int] = None, 
     n_params = sum(p.numel() for p in model.parameters())
     if out is None:  # a resumed run goes on writing where its checkpoints are
         out = os.path.dirname(os.path.abspath(ckpt["path"])) if ckpt else "runs/train-score"
+    if ckpt:  # the steps after the checkpoint are trained again: their old records go
+        trim_log(os.path.join(out, "log.jsonl"), start)
 
     os.makedirs(out, exist_ok=True)
     bar = Progress(args["steps"], start, desc="train-score", unit="step", bar=progress)

@@ -349,3 +349,21 @@ def test_resume_with_another_model_is_one_line(tmp_path):
     with pytest.raises(SystemExit) as e:
         train_main(TINY_ARGS + ["--steps", "2", "--out", out, "--resume", "--model", "resnet10t"])
     assert "holds a test_resnet" in str(e.value) and "resnet10t" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_resume_from_an_older_checkpoint_logs_each_step_once(tmp_path):
+    """A run that goes on past its last checkpoint and is resumed from it trains those steps again: log.jsonl keeps
+    one record per step, the new ones."""
+    import shutil
+
+    common = TINY_ARGS + ["--steps", "10", "--save-every", "100", "--out", str(tmp_path / "o")]
+    assert train_main(common + ["--stop-at-step", "4"]) == 0
+    shutil.copy(tmp_path / "o" / tc.CHECKPOINT_NAME, tmp_path / "at4.pt")
+    assert train_main(common + ["--resume"]) == 0  # on to step 10, logging steps 8 and 10
+    shutil.copy(tmp_path / "at4.pt", tmp_path / "o" / tc.CHECKPOINT_NAME)  # as if the later saves were lost
+    assert train_main(common + ["--resume"]) == 0
+    straight = TINY_ARGS + ["--steps", "10", "--save-every", "100", "--out", str(tmp_path / "s")]
+    assert train_main(straight) == 0
+    steps = [r["step"] for r in _read_log(str(tmp_path / "o")) if "step" in r]
+    assert steps == [r["step"] for r in _read_log(str(tmp_path / "s")) if "step" in r], steps  # as if unbroken
+

@@ -225,6 +225,8 @@ def test_damaged_checkpoints_are_refused_and_resume_falls_back(tiny_run, tmp_pat
     assert _cli("--resume", str(run), "--steps", "4", "--no-progress") == 0  # the CLI resumes from step 2
     assert "skipping" in capsys.readouterr().out
     assert train_score.load_checkpoint(str(run / "ckpt_0000004.pt"))["step"] == 4
+    log = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4]  # step 3, trained again after the fallback to step 2, is logged once
 
     damaged = tmp_path / "damaged.safetensors"
     shutil.copy(export, damaged)
