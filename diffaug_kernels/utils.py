@@ -3,6 +3,7 @@ with weights_only and one-line errors, the user-error type, and progress display
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -85,7 +86,10 @@ def atomic_save(obj, path: str) -> None:
 def checksum_ok(path) -> Optional[bool]:
     """Whether a checkpoint's contents match the checksum atomic_save wrote; None for a file without one."""
     with open(path, "rb") as f:
-        data = f.read()
+        return _checksum_matches(f.read())
+
+
+def _checksum_matches(data: bytes) -> Optional[bool]:
     tail = data[-_SEAL:]
     if not tail.startswith(_SHA_TAG):
         return None
@@ -124,17 +128,21 @@ def torch_load(path, kind: str, error=None):
     error = error or UsageError
     if os.path.isdir(path):
         raise error(f"{path} is a directory, not a {kind} checkpoint file")
-    if os.path.isfile(path) and not is_torch_save_file(path):
+    source = path  # a missing file: torch.load's FileNotFoundError
+    if os.path.isfile(path):  # read once: the checks and torch.load share the bytes
         with open(path, "rb") as f:
-            zip_start = f.read(4) == b"PK\x03\x04"
-        if zip_start:  # the start of a zip archive without its end
-            raise error(f"{path} is truncated or damaged: an incomplete zip archive, not a whole {kind} checkpoint")
-        raise error(f"{path} is not a {kind} checkpoint (neither a torch.save archive nor a pickle)")
-    if os.path.isfile(path) and checksum_ok(path) is False:
-        raise error(f"{path} is damaged: its contents do not match the checksum written with it (truncated or "
-                    f"altered since it was saved)")
+            data = f.read()
+        if not (data.startswith(b"\x80") or zipfile.is_zipfile(io.BytesIO(data))):
+            if data.startswith(b"PK\x03\x04"):  # the start of a zip archive without its end
+                raise error(f"{path} is truncated or damaged: an incomplete zip archive, not a whole {kind} "
+                            f"checkpoint")
+            raise error(f"{path} is not a {kind} checkpoint (neither a torch.save archive nor a pickle)")
+        if _checksum_matches(data) is False:
+            raise error(f"{path} is damaged: its contents do not match the checksum written with it (truncated or "
+                        f"altered since it was saved)")
+        source = io.BytesIO(data)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as e:  # KeyError: 101 (a text file), UnpicklingError, EOFError, RuntimeError (a bad zip)...
