@@ -29,7 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C where a command has nothing to save (the training loops stop at a step)
+        print(f"\ndiffaug {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

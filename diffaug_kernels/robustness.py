@@ -431,11 +431,11 @@ def run(classifiers, aug, datasets: Sequence[DatasetSpec], cfg: EvalConfig, out:
                                                                      r[cname]["correct"][m])
                     rec["seconds"][m] = r[cname]["seconds"]
                     rec["settings"][m] = cfg.pair_settings(m, cname, ds)
+                if path:  # saved before it is reported: a line on screen is a result on disk
+                    write_json(rec, path)
                 log(f"[{cname} | {ds.name}] " + "  ".join(
                     f"{m} {100 * rec['acc'][m]:.2f}% (n={rec['n'][m]})" for m in cfg.modes
                     if rec["acc"].get(m) is not None) + f"  ({r[cname]['seconds']:.1f}s for all classifiers)")
-                if path:
-                    write_json(rec, path)
         for cname, (rec, _) in recs.items():
             results[cname][ds.name] = rec
     ood_res = {}

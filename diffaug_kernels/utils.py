@@ -1,5 +1,5 @@
 """Small helpers every layer uses, one of each: the JSON writer, atomic checkpoint saves, checkpoint loading
-with weights_only and one-line errors, the user-error type, and progress display."""
+with weights_only and one-line errors, the user-error type, progress display, and Ctrl-C as a request to stop."""
 from __future__ import annotations
 
 import hashlib
@@ -7,7 +7,9 @@ import io
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import zipfile
 from typing import Optional
 
@@ -23,9 +25,13 @@ def write_json(result: dict, path: str) -> None:
     version, not half a file (the temporary name carries the process id, so concurrent writers do not mix)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, path)
+    finally:  # an error or Ctrl-C mid-write leaves no temporary file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def unused_path(stem: str, ext: str = ".json") -> str:
@@ -73,14 +79,18 @@ def atomic_save(obj, path: str) -> None:
     import torch
 
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    with zipfile.ZipFile(tmp, "a") as z:  # the comment's room first: it is part of what the checksum covers
-        z.comment = _SHA_TAG + b"0" * 64
-    with open(tmp, "r+b") as f:
-        data = f.read()
-        f.seek(len(data) - 64)
-        f.write(hashlib.sha256(data[:-_SEAL]).hexdigest().encode())
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        with zipfile.ZipFile(tmp, "a") as z:  # the comment's room first: it is part of what the checksum covers
+            z.comment = _SHA_TAG + b"0" * 64
+        with open(tmp, "r+b") as f:
+            data = f.read()
+            f.seek(len(data) - 64)
+            f.write(hashlib.sha256(data[:-_SEAL]).hexdigest().encode())
+        os.replace(tmp, path)
+    finally:  # an error or Ctrl-C mid-save leaves no temporary file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def checksum_ok(path) -> Optional[bool]:
@@ -190,3 +200,35 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+# ------------------------------------------------------------------------------------------- Ctrl-C
+class StopRequest:
+    """Ctrl-C as a request to stop at the next step boundary. Inside `with StopRequest(what) as stop:`, the first
+    SIGINT sets stop.requested (a training loop checks it between steps, saves a checkpoint and returns); a second
+    one raises KeyboardInterrupt at once. Where signals cannot be caught (not the main thread) it never sets."""
+
+    def __init__(self, what: str = "stopping after this step"):
+        self.what, self.requested, self._old = what, False, None
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\nCtrl-C: {self.what} (Ctrl-C again stops at once, saving nothing)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+
+
+def ignore_interrupt(worker_id: int = 0) -> None:
+    """A DataLoader worker_init_fn: workers ignore Ctrl-C, which the main process turns into a clean stop (a
+    worker killed by it would fail the next batch instead)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

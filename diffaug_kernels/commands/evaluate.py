@@ -9,6 +9,7 @@ Modes, results and OOD: dk.robustness (the harness this command drives); dataset
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -255,6 +256,11 @@ def main(args) -> int:
         res = run(classifiers, aug, dsets, cfg, args.out, oods, id_ds)
     except (FileNotFoundError, UsageError) as e:
         raise SystemExit(f"diffaug evaluate: error: {e}") from None
+    except KeyboardInterrupt:  # each result file is whole (written atomically) and a rerun skips what is done
+        print("\ndiffaug evaluate: interrupted; " + (
+            f"the finished results are in {args.out}/ and the same command continues from them" if args.out
+            else "nothing saved (no --out)"), file=sys.stderr)
+        return 130
     print(res["table"])
     if args.out:
         print(f"results in {args.out}/ (summary.json, table.txt, one JSON per classifier x dataset)")

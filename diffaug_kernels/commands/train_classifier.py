@@ -96,7 +96,7 @@ from ..data.views import TrainViews, augmix_transform
 from ..models.classifier import CHECKPOINT_FORMAT, create_classifier, parse_normalize
 from ..models.score import resolve_score_model
 from ..ops import BACKENDS
-from ..utils import Progress, UsageError, atomic_save, torch_load, trim_log
+from ..utils import Progress, StopRequest, UsageError, atomic_save, ignore_interrupt, torch_load, trim_log
 from .options import non_negative_float, positive_float
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -279,6 +279,13 @@ def _all_reduce(t: Tensor, info: DistInfo) -> Tensor:
 
         dist.all_reduce(t)
     return t
+
+
+def _any_rank(flag: bool, info: DistInfo) -> bool:
+    """Whether flag is set on any rank (a collective: every rank calls it at the same step)."""
+    if not info.distributed:
+        return flag
+    return bool(_all_reduce(torch.tensor([int(flag)], device=info.device), info).item())
 
 
 def _all_gather_object(obj, info: DistInfo) -> list:
@@ -540,7 +547,8 @@ def _train(args, info: DistInfo) -> dict:
     sampler = EpochSampler(train_ds, info.rank, info.world_size, args.seed)
     loader_gen = torch.Generator()
     train_loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                              num_workers=workers, pin_memory=device.type == "cuda", generator=loader_gen)
+                              num_workers=workers, pin_memory=device.type == "cuda", generator=loader_gen,
+                              worker_init_fn=ignore_interrupt if workers else None)
     steps_per_epoch = len(sampler) // args.batch_size
     total_steps = args.steps or args.epochs * steps_per_epoch
     num_epochs = math.ceil(total_steps / steps_per_epoch)
@@ -548,7 +556,8 @@ def _train(args, info: DistInfo) -> dict:
     if val_ds is not None:
         shard = Subset(val_ds, range(info.rank, len(val_ds), info.world_size))
         val_loader = DataLoader(shard, batch_size=args.val_batch_size or 2 * args.batch_size, shuffle=False,
-                                num_workers=workers, pin_memory=device.type == "cuda")
+                                num_workers=workers, pin_memory=device.type == "cuda",
+                                worker_init_fn=ignore_interrupt if workers else None)
 
     # the classifier: the same init on every rank
     norm_spec = args.normalize or ("identity" if args.data == "digits" else
@@ -692,7 +701,7 @@ def _train(args, info: DistInfo) -> dict:
     progress = Progress(total_steps, global_step, desc="train", quiet=not main)
     interval = max(1, args.log_interval)
     debug_written = False
-    stopped = False
+    stopped = interrupted = False
     t_start = time.time()
     metrics: dict = {}
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -700,59 +709,69 @@ def _train(args, info: DistInfo) -> dict:
     def dev(v: Tensor) -> Tensor:
         return v.to(device, non_blocking=True).contiguous(memory_format=fmt)
 
-    while global_step < total_steps and not stopped:
-        sampler.set_epoch(epoch, skip=step_in_epoch * args.batch_size)
-        loader_gen.manual_seed(derive_seed(args.seed, info.rank, f"loader-epoch-{epoch}"))  # worker seeds
-        for views, y in train_loader:
-            views = views if isinstance(views, dict) else {"x": views}  # TrainViews' dict, else a batch of x
-            x, y = dev(views["x"]), y.to(device, non_blocking=True)
-            res = train_step(net, train_aug, x, y, optimizer, noise_gen, scheduler, args.label_smoothing, args.amp,
-                             x_da=dev(views["x_da"]) if "x_da" in views else None,
-                             augmix=[dev(v) for v in views["augmix"]] if "augmix" in views else None)
-            epoch_stats += res["stats"]
-            step_in_epoch += 1
-            global_step += 1
-            if args.debug_noise and not debug_written and out and "t" in res:
-                os.makedirs(out, exist_ok=True)
-                digest = hashlib.sha256(res["t"].numpy().tobytes() + str(res["seed"]).encode()).hexdigest()
-                with open(os.path.join(out, f"debug_noise_rank{info.rank}.json"), "w") as f:
-                    json.dump({"rank": info.rank, "world_size": info.world_size, "step": global_step,
-                               "t_hash": digest, "t": res["t"].tolist(), "seed": res["seed"]}, f)
-                debug_written = True
-            lr = optimizer.param_groups[0]["lr"]
-            if global_step % interval == 0 or (progress.bar is None and global_step == total_steps):
-                loss = res["loss"].item()  # a host sync, once per log interval
-                if progress.bar is not None:
-                    progress.update(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr:.4g}")
+    with StopRequest("saving a checkpoint after this step") as stop:
+        while global_step < total_steps and not stopped:
+            sampler.set_epoch(epoch, skip=step_in_epoch * args.batch_size)
+            loader_gen.manual_seed(derive_seed(args.seed, info.rank, f"loader-epoch-{epoch}"))  # worker seeds
+            for views, y in train_loader:
+                views = views if isinstance(views, dict) else {"x": views}  # TrainViews' dict, else a batch of x
+                x, y = dev(views["x"]), y.to(device, non_blocking=True)
+                res = train_step(net, train_aug, x, y, optimizer, noise_gen, scheduler, args.label_smoothing,
+                                 args.amp, x_da=dev(views["x_da"]) if "x_da" in views else None,
+                                 augmix=[dev(v) for v in views["augmix"]] if "augmix" in views else None)
+                epoch_stats += res["stats"]
+                step_in_epoch += 1
+                global_step += 1
+                if args.debug_noise and not debug_written and out and "t" in res:
+                    os.makedirs(out, exist_ok=True)
+                    digest = hashlib.sha256(res["t"].numpy().tobytes() + str(res["seed"]).encode()).hexdigest()
+                    with open(os.path.join(out, f"debug_noise_rank{info.rank}.json"), "w") as f:
+                        json.dump({"rank": info.rank, "world_size": info.world_size, "step": global_step,
+                                   "t_hash": digest, "t": res["t"].tolist(), "seed": res["seed"]}, f)
+                    debug_written = True
+                lr = optimizer.param_groups[0]["lr"]
+                if global_step % interval == 0 or (progress.bar is None and global_step == total_steps):
+                    loss = res["loss"].item()  # a host sync, once per log interval
+                    if progress.bar is not None:
+                        progress.update(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr:.4g}")
+                    else:
+                        progress.write(f"step {global_step}/{total_steps} epoch {epoch} loss {loss:.4f} "
+                                       f"lr {lr:.4g}")
                 else:
-                    progress.write(f"step {global_step}/{total_steps} epoch {epoch} loss {loss:.4f} lr {lr:.4g}")
-            else:
-                progress.update()
-            if global_step % max(1, args.log_interval) == 0 and not torch.isfinite(res["loss"]):  # no sync per step
-                raise FloatingPointError(f"the loss is {res['loss'].item()} at step {global_step}")
-            if global_step >= total_steps or (args.stop_at_step is not None and global_step >= args.stop_at_step):
-                break
-            if args.save_every and global_step % args.save_every == 0:
-                save_checkpoint()
-        complete = step_in_epoch >= steps_per_epoch
-        stopped = args.stop_at_step is not None and global_step >= args.stop_at_step and global_step < total_steps
-        if complete or global_step >= total_steps:
-            rec = epoch_record(epoch_stats, epoch, complete)
-            last = global_step >= total_steps
-            if val_loader is not None and (last or (args.eval_every and (epoch + 1) % args.eval_every == 0)):
-                rec.update(evaluate(model, val_loader, aug, device, info, args.seed, args.amp))
-            rec["time_s"] = round(time.time() - t_start, 3)
-            log(rec)
-            progress.write(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
-            metrics = rec
-            epoch, step_in_epoch = epoch + 1, 0
-            epoch_stats.zero_()
-        save_checkpoint()
+                    progress.update()
+                if global_step % interval == 0 and not torch.isfinite(res["loss"]):  # no sync per step
+                    raise FloatingPointError(f"the loss is {res['loss'].item()} at step {global_step}")
+                if not info.distributed or global_step % interval == 0:  # every rank asks at the same steps
+                    interrupted = interrupted or _any_rank(stop.requested, info)
+                if global_step >= total_steps or interrupted or (
+                        args.stop_at_step is not None and global_step >= args.stop_at_step):
+                    break
+                if args.save_every and global_step % args.save_every == 0:
+                    save_checkpoint()
+            complete = step_in_epoch >= steps_per_epoch
+            stopped = global_step < total_steps and (
+                interrupted or (args.stop_at_step is not None and global_step >= args.stop_at_step))
+            if complete or global_step >= total_steps:
+                rec = epoch_record(epoch_stats, epoch, complete)
+                last = global_step >= total_steps
+                if val_loader is not None and (last or (args.eval_every and (epoch + 1) % args.eval_every == 0)):
+                    rec.update(evaluate(model, val_loader, aug, device, info, args.seed, args.amp))
+                rec["time_s"] = round(time.time() - t_start, 3)
+                log(rec)
+                progress.write(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                        for k, v in rec.items()))
+                metrics = rec
+                epoch, step_in_epoch = epoch + 1, 0
+                epoch_stats.zero_()
+            save_checkpoint()
     progress.close()
 
     if stopped:
-        say(f"stopped at step {global_step} of {total_steps} (--stop-at-step); continue with --resume")
-        return {"stopped": True, "step": global_step}
+        where = (f"checkpoint {os.path.join(out, CHECKPOINT_NAME)}; continue with --resume" if out
+                 else "nothing saved (no --out)")
+        say(f"{'interrupted' if interrupted else 'stopped'} at step {global_step} of {total_steps}"
+            f"{'' if interrupted else ' (--stop-at-step)'}: {where}")
+        return {"stopped": True, "interrupted": interrupted, "step": global_step}
     final = {"final": True, "step": global_step, "epoch": epoch, "world_size": info.world_size,
              "val_acc_clean": metrics.get("val_acc_clean"), "val_acc_diffaug": metrics.get("val_acc_diffaug"),
              "val_n": metrics.get("val_n")}
@@ -769,7 +788,7 @@ def _train(args, info: DistInfo) -> dict:
 def main(args) -> int:
     """`diffaug train-classifier`: the parsed options -> train(); a bad option or a missing path is one line."""
     try:
-        train(args)
+        result = train(args)
     except (FileNotFoundError, UsageError) as e:  # a missing path or a bad option: one clear line, no traceback
         raise SystemExit(f"diffaug train-classifier: error: {e}") from None
-    return 0
+    return 130 if result.get("interrupted") else 0

@@ -30,8 +30,8 @@ from .. import ops
 from ..models import ADM_CONFIGS, ADMConfig, create_adm_unet
 from ..models.score import config_to_dict, export_safetensors
 from ..schedule import NoiseSchedule
-from ..utils import Progress, atomic_save, torch_load, trim_log
-from .options import check_device, positive
+from ..utils import Progress, StopRequest, atomic_save, checksum_ok, ignore_interrupt, torch_load, trim_log
+from .options import check_device, non_negative, positive
 
 NAME = "train-score"
 HELP = "train an eps-prediction ADM UNet (the DiffAug score model) with DDPM"
@@ -258,6 +258,7 @@ def _batches(ds, batch_size: int, seed: int, start_step: int, num_workers: int):
     # (t and noise) a checkpoint restores
     loader = torch.utils.data.DataLoader(ds, batch_sampler=EpochBatchSampler(len(ds), batch_size, seed, start_step),
                                          num_workers=num_workers, persistent_workers=num_workers > 0,
+                                         worker_init_fn=ignore_interrupt if num_workers > 0 else None,
                                          generator=torch.Generator().manual_seed(seed + start_step))
     for batch in loader:
         yield batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -371,42 +372,52 @@ def train(data: Optional[str] = None, config=None, steps: Optional[int] = None, 
         bar.write(f"note: the checkpoint is at step {start}, so steps={args['steps']} leaves nothing to train "
                 f"(give a larger --steps to continue)")
 
+    good, damaged = set(), set()  # checkpoints in out known to verify, and found not to
+
     def save(step: int) -> str:
         path = os.path.join(out, f"ckpt_{step:07d}.pt")
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
         atomic_save({"format": "diffaug_kernels.train_score.v1", **trainer.state_dict(), "args": args,
                       "config": config_to_dict(cfg), "schedule": {"name": args["schedule"], "T": args["T"]},
                       "rng": rng, "history": history}, path)
-        for old in sorted(glob.glob(os.path.join(out, "ckpt_*.pt")))[:-keep] if keep > 0 else []:
-            os.remove(old)
+        good.add(path)
+        _prune(out, keep, good, damaged, bar.write)
         return path
 
     t0, window, ckpt_path = time.perf_counter(), [], ckpt["path"] if ckpt else None
     batches = (_batches(ds, args["batch_size"], args["seed"], start, args["num_workers"])
                if start < args["steps"] else iter(()))
-    for step in range(start + 1, args["steps"] + 1):
-        x0 = next(batches).to(dev, non_blocking=True)
-        loss = trainer.step(x0)
-        window.append(loss)
-        bar.update(loss=f"{loss:.4f}")
-        if step % args["log_every"] == 0 or step == args["steps"]:
-            mean = sum(window) / len(window)
-            history.append({"step": step, "loss": mean, "lr": trainer.current_lr(),
-                            "wall_s": round(time.perf_counter() - t0, 2)})
-            bar.write(f"step {step}/{args['steps']}  loss {mean:.5f}  lr {trainer.current_lr():.2e}  "
-                    f"ema decay {trainer.ema.current_decay():.4f}  {time.perf_counter() - t0:.0f}s")
-            with open(os.path.join(out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(history[-1]) + "\n")
-            window = []
-        if step % args["save_every"] == 0 and step != args["steps"]:
-            ckpt_path = save(step)
-    bar.close()
-    wall = time.perf_counter() - t0
-    if trainer.step_count > start or ckpt_path is None:
-        ckpt_path = save(trainer.step_count)
+    with StopRequest("saving a checkpoint after this step") as stop:
+        for step in range(start + 1, args["steps"] + 1):
+            if stop.requested:
+                break
+            x0 = next(batches).to(dev, non_blocking=True)
+            loss = trainer.step(x0)
+            window.append(loss)
+            bar.update(loss=f"{loss:.4f}")
+            if step % args["log_every"] == 0 or step == args["steps"]:
+                mean = sum(window) / len(window)
+                history.append({"step": step, "loss": mean, "lr": trainer.current_lr(),
+                                "wall_s": round(time.perf_counter() - t0, 2)})
+                bar.write(f"step {step}/{args['steps']}  loss {mean:.5f}  lr {trainer.current_lr():.2e}  "
+                          f"ema decay {trainer.ema.current_decay():.4f}  {time.perf_counter() - t0:.0f}s")
+                with open(os.path.join(out, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(history[-1]) + "\n")
+                window = []
+            if step % args["save_every"] == 0 and step != args["steps"]:
+                ckpt_path = save(step)
+        bar.close()
+        wall = time.perf_counter() - t0
+        if trainer.step_count > start or ckpt_path is None:
+            ckpt_path = save(trainer.step_count)  # a second Ctrl-C during this save keeps the previous file
     summary = {"step": trainer.step_count, "loss": history[-1]["loss"] if history else None,
                "wall_s": round(wall, 1), "checkpoint": ckpt_path, "export": None, "parameters": n_params,
-               "config": config_to_dict(cfg), "schedule": args["schedule"], "T": args["T"]}
+               "config": config_to_dict(cfg), "schedule": args["schedule"], "T": args["T"],
+               "interrupted": stop.requested}
+    if stop.requested:  # a partial model is not exported under the name of the finished one
+        bar.write(f"train-score: interrupted at step {summary['step']} of {args['steps']}; checkpoint {ckpt_path}"
+                  + (" (not exported)" if export is not None else ""))
+        return summary
     if export is not None:
         summary["export"] = export_safetensors(
             trainer.ema.model, export, cfg, args["schedule"], args["T"], dtype=export_dtype,
@@ -414,8 +425,27 @@ def train(data: Optional[str] = None, config=None, steps: Optional[int] = None, 
                    "final_loss": str(summary["loss"]), "train_args": args,
                    **({"command": command} if command else {})})
     bar.write(f"train-score: step {summary['step']}, loss {summary['loss']}, {wall:.0f}s, checkpoint "
-            f"{ckpt_path}" + (f", exported {summary['export']}" if summary["export"] else ""))
+              f"{ckpt_path}" + (f", exported {summary['export']}" if summary["export"] else ""))
     return summary
+
+
+def _prune(out: str, keep: int, good: set, damaged: set, log) -> None:
+    """Keeps the newest `keep` checkpoints in out that verify and removes all older ones, so a damaged file never
+    takes the place of a good one. good: the paths known to verify (this run's saves, and those checked once);
+    damaged: those found not to (each logged once; one newer than the kept ones stays, never counted)."""
+    if keep <= 0:
+        return
+    kept = 0
+    for path in sorted(glob.glob(os.path.join(out, "ckpt_*.pt")), reverse=True):
+        if kept >= keep:
+            os.remove(path)
+            continue
+        if path not in good and path not in damaged:
+            (good if checksum_ok(path) is not False else damaged).add(path)
+            if path in damaged:
+                log(f"train-score: {path} is damaged (it does not match its checksum); not counted among the "
+                    f"{keep} kept")
+        kept += path in good
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -464,7 +494,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default=None,
                    help="checkpoint directory (default runs/train-score; with --resume, the checkpoint's folder)")
     p.add_argument("--save-every", type=positive, default=None, help="checkpoint period in steps (default 500)")
-    p.add_argument("--keep", type=int, default=2, help="newest checkpoints kept (default 2; 0 keeps all)")
+    p.add_argument("--keep", type=non_negative, default=2,
+                   help="newest checkpoints that verify kept (default 2; 0 keeps all)")
     p.add_argument("--log-every", type=positive, default=None, help="log period in steps (default 50)")
     p.add_argument("--export", metavar="PATH.safetensors", default=None,
                    help="write the EMA weights here, with the config and schedule in the metadata")
@@ -485,13 +516,13 @@ def main(args) -> int:
         torch.set_num_threads(args.threads)
     try:
         overrides = dict(parse_model_flag(f) for f in args.model) if args.model else None
-        train(data=args.data, config=args.config, model_overrides=overrides, steps=args.steps,
-              batch_size=args.batch_size, lr=args.lr, lr_warmup=args.lr_warmup, weight_decay=args.weight_decay,
-              ema=args.ema, grad_clip=args.grad_clip, schedule=args.schedule, T=args.T, bf16=args.bf16,
-              seed=args.seed, out=args.out, save_every=args.save_every, keep=args.keep, log_every=args.log_every,
-              export=args.export, export_dtype=args.export_dtype, resume=args.resume, device=args.device,
-              num_workers=args.workers, progress=False if args.no_progress else None,
-              command=_command_line(args))
+        summary = train(
+            data=args.data, config=args.config, model_overrides=overrides, steps=args.steps,
+            batch_size=args.batch_size, lr=args.lr, lr_warmup=args.lr_warmup, weight_decay=args.weight_decay,
+            ema=args.ema, grad_clip=args.grad_clip, schedule=args.schedule, T=args.T, bf16=args.bf16, seed=args.seed,
+            out=args.out, save_every=args.save_every, keep=args.keep, log_every=args.log_every, export=args.export,
+            export_dtype=args.export_dtype, resume=args.resume, device=args.device, num_workers=args.workers,
+            progress=False if args.no_progress else None, command=_command_line(args))
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"diffaug train-score: {e}")
-    return 0
+    return 130 if summary["interrupted"] else 0

@@ -223,7 +223,11 @@ def test_damaged_checkpoints_are_refused_and_resume_falls_back(tiny_run, tmp_pat
     with pytest.raises(ValueError, match="cut.pt is truncated or damaged"):
         train_score.load_checkpoint(str(truncated))
     assert _cli("--resume", str(run), "--steps", "4", "--no-progress") == 0  # the CLI resumes from step 2
-    assert "skipping" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "skipping" in said and "ckpt_0000003.pt is damaged" in said and "not counted" in said
+    # --keep 2 keeps the two newest that verify: the damaged step-3 file does not push out step 2
+    assert sorted(p.name for p in run.glob("ckpt_*.pt")) == ["ckpt_0000002.pt", "ckpt_0000003.pt",
+                                                             "ckpt_0000004.pt"]
     assert train_score.load_checkpoint(str(run / "ckpt_0000004.pt"))["step"] == 4
     log = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert log == [1, 2, 3, 4]  # step 3, trained again after the fallback to step 2, is logged once
