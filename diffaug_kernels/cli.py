@@ -10,18 +10,19 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
+from .commands.options import HelpFormatter, Parser
+
 COMMANDS = ("bench", "bench_model", "bench_ensemble", "plot", "train_score", "train_classifier", "evaluate", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffaug", description="diffaug-kernels: fused DiffAug ops, "
+    parser = Parser(prog="diffaug", description="diffaug-kernels: fused DiffAug ops, "
                                      "benchmarks and recipes.")
-    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=Parser)
     sub.required = True
     for name in COMMANDS:
         cmd = importlib.import_module(f"{__package__}.commands.{name}")
-        p = sub.add_parser(cmd.NAME, help=cmd.HELP, description=cmd.DESCRIPTION,
-                           formatter_class=getattr(cmd, "FORMATTER", argparse.HelpFormatter))
+        p = sub.add_parser(cmd.NAME, help=cmd.HELP, description=cmd.DESCRIPTION, formatter_class=HelpFormatter)
         cmd.add_arguments(p)
         p.set_defaults(func=cmd.main)
     return parser

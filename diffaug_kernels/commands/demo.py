@@ -40,7 +40,7 @@ from ..models.score import load_default_score_model
 from ..schedule import NoiseSchedule
 from ..utils import UsageError, torch_load, write_json
 from . import train_classifier as tc
-from .options import positive
+from .options import positive, seed
 
 NAME = "demo"
 HELP = "DiffAug end to end on the digits: train with/without, evaluate, plots"
@@ -78,7 +78,7 @@ def add_arguments(p) -> None:
     p.add_argument("--corruptions", default=None,
                    help="comma list of corruption:severity[:preset] (default gaussian_noise:5:imagenet,"
                         "impulse_noise:5:imagenet,gaussian_blur:3:imagenet)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0, help="seed of the training, the noise and the image subsets")
     p.add_argument("--threads", type=positive, default=None,
                    help="torch.set_num_threads (default: torch's); on a machine busy with other jobs --threads 1 "
                         "avoids oversubscription (measured: several times faster there)")

@@ -23,7 +23,7 @@ from ..models.score import resolve_score_model
 from ..robustness import EvalConfig, check_times, file_identity, in_channels, parse_modes, parse_times, run, safe_name
 from ..schedule import NoiseSchedule
 from ..utils import UsageError
-from .options import check_device, dda_scale, positive
+from .options import check_device, dda_scale, positive, seed
 
 NAME = "evaluate"
 HELP = "classifiers x modes (Default, DE, DDA, DDA-SE) x datasets, the paper's table"
@@ -74,7 +74,7 @@ def add_arguments(p) -> None:
                    help="ReAct's clip threshold: this percentile of the ID set's penultimate activations (default 90)")
     p.add_argument("--ash-percentile", type=float, default=90.0, help="ASH-S pruning percentile (default 90)")
     p.add_argument("--scale-percentile", type=float, default=85.0, help="SCALE percentile (default 85)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0, help="seed of the DE and DDA noise and of the image subsets")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto: cuda when available)")
     p.add_argument("--threads", type=positive, default=None, help="torch.set_num_threads")
     p.add_argument("--out", default=None, help="results folder (JSON per classifier x dataset; resumable)")

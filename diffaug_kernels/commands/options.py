@@ -43,6 +43,40 @@ def non_negative_float(s: str) -> float:
     return v
 
 
+def fraction(s: str) -> float:
+    """A finite number in [0, 1) (a decay, a dropout or smoothing rate, a momentum)."""
+    v = _finite(s)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {s!r}")
+    return v
+
+
+def seed(s: str) -> int:
+    """A seed: an integer in [0, 2**63) (what torch.manual_seed and the Philox key take without wrapping)."""
+    if not s.strip().isdigit() or int(s) >= 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {s!r}")
+    return int(s)
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line naming the command, with a pointer to --help (argparse's
+    default prints the whole usage first, a dozen lines for the larger commands)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its default, unless the help already says it or there is none to say."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        if ("default" in text.lower() or action.default in (None, False, [], argparse.SUPPRESS)
+                or not action.option_strings or isinstance(action, argparse._HelpAction)):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def dda_scale(s: str):
     """'auto' or a finite number >= 0 (DDA's guidance scale)."""
     if s.strip().lower() == "auto":

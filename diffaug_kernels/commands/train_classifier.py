@@ -97,7 +97,7 @@ from ..models.classifier import CHECKPOINT_FORMAT, create_classifier, parse_norm
 from ..models.score import resolve_score_model
 from ..ops import BACKENDS
 from ..utils import Progress, StopRequest, UsageError, atomic_save, ignore_interrupt, torch_load, trim_log
-from .options import non_negative_float, positive_float
+from .options import HelpFormatter, Parser, fraction, non_negative, non_negative_float, positive, positive_float, seed
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
@@ -126,12 +126,12 @@ NAME = "train-classifier"
 HELP = "train a timm classifier with DiffAug (torchrun-ready)"
 DESCRIPTION = ("Train a timm classifier with DiffAug (loss = CE(f(x), y) + CE(f(x0_hat), y), t ~ U{0..999}; with "
                "--augmix, + 12 JSD(x, augmix views)); torchrun-ready. Images are in [-1, 1].")
-FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's own parser, for the demo, which trains through it."""
-    p = argparse.ArgumentParser(prog="diffaug train-classifier", description=DESCRIPTION, formatter_class=FORMATTER)
+    p = Parser(prog="diffaug train-classifier", description=DESCRIPTION,
+                                formatter_class=HelpFormatter)
     add_arguments(p)
     return p
 
@@ -143,13 +143,14 @@ def add_arguments(p) -> None:
                         "path (with train/ and val/ inside, or one tree used for both)")
     g.add_argument("--val-data", default=None, help="validation data (default: the held-out split of --data)")
     g.add_argument("--no-val", action="store_true", help="skip validation")
-    g.add_argument("--image-size", type=int, default=None, help="default: 32 for digits and CIFAR-10, 224 for folders")
-    g.add_argument("--channels", type=int, default=None, choices=(1, 3),
+    g.add_argument("--image-size", type=positive, default=None,
+                   help="default: 32 for digits and CIFAR-10, 224 for folders")
+    g.add_argument("--channels", type=positive, default=None, choices=(1, 3),
                    help="image channels (digits only: 1 default, or 3 = grey repeated)")
-    g.add_argument("--num-classes", type=int, default=None, help="default: from the data")
-    g.add_argument("--limit-train", type=int, default=None, help="use only the first N training samples")
-    g.add_argument("--limit-val", type=int, default=None, help="use only the first N validation samples")
-    g.add_argument("--workers", type=int, default=None,
+    g.add_argument("--num-classes", type=positive, default=None, help="default: from the data")
+    g.add_argument("--limit-train", type=positive, default=None, help="use only the first N training samples")
+    g.add_argument("--limit-val", type=positive, default=None, help="use only the first N validation samples")
+    g.add_argument("--workers", type=non_negative, default=None,
                    help="DataLoader workers per process (default: 0 for in-memory digits, else min(8, cpus))")
     g.add_argument("--augmix", action="store_true",
                    help="AugMix as the DiffAug authors combine it: two AugMix views per image and AugMix's "
@@ -165,11 +166,11 @@ def add_arguments(p) -> None:
     g.add_argument("--normalize", default=None,
                    help="classifier input normalisation: identity | imagenet | cifar10 | 'm1,m2,m3:s1,s2,s3' "
                         "(default: identity for digits, cifar10 for CIFAR-10, imagenet for folders)")
-    g.add_argument("--drop-rate", type=float, default=0.0)
-    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--drop-rate", type=fraction, default=0.0, help="dropout rate before the classifier head")
+    g.add_argument("--label-smoothing", type=fraction, default=0.0, help="label smoothing of the cross-entropy")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across ranks")
     g.add_argument("--compile", action="store_true", help="torch.compile the classifier")
-    g.add_argument("--channels-last", action="store_true")
+    g.add_argument("--channels-last", action="store_true", help="channels_last memory format for the classifier")
 
     g = p.add_argument_group("DiffAug")
     g.add_argument("--no-diffaug", action="store_true", help="train the plain baseline CE(f(x), y)")
@@ -186,40 +187,42 @@ def add_arguments(p) -> None:
                         "e.g. --score-flag channel_mult=1,2 --score-flag attention_resolutions=")
     g.add_argument("--score-prediction", default=None, choices=("eps", "v", "x0", "score"),
                    help="what the score model predicts (default: the model's own `prediction`, else eps)")
-    g.add_argument("--schedule", default="linear", choices=("linear", "cosine"))
-    g.add_argument("--diffusion-steps", type=int, default=1000)
+    g.add_argument("--schedule", default="linear", choices=("linear", "cosine"),
+                   help="the score model's noise schedule")
+    g.add_argument("--diffusion-steps", type=positive, default=1000, help="the schedule's length T")
     g.add_argument("--t-range", type=_t_range, default=None,
                    help="t ~ U{lo..hi-1} (default: the whole schedule, 0,T: the paper's 0..999 for T = 1000)")
     g.add_argument("--backend", default="auto", choices=("auto", *BACKENDS), help="dk op backend")
     g.add_argument("--compile-score", action="store_true", help="torch.compile the score model (fullgraph)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=64, help="per process")
-    g.add_argument("--val-batch-size", type=int, default=None, help="default: 2 x batch size")
-    g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")
-    g.add_argument("--opt", default="sgd", choices=("sgd", "adamw"))
-    g.add_argument("--lr", type=positive_float, default=0.05)
+    g.add_argument("--batch-size", type=positive, default=64, help="per process")
+    g.add_argument("--val-batch-size", type=positive, default=None, help="default: 2 x batch size")
+    g.add_argument("--epochs", type=positive, default=10, help="passes over the training data")
+    g.add_argument("--steps", type=positive, default=None, help="total optimizer steps (overrides --epochs)")
+    g.add_argument("--opt", default="sgd", choices=("sgd", "adamw"), help="optimizer")
+    g.add_argument("--lr", type=positive_float, default=0.05, help="peak learning rate (cosine decay to --min-lr)")
     g.add_argument("--min-lr", type=non_negative_float, default=0.0, help="the cosine schedule's final lr")
-    g.add_argument("--warmup-steps", type=int, default=0)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--nesterov", action="store_true")
-    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--warmup-steps", type=non_negative, default=0, help="linear learning-rate warm-up steps")
+    g.add_argument("--momentum", type=fraction, default=0.9, help="SGD momentum")
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
+    g.add_argument("--weight-decay", type=non_negative_float, default=5e-4, help="weight decay")
     g.add_argument("--amp", action="store_true", help="bfloat16 autocast for the classifier and the score model")
 
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="output folder: checkpoint.pt, log.jsonl (rank 0 only)")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                    help="resume from PATH, or (no value) from OUT/checkpoint.pt when it exists")
-    g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: epoch ends only)")
-    g.add_argument("--stop-at-step", type=int, default=None,
+    g.add_argument("--save-every", type=non_negative, default=0,
+                   help="also checkpoint every N steps (0: epoch ends only)")
+    g.add_argument("--stop-at-step", type=positive, default=None,
                    help="checkpoint and stop after this global step, as if interrupted (the schedule is "
                         "unchanged; --resume continues)")
-    g.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (0: only at the end)")
-    g.add_argument("--log-interval", type=int, default=10, help="progress every N steps")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--eval-every", type=non_negative, default=1, help="validate every N epochs (0: only at the end)")
+    g.add_argument("--log-interval", type=positive, default=10, help="progress every N steps")
+    g.add_argument("--seed", type=seed, default=0, help="seed of the init, the data order and the DiffAug noise")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)")
-    g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for this process")
+    g.add_argument("--threads", type=positive, default=None, help="torch.set_num_threads for this process")
     g.add_argument("--debug-noise", action="store_true",
                    help="each rank writes OUT/debug_noise_rank<r>.json: a hash of its first DiffAug batch's t "
                         "values and seed (to check that ranks draw different noise)")

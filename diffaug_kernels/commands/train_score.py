@@ -31,7 +31,7 @@ from ..models import ADM_CONFIGS, ADMConfig, create_adm_unet
 from ..models.score import config_to_dict, export_safetensors
 from ..schedule import NoiseSchedule
 from ..utils import Progress, StopRequest, atomic_save, checksum_ok, ignore_interrupt, torch_load, trim_log
-from .options import check_device, non_negative, positive
+from .options import check_device, fraction, non_negative, non_negative_float, positive, positive_float, seed
 
 NAME = "train-score"
 HELP = "train an eps-prediction ADM UNet (the DiffAug score model) with DDPM"
@@ -479,18 +479,20 @@ def add_arguments(p) -> None:
     p.add_argument("--config", default=None, help="a key of dk.models.ADM_CONFIGS (default digits32)")
     p.add_argument("--model", action="append", default=None, metavar="NAME=VALUE",
                    help="override an ADM config flag, e.g. --model num_channels=16 (repeatable)")
-    p.add_argument("--steps", type=int, default=None, help="total optimisation steps to reach (default 2000)")
+    p.add_argument("--steps", type=non_negative, default=None, help="total optimisation steps to reach (default 2000)")
     p.add_argument("--batch-size", type=positive, default=None, help="default 64")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 2e-4)")
-    p.add_argument("--lr-warmup", type=int, default=None, help="linear learning-rate warm-up steps (default 100)")
-    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0)")
-    p.add_argument("--ema", type=float, default=None, help="EMA decay, with warm-up (default 0.999)")
-    p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm, 0 = off (default 1.0)")
+    p.add_argument("--lr", type=positive_float, default=None, help="AdamW learning rate (default 2e-4)")
+    p.add_argument("--lr-warmup", type=non_negative, default=None,
+                   help="linear learning-rate warm-up steps (default 100)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=None, help="AdamW weight decay (default 0)")
+    p.add_argument("--ema", type=fraction, default=None, help="EMA decay, with warm-up (default 0.999)")
+    p.add_argument("--grad-clip", type=non_negative_float, default=None,
+                   help="max gradient norm, 0 = off (default 1.0)")
     p.add_argument("--schedule", choices=("linear", "cosine"), default=None, help="noise schedule (default linear)")
     p.add_argument("--T", type=positive, default=None, help="diffusion steps (default 1000)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast for the UNet (default off)")
-    p.add_argument("--seed", type=int, default=None, help="seed of init, data order, t and noise (default 0)")
+    p.add_argument("--seed", type=seed, default=None, help="seed of init, data order, t and noise (default 0)")
     p.add_argument("--out", default=None,
                    help="checkpoint directory (default runs/train-score; with --resume, the checkpoint's folder)")
     p.add_argument("--save-every", type=positive, default=None, help="checkpoint period in steps (default 500)")
@@ -503,7 +505,7 @@ def add_arguments(p) -> None:
                    help="dtype of the exported weights (default float16; loaded back as float32)")
     p.add_argument("--resume", metavar="PATH", default=None, help="a checkpoint file, or a directory (its newest)")
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available, else cpu)")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 0)")
+    p.add_argument("--workers", type=non_negative, default=None, help="DataLoader workers (default 0)")
     p.add_argument("--threads", type=positive, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
 

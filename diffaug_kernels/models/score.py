@@ -15,17 +15,14 @@ import dataclasses
 import hashlib
 import json
 import os
-import pickle
-import zipfile
 from typing import Optional, Sequence, Tuple
 
-import safetensors
 import torch
 from torch import nn
 
 from ..schedule import PREDICTIONS, NoiseSchedule
 from ..utils import UsageError, is_torch_save_file, unreadable
-from .unet import ADM_CONFIGS, ADMConfig, create_adm_unet, load_guided_diffusion
+from .unet import ADM_CONFIGS, ADMConfig, create_adm_unet, load_guided_diffusion, state_mismatch
 
 # The command that made the shipped weights/digits32_eps.safetensors (2-core CPU: 990 s measured on a shared
 # machine, ~0.8 s/step when quiet; final loss 0.0112, 3.9 MB in float16).
@@ -95,11 +92,16 @@ def load_score_model(path, device=None, dtype: torch.dtype = torch.float32) -> T
     except (TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{path}: the metadata's config builds no ADM UNet ({str(e).splitlines()[0][:200]})") from None
     schedule = getattr(NoiseSchedule, name)(int(T))
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(os.fspath(path)).items()}
+    try:
+        tensors = load_file(os.fspath(path))
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type: a header that lies about the data
+        raise ValueError(f"{path} is damaged ({unreadable(e)})") from None
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     try:
         model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise RuntimeError(f"{path}: the weights do not match the UNet its metadata describes ({cfg}).\n{e}") from None
+    except RuntimeError:
+        raise ValueError(f"{path}: the weights do not match the UNet its metadata describes ({cfg}): "
+                         f"{state_mismatch(model, state)}") from None
     model.prediction = meta.get("prediction", "eps")
     if model.prediction not in PREDICTIONS:
         raise ValueError(f"{path}: the metadata's prediction must be one of {PREDICTIONS}, got "
@@ -269,12 +271,8 @@ def resolve_score_model(spec: str, data: str, config: Optional[str] = None, flag
             _check_score_file(spec)
         try:
             model = create_adm_unet(**kwargs) if spec == "random" else load_guided_diffusion(spec, **kwargs)
-        except (ValueError, RuntimeError) as e:  # flags that build no UNet, or a checkpoint that does not fit
-            raise UsageError(f"score model ({spec}): {e}") from None
-        except (KeyError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, safetensors.SafetensorError) as e:
-            if spec == "random":  # torch.load's errors on a file that is no checkpoint (its header passed)
-                raise
-            raise UsageError(f"{spec} is not a score-model checkpoint ({unreadable(e)})") from None
+        except (ValueError, RuntimeError) as e:  # flags that build no UNet, a file that is none or does not fit
+            raise UsageError(f"score model: {e}" if spec in str(e) else f"score model ({spec}): {e}") from None
     if getattr(model, "num_classes", None) is not None:
         raise UsageError("the score model is class-conditional; DiffAug training uses an unconditional one "
                          "(class_cond=False)")

@@ -24,7 +24,6 @@ import dataclasses
 import importlib.util
 import math
 import os
-import pickle
 from collections.abc import Mapping
 from typing import Iterable, Optional, Sequence, Union
 
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from ..utils import unreadable
+from ..utils import torch_load, unreadable
 
 __all__ = [
     "ADMConfig",
@@ -644,19 +643,34 @@ def create_adm_unet(image_size: int, num_channels: int, num_res_blocks: int, cha
 
 # --------------------------------------------------------------------------------------------- loading
 def _read_state_dict(path: str) -> Mapping[str, Tensor]:
+    """The flat state_dict in a .safetensors or torch.save'd file; a file that is neither (damaged, foreign, or
+    needing code to load) is a one-line ValueError naming it."""
     if str(path).endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # code in the file: say what, without torch's advice to load it anyway
-        raise pickle.UnpicklingError(f"{path}: {unreadable(e)}") from None
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # noqa: BLE001 - safetensors' own error type, or an OSError on a truncated file
+            raise ValueError(f"{path} is not a safetensors file ({unreadable(e)})") from None
+    state = torch_load(path, "guided-diffusion", error=ValueError)
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         keys = list(state)[:8] if isinstance(state, Mapping) else type(state).__name__
         raise ValueError(f"{path} does not hold a flat state_dict of tensors (found {keys}); save "
                          f"model.state_dict() itself, as guided-diffusion's checkpoints are")
     return state
+
+
+def state_mismatch(model: nn.Module, state: Mapping[str, Tensor]) -> str:
+    """What keeps `state` from loading into `model` strictly, in one line: the counts of missing and unexpected
+    keys and of shape mismatches, each with its first example."""
+    want = model.state_dict()
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(want[k].shape)}" for k in want
+              if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
+    parts = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in (("missing", missing), ("unexpected", unexpected),
+                                                              ("of another shape", shapes)) if v]
+    return "; ".join(parts) or "the tensors do not load"
 
 
 def load_guided_diffusion(path, config: Union[None, str, ADMConfig] = None, *, device=None,
@@ -686,11 +700,11 @@ def load_guided_diffusion(path, config: Union[None, str, ADMConfig] = None, *, d
         model = create_adm_unet(**kwargs, attention_backend=attention_backend)
     try:
         model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise RuntimeError(f"{path} does not match the ADM UNet built from {kwargs}: check the flags "
-                           f"(image_size, num_channels, num_res_blocks, channel_mult, attention_resolutions, "
-                           f"learn_sigma, class_cond, resblock_updown, use_scale_shift_norm, in_channels).\n{e}"
-                           ) from None
+    except RuntimeError:
+        raise ValueError(f"{path} does not match the ADM UNet built from {kwargs}: {state_mismatch(model, state)}; "
+                         f"check the flags (image_size, num_channels, num_res_blocks, channel_mult, "
+                         f"attention_resolutions, learn_sigma, class_cond, resblock_updown, use_scale_shift_norm, "
+                         f"in_channels)") from None
     if device is not None:
         model = model.to(device)
     return model.eval()

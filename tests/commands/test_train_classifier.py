@@ -319,7 +319,7 @@ def test_files_that_are_not_checkpoints_are_named(tmp_path):
         classifier.load_classifier(str(broken))
     with pytest.raises(utils.UsageError, match="notes.pt is not a score-model checkpoint"):
         pretrained.resolve_score_model(str(text), "digits")
-    with pytest.raises(utils.UsageError, match="garbled.pt is not a score-model checkpoint"):
+    with pytest.raises(utils.UsageError, match=r"garbled.pt is not a guided-diffusion checkpoint \(torch.load"):
         pretrained.resolve_score_model(str(garbled), "digits")
     with pytest.raises(SystemExit) as e:
         train_main(TINY_ARGS + ["--steps", "1", "--resume", str(text), "--out", str(tmp_path / "o")])

@@ -450,7 +450,9 @@ def test_load_guided_diffusion_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x, t, y), src(x, t, y))
 
-    with pytest.raises(RuntimeError, match="does not match"):  # strict: the wrong flags are refused
+    # strict: the wrong flags are refused, in one line that says what differs
+    with pytest.raises(ValueError, match=r"does not match.*2 of another shape \(e.g. out.2.weight \(6, 32, 3, 3\) vs "
+                                         r"\(3, 32, 3, 3\)\)"):
         M.load_guided_diffusion(tmp_path / "model.pt", **{**flags, "learn_sigma": False})
     with pytest.raises(FileNotFoundError, match="not found"):
         M.load_guided_diffusion(tmp_path / "nope.pt", **flags)
