@@ -1,5 +1,5 @@
 """diffaug_kernels: fused kernels for DiffAug (diffuse-and-denoise augmentation), checked against PyTorch."""
-from . import data, dda, models, ood
+from . import certify, data, dda, models, ood
 from .augment import DiffAug
 from .ensemble import diffaug_ensemble
 from .models import score as pretrained
@@ -21,6 +21,7 @@ __all__ = [
     "IMAGENET_NORM",
     "NoiseSchedule",
     "available_backends",
+    "certify",
     "data",
     "dda",
     "diffaug_ensemble",
