@@ -1,4 +1,8 @@
 """Shared strategies, comparison rules and stand-in models and files of the tests."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import torch
 from hypothesis import strategies as st
@@ -179,3 +183,23 @@ class CodeMarker:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+# ------------------------------------------------------------------------------------------ the command line
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def cli_subprocess(*argv, timeout=300):
+    """`python -m diffaug_kernels ARGV` in a fresh process, as a user runs it: (exit status, stdout, stderr)."""
+    r = subprocess.run([sys.executable, "-m", "diffaug_kernels", *argv], capture_output=True, text=True,
+                       env=CLI_ENV, timeout=timeout)
+    return r.returncode, r.stdout, r.stderr
+
+
+def assert_one_line_failure(rc, stderr, *fragments):
+    """A failed command: non-zero status, no traceback, and its last stderr line says all of fragments."""
+    assert rc != 0 and "Traceback" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+    assert all(f in last for f in fragments), stderr[-3000:]

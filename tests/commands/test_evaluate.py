@@ -6,7 +6,14 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_UNET_FLAGS, classifier_checkpoint, expected_counts, image_folder_tree
+from helpers import (
+    TINY_UNET_FLAGS,
+    assert_one_line_failure,
+    classifier_checkpoint,
+    cli_subprocess,
+    expected_counts,
+    image_folder_tree,
+)
 
 import diffaug_kernels as dk
 from diffaug_kernels import cli, utils
@@ -328,3 +335,20 @@ def test_files_that_are_not_checkpoints(tmp_path):
             cli.main(["evaluate", "--classifier", ck, "--modes", "DE", "--score-model", str(path), "--score-config",
                       "digits32"])
         assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("case", ["missing classifier", "text classifier", "mode", "dataset", "percentile"])
+def test_cli_failures_are_one_line_in_a_subprocess(case, tmp_path):
+    """What a user gets wrong, run as a user runs it: one line on stderr naming it, a non-zero exit, no traceback."""
+    ck = classifier_checkpoint(tmp_path / "a.pt", num_classes=10, in_chans=1)
+    (tmp_path / "notes.pt").write_text("hello")
+    argv, said = {
+        "missing classifier": (["--classifier", str(tmp_path / "none.pt")], ["none.pt"]),
+        "text classifier": (["--classifier", str(tmp_path / "notes.pt")], ["notes.pt is not a train_classifier"]),
+        "mode": (["--classifier", ck, "--modes", "TTA"], ["unknown mode"]),
+        "dataset": (["--classifier", ck, "--datasets", str(tmp_path / "nope")], ["neither a known name"]),
+        "percentile": (["--classifier", ck, "--ash-percentile", "100"], ["--ash-percentile must be in [0, 100)"]),
+    }[case]
+    rc, _, err = cli_subprocess("evaluate", "--no-progress", *(["--modes", "Default"] if case != "mode" else []),
+                                *argv)
+    assert_one_line_failure(rc, err, "diffaug evaluate", *said)

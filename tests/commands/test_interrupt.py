@@ -9,15 +9,12 @@ import sys
 import threading
 
 import pytest
-from helpers import classifier_checkpoint
+from helpers import CLI_ENV, classifier_checkpoint
 
 from diffaug_kernels import utils
 from diffaug_kernels.commands import train_classifier as tc
 from diffaug_kernels.commands import train_score
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-       "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
 TINY_SCORE = ["--model", "image_size=16", "--model", "num_res_blocks=1", "--model", "channel_mult=1",
               "--model", "attention_resolutions=", "--model", "num_channels=32"]
 
@@ -26,7 +23,7 @@ def interrupt(argv, ready, timeout=240):
     """Runs `python -m diffaug_kernels ARGV`, sends SIGINT once a line of its stdout satisfies ready(line), and
     returns (exit status, stdout, stderr)."""
     p = subprocess.Popen([sys.executable, "-m", "diffaug_kernels", *argv], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=ENV)
+                         stderr=subprocess.PIPE, text=True, env=CLI_ENV)
     lines, err = [], []
     reader = threading.Thread(target=lambda: err.append(p.stderr.read()), daemon=True)  # a full stderr pipe blocks
     reader.start()

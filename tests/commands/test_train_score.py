@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from helpers import assert_one_line_failure, cli_subprocess
 
 import diffaug_kernels as dk
 from diffaug_kernels import cli, pretrained
@@ -239,3 +240,22 @@ def test_damaged_checkpoints_are_refused_and_resume_falls_back(tiny_run, tmp_pat
         pretrained.load_score_model(damaged)
     assert pretrained.read_metadata(export)["sha256"] != "0" * 64
     pretrained.load_score_model(export)  # the intact export verifies
+
+
+@pytest.mark.parametrize("case", ["lr", "data", "export", "damaged resume", "model flag"])
+def test_cli_failures_are_one_line_in_a_subprocess(case, tiny_run, tmp_path):
+    """What a user gets wrong, run as a user runs it: one line on stderr naming it, a non-zero exit, no traceback."""
+    out, _ = tiny_run
+    damaged = tmp_path / "ckpt_0000002.pt"
+    damaged.write_bytes((out / "ckpt_0000002.pt").read_bytes())
+    _flip(damaged, os.path.getsize(damaged) // 2)
+    argv, said = {
+        "lr": (["--lr", "-1"], ["argument --lr: must be a finite number > 0"]),
+        "data": (["--data", str(tmp_path / "nope")], ["nope"]),
+        "export": (["--export", str(tmp_path / "m.pt")], ["export must be a .safetensors path"]),
+        "damaged resume": (["--resume", str(damaged)], ["ckpt_0000002.pt is damaged: its contents do not match"]),
+        "model flag": (["--model", "num_channels"], ["model flags look like NAME=VALUE", "got 'num_channels'"]),
+    }[case]
+    rc, _, err = cli_subprocess("train-score", *TINY, "--steps", "1", "--out", str(tmp_path / "o"), "--no-progress",
+                                *argv)
+    assert_one_line_failure(rc, err, "diffaug train-score", *said)
