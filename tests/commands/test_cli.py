@@ -265,3 +265,19 @@ def test_readme_quickstart_runs_as_written():
     mean, std = (torch.tensor(v) for v in dk.IMAGENET_NORM)
     assert (x0_hat.amin(dim=(0, 2, 3)) >= (lo - mean) / std - 1e-5).all()
     assert (x0_hat.amax(dim=(0, 2, 3)) <= (1 - mean) / std + 1e-5).all()
+
+
+def test_every_option_has_help_that_says_its_default_once():
+    """Each option of each command has a help text; the formatter adds the default unless the help says it, so
+    no help says it twice (nor "(default: None)")."""
+    import argparse
+
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        fmt = p._get_formatter()
+        for a in p._actions:
+            if not a.option_strings or isinstance(a, argparse._HelpAction):
+                continue
+            assert a.help, f"{name} {a.option_strings[0]} has no help"
+            text = fmt._expand_help(a).lower()
+            assert text.count("(default") <= 1 and "(default: none)" not in text, f"{name} {a.option_strings}: {text}"

@@ -305,3 +305,15 @@ def test_compiled_reference_on_the_gpu_refuses_a_negative_t(op):
     assert "GOOD T RAN" in r.stdout, r.stdout + r.stderr[-3000:]
     assert r.returncode != 0 and "NO ERROR" not in r.stdout, r.stdout + r.stderr[-2000:]
     assert "t must lie in" in r.stderr or "device-side assert" in r.stderr or "Assertion" in r.stderr, r.stderr[-2000:]
+
+
+def test_meta_inputs_give_meta_outputs_of_the_right_shape():
+    """Meta tensors (shape inference, no data) pass through every op, and times are still range-checked where
+    their values are (a list), not only on a device that has none."""
+    xm = torch.empty(2, 3, 8, 8, device="meta", dtype=torch.bfloat16)
+    for y, shape in [(dk.forward_noise(xm, 5, S), (2, 3, 8, 8)),
+                     (dk.forward_noise_multi(xm, [1, 2, 3], S), (6, 3, 8, 8)),
+                     (dk.tweedie(xm, xm, torch.zeros(2, dtype=torch.long, device="meta"), S), (2, 3, 8, 8))]:
+        assert y.is_meta and tuple(y.shape) == shape and y.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"times must lie in \[0, 1000\) for this schedule, got values in \[1, 2000\]"):
+        dk.forward_noise_multi(xm, [1, 2000], S)

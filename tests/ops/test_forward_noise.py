@@ -59,6 +59,18 @@ def test_multi_is_forward_noise_on_repeated_input(backend):
 
 
 @pytest.mark.parametrize("backend", ["reference"] + CPU_FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_stride_0_batch_of_one_image_is_its_copies(backend, dtype):
+    """One image expanded to K rows (stride 0 over the batch, what dk.certify's draws pass): read as it is, the
+    same numbers as K real copies, and forward_noise_multi's with K times."""
+    img = (torch.rand(1, 3, 5, 6) * 2 - 1).to(dtype)
+    t = torch.full((4,), 259)
+    got = dk.forward_noise(img.expand(4, -1, -1, -1), t, S, seed=6, offset=8, backend=backend)
+    assert torch.equal(got, dk.forward_noise(img.repeat(4, 1, 1, 1), t, S, seed=6, offset=8, backend=backend))
+    assert torch.equal(got, dk.forward_noise_multi(img, [259] * 4, S, seed=6, offset=8, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_FUSED)
 def test_int_t_and_tensor_t_agree(backend):
     x = torch.rand(4, 3, 8, 8)
     a = dk.forward_noise(x, 250, S, seed=1, backend=backend)
