@@ -128,10 +128,10 @@ def _check_seed(seed) -> int:
     if isinstance(seed, Tensor) and seed.numel() == 1 and not seed.is_floating_point() and seed.dtype != torch.bool:
         seed = int(seed.item())
     if not checks.is_int(seed):
-        raise TypeError(f"seed must be an integer in [0, 2**64) or None, got {seed!r}")
-    if not 0 <= int(seed) < 2**64:
-        raise ValueError(f"seed must lie in [0, 2**64), got {seed!r}")
-    return int(seed)
+        raise TypeError(f"seed must be an integer or None, got {seed!r}")
+    if not -2**63 <= int(seed) < 2**64:  # the ops' rule: 64 bits, a negative value in two's complement
+        raise ValueError(f"seed must lie in [-2**63, 2**64), got {seed!r}")
+    return int(seed) % 2**64
 
 
 # ---------------------------------------------------------------------------------------- the smoothed model

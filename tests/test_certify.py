@@ -293,7 +293,8 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="num"):
         sm.sample_counts(x, 0, 4)
     with pytest.raises(ValueError, match="seed"):
-        sm.sample_counts(x, 4, 4, seed=-1)
+        sm.sample_counts(x, 4, 4, seed=2**64)
+    assert (sm.sample_counts(x, 4, 4, seed=-1) == sm.sample_counts(x, 4, 4, seed=2**64 - 1)).all()  # the ops' rule
     with pytest.raises(TypeError, match="seed"):
         sm.sample_counts(x, 4, 4, seed=1.5)
     with pytest.raises(ValueError, match="batch"):

@@ -80,17 +80,18 @@ def as_times(name: str, t, batch: int, device: torch.device, T: int) -> Tensor:
 
 
 def as_seed(name: str, v, device: torch.device) -> Tensor:
-    """seed / offset as a 0-d int64 tensor (uint64 bits); None draws a seed from torch's default generator."""
+    """seed / offset as a 0-d int64 tensor (its 64 bits); None draws a seed from torch's default generator."""
     if v is None:
         if name != "seed":
             raise TypeError(f"{name} must be an integer, got None")
         return torch.randint(0, 2**63 - 1, (), dtype=torch.int64, device=device)
     if is_int(v):
+        # one rule for ints and tensors: a seed or offset is 64 bits, and an integer names v mod 2**64, so the int
+        # -1, the tensor -1 (its int64 bits) and 2**64 - 1 are one value
         v = int(v)
-        if name == "offset" and not 0 <= v < 2**63:
-            raise ValueError(f"offset must lie in [0, 2**63), got {v}")
-        if not 0 <= v < 2**64:
-            raise ValueError(f"seed must lie in [0, 2**64), got {v}")
+        if not -2**63 <= v < 2**64:
+            raise ValueError(f"{name} must lie in [-2**63, 2**64) (64 bits; a negative value is its two's complement, "
+                             f"as in an int64 tensor), got {v}")
         if torch.compiler.is_compiling() and v >= 2**63:
             # torch.compile may turn an int argument into a symbol, and inductor holds symbols as int64: the
             # compiled graph would fail on this seed (or on its int64 form, v - 2**64) with an overflow

@@ -68,7 +68,8 @@ def forward_noise(x0: Tensor, t, schedule: NoiseSchedule, seed=None, offset=0, o
     """x_t = sqrt(abar[t]) * x0 + sqrt(1 - abar[t]) * philox_normal(x0.shape, seed, offset), per sample.
 
     x0: [B, ...] float16/bfloat16/float32/float64 (any strides; channels_last is kept). t: int, 0-d or [B]
-    integer tensor in [0, T). seed: int in [0, 2**64), int tensor, or None (drawn from torch's generator).
+    integer tensor in [0, T). seed: a 64-bit value (int in [-2**63, 2**64), negatives in two's complement, or an
+    int tensor, its int64 bits), or None (drawn from torch's generator).
     offset: Philox counter offset (one counter = 4 elements)."""
     check_tensor("x0", x0)
     schedule = check_schedule(schedule)

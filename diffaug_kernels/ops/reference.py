@@ -18,7 +18,7 @@ _MASK32 = 0xFFFFFFFF
 
 def _u64_parts(v, device):
     """(low 32 bits, high 32 bits) of a 64-bit value (int or int64 tensor, two's complement) as int64."""
-    if not isinstance(v, torch.Tensor):  # a Python int in [0, 2**64)
+    if not isinstance(v, torch.Tensor):  # a Python int in [-2**63, 2**64): its low 64 bits
         return (torch.tensor(int(v) & _MASK32, device=device), torch.tensor((int(v) >> 32) & _MASK32, device=device))
     v = v.to(device, torch.int64)
     return v & _MASK32, (v >> 32) & _MASK32

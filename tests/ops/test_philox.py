@@ -66,6 +66,18 @@ def test_normals_match_reference(backend, seed, offset, n):
 
 
 @pytest.mark.parametrize("backend", ["reference"] + CPU_FUSED)
+def test_one_rule_for_int_and_tensor_seeds_and_offsets(backend):
+    """A seed or offset is 64 bits: the int -v, the tensor -v (its int64 bits) and the int 2**64 - v are one value,
+    and the counter wraps from 2**64 - 1 to 0."""
+    for v in (1, 5, 2**63):
+        want = dk.philox_normal((32,), 2**64 - v, 2**64 - v, backend=backend)
+        assert torch.equal(dk.philox_normal((32,), -v, -v, backend=backend), want)
+        assert torch.equal(dk.philox_normal((32,), torch.tensor(-v), torch.tensor(-v), backend=backend), want)
+    wrapped = dk.philox_normal((24,), 7, 2**64 - 2, backend=backend)  # counters 2**64 - 2, 2**64 - 1, 0, 1, ...
+    assert torch.equal(wrapped[8:], dk.philox_normal((16,), 7, 0, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_FUSED)
 def test_offset_shifts_the_stream(backend):
     full = dk.philox_normal((4 * 100 + 37,), 9, 0, backend=backend)
     part = dk.philox_normal((37,), 9, 100, backend=backend)
