@@ -12,7 +12,8 @@ from typing import Optional, Sequence
 
 from .commands.options import HelpFormatter, Parser
 
-COMMANDS = ("bench", "bench_model", "bench_ensemble", "plot", "train_score", "train_classifier", "evaluate", "demo")
+COMMANDS = ("bench", "bench_model", "bench_ensemble", "bench_certify", "plot", "train_score", "train_classifier",
+            "evaluate", "certify", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -123,11 +123,19 @@ def unreadable(e: BaseException) -> str:
     return f"unreadable: {type(e).__name__}" + (f": {first}" if first else "")
 
 
+def _is_zip(source) -> bool:
+    """zipfile.is_zipfile, which lets BadZipFile out for some damaged end records (a multi-disk one)."""
+    try:
+        return zipfile.is_zipfile(source)
+    except zipfile.BadZipFile:
+        return False
+
+
 def is_torch_save_file(path) -> bool:
     """Whether a file starts like something torch.load reads: a zip archive (torch.save since 1.6) or a pickle."""
     with open(path, "rb") as f:
         head = f.read(2)
-    return head.startswith(b"\x80") or zipfile.is_zipfile(path)
+    return head.startswith(b"\x80") or _is_zip(path)
 
 
 def torch_load(path, kind: str, error=None):
@@ -142,7 +150,7 @@ def torch_load(path, kind: str, error=None):
     if os.path.isfile(path):  # read once: the checks and torch.load share the bytes
         with open(path, "rb") as f:
             data = f.read()
-        if not (data.startswith(b"\x80") or zipfile.is_zipfile(io.BytesIO(data))):
+        if not (data.startswith(b"\x80") or _is_zip(io.BytesIO(data))):
             if data.startswith(b"PK\x03\x04"):  # the start of a zip archive without its end
                 raise error(f"{path} is truncated or damaged: an incomplete zip archive, not a whole {kind} "
                             f"checkpoint")

@@ -61,3 +61,18 @@ def test_atomic_save_writes_a_checksum_that_torch_load_and_torch_load_check(tmp_
     plain = str(tmp_path / "plain.pt")
     torch.save(obj, plain)
     assert utils.checksum_ok(plain) is None and utils.torch_load(plain, "test")["step"] == 3
+
+
+def test_a_zip_whose_end_record_names_another_disk_is_one_line(tmp_path):
+    """zipfile.is_zipfile lets BadZipFile out for an end record naming a second disk (found by tests/test_fuzz.py):
+    torch_load answers in one line instead."""
+    path = tmp_path / "multi.pt"
+    utils.atomic_save({"a": torch.ones(2)}, str(path))
+    raw = bytearray(path.read_bytes())
+    at = raw.rfind(b"PK\x05\x06")  # the end record; a zip64 locator before it saying "2 disks"
+    raw[at - 20:at] = b"PK\x06\x07" + (0).to_bytes(4, "little") + (0).to_bytes(8, "little") + (2).to_bytes(4, "little")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(utils.UsageError) as e:
+        utils.torch_load(str(path), "test")
+    assert "multi.pt" in str(e.value) and "\n" not in str(e.value)
+    assert utils.is_torch_save_file(str(path)) is False

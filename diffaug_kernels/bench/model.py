@@ -1,5 +1,6 @@
 """End-to-end benchmarks: the ADM UNet forward and the whole DiffAug augmentation (images/s), against the
-published pipeline (guided-diffusion's q_sample, the model, p_sample's pred_xstart), in one run.
+published pipeline (guided-diffusion's q_sample, the model, p_sample's pred_xstart), in one run; DE against the
+published per-t loop; certify's noise samples against the published DDS loop.
 
 CPU default: an 8M-parameter guided-diffusion-style UNet at 32x32, batch 64. GPU: the paper's 256x256
 unconditional model at 224x224, batch 64 (random weights: speed does not depend on them)."""
@@ -442,4 +443,138 @@ def run_ensemble(device=None, batch: int = 8, size: Optional[int] = None, flags:
     if json_path:
         write_json(result, json_path)
         log(f"[bench-ensemble] wrote {json_path}")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- certify
+def _published_posterior(sched: NoiseSchedule) -> dict:
+    """The float64 tables guided-diffusion's p_sample reads besides pred_xstart's: the posterior's mean
+    coefficients and clipped log variance, and log beta (the learned-range variance's upper end)."""
+    import numpy as np
+
+    betas = sched._np["betas"]
+    ac = sched._np["alphas_cumprod"]
+    ac_prev = np.append(1.0, ac[:-1])
+    var = betas * (1 - ac_prev) / (1 - ac)
+    return dict(log_var_clipped=np.log(np.append(var[1], var[1:])), log_betas=np.log(betas),
+                mean_coef1=betas * np.sqrt(ac_prev) / (1 - ac),
+                mean_coef2=(1 - ac_prev) * np.sqrt(1 - betas) / (1 - ac))
+
+
+def published_dds_counts(model, classifier, x, t_star: int, num: int, batch: int, tables: dict, num_classes: int):
+    """The published DDS loop (ethz-spylab/diffusion_denoised_smoothing's Smooth._sample_noise around
+    DiffusionRobustModel.denoise): per batch, the image repeated, q_sample with randn_like, p_sample (the model,
+    pred_xstart clipped, and the posterior mean, variance and sample it computes and DDS discards), the
+    classifier's argmax, and the counts in a Python loop. model(x_t, t) returns eps and the variance values."""
+    import numpy as np
+
+    ext = harness.extract_into_tensor
+    counts = np.zeros(num_classes, dtype=int)
+    C = x.shape[0]
+    while num > 0:
+        k = min(batch, num)
+        num -= k
+        xb = x.repeat((k, 1, 1, 1))
+        t = torch.tensor([t_star] * k, device=x.device)
+        shape = xb.shape
+        x_t = ext(tables["sqrt_alphas_cumprod"], t, shape) * xb + \
+            ext(tables["sqrt_one_minus_alphas_cumprod"], t, shape) * torch.randn_like(xb)
+        eps, var_values = torch.split(model(x_t, t), C, dim=1)
+        frac = (var_values + 1) / 2
+        log_var = frac * ext(tables["log_betas"], t, shape) + (1 - frac) * ext(tables["log_var_clipped"], t, shape)
+        x0 = (ext(tables["sqrt_recip_alphas_cumprod"], t, shape) * x_t -
+              ext(tables["sqrt_recipm1_alphas_cumprod"], t, shape) * eps).clamp(-1, 1)
+        mean = ext(tables["mean_coef1"], t, shape) * x0 + ext(tables["mean_coef2"], t, shape) * x_t
+        nonzero = (t != 0).float().view(-1, 1, 1, 1)
+        _sample = mean + nonzero * torch.exp(0.5 * log_var) * torch.randn_like(x_t)  # p_sample's, unused by DDS
+        for idx in classifier(x0).argmax(1).cpu().numpy():
+            counts[idx] += 1
+    return counts
+
+
+class _Classifier(torch.nn.Module):
+    """One classifier for every row: a timm network, channels_last, under bf16 autocast when bf16 is True."""
+
+    def __init__(self, net, device, bf16: bool):
+        super().__init__()
+        self.net, self.device_type, self.bf16 = net.to(memory_format=torch.channels_last), device.type, bf16
+
+    def forward(self, v):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.net(v.contiguous(memory_format=torch.channels_last)).float()
+
+
+def run_certify(device=None, batch: Optional[int] = None, size: Optional[int] = None, flags: Optional[dict] = None,
+                classifier: Optional[str] = None, sigma: float = 0.5, batches: int = 2, reps: int = 3,
+                warmup: int = 1, compile: bool = True, dtypes=(torch.float32, torch.bfloat16),
+                json_path: Optional[str] = None) -> dict:
+    """Noise samples per second of certification (one image, `batches` batches of `batch` noise draws per call,
+    the counts at the end) against the published DDS loop, in one run: the same UNet weights and classifier (a
+    timm network in every row, under bf16 autocast when bfloat16 is among dtypes), the same batch,
+    t* = dds_timestep(sigma).
+
+    Rows: the published DDS loop (guided-diffusion's q_sample and p_sample, fp16 eager on a GPU as its use_fp16
+    runs it, fp32 eager on the CPU), the base of every ratio; DenoisedSmoothing.sample_counts with the UNet in
+    each of dtypes, eager and (compile) compiled. (A CPU without AVX-512 BF16 runs bf16 convolutions emulated,
+    several times slower than fp32: give dtypes=(torch.float32,) there.) CPU default: the 8M-parameter UNet at
+    32x32, resnet18, batch 64; GPU: the paper's 256x256 unconditional model at 224x224, resnet50, batch 200."""
+    import timm
+
+    from ..certify import DenoisedSmoothing, dds_timestep
+
+    device, gpu, flags = device_and_unet(device, flags)
+    size = size or (224 if gpu else flags["image_size"])
+    check_size(size, flags)
+    batch = batch or (200 if gpu else 64)
+    if not flags.get("learn_sigma"):
+        raise ValueError("the published DDS loop reads p_sample's learned variance: the UNet needs learn_sigma")
+    classifier = classifier or ("resnet50" if gpu else "resnet18")
+    num_classes = 1000 if gpu else 10
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    torch.manual_seed(0)
+    model = create_adm_unet(**flags).to(device).eval()
+    clf = _Classifier(timm.create_model(classifier, pretrained=False, num_classes=num_classes), device,
+                      bf16=torch.bfloat16 in dtypes)
+    clf = clf.to(device).eval()
+    sched = NoiseSchedule.linear(1000)
+    t_star = dds_timestep(sched, sigma)
+    tables = {**_published_tables(sched), **_published_posterior(sched)}
+    published_unet = model
+    if gpu:
+        half = _fp16_copy(model, flags, device)
+        published_unet = lambda x_t, t: half(x_t.half(), t).float()  # noqa: E731
+    x = torch.rand(flags.get("in_channels", 3), size, size, device=device) * 2 - 1
+    num = batches * batch
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    smoothers = {f"dk.certify, {names[dtype]} {'compiled' if comp else 'eager'}": DenoisedSmoothing(
+        clf, model, sched, sigma, num_classes, dtype=dtype, compile=comp)
+        for dtype in dtypes for comp in ((False, True) if compile else (False,))}
+    pub = f"DDS loop, published ({'fp16' if gpu else 'fp32'} eager)"
+    cases = {pub: lambda: published_dds_counts(published_unet, clf, x, t_star, num, batch, tables, num_classes)}
+    for name, sm in smoothers.items():
+        cases[name] = (lambda sm: lambda: sm.sample_counts(x, num, batch, seed=0))(sm)
+    log(f"[bench-certify] {harness.device_name(device)}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-"
+        f"param UNet at {size}x{size}, {classifier}, sigma {sigma} (t* = {t_star}), {num} noise samples per call "
+        f"in batches of {batch}")
+    rows, sps = [], {}
+    result = dict(env=harness.environment(device), flags=flags, classifier=classifier, batch=batch, size=size,
+                  sigma=sigma, t_star=t_star, samples_per_call=num, reps=reps, dtypes=[str(d) for d in dtypes],
+                  rows=rows, complete=False)
+    with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        for name, fn in cases.items():
+            tm = harness.time_fn(fn, reps=reps, warmup=warmup, device=device, flush=False)
+            sps[name] = num / (tm.ms * 1e-3)
+            _keep_row(result, dict(impl=name, ms=tm.ms, first_call_ms=tm.first_ms, samples_per_s=sps[name],
+                                   images_per_s=sps[name], vs_published=sps[name] / sps[pub]), json_path)
+            log(f"[bench-certify] {name:<36} {tm.ms:10.1f} ms  {sps[name]:8.1f} samples/s")
+    print(f"{harness.device_name(device)} ({device.type}), torch {torch.__version__}; certify's noise samples at "
+          f"sigma {sigma} (t* = {t_star}), batch {batch} at {size}x{size}, {classifier}; median of {reps}")
+    w = max(len(r["impl"]) for r in rows)
+    for r in rows:
+        print(f"{r['impl']:<{w}}  {r['ms']:10.1f} ms  {r['samples_per_s']:8.1f} samples/s  "
+              f"{r['vs_published']:5.2f}x the published DDS loop")
+    result["complete"] = True
+    if json_path:
+        write_json(result, json_path)
+        log(f"[bench-certify] wrote {json_path}")
     return result

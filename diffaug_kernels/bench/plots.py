@@ -93,7 +93,8 @@ def entropy_vs_t(classifiers: Dict[str, Callable[[Tensor], Tensor]], aug, x: Ten
 
 
 # ------------------------------------------------------------------------------------------------ line plot
-_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # matplotlib's tab10
 
 
 def _have_matplotlib() -> bool:
@@ -105,9 +106,11 @@ def _have_matplotlib() -> bool:
 
 
 def plot_lines(series: Dict[str, tuple], path: str, title: str = "", xlabel: str = "", ylabel: str = "",
-               hline: Optional[tuple] = None, use_matplotlib: Optional[bool] = None) -> str:
+               hline: Optional[tuple] = None, use_matplotlib: Optional[bool] = None,
+               marker: Optional[str] = "o") -> str:
     """series: {label: (xs, ys)} -> a line plot PNG at path. hline=(y, label) draws a dashed reference line.
-    matplotlib when installed (use_matplotlib=None), else PIL."""
+    marker=None draws the lines alone (curves sampled on a fine grid). matplotlib when installed
+    (use_matplotlib=None), else PIL."""
     if use_matplotlib is None:
         use_matplotlib = _have_matplotlib()
     if use_matplotlib:
@@ -118,7 +121,7 @@ def plot_lines(series: Dict[str, tuple], path: str, title: str = "", xlabel: str
 
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
         for label, (xs, ys) in series.items():
-            ax.plot(xs, ys, marker="o", markersize=3, label=label)
+            ax.plot(xs, ys, marker=marker, markersize=3, label=label)
         if hline is not None:
             ax.axhline(hline[0], linestyle="--", color="grey", label=hline[1])
         ax.set_title(title)
@@ -130,7 +133,7 @@ def plot_lines(series: Dict[str, tuple], path: str, title: str = "", xlabel: str
         fig.savefig(path, format="png")
         plt.close(fig)
         return path
-    return _plot_lines_pil(series, path, title, xlabel, ylabel, hline)
+    return _plot_lines_pil(series, path, title, xlabel, ylabel, hline, marker is not None)
 
 
 def _nice_ticks(lo: float, hi: float, n: int = 5) -> list:
@@ -147,7 +150,7 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list:
     return ticks
 
 
-def _plot_lines_pil(series, path, title, xlabel, ylabel, hline) -> str:
+def _plot_lines_pil(series, path, title, xlabel, ylabel, hline, markers: bool = True) -> str:
     from PIL import Image, ImageDraw
 
     Wd, Ht = 640, 420
@@ -190,7 +193,7 @@ def _plot_lines_pil(series, path, title, xlabel, ylabel, hline) -> str:
         pts = [px(float(a), float(b)) for a, b in zip(xs, ys) if b is not None and math.isfinite(b)]
         if len(pts) > 1:
             d.line(pts, fill=col, width=2)
-        for X, Y in pts:
+        for X, Y in pts if markers else ():
             d.ellipse([X - 2, Y - 2, X + 2, Y + 2], fill=col)
         ly = T + 10 + 16 * k
         d.line([Wd - R + 10, ly + 6, Wd - R + 30, ly + 6], fill=col, width=2)

@@ -12,13 +12,15 @@ DESCRIPTION = ("The ADM UNet forward (eager fp32, bf16 autocast + channels_last,
                "uncond model at 224x224.")
 
 
-def add_model_bench_arguments(p, batch: int, size_help: str) -> None:
-    """The options bench-model and bench-ensemble share."""
+def add_model_bench_arguments(p, batch, size_help: str, reps: int = 5, warmup: int = 2) -> None:
+    """The options the model benchmarks share (bench-model, bench-ensemble, bench-certify). batch: an int, or
+    the words saying the default."""
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
-    p.add_argument("--batch", type=positive, default=batch, help=f"images per call (default {batch})")
+    p.add_argument("--batch", type=positive, default=batch if isinstance(batch, int) else None,
+                   help=f"images per call (default {batch})")
     p.add_argument("--size", type=positive, default=None, help=f"image size (default {size_help})")
-    p.add_argument("--reps", type=positive, default=5, help="timed repetitions, median reported (default 5)")
-    p.add_argument("--warmup", type=positive, default=2, help="untimed calls first, compiling (default 2)")
+    p.add_argument("--reps", type=positive, default=reps, help=f"timed repetitions, median reported (default {reps})")
+    p.add_argument("--warmup", type=positive, default=warmup, help=f"untimed calls first, compiling (default {warmup})")
     p.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON here")
     p.add_argument("--plot", metavar="PNG", default=None, help="also draw the results as a bar chart (images/s)")
     p.add_argument("--cudnn-benchmark", action="store_true",

@@ -78,3 +78,56 @@ def test_bench_ensemble_runs_and_reports(tmp_path):
     assert res["chunk_rows"] % 2 == 0 and 2 <= res["chunk_rows"] <= 18
     saved = json.loads((tmp_path / "de.json").read_text())
     assert saved["complete"] and [r["impl"] for r in saved["rows"]] == names
+
+
+def test_bench_certify_runs_and_reports(tmp_path):
+    """The certify benchmark at toy size: the published DDS loop and each dk row timed, ratios to the first."""
+    flags = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
+                 num_head_channels=16, learn_sigma=True)
+    res = bench_model.run_certify(device="cpu", batch=2, flags=flags, classifier="resnet10t", batches=2, reps=1,
+                                  warmup=1, compile=False, json_path=str(tmp_path / "c.json"))
+    names = [r["impl"] for r in res["rows"]]
+    assert names == ["DDS loop, published (fp32 eager)", "dk.certify, fp32 eager", "dk.certify, bf16 eager"]
+    assert res["t_star"] == 259 and res["samples_per_call"] == 4
+    for r in res["rows"]:
+        assert r["ms"] > 0 and r["samples_per_s"] == pytest.approx(4 / (r["ms"] * 1e-3))
+        assert r["vs_published"] == pytest.approx(r["samples_per_s"] / res["rows"][0]["samples_per_s"])
+    assert json.loads((tmp_path / "c.json").read_text())["complete"]
+    with pytest.raises(ValueError, match="learn_sigma"):
+        bench_model.run_certify(device="cpu", flags={**flags, "learn_sigma": False})
+
+
+def test_the_published_dds_loop_smooths_as_dk_certify_does():
+    """The timed baseline computes the same smoothed classifier: with an eps-model predicting zero, x0_hat is
+    clip(x + r eps) in both, so a sign-of-pixel-0 classifier counts class 1 with probability Phi(x0 / r) in both
+    (binomial counts within 5 standard deviations of each other)."""
+    import math
+
+    import torch
+    from scipy.stats import norm
+
+    import diffaug_kernels as dk
+
+    class Zero(torch.nn.Module):
+        in_channels = 1
+
+        def forward(self, x, t):
+            return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+
+    class Sign(torch.nn.Module):
+        def forward(self, v):
+            return torch.stack([-v[:, 0, 0, 0], v[:, 0, 0, 0]], 1)
+
+    sched = dk.NoiseSchedule.linear(1000)
+    sm = dk.certify.DenoisedSmoothing(Sign(), Zero(), sched, 0.25, 2)
+    x = torch.full((1, 4, 4), 0.3)
+    tables = {**bench_model._published_tables(sched), **bench_model._published_posterior(sched)}
+    n = 4000
+    torch.manual_seed(0)
+    published = bench_model.published_dds_counts(Zero(), Sign(), x, sm.t, n, 500, tables, 2)
+    ours = sm.sample_counts(x, n, 500, seed=1)
+    r = float(sched.sqrt_one_minus_alphas_cumprod[sm.t] / sched.sqrt_alphas_cumprod[sm.t])
+    p = norm.cdf(0.3 / r)
+    sd = math.sqrt(n * p * (1 - p))
+    assert published.sum() == ours.sum() == n
+    assert abs(published[1] - n * p) < 5 * sd and abs(ours[1] - n * p) < 5 * sd
