@@ -57,7 +57,7 @@ from ..robustness import dataset_identity, file_identity, in_channels, restrict_
 from ..schedule import NoiseSchedule
 from ..utils import Progress, StopRequest, UsageError, write_json
 from .evaluate import parse_classifiers, pick_image_size
-from .options import check_device, positive, positive_float, seed
+from .options import check_device, positive, positive_float, probability, seed
 
 NAME = "certify"
 HELP = "certified L2 robustness by diffusion denoised smoothing (DDS), resumable logs and the paper's table"
@@ -87,17 +87,6 @@ def sigma_list(s: str) -> tuple:
     if not out:
         raise argparse.ArgumentTypeError(f"no sigma in {s!r}: give e.g. 0.25,0.5,1.0")
     return tuple(out)
-
-
-def probability(s: str) -> float:
-    """A number in the open interval (0, 1) (the failure probability alpha)."""
-    try:
-        v = float(s)
-    except ValueError:
-        v = float("nan")
-    if not 0 < v < 1:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {s!r}")
-    return v
 
 
 def add_arguments(p) -> None:

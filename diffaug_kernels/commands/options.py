@@ -43,6 +43,14 @@ def non_negative_float(s: str) -> float:
     return v
 
 
+def probability(s: str) -> float:
+    """A number in the open interval (0, 1) (a failure probability such as certify's alpha)."""
+    v = _finite(s)
+    if not 0 < v < 1:  # (False for NaN)
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {s!r}")
+    return v
+
+
 def fraction(s: str) -> float:
     """A finite number in [0, 1) (a decay, a dropout or smoothing rate, a momentum)."""
     v = _finite(s)
