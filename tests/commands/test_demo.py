@@ -25,7 +25,16 @@ def test_demo_quick_end_to_end_and_rerun(tmp_path, capsys):
     assert set(res["accuracy"]["DiffAug"]["digits"]) == {"Default", "DE", "DDA", "DDA-SE"}
     assert res["images"]["DiffAug"]["digits"] == {"Default": 16, "DE": 16, "DDA": 4, "DDA-SE": 4}
     assert len(res["entropy_vs_t"]["t"]) == len(res["entropy_vs_t"]["DiffAug"]) == 3
-    for name in ("augmentation_grid.png", "entropy_vs_t.png"):
+    # certification: both classifiers at the quick sigma, from the certify command's logs (2 digits each)
+    assert set(res["certified_accuracy"]) == {"no-diffaug", "diffaug"} and res["certify_radii"][:2] == [0.0, 0.5]
+    assert set(res["certified_accuracy"]["diffaug"]) == {"sigma 0.5", "best"}
+    assert "DDS certification" in text and "certified accuracy at L2 radius 0.5" in text
+    for name in ("no-diffaug", "diffaug"):
+        rows = (out / "certify" / f"{name}__sigma_0.5.tsv").read_text().splitlines()
+        assert rows[0].split("\t") == ["idx", "label", "predict", "radius", "correct", "time"] and len(rows) == 3
+        correct = [int(r.split("\t")[4]) for r in rows[1:]]
+        assert res["certified_accuracy"][name]["sigma 0.5"][0] == sum(correct) / 2
+    for name in ("augmentation_grid.png", "entropy_vs_t.png", "certify/certified_accuracy.png"):
         with Image.open(out / name) as im:
             assert im.format == "PNG"
     assert (out / "no-diffaug" / "checkpoint.pt").is_file() and (out / "diffaug" / "checkpoint.pt").is_file()
