@@ -58,7 +58,7 @@ DEFAULTS = dict(model="resnet10t", epochs=5, batch_size=64, lr=0.05, eval_images
                 dda_depth=25, corruptions=("gaussian_noise:5:imagenet", "impulse_noise:5:imagenet",
                                                 "gaussian_blur:3:imagenet"),
                 entropy_images=128, entropy_times=tuple(range(0, 1000, 50)) + (999,), grid_images=6,
-                de_times=tuple(range(0, 451, 50)), cert_images=20, cert_sigmas=(0.25, 0.5), cert_n0=20, cert_n=200,
+                de_times=tuple(range(0, 451, 50)), cert_images=12, cert_sigmas=(0.25, 0.5), cert_n0=10, cert_n=100,
                 cert_batch=110)
 QUICK = dict(model="test_resnet", epochs=1, batch_size=32, lr=0.05, eval_images=16, dda_images=4, dda_steps=10,
              dda_depth=3, corruptions=("gaussian_noise:5",), entropy_images=8, entropy_times=(0, 500, 999),
@@ -263,21 +263,21 @@ def _run(out, quick, seed, score_model, threads, overrides) -> dict:
 
 def _certify(out: str, s: dict, score_flags: list, checkpoints: dict, seed: int, threads: Optional[int]) -> dict:
     """Both classifiers through the certify command: every (360 // cert_images)-th test digit, N0 / N draws at
-    each sigma. Its logs resume; after a classifier or the score-model file changes they start afresh (the command
-    refuses logs made with other models, rightly: here they are the demo's own output)."""
-    stamp = os.path.join(out, "demo_models.json")
-    spec = score_flags[1]  # --score-model's value: 'default' or the file the demo wrote
-    ids = {"classifiers": {n: robustness.file_identity(p) for n, p in checkpoints.items()},
-           "score_model": robustness.file_identity(spec) if os.path.isfile(spec) else spec}
-    if os.path.isdir(out) and _read_stamp(stamp) != ids:
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
-    write_json(ids, stamp)
+    each sigma. Its logs resume; after a classifier, the score-model file or these settings change they start
+    afresh (the command refuses logs made otherwise, rightly: here they are the demo's own output)."""
     argv = [arg for n, p in checkpoints.items() for arg in ("--classifier", f"{n}={p}")]
     argv += ["--dataset", "digits", "--sigma", ",".join(str(v) for v in s["cert_sigmas"]), "--N0", str(s["cert_n0"]),
              "--N", str(s["cert_n"]), "--alpha", "0.001", "--batch", str(s["cert_batch"]), "--skip",
              str(360 // s["cert_images"]), "--max", str(s["cert_images"]), "--image-size", "32", "--seed", str(seed),
              "--device", "cpu", "--out", out, "--no-progress", *score_flags]
+    stamp = os.path.join(out, "demo_models.json")
+    spec = score_flags[1]  # --score-model's value: 'default' or the file the demo wrote
+    ids = {"classifiers": {n: robustness.file_identity(p) for n, p in checkpoints.items()},
+           "score_model": robustness.file_identity(spec) if os.path.isfile(spec) else spec, "argv": argv}
+    if os.path.isdir(out) and _read_stamp(stamp) != ids:
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    write_json(ids, stamp)
     if threads:
         argv += ["--threads", str(threads)]
     parser = Parser(prog="diffaug certify")
