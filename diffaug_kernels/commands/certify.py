@@ -25,24 +25,45 @@ Images: dataset indices 0, skip, 2 * skip, ..., at most --max of them. Each imag
 key derived from (--seed, dataset index, sigma) only (image_seed), so a resumed run writes exactly the rows an
 uninterrupted one would, and every classifier sees the same noise at a sigma.
 
-Resume: a row is appended and fsync'ed per image. A rerun reads each log, drops a partial last line (a kill
-mid-write), skips the indices already there and appends the rest; a log with rows whose sidecar holds other
-settings (or is missing) is refused in one line before anything runs, and the score model loads before any file
-is written (a log without rows starts afresh). --device, --backend, --compile and --threads change how the rows
-are computed (up to float rounding), not what they estimate, and are not settings. Ctrl-C finishes the image at
-hand and stops (exit 130); rerunning the same command continues.
+Resume: a row is appended and fsync'ed per image, to the rank file ``<log>.rank<r>`` of the process that certified
+it (rank 0 for a lone process), and merged into the log when the run ends or stops
+(diffaug_kernels/commands/certify_log.py says why a kill at any point loses no row and doubles none). A rerun
+reads each log with any rank files an earlier, killed run left (whatever its number of processes), drops partial
+last lines (a kill mid-write), merges them into the log, skips the indices already there and certifies the rest; a
+log with rows whose sidecar holds other settings (or is missing) is refused in one line before anything runs, and
+the score model loads before any file is written (a log without rows starts afresh). --device, --backend,
+--compile and --threads change how the rows are computed (up to float rounding), not what they estimate, and are
+not settings. Ctrl-C finishes the image at hand and stops (exit 130); rerunning the same command continues.
+
+Several processes (GPUs): torchrun runs the command as ``python -m`` does (torchrun's ``-m``)::
+
+    torchrun --nproc_per_node=8 -m diffaug_kernels certify --classifier runs/in1k/checkpoint.pt \\
+        --dataset /data/imagenet/val --score-model 256x256_diffusion_uncond.pt --score-config imagenet256_uncond \\
+        --sigma 0.25,0.5,1.0 --skip 100 --max-images 500 --dtype bfloat16 --out certify_in1k
+
+(--max-images is --max: torchrun reads every ``--max`` on its command line as an abbreviation of its own
+--max-restarts, and refuses it.)
+
+Every rank loads the classifiers, the data and the score model, rank r on cuda:LOCAL_RANK (gloo on CPU, nccl on
+CUDA: diffaug_kernels/commands/distributed.py). Rank 0 alone reads and checks the logs and sidecars and merges
+rank files left by an earlier run; an error on any rank stops every rank (a collective after each phase), said
+once by rank 0. Of the indices a log still lacks, rank r certifies the r-th of every world_size
+(todo[r::world_size]), so a resumed log is shared evenly too. The ranks go in steps of one image each and exchange
+their new rows after each step: rank 0's progress counts every rank's rows (with --no-progress it prints each with
+its rank), and a Ctrl-C (torchrun passes it to every rank) stops all ranks after the same step. At the end rank 0
+merges the rank files into the log, sorted by index, and writes the table, summary.json and the plot: the same
+rows, one per index, and the same numbers as one process writes (only the time column differs), since each image's
+noise depends on (--seed, index, sigma) alone.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import math
 import os
 import struct
 import sys
 import time
-from typing import Dict, List, Sequence, Tuple
+from types import SimpleNamespace
+from typing import Dict, Sequence
 
 import numpy as np
 import torch
@@ -53,9 +74,22 @@ from ..certify import ABSTAIN, DenoisedSmoothing, certified_accuracy, dds_timest
 from ..data.eval_sets import DatasetSpec, build_dataset, check_channels, label_map, parse_datasets
 from ..models.classifier import load_classifier
 from ..models.score import DEFAULT_WEIGHTS, MAX_T, read_metadata, resolve_score_model
-from ..robustness import dataset_identity, file_identity, in_channels, restrict_logits, safe_name
+from ..robustness import dataset_identity, file_identity, in_channels, restrict_logits
 from ..schedule import NoiseSchedule
 from ..utils import Progress, StopRequest, UsageError, write_json
+from .certify_log import (
+    COLUMNS,
+    append_row,
+    check_log,
+    format_row,
+    jsonable,
+    log_paths,
+    merge_log,
+    open_rank_log,
+    prepare_log,
+    summary_rows,
+)
+from .distributed import DistInfo, all_gather_object, close_distributed, init_distributed
 from .evaluate import parse_classifiers, pick_image_size
 from .options import check_device, positive, positive_float, probability, seed
 
@@ -67,9 +101,6 @@ DESCRIPTION = ("Certified accuracy at L2 radii of train_classifier checkpoints s
                "a plot, all computed from the logs.")
 
 RADII = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)  # the paper's table columns
-COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
-HEADER = "\t".join(COLUMNS) + "\n"
-LOG_FORMAT = "diffaug_kernels.certify_log.v1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -107,7 +138,9 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=positive, default=200, help="noise draws per model call")
     p.add_argument("--skip", type=positive, default=1,
                    help="certify every skip-th image of the data set (indices 0, skip, 2 * skip, ...)")
-    p.add_argument("--max", type=positive, default=None, help="certify at most this many images (default: all)")
+    p.add_argument("--max", "--max-images", dest="max", type=positive, default=None,
+                   help="certify at most this many images (default: all); under torchrun write --max-images, since "
+                        "torchrun's own parser takes --max for an abbreviation of its --max-restarts")
     p.add_argument("--score-model", default="default",
                    help="'default' (the shipped digits model; the default), a train-score .safetensors export, a "
                         "guided-diffusion checkpoint with --score-config/--score-flag, or 'random' (tests only; "
@@ -123,7 +156,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="folder of the logs, table.txt, summary.json and the plot")
     p.add_argument("--seed", type=seed, default=0,
                    help="seed of the noise; each image's derives from it, its index and sigma (default 0)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto: cuda when available)")
+    p.add_argument("--device", default="auto",
+                   help="auto | cpu | cuda[:i] (default auto: cuda when available; under torchrun cuda:LOCAL_RANK)")
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
                    help="the score model's autocast dtype (bfloat16 is the fast one on GPUs)")
     p.add_argument("--compile", action="store_true", help="torch.compile the score model (CUDA graphs on CUDA)")
@@ -141,116 +175,6 @@ def image_seed(seed: int, idx: int, sigma: float) -> int:
     return int(np.random.SeedSequence([int(seed), int(idx), bits]).generate_state(1, np.uint64)[0])
 
 
-# ------------------------------------------------------------------------------------------------ logs
-def log_paths(out: str, classifier: str, sigma: float) -> Tuple[str, str]:
-    """(log, sidecar) of one classifier x sigma."""
-    stem = os.path.join(out, f"{safe_name(classifier)}__sigma_{float(sigma)!r}")
-    return stem + ".tsv", stem + ".json"
-
-
-def format_row(idx: int, label: int, predict: int, radius: float, seconds: float) -> str:
-    correct = int(predict != ABSTAIN and predict == label)
-    return (f"{int(idx)}\t{int(label)}\t{int(predict)}\t{float(radius)!r}\t{correct}\t"
-            f"{datetime.timedelta(seconds=seconds)}\n")
-
-
-def read_log(path: str) -> Tuple[List[tuple], int]:
-    """(rows, whole) of a log: rows as (idx, label, predict, radius, correct, time) tuples, whole the byte length
-    of its complete lines; a last line without its newline (a run killed mid-write) is left out of both, and so
-    is a partial header. UsageError for anything else that is not a row."""
-    with open(path, "rb") as f:
-        data = f.read()
-    whole = data.rfind(b"\n") + 1
-    lines = data[:whole].decode("utf-8", errors="replace").splitlines()
-    if not lines and HEADER.encode().startswith(data):  # empty, or a header cut short
-        return [], 0
-    if not lines or lines[0] + "\n" != HEADER:
-        raise UsageError(f"{path} is not a certify log (its first line is not {HEADER.strip()!r}); move it away or "
-                         f"give another --out")
-    rows = []
-    for n, line in enumerate(lines[1:], 2):
-        parts = line.split("\t")
-        try:
-            if len(parts) != len(COLUMNS):
-                raise ValueError
-            idx, label, predict, correct = (int(parts[i]) for i in (0, 1, 2, 4))
-            radius = float(parts[3])
-            if idx < 0 or correct not in (0, 1) or not radius >= 0 or math.isinf(radius):
-                raise ValueError
-        except ValueError:
-            raise UsageError(f"{path}, line {n}, is not a row of {len(COLUMNS)} tab-separated columns "
-                             f"{', '.join(COLUMNS)}: {line[:120]!r}") from None
-        rows.append((idx, label, predict, radius, correct, parts[5]))
-    return rows, whole
-
-
-def _read_json(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def _jsonable(obj):
-    return json.loads(json.dumps(obj))
-
-
-def check_log(path: str, sidecar: str, settings: dict, allowed: Sequence[int]) -> List[tuple]:
-    """The rows of a log made with these settings; none for a missing log or one without rows (which prepare_log
-    starts afresh, with these settings). UsageError, in one line, for a file that is not a certify log, a log with
-    rows made with other settings or without its sidecar, or rows at indices these settings never take or twice.
-    Nothing is written."""
-    if not os.path.exists(path):
-        return []
-    if not os.path.isfile(path):
-        raise UsageError(f"{path} is not a file; move it away or give another --out")
-    rows, _ = read_log(path)
-    if not rows:  # a header, or a kill before the first row: nothing to keep or to contradict
-        return []
-    meta = _read_json(sidecar)
-    if not isinstance(meta, dict) or meta.get("format") != LOG_FORMAT or not isinstance(meta.get("settings"), dict):
-        raise UsageError(f"{path} has no readable settings file {os.path.basename(sidecar)} beside it, so it cannot "
-                         f"be continued; move it away or give another --out")
-    old, new = meta["settings"], _jsonable(settings)
-    if old != new:
-        diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-        said = "; ".join(f"{k}: {_short(old.get(k))} there, {_short(new.get(k))} now" for k in diff[:3])
-        raise UsageError(f"{path} was written with other settings ({said}{'; ...' if len(diff) > 3 else ''}); "
-                         f"rerun with its settings, or give another --out")
-    seen, ok = set(), set(allowed)
-    for r in rows:
-        if r[0] not in ok or r[0] in seen:
-            why = "twice" if r[0] in seen else "which these settings never take"
-            raise UsageError(f"{path} holds a row for image {r[0]} {why}; the log was edited: move it away")
-        seen.add(r[0])
-    return rows
-
-
-def _short(v) -> str:
-    s = repr(v)
-    return s if len(s) <= 60 else s[:57] + "..."
-
-
-def prepare_log(path: str, sidecar: str, settings: dict, t: int) -> None:
-    """Makes a log that check_log accepted ready for appending: one with rows loses a partial last line (a kill
-    mid-write); a new one, or one without rows, gets its sidecar and then its header (in that order, so a log
-    never has rows without the settings they were made with)."""
-    if os.path.exists(path):
-        rows, whole = read_log(path)
-        if rows:
-            if whole != os.path.getsize(path):
-                with open(path, "r+b") as f:
-                    f.truncate(whole)
-                    os.fsync(f.fileno())
-            return
-    write_json({"format": LOG_FORMAT, "settings": _jsonable(settings), "t": t}, sidecar)
-    with open(path, "w") as f:
-        f.write(HEADER)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 # ------------------------------------------------------------------------------------------------ summary
 def summarize(logs: Dict[str, Dict[float, str]], indices: Sequence[int], radii: Sequence[float] = RADII) -> dict:
     """Certified accuracy at each radius from the logs: logs {classifier: {sigma: path}}; only the rows of the
@@ -262,11 +186,7 @@ def summarize(logs: Dict[str, Dict[float, str]], indices: Sequence[int], radii: 
     for name, by_sigma in logs.items():
         per = {}
         for sigma, path in by_sigma.items():
-            rows, _ = read_log(path) if os.path.isfile(path) else ([], 0)
-            got = {}
-            for r in rows:
-                if r[0] in want:
-                    got.setdefault(r[0], r)
+            got = summary_rows(path, want)
             rad = [r[3] for r in got.values()]
             ok = [bool(r[4]) and r[2] != ABSTAIN for r in got.values()]
             per[repr(float(sigma))] = {
@@ -313,7 +233,7 @@ def plot_curves(logs: Dict[str, Dict[float, str]], indices: Sequence[int], path:
     data = {}
     for name, by_sigma in logs.items():
         for sigma, p in by_sigma.items():
-            rows = {r[0]: r for r in (read_log(p)[0] if os.path.isfile(p) else []) if r[0] in want}
+            rows = summary_rows(p, want)
             if rows:
                 data[(name, sigma)] = (np.array([r[3] for r in rows.values()]),
                                        np.array([bool(r[4]) and r[2] != ABSTAIN for r in rows.values()]))
@@ -388,15 +308,53 @@ class _Tally:
         self.saved = self.total = 0
 
 
+class _Relayed(UsageError):
+    """An error another rank met, raised here so that every rank stops; rank 0 says it."""
+
+
+def _together(info: DistInfo, fn, main_only: bool = False, share: bool = False):
+    """fn() run on every rank (main_only: on rank 0 alone), then a collective: when it failed anywhere, every rank
+    raises (a rank its own error; the others _Relayed, rank 0's words, or 'rank r: ...'), so no rank waits for
+    one that has stopped. Returns fn's result here, or rank 0's on every rank with share."""
+    res = err = None
+    if info.is_main or not main_only:
+        try:
+            res = fn()
+        except Exception as e:  # every rank must hear of it, whatever it is
+            if not info.distributed:
+                raise
+            err = e
+    if not info.distributed:
+        return res
+    said = None if err is None else (str(err) if isinstance(err, (UsageError, FileNotFoundError))
+                                     else f"{type(err).__name__}: {err}")
+    got = all_gather_object((said, res if share and info.is_main else None), info)
+    failed = [(r, m) for r, (m, _) in enumerate(got) if m is not None]
+    if failed:
+        if err is not None and (info.is_main or not isinstance(err, (UsageError, FileNotFoundError))):
+            raise err  # a rank's own error other than a usage error keeps its traceback there
+        r, msg = failed[0]
+        raise _Relayed(msg if r == 0 else f"rank {r}: {msg}")
+    return got[0][1] if share else res
+
+
 def main(args) -> int:
-    tally = _Tally()
+    tally, info = _Tally(), None
     try:
-        return _main(args, tally)
+        device = check_device("certify", args.device)
+        info = init_distributed(str(device) if device.index is not None else device.type)
+        return _main(args, info, tally)
     except (FileNotFoundError, UsageError) as e:
+        if info is not None and not info.is_main and isinstance(e, _Relayed):
+            raise SystemExit(1) from None  # rank 0 prints it once
         raise SystemExit(f"diffaug certify: error: {e}") from None
     except KeyboardInterrupt:  # a second Ctrl-C: the rows written so far are whole (each one is fsync'ed)
-        print(f"\ndiffaug certify: interrupted; {_saved(tally, args.out)}", file=sys.stderr)
+        if info is None or info.is_main:
+            print(f"\ndiffaug certify: interrupted; {_saved(tally, args.out)}", file=sys.stderr)
         return 130
+    finally:
+        if info is not None:
+            close_distributed(info)
 
 
 def _saved(tally: _Tally, out: str) -> str:
@@ -406,9 +364,10 @@ def _saved(tally: _Tally, out: str) -> str:
             f"them")
 
 
-def _main(args, tally: _Tally) -> int:
+def _setup(args, device) -> SimpleNamespace:
+    """Every option checked, the classifiers loaded and the images and logs decided; the same on every rank.
+    Nothing is written but the --out folder."""
     # every option is checked before a model loads: a bad one is one line, no traceback
-    device = check_device("certify", args.device)
     if os.path.isfile(args.out):
         raise UsageError(f"--out {args.out} is a file; give a folder for the logs")
     cspecs = parse_classifiers(args.classifier)
@@ -457,31 +416,63 @@ def _main(args, tally: _Tally) -> int:
     common = {"score_model": score_identity(args, schedule),
               "dataset": [*dataset_identity(dspec), size, channels], "N0": args.N0, "N": args.N,
               "alpha": args.alpha, "seed": args.seed, "skip": args.skip, "batch": args.batch, "dtype": args.dtype}
-    jobs, logs = [], {}
+    jobs = []  # (classifier, sigma, log, sidecar, settings)
     for (cname, _), cspec in zip(classifiers, cspecs):
         for s in args.sigma:
             path, sidecar = log_paths(args.out, cname, s)
-            settings = {"classifier": file_identity(cspec.path), "sigma": s, **common}
-            rows = check_log(path, sidecar, settings, every)
-            done = {r[0] for r in rows}
-            jobs.append((cname, s, path, sidecar, settings, [i for i in indices if i not in done]))
-            logs.setdefault(cname, {})[s] = path
-            tally.saved += len(done & set(indices))
-    tally.total = len(jobs) * len(indices)
-    # the score model, when there is work, before any file is written: a flag it refuses leaves no log behind
-    score = load_score(args, dspec, channels, size, schedule, device) if any(j[5] for j in jobs) else None
-    for cname, s, path, sidecar, settings, _ in jobs:  # all logs checked first: a refusal leaves every file as is
-        prepare_log(path, sidecar, settings, times[s])
-    if score is not None and _certify(args, device, classifiers, maps, dataset, jobs, score, tally):
-        print(f"diffaug certify: stopped; {_saved(tally, args.out)}", file=sys.stderr)
-        return 130
+            jobs.append((cname, s, path, sidecar, {"classifier": file_identity(cspec.path), "sigma": s, **common}))
+    return SimpleNamespace(dspec=dspec, schedule=schedule, times=times, classifiers=classifiers, channels=channels,
+                           size=size, dataset=dataset, every=every, indices=indices, maps=maps, common=common,
+                           jobs=jobs)
 
+
+def _plan(run: SimpleNamespace) -> dict:
+    """Rank 0's reading of the logs (rank files of an earlier run included): the indices each job still lacks and
+    the rows already there. Nothing is written."""
+    todo, saved, want = [], 0, set(run.indices)
+    for _, _, path, sidecar, settings in run.jobs:
+        done = {r[0] for r in check_log(path, sidecar, settings, run.every)}
+        todo.append([i for i in run.indices if i not in done])
+        saved += len(done & want)
+    return {"todo": todo, "saved": saved}
+
+
+def _main(args, info: DistInfo, tally: _Tally) -> int:
+    run = _together(info, lambda: _setup(args, info.device))
+    plan = _together(info, lambda: _plan(run), main_only=True, share=True)
+    jobs = [(*job, todo) for job, todo in zip(run.jobs, plan["todo"])]
+    tally.saved, tally.total = plan["saved"], len(jobs) * len(run.indices)
+    # the score model, when there is work, before any file is written: a flag it refuses leaves no log behind
+    score = None
+    if any(j[5] for j in jobs):
+        score = _together(info, lambda: load_score(args, run.dspec, run.channels, run.size, run.schedule,
+                                                   info.device))
+
+    def prepare():  # all logs checked first: a refusal leaves every file as is
+        for _, s, path, sidecar, settings, _ in jobs:
+            prepare_log(path, sidecar, settings, run.times[s], run.every)
+
+    _together(info, prepare, main_only=True)
+    stopped = score is not None and _certify(args, info, run, jobs, score, tally)
+    _together(info, lambda: [merge_log(j[2], run.every) for j in jobs], main_only=True)  # every rank's rows
+    if stopped:
+        if info.is_main:
+            print(f"diffaug certify: stopped; {_saved(tally, args.out)}", file=sys.stderr)
+        return 130
+    if not info.is_main:
+        return 0
+
+    logs = {}
+    for cname, s, path, *_ in jobs:
+        logs.setdefault(cname, {})[s] = path
+    indices, dspec = run.indices, run.dspec
     what = f"{len(indices)} images of {dspec.name}" + (
         f" (indices 0, {args.skip}, {2 * args.skip}, ...)" if args.skip > 1 and len(indices) > 1 else "")
     title = f"DDS certification: N0={args.N0}, N={args.N}, alpha={args.alpha:g}, {what}"
     summary = summarize(logs, indices)
     table = format_table(summary, title)
-    summary.update(title=title, settings=_jsonable(common), t={repr(s): t for s, t in times.items()}, table=table)
+    summary.update(title=title, settings=jsonable(run.common), t={repr(s): t for s, t in run.times.items()},
+                   table=table)
     write_json(summary, os.path.join(args.out, "summary.json"))
     with open(os.path.join(args.out, "table.txt"), "w") as f:
         f.write(table + "\n")
@@ -512,18 +503,20 @@ def load_score(args, dspec: DatasetSpec, channels: int, size: int, early: NoiseS
     return model.to(device), schedule
 
 
-def _certify(args, device, classifiers, maps, dataset, jobs, score, tally: _Tally) -> bool:
-    """Certifies every image each job still lacks, one fsync'ed row each; True when Ctrl-C stopped it."""
+def _certify(args, info: DistInfo, run: SimpleNamespace, jobs, score, tally: _Tally) -> bool:
+    """Certifies every image each job still lacks, rank r the r-th of every world_size of them, one fsync'ed row
+    each in its rank file; True when Ctrl-C stopped it. The ranks go in steps of one image each and share their
+    rows after every step (rank 0 shows them all), so a Ctrl-C on any rank stops every rank after that step."""
     model, schedule = score
-    clfs = dict(classifiers)
-    done = tally.saved
-    bar = Progress(tally.total, initial=done, desc="certify", unit="img", bar=False if args.no_progress else None)
+    clfs, W = dict(run.classifiers), info.world_size
+    bar = Progress(tally.total, initial=tally.saved, desc="certify", unit="img",
+                   bar=False if args.no_progress else None, quiet=not info.is_main)
     try:
         with StopRequest("finishing this image, then stopping") as stop:
             for cname, sigma, path, _, _, todo in jobs:
                 if not todo:
                     continue
-                nc, lmap, allowed = maps[cname]
+                nc, lmap, allowed = run.maps[cname]
                 clf = clfs[cname] if allowed is None else _Restricted(clfs[cname], allowed)
                 try:
                     smooth = DenoisedSmoothing(clf, model, schedule, sigma, nc, prediction=getattr(
@@ -531,25 +524,37 @@ def _certify(args, device, classifiers, maps, dataset, jobs, score, tally: _Tall
                         backend=args.backend)
                 except ValueError as e:
                     raise UsageError(f"--sigma {sigma:g}: {e}") from None
-                bar.write(f"[{cname} | sigma {sigma:g}, t = {smooth.t}] {len(todo)} images to certify -> {path}")
-                with open(path, "a") as log:
-                    for idx in todo:
-                        x, y = dataset[idx]
-                        label = int(y) if lmap is None else int(lmap[int(y)])
-                        t0 = time.time()
-                        predict, radius = smooth.certify(x.to(device), args.N0, args.N, args.alpha, args.batch,
-                                                         seed=image_seed(args.seed, idx, sigma))
-                        row = format_row(idx, label, predict, radius, time.time() - t0)
-                        log.write(row)
-                        log.flush()
-                        os.fsync(log.fileno())
-                        tally.saved += 1
-                        bar.update(1, clf=cname, sigma=f"{sigma:g}")
-                        if bar.bar is None:
-                            bar.write(f"[{cname} | sigma {sigma:g}] " + "  ".join(
-                                f"{k} {v}" for k, v in zip(COLUMNS, row.rstrip("\n").split("\t"))))
-                        if stop.requested:
+                by = f" by {W} processes" if W > 1 else ""
+                bar.write(f"[{cname} | sigma {sigma:g}, t = {smooth.t}] {len(todo)} images to certify{by} -> {path}")
+                mine = todo[info.rank::W]
+                log = open_rank_log(path, info.rank) if mine else None
+                try:
+                    for n in range(-(-len(todo) // W)):  # every rank takes as many steps, with or without an image
+                        row = None
+                        if n < len(mine):
+                            idx = mine[n]
+                            x, y = run.dataset[idx]
+                            label = int(y) if lmap is None else int(lmap[int(y)])
+                            t0 = time.time()
+                            predict, radius = smooth.certify(x.to(info.device), args.N0, args.N, args.alpha,
+                                                             args.batch, seed=image_seed(args.seed, idx, sigma))
+                            row = format_row(idx, label, predict, radius, time.time() - t0)
+                            append_row(log, row)
+                        step = all_gather_object((row, stop.requested), info)
+                        for r, (got, _) in enumerate(step):
+                            if got is None:
+                                continue
+                            tally.saved += 1
+                            bar.update(1, clf=cname, sigma=f"{sigma:g}")
+                            if bar.bar is None:
+                                who = f" | rank {r}" if W > 1 else ""
+                                bar.write(f"[{cname} | sigma {sigma:g}{who}] " + "  ".join(
+                                    f"{k} {v}" for k, v in zip(COLUMNS, got.rstrip("\n").split("\t"))))
+                        if any(asked for _, asked in step):
                             return True
+                finally:
+                    if log is not None:
+                        log.close()
     finally:
         bar.close()
     return False

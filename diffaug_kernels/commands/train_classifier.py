@@ -76,7 +76,6 @@ Choices and what they guarantee:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import math
@@ -97,6 +96,7 @@ from ..models.classifier import CHECKPOINT_FORMAT, create_classifier, parse_norm
 from ..models.score import resolve_score_model
 from ..ops import BACKENDS
 from ..utils import Progress, StopRequest, UsageError, atomic_save, ignore_interrupt, torch_load, trim_log
+from .distributed import DistInfo, all_gather_object, all_reduce, any_rank, close_distributed, init_distributed
 from .options import HelpFormatter, Parser, fraction, non_negative, non_negative_float, positive, positive_float, seed
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -228,77 +228,12 @@ def add_arguments(p) -> None:
                         "values and seed (to check that ranks draw different noise)")
 
 
-# ------------------------------------------------------------------------------------------------ seeds, ranks
+# ------------------------------------------------------------------------------------------------ seeds
 def derive_seed(seed: int, rank: int, tag: str) -> int:
     """A 64-bit seed for the stream `tag` of process `rank` of a run seeded with `seed` (numpy's SeedSequence:
     distinct (seed, rank, tag) give independent streams)."""
     tag_int = int.from_bytes(hashlib.sha256(tag.encode()).digest()[:4], "little")
     return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(rank), tag_int]).generate_state(1, np.uint64)[0])
-
-
-@dataclasses.dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    initialized_here: bool = False
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Reads torchrun's WORLD_SIZE / RANK / LOCAL_RANK; with more than one process, joins the process group
-    (nccl on CUDA, gloo on CPU). The device: cuda:LOCAL_RANK when CUDA is there (and not --device cpu)."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda was asked for but torch sees no CUDA device")
-        dev = torch.device("cuda", local if dev.index is None else dev.index)
-        torch.cuda.set_device(dev)
-    info = DistInfo(rank, world, local, dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-        info.initialized_here = True
-    return info
-
-
-def _all_reduce(t: Tensor, info: DistInfo) -> Tensor:
-    if info.distributed:
-        import torch.distributed as dist
-
-        dist.all_reduce(t)
-    return t
-
-
-def _any_rank(flag: bool, info: DistInfo) -> bool:
-    """Whether flag is set on any rank (a collective: every rank calls it at the same step)."""
-    if not info.distributed:
-        return flag
-    return bool(_all_reduce(torch.tensor([int(flag)], device=info.device), info).item())
-
-
-def _all_gather_object(obj, info: DistInfo) -> list:
-    if not info.distributed:
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * info.world_size
-    dist.all_gather_object(out, obj)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ classifier
@@ -446,7 +381,7 @@ def evaluate(model: nn.Module, loader, aug, device: torch.device, info: DistInfo
             with _autocast(device, amp):
                 counts[1] += (model(x0_hat).argmax(1) == y).sum()
         counts[2] += y.shape[0]
-    _all_reduce(counts, info)
+    all_reduce(counts, info)
     n = counts[2].item()
     return {"val_acc_clean": counts[0].item() / max(n, 1),
             "val_acc_diffaug": counts[1].item() / max(n, 1) if aug is not None else None,
@@ -524,10 +459,7 @@ def train(args) -> dict:
     try:
         return _train(args, info)
     finally:
-        if info.initialized_here:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        close_distributed(info)
         torch.set_num_threads(old_threads)
 
 
@@ -669,8 +601,8 @@ def _train(args, info: DistInfo) -> dict:
                 f.write(json.dumps(record) + "\n")
 
     def save_checkpoint():
-        reduced = _all_reduce(epoch_stats.clone(), info)  # collective: every rank calls this
-        rngs = _all_gather_object(_rng_state(noise_gen), info)
+        reduced = all_reduce(epoch_stats.clone(), info)  # collective: every rank calls this
+        rngs = all_gather_object(_rng_state(noise_gen), info)
         if not (main and out):
             return
         atomic_save({
@@ -685,7 +617,7 @@ def _train(args, info: DistInfo) -> dict:
         }, os.path.join(out, CHECKPOINT_NAME))
 
     def epoch_record(stats: Tensor, ep: int, complete: bool) -> dict:
-        s = _all_reduce(stats.clone(), info).tolist()
+        s = all_reduce(stats.clone(), info).tolist()
         n = max(s[4], 1)
         rec = {"epoch": ep, "complete": complete, "step": global_step, "lr": optimizer.param_groups[0]["lr"],
                "train_loss_clean": s[0] / n, "train_acc_clean": s[2] / n, "train_n": int(s[4])}
@@ -745,7 +677,7 @@ def _train(args, info: DistInfo) -> dict:
                 if global_step % interval == 0 and not torch.isfinite(res["loss"]):  # no sync per step
                     raise FloatingPointError(f"the loss is {res['loss'].item()} at step {global_step}")
                 if not info.distributed or global_step % interval == 0:  # every rank asks at the same steps
-                    interrupted = interrupted or _any_rank(stop.requested, info)
+                    interrupted = interrupted or any_rank(stop.requested, info)
                 if global_step >= total_steps or interrupted or (
                         args.stop_at_step is not None and global_step >= args.stop_at_step):
                     break

@@ -1,21 +1,26 @@
 """`diffaug certify`: the logs' format and rows (the library's CERTIFY on the same seeds), resume after a kill
 (no row lost or doubled, the rows of an uninterrupted run), a truncated last line, refusing a log made with other
-settings, the table and summary computed from the logs, the plot, Ctrl-C, and one-line errors before any model
-loads. Tiny everything: a random 1-level ADM UNet, timm's test_resnet as a nearest-class-mean digits classifier,
-8x8 digits, N = 32 at alpha = 0.1 (so rows vary with the noise: some certify, some abstain)."""
+settings, the table and summary computed from the logs, the plot, Ctrl-C, one-line errors before any model
+loads, and torchrun (2 gloo processes: the rows and numbers of one, resumed across world sizes, rank files of a
+killed run merged). Tiny everything: a random 1-level ADM UNet, timm's test_resnet as a nearest-class-mean digits
+classifier, 8x8 digits, N = 32 at alpha = 0.1 (so rows vary with the noise: some certify, some abstain)."""
 import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_UNET_FLAGS, assert_one_line_failure, classifier_checkpoint, cli_subprocess
+from helpers import CLI_ENV, TINY_UNET_FLAGS, assert_one_line_failure, classifier_checkpoint, cli_subprocess
 
 import diffaug_kernels as dk
 from diffaug_kernels import cli
 from diffaug_kernels.commands import certify as cc
+from diffaug_kernels.commands import certify_log as cl
 from diffaug_kernels.models import classifier
 
 N0, N, BATCH, SIZE, SKIP, ALPHA = 8, 32, 16, 8, 50, 0.1
@@ -94,7 +99,7 @@ def test_logs_hold_the_library_rows_and_the_outputs(files, tmp_path, capsys):
             assert int(h) == 0 and 0 <= int(m) < 60 and 0 < float(s) < 60
         meta = json.loads(sidecar.read_text())
         st = meta["settings"]
-        assert meta["format"] == cc.LOG_FORMAT and meta["t"] == dk.certify.dds_timestep(sched, sigma)
+        assert meta["format"] == cl.LOG_FORMAT and meta["t"] == dk.certify.dds_timestep(sched, sigma)
         assert (st["N0"], st["N"], st["alpha"], st["sigma"], st["seed"], st["skip"], st["batch"]) == \
                (N0, N, ALPHA, sigma, 0, SKIP, BATCH)
         assert st["classifier"][0] == os.path.abspath(files["clf"]) and st["score_model"]["spec"][0] == files["unet"]
@@ -185,7 +190,7 @@ def test_a_score_model_refused_at_load_leaves_no_log(files, tmp_path):
         cli.main(argv(files, out, "--score-flag", "nonsense=1", max_images=1))
     assert "\n" not in str(e.value) and not list(out.glob("*.tsv")) and not list(out.glob("*.json"))
     log = out / "c__sigma_0.12.tsv"
-    log.write_text(cc.HEADER)  # a kill before the first row, under other settings (no sidecar at all)
+    log.write_text(cl.HEADER)  # a kill before the first row, under other settings (no sidecar at all)
     assert cli.main(argv(files, out, max_images=1)) == 0
     assert len(rows_of(log)) == 1 and json.loads((out / "c__sigma_0.12.json").read_text())["settings"]["N"] == N
 
@@ -200,7 +205,7 @@ def test_table_and_summary_come_from_the_logs(files, tmp_path, monkeypatch, caps
         0.25: [(0, 7, 7, 1.2), (50, 8, 3, 0.9), (100, 5, 5, 0.0)],
     }
     for sigma, rows in written.items():
-        (out / f"c__sigma_{sigma}.tsv").write_text(cc.HEADER + "".join(
+        (out / f"c__sigma_{sigma}.tsv").write_text(cl.HEADER + "".join(
             f"{i}\t{y}\t{p}\t{r!r}\t{int(p == y)}\t0:00:01.5\n" for i, y, p, r in rows))
     monkeypatch.setattr(cc, "resolve_score_model", lambda *a, **k: pytest.fail("a finished run loaded the model"))
     capsys.readouterr()
@@ -276,7 +281,7 @@ BAD = [
     (["--alpha", "1"], "--alpha: must be a number in (0, 1)"),
     (["--alpha", "nan"], "--alpha: must be a number in (0, 1)"),
     (["--skip", "0"], "--skip: must be a positive integer"),
-    (["--max", "0"], "--max: must be a positive integer"),
+    (["--max", "0"], "--max/--max-images: must be a positive integer"),
     (["--dtype", "int8"], "--dtype: invalid choice"),
     (["--dataset", "/no/such/folder"], "'/no/such/folder' is neither a known name"),
     (["--dataset", "cifar10:/no/such/cifar"], "CIFAR-10 folder not found at '/no/such/cifar'"),
@@ -333,9 +338,128 @@ def test_a_bad_option_in_a_subprocess_prints_no_traceback(tmp_path):
 def test_summary_of_a_partial_log_counts_only_its_rows(tmp_path):
     """summarize reads what is there: rows outside the asked indices are left out, missing ones counted."""
     path = tmp_path / "c__sigma_0.5.tsv"
-    path.write_text(cc.HEADER + "0\t1\t1\t0.7\t1\t0:00:01\n50\t2\t-1\t0.0\t0\t0:00:01\n100\t3\t3\t2.2\t1\t0:00:01\n"
+    path.write_text(cl.HEADER + "0\t1\t1\t0.7\t1\t0:00:01\n50\t2\t-1\t0.0\t0\t0:00:01\n100\t3\t3\t2.2\t1\t0:00:01\n"
                     + "150\t1\t1\t9")
     s = cc.summarize({"c": {0.5: str(path)}}, [0, 50, 200])["classifiers"]["c"]["sigmas"]["0.5"]
     assert (s["images"], s["missing"], s["abstentions"], s["correct"]) == (2, 1, 1, 1)
     assert s["certified_accuracy"] == dk.certify.certified_accuracy([0.7, 0.0], [True, False], cc.RADII)
     assert np.isclose(s["certified_accuracy"][0], 0.5)
+
+
+# ------------------------------------------------------------------------------------------------ torchrun
+def torchrun_cmd(*args):
+    """`torchrun --nproc_per_node=2 -m diffaug_kernels ARGS` (gloo on the CPU); --max is written --max-images, as
+    under torchrun it must be."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+            "diffaug_kernels", *["--max-images" if a == "--max" else a for a in args]]
+
+
+def torchrun(*args, timeout=180):
+    """(exit status, stdout, stderr) of torchrun_cmd(ARGS)."""
+    r = subprocess.run(torchrun_cmd(*args), capture_output=True, text=True, env=CLI_ENV, timeout=timeout)
+    return r.returncode, r.stdout, r.stderr
+
+
+def numbers(summary):
+    """summary.json without what names the run's folder."""
+    for c in summary["classifiers"].values():
+        for s in c["sigmas"].values():
+            s.pop("log")
+    return summary
+
+
+def test_two_processes_write_what_one_writes_and_resume_across_world_sizes(files, tmp_path):
+    """A 2-process gloo run writes the rows (time aside) and summary of one process, rank r taking the r-th of every
+    2 of the indices a log lacks; one of its logs continues a 1-process --max 2 run. Then a refused rerun stops
+    both ranks with one line."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli.main(argv(files, one, sigma="0.12,0.25", max_images=4)) == 0
+    assert cli.main(argv(files, two, sigma="0.25", max_images=2)) == 0
+    rc, out, err = torchrun(*argv(files, two, sigma="0.12,0.25", max_images=4))
+    assert rc == 0, out[-3000:] + err[-3000:]
+    for sigma in ("0.12", "0.25"):
+        assert rows_of(two / f"c__sigma_{sigma}.tsv") == rows_of(one / f"c__sigma_{sigma}.tsv")
+    assert numbers(json.loads((two / "summary.json").read_text())) == \
+        numbers(json.loads((one / "summary.json").read_text()))
+    assert (two / "table.txt").read_text() == (one / "table.txt").read_text()
+    assert out.count("certified accuracy (%)") == 1, out  # rank 0 alone speaks
+    assert "4 images to certify by 2 processes" in out and "2 images to certify by 2 processes" in out, out
+    done = [line.split("]")[0] + " " + line.split()[-11] for line in out.splitlines() if "| rank " in line]
+    assert done == ["[c | sigma 0.12 | rank 0 0", "[c | sigma 0.12 | rank 1 50", "[c | sigma 0.12 | rank 0 100",
+                    "[c | sigma 0.12 | rank 1 150", "[c | sigma 0.25 | rank 0 100", "[c | sigma 0.25 | rank 1 150"], out
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())  # no rank file left
+    rc, out, err = torchrun(*argv(files, two, "--alpha", "0.01", sigma="0.12,0.25", max_images=4))
+    assert rc != 0 and "diffaug_kernels/" not in err, err[-3000:]  # torchrun's own traceback only, no rank's
+    said = [line for line in (out + err).splitlines() if "diffaug certify: error" in line]
+    assert len(said) == 1 and "alpha: 0.1 there, 0.01 now" in said[0], out + err
+
+
+def test_rank_files_of_a_killed_run_are_merged(files, tmp_path, capsys):
+    """A run killed with rows in rank files (of any world size; a partial last line; a row both there and in the log,
+    as a merge killed before it removed them leaves it) is continued by the next run: one row per index, sorted,
+    the rows of an uninterrupted run, no rank file left. Different rows for one index, or one index twice in a file,
+    are refused with every file left as is."""
+    fresh, killed = tmp_path / "fresh", tmp_path / "killed"
+    assert cli.main(argv(files, fresh, max_images=4)) == 0
+    want = (fresh / "c__sigma_0.12.tsv").read_text().splitlines(keepends=True)  # header, rows 0, 50, 100, 150
+    killed.mkdir()
+    shutil.copy(fresh / "c__sigma_0.12.json", killed / "c__sigma_0.12.json")
+    log = killed / "c__sigma_0.12.tsv"
+    ranks = {0: [want[3], want[1], want[4][:5]], 1: [want[2]], 3: [want[1]]}
+
+    def kill_state():
+        log.write_text(want[0] + want[1])
+        for r, rows in ranks.items():
+            (killed / f"c__sigma_0.12.tsv.rank{r}").write_text(want[0] + "".join(rows))
+
+    def refused(*fragments):
+        before = {p.name: p.read_bytes() for p in killed.iterdir()}
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv(files, killed, max_images=4))
+        assert all(f in str(e.value) for f in fragments) and "\n" not in str(e.value), str(e.value)
+        assert {p.name: p.read_bytes() for p in killed.iterdir()} == before
+
+    kill_state()
+    (killed / "c__sigma_0.12.tsv.rank1").write_text(want[0] + want[2].replace("50\t", "51\t", 1))
+    refused("rank1 holds a row for image 51 which these settings never take")
+    (killed / "c__sigma_0.12.tsv.rank1").write_text(want[0] + want[2] + want[2])
+    refused("rank1 holds a row for image 50 twice")
+    other = want[1].split("\t")
+    other[3] = "9.5"
+    (killed / "c__sigma_0.12.tsv.rank1").write_text(want[0] + "\t".join(other))
+    refused("c__sigma_0.12.tsv and", "rank1 hold different rows for image 0")
+    kill_state()
+    capsys.readouterr()
+    assert cli.main(argv(files, killed, max_images=4)) == 0
+    assert "1 images to certify" in capsys.readouterr().out  # 150: its rank 0 row was cut short
+    assert rows_of(log) == rows_of(fresh / "c__sigma_0.12.tsv")
+    assert log.read_text().splitlines()[1:4] == [v.rstrip("\n") for v in want[1:4]]  # the rows kept as written
+    assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in fresh.iterdir())
+
+
+def test_ctrl_c_under_torchrun_stops_every_rank_after_one_step(files, tmp_path, capsys):
+    """torchrun passes Ctrl-C to each rank: both finish the image at hand, their rows are merged (two per step) and
+    rank 0 says how to continue; a 1-process rerun then ends with the rows of an uninterrupted run."""
+    out, fresh = tmp_path / "two", tmp_path / "fresh"
+    args = argv(files, out, "--skip", "5", max_images=30)
+    p = subprocess.Popen(torchrun_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CLI_ENV)
+    try:
+        start = time.time()
+        while not all((out / f"c__sigma_0.12.tsv.rank{r}").exists() for r in (0, 1)):  # both ranks at work
+            assert p.poll() is None and time.time() - start < 150, "torchrun ended before certifying"
+            time.sleep(0.02)
+        p.send_signal(signal.SIGINT)  # what Ctrl-C in its terminal does
+        stdout, stderr = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    said = [line for line in stderr.splitlines() if line.startswith("diffaug certify: stopped; ")]
+    assert len(said) == 1 and "rows are saved" in said[0], stdout[-2000:] + stderr[-3000:]
+    assert sorted(v.name for v in out.iterdir()) == ["c__sigma_0.12.json", "c__sigma_0.12.tsv"]
+    stopped = rows_of(out / "c__sigma_0.12.tsv")
+    assert 0 < len(stopped) < 30 and len(stopped) % 2 == 0, stopped
+    assert [int(r[0]) for r in stopped] == list(range(0, 5 * len(stopped), 5))
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    assert f"{30 - len(stopped)} images to certify" in capsys.readouterr().out
+    assert cli.main(argv(files, fresh, "--skip", "5", max_images=30)) == 0
+    assert rows_of(out / "c__sigma_0.12.tsv") == rows_of(fresh / "c__sigma_0.12.tsv")
