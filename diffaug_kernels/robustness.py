@@ -43,12 +43,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .data.eval_sets import DatasetSpec, build_dataset, label_map
-from .utils import Progress, UsageError, write_json
+from .utils import Progress, UsageError, read_json, write_json
 
 MODES = ("Default", "DE", "DDA", "DDA-SE")
 _MODE_ALIASES = {m.lower(): m for m in MODES} | {"dda_se": "DDA-SE", "ddase": "DDA-SE", "def": "Default"}
 DDA_REF_PIXELS = 3 * 256 * 256  # DDA's guidance scale 6 is for 3x256x256 images
-
 
 
 def default_dda_scale(shape) -> float:
@@ -375,14 +374,6 @@ def _is_record(obj) -> bool:
                                                                                 "settings"))
 
 
-def _load_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def run(classifiers, aug, datasets: Sequence[DatasetSpec], cfg: EvalConfig, out: Optional[str] = None,
         ood_datasets: Sequence[DatasetSpec] = (), id_dataset: Optional[DatasetSpec] = None,
         log=print) -> dict:
@@ -402,7 +393,7 @@ def run(classifiers, aug, datasets: Sequence[DatasetSpec], cfg: EvalConfig, out:
         recs, todo = {}, {}
         for cname, _ in classifiers:
             path = os.path.join(out, f"{safe_name(cname)}__{safe_name(ds.name)}.json") if out else None
-            prev = _load_json(path) if path and os.path.isfile(path) else None
+            prev = read_json(path) if path and os.path.isfile(path) else None
             rec = prev if _is_record(prev) else None
             if prev is not None and rec is None:
                 log(f"[{cname} | {ds.name}] {path} is not a result file of this command: recomputing it")

@@ -34,6 +34,15 @@ def write_json(result: dict, path: str) -> None:
             os.remove(tmp)
 
 
+def read_json(path: str):
+    """The JSON in a file, or None for a missing, unreadable or malformed one (a result a run may redo)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def unused_path(stem: str, ext: str = ".json") -> str:
     """stem + ext, or stem-2 + ext, -3, ...: the first name not taken. A default output name never replaces a
     kept result (an earlier run of the same day); an explicit --json names a file to write whatever is there."""

@@ -21,7 +21,7 @@ from typing import Dict, List, Sequence, Tuple
 
 from ..certify import ABSTAIN
 from ..robustness import safe_name
-from ..utils import UsageError, write_json
+from ..utils import UsageError, read_json, write_json
 
 COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 HEADER = "\t".join(COLUMNS) + "\n"
@@ -120,14 +120,6 @@ def _merged(found: List[Tuple[str, List[tuple], int]], allowed: Sequence[int]) -
     return [rows[i] for i in sorted(rows)]
 
 
-def _read_json(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def jsonable(obj):
     """obj as it reads back from JSON (tuples as lists), so settings compare equal to a sidecar's."""
     return json.loads(json.dumps(obj))
@@ -146,7 +138,7 @@ def check_log(path: str, sidecar: str, settings: dict, allowed: Sequence[int]) -
     found = _read_all(path)
     if not any(rows for _, rows, _ in found):  # a header, or a kill before the first row: nothing to contradict
         return []
-    meta = _read_json(sidecar)
+    meta = read_json(sidecar)
     if not isinstance(meta, dict) or meta.get("format") != LOG_FORMAT or not isinstance(meta.get("settings"), dict):
         raise UsageError(f"{path} has no readable settings file {os.path.basename(sidecar)} beside it, so it cannot "
                          f"be continued; move it away or give another --out")

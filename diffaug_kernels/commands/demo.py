@@ -42,7 +42,7 @@ from ..models import ADM_CONFIGS
 from ..models.classifier import load_classifier
 from ..models.score import load_default_score_model
 from ..schedule import NoiseSchedule
-from ..utils import UsageError, torch_load, write_json
+from ..utils import UsageError, read_json, torch_load, write_json
 from . import certify as certify_cmd
 from . import train_classifier as tc
 from .options import Parser, positive, seed
@@ -92,7 +92,6 @@ def add_arguments(p) -> None:
                         "avoids oversubscription (measured: several times faster there)")
     p.add_argument("--score-model", default="default",
                    help="'default' (the shipped digits model) or 'random' (an untrained tiny UNet: smoke runs only)")
-
 
 
 def _say(msg: str) -> None:
@@ -275,7 +274,7 @@ def _certify(out: str, s: dict, score_flags: list, checkpoints: dict, seed: int,
     spec = score_flags[1]  # --score-model's value: 'default' or the file the demo wrote
     ids = {"classifiers": {n: robustness.file_identity(p) for n, p in checkpoints.items()},
            "score_model": robustness.file_identity(spec) if os.path.isfile(spec) else spec, "argv": argv}
-    if os.path.isdir(out) and _read_stamp(stamp) != ids:
+    if os.path.isdir(out) and read_json(stamp) != ids:
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
     write_json(ids, stamp)
@@ -292,14 +291,6 @@ def _certify(out: str, s: dict, score_flags: list, checkpoints: dict, seed: int,
                "best": c["best"]["certified_accuracy"]} for n, c in summary["classifiers"].items()}
     return {"accuracy": acc, "radii": summary["radii"], "table": summary["table"],
             "plot": os.path.join(out, "certified_accuracy.png")}
-
-
-def _read_stamp(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def _summary(result: dict) -> str:
