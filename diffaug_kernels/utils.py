@@ -24,12 +24,18 @@ def write_json(result: dict, path: str) -> None:
     """result as JSON at path (its folders made), replaced whole: a run killed mid-write leaves the previous
     version, not half a file (the temporary name carries the process id, so concurrent writers do not mix)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _replace_text(path, json.dumps(result, indent=1))
+
+
+def _replace_text(path: str, text: str) -> None:
+    """path's contents replaced whole through a temporary file (the process id in its name keeps concurrent
+    writers apart); an error or Ctrl-C mid-write leaves the old file and no temporary one."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
+            f.write(text)
         os.replace(tmp, path)
-    finally:  # an error or Ctrl-C mid-write leaves no temporary file behind
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
@@ -76,10 +82,7 @@ def trim_log(path: str, last_step: int) -> None:
 
     kept = [line for line in lines if keep(line)]
     if len(kept) != len(lines):
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        _replace_text(path, "".join(line + "\n" for line in kept))
 
 
 def atomic_save(obj, path: str) -> None:

@@ -5,7 +5,7 @@ import argparse
 import datetime
 import os
 
-from .options import check_device, check_png, plot_result, positive
+from .options import check_device, check_png, dtype_list, plot_result, positive
 
 NAME = "bench"
 HELP = "time the fused ops against the published eager and compiled code"
@@ -24,17 +24,6 @@ def _shapes(s: str) -> tuple:
     return shapes
 
 
-def _dtypes(s: str) -> tuple:
-    import torch
-
-    names = [n.strip().removeprefix("torch.") for n in s.split(",") if n.strip()]
-    ok = ("float16", "bfloat16", "float32", "float64")
-    bad = [n for n in names if n not in ok]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"dtypes must be a comma list of {', '.join(ok)}, got {s!r}")
-    return tuple(getattr(torch, n) for n in names)
-
-
 def _ops(s: str) -> tuple:
     names = tuple(n.strip() for n in s.split(",") if n.strip())
     known = ("forward_noise", "tweedie", "forward_noise_multi")
@@ -46,7 +35,8 @@ def _ops(s: str) -> tuple:
 def add_arguments(p) -> None:
     p.add_argument("--shapes", type=_shapes, default=((64, 3, 224, 224), (256, 3, 32, 32)),
                    help="comma list of BxCxHxW (default 64x3x224x224,256x3x32x32)")
-    p.add_argument("--dtypes", type=_dtypes, default=None, help="comma list (default float32,bfloat16)")
+    p.add_argument("--dtypes", type=dtype_list("float16", "bfloat16", "float32", "float64"), default=None,
+                   help="comma list (default float32,bfloat16)")
     p.add_argument("--ops", type=_ops, default=("forward_noise", "tweedie"),
                    help="comma list of forward_noise, tweedie, forward_noise_multi (the K=10 DiffAug-Ensemble "
                         "expansion); default forward_noise,tweedie")

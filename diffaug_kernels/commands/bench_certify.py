@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from .bench_model import add_model_bench_arguments, model_bench_device
-from .options import check_png, plot_result, positive, positive_float
+from .options import check_png, dtype_list, plot_result, positive, positive_float
 
 NAME = "bench-certify"
 HELP = "time certification's noise samples: dk.certify vs the published DDS loop"
@@ -18,21 +18,11 @@ def add_arguments(p) -> None:
     add_model_bench_arguments(p, "64 on CPU, 200 on GPU", "the UNet's, 32 on CPU; 224 on GPU", reps=3, warmup=1)
     p.add_argument("--sigma", type=positive_float, default=0.5, help="smoothing noise, pixel units (t* from it)")
     p.add_argument("--batches", type=positive, default=2, help="batches of noise draws per timed call")
-    p.add_argument("--dtypes", type=dtype_list, default="float32,bfloat16",
+    p.add_argument("--dtypes", type=dtype_list("float32", "bfloat16", "float16"), default="float32,bfloat16",
                    help="the UNet's dtypes in the dk rows, comma list of float32, bfloat16, float16 (a CPU without "
                         "AVX-512 BF16 emulates bfloat16 convolutions, slowly: give float32 there)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also time DenoisedSmoothing(compile=True) for each dtype (one compile each)")
-
-
-def dtype_list(s: str) -> tuple:
-    import torch
-
-    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    got = [v.strip() for v in s.split(",") if v.strip()]
-    if not got or any(v not in names for v in got):
-        raise argparse.ArgumentTypeError(f"must be a comma list of {', '.join(names)}, got {s!r}")
-    return tuple(dict.fromkeys(names[v] for v in got))
 
 
 def main(args) -> int:

@@ -43,6 +43,20 @@ def non_negative_float(s: str) -> float:
     return v
 
 
+def dtype_list(*allowed: str):
+    """An option type: a comma list of torch dtype names among `allowed` ("torch." prefix accepted), in order."""
+
+    def parse(s: str) -> tuple:
+        import torch
+
+        names = [n.strip().removeprefix("torch.") for n in s.split(",") if n.strip()]
+        if not names or any(n not in allowed for n in names):
+            raise argparse.ArgumentTypeError(f"dtypes must be a comma list of {', '.join(allowed)}, got {s!r}")
+        return tuple(getattr(torch, n) for n in names)
+
+    return parse
+
+
 def probability(s: str) -> float:
     """A number in the open interval (0, 1) (a failure probability such as certify's alpha)."""
     v = _finite(s)
