@@ -17,13 +17,18 @@ Data sets: dk.data.eval_sets.
 Results: ``--out DIR`` gets one JSON per (classifier, dataset) as it finishes (``<classifier>__<dataset>.json``,
 with the accuracies, image counts per mode, settings and time); a re-run skips the pairs whose file already holds
 every requested mode with the same settings (and computes only the missing modes otherwise), so an interrupted
-evaluation resumes. ``summary.json`` and ``table.txt`` hold the whole table. OOD (``--ood-datasets``): the ID set is
-``--id-dataset`` (default the first of --datasets); MSP and energy scores on the Default and DE outputs
-(DE: MSP of the mean softmax, energy of the mean logits) and, as in the paper's OOD table, ReAct, ASH-S and SCALE
-on the Default pass (the classifier's pooled penultimate features and final linear layer; ReAct's threshold is the
-``--react-percentile`` (90) percentile of the ID set's activations, ASH-S at ``--ash-percentile`` 90, SCALE at
-``--scale-percentile`` 85); AUROC and FPR@95%TPR with ID as positive (dk.ood). A classifier without a linear head
-on its features gets MSP and energy only (the log says why).
+evaluation resumes; inside a dataset, the batches finished so far are kept in ``<dataset>.batches.rank<r>``
+(dk.utils.Journal) until its results are written, so a kill loses at most a batch. Under torchrun (a Shard) each
+rank takes every world_size-th of a dataset's batches still to do, and the files are those of one process: a
+batch's noise is seeded by its index, so its numbers do not depend on who computes it. ``summary.json`` and
+``table.txt`` hold the whole table.
+
+OOD (``--ood-datasets``): the ID set is ``--id-dataset`` (default the first of --datasets); MSP and energy scores
+on the Default and DE outputs (DE: MSP of the mean softmax, energy of the mean logits) and, as in the paper's OOD
+table, ReAct, ASH-S and SCALE on the Default pass (the classifier's pooled penultimate features and final linear
+layer; ReAct's threshold is the ``--react-percentile`` (90) percentile of the ID set's activations, ASH-S at
+``--ash-percentile`` 90, SCALE at ``--scale-percentile`` 85); AUROC and FPR@95%TPR with ID as positive (dk.ood).
+A classifier without a linear head on its features gets MSP and energy only (the log says why).
 """
 from __future__ import annotations
 
@@ -43,7 +48,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .data.eval_sets import DatasetSpec, build_dataset, label_map
-from .utils import Progress, UsageError, read_json, write_json
+from .utils import Journal, Progress, UsageError, read_json, write_json
 
 MODES = ("Default", "DE", "DDA", "DDA-SE")
 _MODE_ALIASES = {m.lower(): m for m in MODES} | {"dda_se": "DDA-SE", "ddase": "DDA-SE", "def": "Default"}
@@ -250,35 +255,98 @@ def step_note(progress: Progress, every_s: float = 2.0):
 
 
 # ------------------------------------------------------------------------------------------------ one pair
+@dataclass
+class Shard:
+    """This process's part of a run over several (torchrun): rank r of world_size computes every world_size-th of
+    the batches still to do, and gather(obj) returns [obj of rank 0, obj of rank 1, ...] on every rank (a
+    collective, torch.distributed's all_gather_object). The default is a lone process."""
+    rank: int = 0
+    world_size: int = 1
+    gather: Callable = staticmethod(lambda obj: [obj])
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
 @torch.no_grad()
 def evaluate_dataset(clfs, aug, dataset: Dataset, modes: Sequence[str], cfg: EvalConfig, name: str = "",
-                     want_scores: bool = False, desc: str = "", features: Sequence[str] = ()) -> Dict[str, dict]:
+                     want_scores: bool = False, desc: str = "", features: Sequence[str] = (),
+                     shard: Optional[Shard] = None, journal=None) -> Dict[str, dict]:
     """Accuracies of classifiers on one dataset in each mode. clfs: {name: classifier} (or one classifier,
     named "classifier"), all fed the SAME DiffAug and DDA images (the score model runs once per batch for all).
     Returns {name: {'acc': {mode: float}, 'n': {mode: int}, 'correct': {...}, 'seconds': float}} (+ 'scores':
     per-image msp / energy arrays of the Default and DE outputs when want_scores; + 'features': the [N, D]
     float32 penultimate features of the classifiers named in ``features``, whose Default logits are then their
     linear head applied to those features: one pass serves both). aug: a dk.DiffAug (its model and schedule also
-    serve DDA); None is allowed for Default only."""
-    from . import dda as dda_mod
-    from . import ood
+    serve DDA); None is allowed for Default only.
 
+    Each batch's noise is seeded by its index and its DDA images are fixed by their place in the set, so a batch
+    gives the same numbers whoever computes it: with a shard, each rank computes its share of the batches and
+    every rank returns the result of all (what one process returns; 'seconds' sums the batches' times). journal:
+    a dk.utils.Journal of per-batch records (accuracies only, not want_scores): the batches it holds are not
+    recomputed, and each batch computed here is appended to it."""
     if not isinstance(clfs, dict):
         clfs = {"classifier": clfs}
+    shard = shard or Shard()
+    if want_scores and journal is not None:
+        raise ValueError("a journal keeps accuracies only, not per-image scores")
     modes = tuple(modes)
     if any(m != "Default" for m in modes) and aug is None:
         raise UsageError(f"modes {[m for m in modes if m != 'Default']} need a score model")
     for k in ("batch_size", "max_images", "dda_max_images"):
         if getattr(cfg, k) is not None or k == "batch_size":
             _check_count(k, getattr(cfg, k))
+    ds = subset(dataset, cfg.max_images, stream_seed(cfg.seed, "subset", name))
+    n_batches = -(-len(ds) // cfg.batch_size)
+    done = journal.read() if journal is not None else {}
+    done = shard.gather(done if shard.is_main else None)[0]  # rank 0's reading: every rank plans the same
+    todo = [b for b in range(n_batches) if b not in done]
+    new = {}
+    for b, rec in _batch_records(clfs, aug, dataset, ds, modes, cfg, name, want_scores, desc, features,
+                                 todo[shard.rank::shard.world_size], shard.is_main):
+        if journal is not None:
+            journal.append(b, rec)
+        new[b] = rec
+    recs = dict(done)
+    for part in shard.gather(new) if shard.world_size > 1 else [new]:
+        recs.update(part)
+    return _combine(clfs, modes, [recs[b] for b in range(n_batches)], want_scores, features)
+
+
+def _combine(clfs, modes, recs: List[dict], want_scores: bool, features: Sequence[str]) -> Dict[str, dict]:
+    """evaluate_dataset's result from its per-batch records, in batch order."""
+    count = {m: sum(r["n"][m] for r in recs) for m in modes}
+    secs = round(sum(r["seconds"] for r in recs), 2)
+    res = {}
+    for n in clfs:
+        correct = {m: sum(r["correct"][n][m] for r in recs) for m in modes}
+        res[n] = {"acc": {m: (correct[m] / count[m] if count[m] else None) for m in modes},
+                  "n": dict(count), "correct": correct, "seconds": secs}
+        if want_scores:
+            keys = recs[0]["scores"][n] if recs else {}
+            res[n]["scores"] = {k: np.concatenate([r["scores"][n][k] for r in recs]) for k in keys}
+        if n in features:
+            res[n]["features"] = np.concatenate([r["features"][n] for r in recs])
+    return res
+
+
+def _batch_records(clfs, aug, dataset, ds, modes, cfg: EvalConfig, name, want_scores, desc, features,
+                   batches: Sequence[int], show: bool):
+    """(b, record) for each batch index b of batches: the images counted and classified right per mode and
+    classifier, the time taken (+ per-image scores and features as numpy arrays when asked)."""
+    from . import dda as dda_mod
+    from . import ood
+
     device = torch.device(cfg.device)
     ncs = {getattr(getattr(c, "net", c), "num_classes", None) for c in clfs.values()}
     if len(ncs) != 1:
         raise UsageError(f"classifiers evaluated together must have the same number of classes, got {ncs}")
     nc = ncs.pop()
     lmap, allowed = label_map(dataset, nc) if nc else (None, None)
-    ds = subset(dataset, cfg.max_images, stream_seed(cfg.seed, "subset", name))
-    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=0)
+    bs = cfg.batch_size
+    loader = DataLoader(ds, batch_sampler=[list(range(b * bs, min((b + 1) * bs, len(ds)))) for b in batches],
+                        num_workers=0)
     need_dda = any(m in ("DDA", "DDA-SE") for m in modes)
     # DDA / DDA-SE on a fixed random subset of the images when capped (not the first ones: folders are sorted by
     # class)
@@ -288,21 +356,19 @@ def evaluate_dataset(clfs, aug, dataset: Dataset, modes: Sequence[str], cfg: Eva
         g = torch.Generator().manual_seed(stream_seed(cfg.seed, "dda-subset", name))
         dda_mask[torch.randperm(len(ds), generator=g)[:cap]] = True
     need_de = "DE" in modes or (want_scores and aug is not None)
+    total = sum(min(bs, len(ds) - b * bs) for b in batches)
+    bar = Progress(total, desc=desc or name, unit="img", bar=cfg.progress and show, leave=False)
     correct = {n: {m: 0 for m in modes} for n in clfs}
     count = {m: 0 for m in modes}
-    scores: Dict[str, Dict[str, list]] = {n: {} for n in clfs}
-    feats: Dict[str, list] = {n: [] for n in features}
-    t0 = time.time()
-    bar = Progress(len(ds), desc=desc or name, unit="img", bar=cfg.progress, leave=False)
-    seen = 0
-    for b, (x, y) in enumerate(loader):
+    for b, (x, y) in zip(batches, loader):
+        t0 = time.time()
         x = x.to(device)
         y = torch.as_tensor(y)
         if lmap is not None:
             y = lmap[y]
         y = y.to(device)
         B = x.shape[0]
-        sel = torch.nonzero(dda_mask[seen:seen + B]).flatten().to(device)
+        sel = torch.nonzero(dda_mask[b * bs:b * bs + B]).flatten().to(device)
         k = sel.numel()
         de = None
         if need_de:
@@ -318,52 +384,57 @@ def evaluate_dataset(clfs, aug, dataset: Dataset, modes: Sequence[str], cfg: Eva
                                     seed=stream_seed(cfg.seed, "dda", name, b), prediction=aug.prediction,
                                     clip=aug.clip,
                                     progress=step)
+        rec = {"n": {m: k if m in ("DDA", "DDA-SE") else B for m in modes}, "correct": {}}
+        scores, feats = {}, {}
         for n, clf in clfs.items():
             if n in features:
                 f = clf.penultimate(x).float()
-                feats[n].append(f.cpu())
+                feats[n] = f.cpu().numpy()
                 logits0 = restrict_logits(_apply_head(clf.linear_head(), f), allowed)
             else:
                 logits0 = restrict_logits(clf(x).float(), allowed)
             p0 = torch.softmax(logits0, -1)
-            c = correct[n]
+            c = rec["correct"][n] = {}
             if "Default" in modes:
-                c["Default"] += int((p0.argmax(1) == y).sum())
+                c["Default"] = int((p0.argmax(1) == y).sum())
+            sc = scores[n] = {}
             if want_scores:
-                scores[n].setdefault("Default/msp", []).append(ood.msp(logits0).cpu())
-                scores[n].setdefault("Default/energy", []).append(ood.energy(logits0).cpu())
+                sc["Default/msp"] = ood.msp(logits0).cpu().numpy()
+                sc["Default/energy"] = ood.energy(logits0).cpu().numpy()
             if de is not None:
                 p_de, z_de = de[n]
                 if "DE" in modes:
-                    c["DE"] += int((p_de.argmax(1) == y.cpu()).sum())
+                    c["DE"] = int((p_de.argmax(1) == y.cpu()).sum())
                 if want_scores:
-                    scores[n].setdefault("DE/msp", []).append(p_de.max(1).values)
-                    scores[n].setdefault("DE/energy", []).append(ood.energy(z_de))
+                    sc["DE/msp"] = p_de.max(1).values.numpy()
+                    sc["DE/energy"] = ood.energy(z_de).numpy()
             if adapted is not None:
                 p_a = torch.softmax(restrict_logits(clf(adapted).float(), allowed), -1)
                 if "DDA" in modes:
-                    c["DDA"] += int((p_a.argmax(1) == y[sel]).sum())
+                    c["DDA"] = int((p_a.argmax(1) == y[sel]).sum())
                 if "DDA-SE" in modes:
-                    c["DDA-SE"] += int(((0.5 * (p_a + p0[sel])).argmax(1) == y[sel]).sum())
+                    c["DDA-SE"] = int(((0.5 * (p_a + p0[sel])).argmax(1) == y[sel]).sum())
+            for m in modes:
+                c.setdefault(m, 0)
+                correct[n][m] += c[m]
+        if want_scores:
+            rec["scores"] = scores
+        if features:
+            rec["features"] = feats
+        rec["seconds"] = time.time() - t0
         for m in modes:
-            count[m] += k if m in ("DDA", "DDA-SE") else B
-        seen += B
+            count[m] += rec["n"][m]
         first = next(iter(clfs))
         bar.update(B, **{m: f"{100 * correct[first][m] / count[m]:.1f}" for m in modes if count[m]})
+        yield b, rec
     bar.close()
-    secs = round(time.time() - t0, 2)
-    res = {}
-    for n in clfs:
-        res[n] = {"acc": {m: (correct[n][m] / count[m] if count[m] else None) for m in modes},
-                  "n": dict(count), "correct": dict(correct[n]), "seconds": secs}
-        if want_scores:
-            res[n]["scores"] = {k: torch.cat(v).numpy() for k, v in scores[n].items()}
-        if n in feats:
-            res[n]["features"] = torch.cat(feats[n]).numpy()
-    return res
 
 
 # ------------------------------------------------------------------------------------------------ the run
+def _quiet(*args, **kwargs) -> None:
+    """The log of a rank other than 0."""
+
+
 def safe_name(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.@" else "_" for c in s)
 
@@ -376,11 +447,17 @@ def _is_record(obj) -> bool:
 
 def run(classifiers, aug, datasets: Sequence[DatasetSpec], cfg: EvalConfig, out: Optional[str] = None,
         ood_datasets: Sequence[DatasetSpec] = (), id_dataset: Optional[DatasetSpec] = None,
-        log=print) -> dict:
+        log=print, shard: Optional[Shard] = None) -> dict:
     """classifiers: [(name, nn.Module)] (inputs in [-1, 1]); aug: dk.DiffAug or None. Evaluates every (classifier,
     dataset) pair (all classifiers of a dataset together: one DiffAug / DDA pass serves them all), writes and
-    reads OUT/<clf>__<dataset>.json (resume: modes already there with the same settings are not recomputed),
-    returns {'results': {clf: {dataset: record}}, 'ood': ..., 'table': str}."""
+    reads OUT/<clf>__<dataset>.json (resume: modes already there with the same settings are not recomputed;
+    while a dataset is under way its finished batches are kept in OUT/<dataset>.batches.rank<r>, so a killed run
+    loses at most a batch per rank), returns {'results': {clf: {dataset: record}}, 'ood': ..., 'table': str}.
+    With a shard (torchrun), every rank computes its share of each dataset's batches and returns the whole result;
+    rank 0 alone writes the result files and logs."""
+    shard = shard or Shard()
+    if not shard.is_main:  # the other ranks read the result files (to plan the same work) but write none
+        log = _quiet
     if out:
         os.makedirs(out, exist_ok=True)
     classifiers = [(n, c.to(cfg.device).eval()) for n, c in classifiers]
@@ -410,11 +487,18 @@ def run(classifiers, aug, datasets: Sequence[DatasetSpec], cfg: EvalConfig, out:
                        "correct": {}, "seconds": {}, "settings": {}}
             recs[cname] = (rec, path)
         modes = tuple(m for m in cfg.modes if any(m in t for t in todo.values()))
+        journal = None
+        if out:  # what the batches depend on: another stamp starts the dataset afresh
+            stamp = {"modes": modes, "settings": {n: {m: cfg.pair_settings(m, n, ds) for m in modes}
+                                                  for n in todo if todo[n]}}
+            journal = Journal(os.path.join(out, f"{safe_name(ds.name)}.batches"), _jsonable(stamp), shard.rank)
         if modes:
             clfs = {n: c for n, c in classifiers if todo[n]}
             dataset = build_dataset(ds, size, channels, cfg.seed)
             r = evaluate_dataset(clfs, aug, dataset, modes, cfg, name=ds.name,
-                                 desc=f"{ds.name} [{', '.join(modes)}]")
+                                 desc=f"{ds.name} [{', '.join(modes)}]", shard=shard, journal=journal)
+            if journal:
+                journal.close()
             for cname in clfs:
                 rec, path = recs[cname]
                 for m in todo[cname]:
@@ -422,19 +506,21 @@ def run(classifiers, aug, datasets: Sequence[DatasetSpec], cfg: EvalConfig, out:
                                                                      r[cname]["correct"][m])
                     rec["seconds"][m] = r[cname]["seconds"]
                     rec["settings"][m] = cfg.pair_settings(m, cname, ds)
-                if path:  # saved before it is reported: a line on screen is a result on disk
+                if path and shard.is_main:  # saved before it is reported: a line on screen is a result on disk
                     write_json(rec, path)
                 log(f"[{cname} | {ds.name}] " + "  ".join(
                     f"{m} {100 * rec['acc'][m]:.2f}% (n={rec['n'][m]})" for m in cfg.modes
                     if rec["acc"].get(m) is not None) + f"  ({r[cname]['seconds']:.1f}s for all classifiers)")
+        if journal and shard.is_main:  # the results hold its batches now (or needed none of them)
+            journal.remove()
         for cname, (rec, _) in recs.items():
             results[cname][ds.name] = rec
     ood_res = {}
     if ood_datasets:
-        ood_res = run_ood(classifiers, aug, id_dataset or datasets[0], ood_datasets, cfg, out, log)
+        ood_res = run_ood(classifiers, aug, id_dataset or datasets[0], ood_datasets, cfg, out, log, shard)
     table = format_table(results, datasets, cfg.modes)
     text = table + ("\n\n" + format_ood_table(ood_res) if ood_res else "")
-    if out:
+    if out and shard.is_main:
         write_json({"results": results, "ood": ood_res, "settings": {m: cfg.mode_settings(m) for m in cfg.modes}},
                    os.path.join(out, "summary.json"))
         with open(os.path.join(out, "table.txt"), "w") as f:
@@ -506,15 +592,20 @@ def _check_feature_percentiles(heads: dict, cfg: EvalConfig) -> None:
                                 f"(k = n - round(n * p / 100) = {ood.kept_count(n, p)}); use a smaller one")
 
 
-def run_ood(classifiers, aug, id_ds: DatasetSpec, ood_datasets, cfg: EvalConfig, out, log=print) -> dict:
+def run_ood(classifiers, aug, id_ds: DatasetSpec, ood_datasets, cfg: EvalConfig, out, log=print,
+            shard: Optional[Shard] = None) -> dict:
     """AUROC and FPR@95 of each classifier with id_ds as in-distribution, for MSP and energy of the Default and DE
     outputs and, for classifiers whose logits are a linear head on penultimate features (feature_head_check),
     ReAct, ASH-S and SCALE of the Default pass (the paper's OOD table; ReAct's threshold is the
     cfg.react_percentile-th percentile of the ID set's activations, as OpenOOD takes it from ID data). Per-image
     scores are cached in OUT/<clf>__<dataset>.scores.npz with the settings they were computed with (the ID file
-    also holds the ReAct threshold, which the OOD files' settings include)."""
+    also holds the ReAct threshold, which the OOD files' settings include). With a shard, each rank scores its
+    share of the batches; rank 0 alone writes and logs."""
     from . import ood as ood_mod
 
+    shard = shard or Shard()
+    if not shard.is_main:
+        log = _quiet
     if out:
         os.makedirs(out, exist_ok=True)
     modes = ("Default", "DE") if aug is not None else ("Default",)
@@ -559,7 +650,8 @@ def run_ood(classifiers, aug, id_ds: DatasetSpec, ood_datasets, cfg: EvalConfig,
         if missing:
             data = dataset if dataset is not None else _NoClasses(build_dataset(ds, size, channels, cfg.seed))
             r = evaluate_dataset(missing, aug, data, (), cfg, name=ds.name, want_scores=True,
-                                 desc=f"{ds.name} (OOD scores)", features=[n for n in missing if n in heads])
+                                 desc=f"{ds.name} (OOD scores)", features=[n for n in missing if n in heads],
+                                 shard=shard)
             for cname in missing:
                 sc, extra = dict(r[cname]["scores"]), {}
                 if cname in heads:
@@ -572,7 +664,7 @@ def run_ood(classifiers, aug, id_ds: DatasetSpec, ood_datasets, cfg: EvalConfig,
                                 f"SCALE are defined for non-negative (post-ReLU) ones")
                     sc.update(_feature_scores(f, heads[cname], thresholds[cname], cfg))
                 got[cname] = sc
-                if out:
+                if out and shard.is_main:
                     np.savez(paths[cname], settings=np.array(stamps[cname]), **extra, **sc)
         return got
 
@@ -585,7 +677,7 @@ def run_ood(classifiers, aug, id_ds: DatasetSpec, ood_datasets, cfg: EvalConfig,
             log(f"[{cname} | OOD {ds.name} vs {id_ds.name}] " + "  ".join(
                 f"{k} AUROC " + ("n/a" if v["auroc"] is None else f"{100 * v['auroc']:.2f}")
                 for k, v in res[cname][ds.name].items()))
-    if out:
+    if out and shard.is_main:
         write_json({"id_dataset": id_ds.name, "settings": settings["ood"], "react_threshold": thresholds,
                     "results": res}, os.path.join(out, "ood.json"))
     return res

@@ -49,6 +49,77 @@ def read_json(path: str):
         return None
 
 
+class Journal:
+    """Records of a long computation, one per unit of work (an integer key), kept so that a killed run resumes: rank
+    r appends each record it finishes as a JSON line, flushed and fsync'ed, to its own file ``<path>.rank<r>`` (no
+    two processes write one file; a lone process is rank 0). A file's first line is the stamp of the settings its
+    records were made with: read() takes the records of every rank file with this stamp, whatever world size wrote
+    them, and ignores the rest, as it does a last line cut short by a kill. Records must be JSON (ints, floats,
+    strings, lists, dicts)."""
+
+    def __init__(self, path: str, stamp, rank: int = 0):
+        self.path, self.rank = path, int(rank)
+        self.stamp = json.dumps(stamp, sort_keys=True)
+        self._file = None
+
+    def files(self) -> list:
+        folder, base = os.path.split(self.path)
+        prefix = base + ".rank"
+        try:
+            names = os.listdir(folder or ".")
+        except FileNotFoundError:
+            return []
+        return sorted(os.path.join(folder, n) for n in names if n.startswith(prefix) and n[len(prefix):].isdigit())
+
+    def read(self) -> dict:
+        """{key: record} of every rank file made with this stamp (the first record of a key counts)."""
+        got = {}
+        for f in self.files():
+            try:
+                with open(f) as fh:
+                    lines = fh.read().split("\n")[:-1]  # a last line without its newline is cut short
+            except OSError:
+                continue
+            if not lines or lines[0] != self.stamp:
+                continue
+            for line in lines[1:]:
+                try:
+                    key, rec = json.loads(line)
+                except ValueError:
+                    continue
+                got.setdefault(int(key), rec)
+        return got
+
+    def append(self, key: int, record) -> None:
+        """Adds a record, durable before this returns (the rank file restarted when another stamp heads it)."""
+        if self._file is None:
+            path = f"{self.path}.rank{self.rank}"
+            keep = False
+            if os.path.isfile(path):
+                with open(path, "rb+") as fh:
+                    data = fh.read()
+                    keep = data.startswith((self.stamp + "\n").encode())
+                    if keep:  # a line cut short by a kill goes, so the next record starts a line
+                        fh.truncate(data.rfind(b"\n") + 1)
+            self._file = open(path, "a" if keep else "w")
+            if not keep:
+                self._file.write(self.stamp + "\n")
+        self._file.write(json.dumps([int(key), record]) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def remove(self) -> None:
+        """Deletes every rank file (once the result they lead to is saved; one process, no rank writing)."""
+        self.close()
+        for f in self.files():
+            os.remove(f)
+
+
 def unused_path(stem: str, ext: str = ".json") -> str:
     """stem + ext, or stem-2 + ext, -3, ...: the first name not taken. A default output name never replaces a
     kept result (an earlier run of the same day); an explicit --json names a file to write whatever is there."""

@@ -198,6 +198,19 @@ def cli_subprocess(*argv, timeout=300):
     return r.returncode, r.stdout, r.stderr
 
 
+def torchrun_cmd(*args):
+    """`torchrun --nproc_per_node=2 -m diffaug_kernels ARGS` (gloo on the CPU); --max is written --max-images, as
+    under torchrun it must be."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+            "diffaug_kernels", *["--max-images" if a == "--max" else a for a in args]]
+
+
+def torchrun(*args, timeout=180):
+    """(exit status, stdout, stderr) of torchrun_cmd(ARGS)."""
+    r = subprocess.run(torchrun_cmd(*args), capture_output=True, text=True, env=CLI_ENV, timeout=timeout)
+    return r.returncode, r.stdout, r.stderr
+
+
 def assert_one_line_failure(rc, stderr, *fragments):
     """A failed command: non-zero status, no traceback, and its last stderr line says all of fragments."""
     assert rc != 0 and "Traceback" not in stderr, stderr[-3000:]

@@ -89,7 +89,7 @@ from .certify_log import (
     prepare_log,
     summary_rows,
 )
-from .distributed import DistInfo, all_gather_object, close_distributed, init_distributed
+from .distributed import DistInfo, Relayed, all_gather_object, close_distributed, init_distributed, together
 from .evaluate import parse_classifiers, pick_image_size
 from .options import check_device, positive, positive_float, probability, seed
 
@@ -308,36 +308,6 @@ class _Tally:
         self.saved = self.total = 0
 
 
-class _Relayed(UsageError):
-    """An error another rank met, raised here so that every rank stops; rank 0 says it."""
-
-
-def _together(info: DistInfo, fn, main_only: bool = False, share: bool = False):
-    """fn() run on every rank (main_only: on rank 0 alone), then a collective: when it failed anywhere, every rank
-    raises (a rank its own error; the others _Relayed, rank 0's words, or 'rank r: ...'), so no rank waits for
-    one that has stopped. Returns fn's result here, or rank 0's on every rank with share."""
-    res = err = None
-    if info.is_main or not main_only:
-        try:
-            res = fn()
-        except Exception as e:  # every rank must hear of it, whatever it is
-            if not info.distributed:
-                raise
-            err = e
-    if not info.distributed:
-        return res
-    said = None if err is None else (str(err) if isinstance(err, (UsageError, FileNotFoundError))
-                                     else f"{type(err).__name__}: {err}")
-    got = all_gather_object((said, res if share and info.is_main else None), info)
-    failed = [(r, m) for r, (m, _) in enumerate(got) if m is not None]
-    if failed:
-        if err is not None and (info.is_main or not isinstance(err, (UsageError, FileNotFoundError))):
-            raise err  # a rank's own error other than a usage error keeps its traceback there
-        r, msg = failed[0]
-        raise _Relayed(msg if r == 0 else f"rank {r}: {msg}")
-    return got[0][1] if share else res
-
-
 def main(args) -> int:
     tally, info = _Tally(), None
     try:
@@ -345,7 +315,7 @@ def main(args) -> int:
         info = init_distributed(str(device) if device.index is not None else device.type)
         return _main(args, info, tally)
     except (FileNotFoundError, UsageError) as e:
-        if info is not None and not info.is_main and isinstance(e, _Relayed):
+        if info is not None and not info.is_main and isinstance(e, Relayed):
             raise SystemExit(1) from None  # rank 0 prints it once
         raise SystemExit(f"diffaug certify: error: {e}") from None
     except KeyboardInterrupt:  # a second Ctrl-C: the rows written so far are whole (each one is fsync'ed)
@@ -438,23 +408,23 @@ def _plan(run: SimpleNamespace) -> dict:
 
 
 def _main(args, info: DistInfo, tally: _Tally) -> int:
-    run = _together(info, lambda: _setup(args, info.device))
-    plan = _together(info, lambda: _plan(run), main_only=True, share=True)
+    run = together(info, lambda: _setup(args, info.device))
+    plan = together(info, lambda: _plan(run), main_only=True, share=True)
     jobs = [(*job, todo) for job, todo in zip(run.jobs, plan["todo"])]
     tally.saved, tally.total = plan["saved"], len(jobs) * len(run.indices)
     # the score model, when there is work, before any file is written: a flag it refuses leaves no log behind
     score = None
     if any(j[5] for j in jobs):
-        score = _together(info, lambda: load_score(args, run.dspec, run.channels, run.size, run.schedule,
+        score = together(info, lambda: load_score(args, run.dspec, run.channels, run.size, run.schedule,
                                                    info.device))
 
     def prepare():  # all logs checked first: a refusal leaves every file as is
         for _, s, path, sidecar, settings, _ in jobs:
             prepare_log(path, sidecar, settings, run.times[s], run.every)
 
-    _together(info, prepare, main_only=True)
+    together(info, prepare, main_only=True)
     stopped = score is not None and _certify(args, info, run, jobs, score, tally)
-    _together(info, lambda: [merge_log(j[2], run.every) for j in jobs], main_only=True)  # every rank's rows
+    together(info, lambda: [merge_log(j[2], run.every) for j in jobs], main_only=True)  # every rank's rows
     if stopped:
         if info.is_main:
             print(f"diffaug certify: stopped; {_saved(tally, args.out)}", file=sys.stderr)

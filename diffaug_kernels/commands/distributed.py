@@ -91,3 +91,32 @@ def all_gather_object(obj, info: DistInfo) -> list:
     dist.all_gather_object(out, obj)
     return out
 
+
+class Relayed(UsageError):
+    """An error another rank met, raised here so that every rank stops; rank 0 says it."""
+
+
+def together(info: DistInfo, fn, main_only: bool = False, share: bool = False):
+    """fn() run on every rank (main_only: on rank 0 alone), then a collective: when it failed anywhere, every rank
+    raises (a rank its own error; the others Relayed, rank 0's words, or 'rank r: ...'), so no rank waits for
+    one that has stopped. Returns fn's result here, or rank 0's on every rank with share."""
+    res = err = None
+    if info.is_main or not main_only:
+        try:
+            res = fn()
+        except Exception as e:  # every rank must hear of it, whatever it is
+            if not info.distributed:
+                raise
+            err = e
+    if not info.distributed:
+        return res
+    said = None if err is None else (str(err) if isinstance(err, (UsageError, FileNotFoundError))
+                                     else f"{type(err).__name__}: {err}")
+    got = all_gather_object((said, res if share and info.is_main else None), info)
+    failed = [(r, m) for r, (m, _) in enumerate(got) if m is not None]
+    if failed:
+        if err is not None and (info.is_main or not isinstance(err, (UsageError, FileNotFoundError))):
+            raise err  # a rank's own error other than a usage error keeps its traceback there
+        r, msg = failed[0]
+        raise Relayed(msg if r == 0 else f"rank {r}: {msg}")
+    return got[0][1] if share else res

@@ -20,9 +20,20 @@ from ..augment import DiffAug
 from ..data.eval_sets import DatasetSpec, check_channels, parse_datasets
 from ..models.classifier import load_classifier
 from ..models.score import resolve_score_model
-from ..robustness import EvalConfig, check_times, file_identity, in_channels, parse_modes, parse_times, run, safe_name
+from ..robustness import (
+    EvalConfig,
+    Shard,
+    check_times,
+    file_identity,
+    in_channels,
+    parse_modes,
+    parse_times,
+    run,
+    safe_name,
+)
 from ..schedule import NoiseSchedule
 from ..utils import UsageError
+from .distributed import Relayed, all_gather_object, close_distributed, init_distributed, together
 from .options import check_device, dda_scale, positive, seed
 
 NAME = "evaluate"
@@ -174,94 +185,110 @@ def _check_dda(steps: int, depth: int, down: int, sizes, T: Optional[int] = None
 
 
 def main(args) -> int:
-    # every option is checked before a model is loaded or an image read; a bad one is one line, no traceback
-    device = str(check_device("evaluate", args.device))
+    info = None
     try:
-        if args.out:  # made now: a file in its place (or above it) is one line before any model loads
-            try:
-                os.makedirs(args.out, exist_ok=True)
-            except (FileExistsError, NotADirectoryError):
-                raise UsageError(f"--out {args.out} is a file (or lies under one); give a folder for the results") \
-                    from None
-        if args.threads:  # counts and sizes arrive checked by the parser (options.positive, options.dda_scale)
-            torch.set_num_threads(args.threads)
-        modes = parse_modes(args.modes)
-        cspecs = parse_classifiers(args.classifier)
-        dsets = parse_datasets(args.datasets.split(","))
-        if not dsets:
-            raise UsageError("--datasets is empty")
-        oods = parse_datasets(args.ood_datasets.split(",")) if args.ood_datasets else []
-        id_ds = None
-        if args.id_dataset:
-            ids = parse_datasets([args.id_dataset])
-            if len(ids) != 1:  # "digits-c:all:3" and the like name several sets
-                raise UsageError(f"--id-dataset {args.id_dataset!r} names {len(ids)} data sets "
-                                f"({', '.join(d.name for d in ids[:4])}{', ...' if len(ids) > 4 else ''}); "
-                                f"give exactly one")
-            id_ds = ids[0]
-        try:
-            de_times = parse_times(args.de_times)
-        except UsageError as e:
-            raise UsageError(f"--de-times: {e}") from None
-        batch_size, max_images, dda_max_images = args.batch_size, args.max_images, args.dda_max_images
-        dda_steps, dda_depth, dda_down, image_size = args.dda_steps, args.dda_depth, args.dda_down, args.image_size
-        dda_scale = None if args.dda_scale == "auto" else float(args.dda_scale)
-        kinds = {d.kind for d in dsets + oods}
-        small = kinds <= _SMALL_KINDS
-        hint = "digits" if kinds <= {"digits", "digits-c"} else ("cifar10:" if small else "folder")
-        need_dda = any(m in ("DDA", "DDA-SE") for m in modes)
-        need_de = "DE" in modes or bool(oods)
-        if need_dda:  # the sizes are known now only when given; else once the classifiers say theirs
-            _check_dda(dda_steps, dda_depth, dda_down,
-                       [_image_size(d, image_size) for d in dsets] if image_size else [])
-        cfg = EvalConfig(modes=modes, batch_size=batch_size, max_images=max_images,
-                         dda_max_images=dda_max_images, de_times=de_times,
-                         dda_steps=dda_steps, dda_depth=dda_depth, dda_down=dda_down,
-                         dda_scale=dda_scale, image_size=None, seed=args.seed,
-                         device=device, progress=not args.no_progress,
-                         react_percentile=_percentile(args.react_percentile, "--react-percentile", True),
-                         ash_percentile=_percentile(args.ash_percentile, "--ash-percentile"),
-                         scale_percentile=_percentile(args.scale_percentile, "--scale-percentile"))
-        classifiers = []
-        for c in cspecs:
-            classifiers.append((c.name, load_classifier(c.path, device)))
-        channels = in_channels(classifiers[0][1])
-        check_channels(dsets[0], channels)  # depends on the classifier only: once, before the score model
-        size = cfg.image_size = pick_image_size(image_size, classifiers, dsets + ([id_ds] if id_ds else []))
-        if need_dda and not image_size:  # a given size was checked above
-            _check_dda(dda_steps, dda_depth, dda_down, [_image_size(d, size) for d in dsets])
-        need_score = any(m != "Default" for m in modes) or bool(oods)
-        aug = None
-        if need_score:
-            aug = score_augment(args.score_model, args.score_config, args.score_flag, args.schedule, hint, channels)
-            T = aug.schedule.num_timesteps
-            factor = getattr(aug.model, "size_multiple", 1)
-            odd = sorted({v for v in (_image_size(d, size) for d in dsets + oods) if v % factor})
-            if odd:
-                raise UsageError(f"the score model halves the image {factor.bit_length() - 1} times, so the image "
-                                f"size must be a multiple of {factor}, got {odd} (--image-size)")
-            if need_de:
-                check_times(de_times, T)
-            if need_dda:
-                _check_dda(dda_steps, dda_depth, dda_down, [_image_size(d, size) for d in dsets], T)
-            aug = aug.to(device)
-        elif args.score_model:
-            print("note: --score-model is unused with --modes Default and no OOD sets")
-        if aug is not None:
-            spec = args.score_model or "default"
-            cfg.extra["score_model"] = {
-                "spec": file_identity(spec) if os.path.isfile(spec) else spec, "config": args.score_config,
-                "flags": list(args.score_flag or ()), "schedule": args.schedule}
-        cfg.identities = {c.name: file_identity(c.path) for c in cspecs}
-        res = run(classifiers, aug, dsets, cfg, args.out, oods, id_ds)
+        device = check_device("evaluate", args.device)
+        info = init_distributed(str(device) if device.index is not None else device.type)
+        job = together(info, lambda: _setup(args, str(info.device), info.is_main))
+        res = run(*job, shard=Shard(info.rank, info.world_size, lambda obj: all_gather_object(obj, info)))
     except (FileNotFoundError, UsageError) as e:
+        if info is not None and not info.is_main and isinstance(e, Relayed):
+            raise SystemExit(1) from None  # rank 0 says it
         raise SystemExit(f"diffaug evaluate: error: {e}") from None
-    except KeyboardInterrupt:  # each result file is whole (written atomically) and a rerun skips what is done
-        print("\ndiffaug evaluate: interrupted; " + (
-            f"the finished results are in {args.out}/ and the same command continues from them" if args.out
-            else "nothing saved (no --out)"), file=sys.stderr)
+    except KeyboardInterrupt:  # each result file is whole (written atomically), each finished batch is kept
+        if info is None or info.is_main:
+            print("\ndiffaug evaluate: interrupted; " + (
+                f"the finished results are in {args.out}/ and the same command continues from them" if args.out
+                else "nothing saved (no --out)"), file=sys.stderr)
         return 130
+    finally:
+        if info is not None:
+            close_distributed(info)
+    if not info.is_main:
+        return 0
     print(res["table"])
     if args.out:
         print(f"results in {args.out}/ (summary.json, table.txt, one JSON per classifier x dataset)")
     return 0
+
+
+def _setup(args, device: str, main: bool) -> tuple:
+    """run()'s arguments: every option checked before a model is loaded or an image read (a bad one is one line,
+    no traceback), then the classifiers and the score model loaded; the same on every rank."""
+    if args.out:  # made now: a file in its place (or above it) is one line before any model loads
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise UsageError(f"--out {args.out} is a file (or lies under one); give a folder for the results") \
+                from None
+    if args.threads:  # counts and sizes arrive checked by the parser (options.positive, options.dda_scale)
+        torch.set_num_threads(args.threads)
+    modes = parse_modes(args.modes)
+    cspecs = parse_classifiers(args.classifier)
+    dsets = parse_datasets(args.datasets.split(","))
+    if not dsets:
+        raise UsageError("--datasets is empty")
+    oods = parse_datasets(args.ood_datasets.split(",")) if args.ood_datasets else []
+    id_ds = None
+    if args.id_dataset:
+        ids = parse_datasets([args.id_dataset])
+        if len(ids) != 1:  # "digits-c:all:3" and the like name several sets
+            raise UsageError(f"--id-dataset {args.id_dataset!r} names {len(ids)} data sets "
+                            f"({', '.join(d.name for d in ids[:4])}{', ...' if len(ids) > 4 else ''}); "
+                            f"give exactly one")
+        id_ds = ids[0]
+    try:
+        de_times = parse_times(args.de_times)
+    except UsageError as e:
+        raise UsageError(f"--de-times: {e}") from None
+    batch_size, max_images, dda_max_images = args.batch_size, args.max_images, args.dda_max_images
+    dda_steps, dda_depth, dda_down, image_size = args.dda_steps, args.dda_depth, args.dda_down, args.image_size
+    dda_scale = None if args.dda_scale == "auto" else float(args.dda_scale)
+    kinds = {d.kind for d in dsets + oods}
+    small = kinds <= _SMALL_KINDS
+    hint = "digits" if kinds <= {"digits", "digits-c"} else ("cifar10:" if small else "folder")
+    need_dda = any(m in ("DDA", "DDA-SE") for m in modes)
+    need_de = "DE" in modes or bool(oods)
+    if need_dda:  # the sizes are known now only when given; else once the classifiers say theirs
+        _check_dda(dda_steps, dda_depth, dda_down,
+                   [_image_size(d, image_size) for d in dsets] if image_size else [])
+    cfg = EvalConfig(modes=modes, batch_size=batch_size, max_images=max_images,
+                     dda_max_images=dda_max_images, de_times=de_times,
+                     dda_steps=dda_steps, dda_depth=dda_depth, dda_down=dda_down,
+                     dda_scale=dda_scale, image_size=None, seed=args.seed,
+                     device=device, progress=not args.no_progress,
+                     react_percentile=_percentile(args.react_percentile, "--react-percentile", True),
+                     ash_percentile=_percentile(args.ash_percentile, "--ash-percentile"),
+                     scale_percentile=_percentile(args.scale_percentile, "--scale-percentile"))
+    classifiers = []
+    for c in cspecs:
+        classifiers.append((c.name, load_classifier(c.path, device)))
+    channels = in_channels(classifiers[0][1])
+    check_channels(dsets[0], channels)  # depends on the classifier only: once, before the score model
+    size = cfg.image_size = pick_image_size(image_size, classifiers, dsets + ([id_ds] if id_ds else []))
+    if need_dda and not image_size:  # a given size was checked above
+        _check_dda(dda_steps, dda_depth, dda_down, [_image_size(d, size) for d in dsets])
+    need_score = any(m != "Default" for m in modes) or bool(oods)
+    aug = None
+    if need_score:
+        aug = score_augment(args.score_model, args.score_config, args.score_flag, args.schedule, hint, channels)
+        T = aug.schedule.num_timesteps
+        factor = getattr(aug.model, "size_multiple", 1)
+        odd = sorted({v for v in (_image_size(d, size) for d in dsets + oods) if v % factor})
+        if odd:
+            raise UsageError(f"the score model halves the image {factor.bit_length() - 1} times, so the image "
+                            f"size must be a multiple of {factor}, got {odd} (--image-size)")
+        if need_de:
+            check_times(de_times, T)
+        if need_dda:
+            _check_dda(dda_steps, dda_depth, dda_down, [_image_size(d, size) for d in dsets], T)
+        aug = aug.to(device)
+    elif args.score_model and main:
+        print("note: --score-model is unused with --modes Default and no OOD sets")
+    if aug is not None:
+        spec = args.score_model or "default"
+        cfg.extra["score_model"] = {
+            "spec": file_identity(spec) if os.path.isfile(spec) else spec, "config": args.score_config,
+            "flags": list(args.score_flag or ()), "schedule": args.schedule}
+    cfg.identities = {c.name: file_identity(c.path) for c in cspecs}
+    return classifiers, aug, dsets, cfg, args.out, oods, id_ds

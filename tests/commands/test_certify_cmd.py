@@ -9,13 +9,20 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
-from helpers import CLI_ENV, TINY_UNET_FLAGS, assert_one_line_failure, classifier_checkpoint, cli_subprocess
+from helpers import (
+    CLI_ENV,
+    TINY_UNET_FLAGS,
+    assert_one_line_failure,
+    classifier_checkpoint,
+    cli_subprocess,
+    torchrun,
+    torchrun_cmd,
+)
 
 import diffaug_kernels as dk
 from diffaug_kernels import cli
@@ -347,19 +354,6 @@ def test_summary_of_a_partial_log_counts_only_its_rows(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ torchrun
-def torchrun_cmd(*args):
-    """`torchrun --nproc_per_node=2 -m diffaug_kernels ARGS` (gloo on the CPU); --max is written --max-images, as
-    under torchrun it must be."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-            "diffaug_kernels", *["--max-images" if a == "--max" else a for a in args]]
-
-
-def torchrun(*args, timeout=180):
-    """(exit status, stdout, stderr) of torchrun_cmd(ARGS)."""
-    r = subprocess.run(torchrun_cmd(*args), capture_output=True, text=True, env=CLI_ENV, timeout=timeout)
-    return r.returncode, r.stdout, r.stderr
-
-
 def numbers(summary):
     """summary.json without what names the run's folder."""
     for c in summary["classifiers"].values():
