@@ -1,5 +1,5 @@
 """diffaug_kernels: fused kernels for DiffAug (diffuse-and-denoise augmentation), checked against PyTorch."""
-from . import certify, data, dda, models, ood
+from . import certify, data, dda, metrics, models, ood, pag, sampling
 from .augment import DiffAug
 from .ensemble import diffaug_ensemble
 from .models import score as pretrained
@@ -28,10 +28,13 @@ __all__ = [
     "forward_noise",
     "forward_noise_multi",
     "load_default_score_model",
+    "metrics",
     "models",
     "ood",
+    "pag",
     "philox_normal",
     "pretrained",
     "reference",
+    "sampling",
     "tweedie",
 ]

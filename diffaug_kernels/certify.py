@@ -134,7 +134,17 @@ def _check_seed(seed) -> int:
     return int(seed) % 2**64
 
 
+def _chain_key(key: int, offset: int) -> int:
+    """The Philox key of the multistep chain of the batch whose noise draw starts at counter offset (one key per
+    batch: the chains of different batches and calls are independent)."""
+    words = [key & 0xFFFFFFFF, key >> 32, offset & 0xFFFFFFFF, offset >> 32]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0])
+
+
 # ---------------------------------------------------------------------------------------- the smoothed model
+DENOISERS = ("one-step", "multistep")
+
+
 class DenoisedSmoothing(nn.Module):
     """A classifier smoothed through a diffusion denoiser (DDS), with Cohen et al.'s CERTIFY and PREDICT.
 
@@ -143,7 +153,11 @@ class DenoisedSmoothing(nn.Module):
     score_model(x_t, t), returning the `prediction` ("eps", "v", "x0" or "score") with C or 2C channels.
     sigma: the smoothing noise in [0, 1] pixel units; the model runs at t* = dds_timestep(schedule, sigma)
     (attribute ``t``). clip clamps the Tweedie estimate to [-1, 1] (DDS's clip_denoised). dtype, compile and
-    backend mean what they mean for dk.DiffAug, which runs the score model here (``self.aug``).
+    backend mean what they mean for dk.DiffAug, which runs the score model here (``self.aug``). denoiser:
+    "one-step" (DDS's default: one Tweedie step, pred_xstart) or "multistep" (DDS's multistep option: ancestral
+    DDPM sampling from x_t* down to an image, dk.sampling.ddpm_sample over the schedule's first t* steps with the
+    learned variance when the model returns 2C channels; like the DDS code, the chain's first step treats x_t*
+    as the sample at index t* - 1; t* model calls per sample, so for experiments, not for speed).
 
     The base classifier f(x) = argmax classifier(clip(tweedie(forward_noise(x, t*)))) is ``forward``; the
     noise comes from the ops' in-kernel Philox stream, so no noise tensor exists. Every method runs under
@@ -159,8 +173,11 @@ class DenoisedSmoothing(nn.Module):
 
     def __init__(self, classifier: Callable[[Tensor], Tensor], score_model: nn.Module, schedule: NoiseSchedule,
                  sigma: float, num_classes: int, prediction: str = "eps", clip: bool = True,
-                 dtype: Optional[torch.dtype] = None, compile: bool = False, backend: str = "auto"):
+                 dtype: Optional[torch.dtype] = None, compile: bool = False, backend: str = "auto",
+                 denoiser: str = "one-step"):
         super().__init__()
+        if denoiser not in DENOISERS:
+            raise ValueError(f"denoiser must be one of {DENOISERS}, got {denoiser!r}")
         if not callable(classifier):
             raise TypeError(f"classifier must be callable (an nn.Module), got {type(classifier).__name__}")
         if not checks.is_int(num_classes) or int(num_classes) < 2:
@@ -174,13 +191,25 @@ class DenoisedSmoothing(nn.Module):
         self.schedule = schedule
         self.sigma = float(sigma)
         self.num_classes = int(num_classes)
+        self.denoiser = denoiser
+        # the multistep chain: the first t* steps of the schedule, so ancestral sampling over all of them starts
+        # at index t* - 1, as DDS's `for i in range(t)[::-1]` does
+        self._chain = None if denoiser == "one-step" else NoiseSchedule.from_betas(
+            schedule.table("betas", dtype=torch.float64).numpy()[:self.t])
 
     # --- the base classifier
-    def _labels(self, x_t: Tensor, t: Tensor, out_dtype: torch.dtype) -> Tensor:
-        """argmax of the classifier on the Tweedie estimate from x_t at t (all rows at t*)."""
+    def _labels(self, x_t: Tensor, t: Tensor, out_dtype: torch.dtype, chain_key: int = 0) -> Tensor:
+        """argmax of the classifier on the denoised x_t (all rows at t*): one Tweedie step, or with the multistep
+        denoiser DDS's ancestral chain (its noise from the Philox key chain_key)."""
         aug = self.aug
-        x0_hat = ops.tweedie(x_t, aug.denoise(x_t, t), t, self.schedule, aug.prediction, aug.clip,
-                             out_dtype=out_dtype, backend=aug.backend)
+        if self._chain is None:
+            x0_hat = ops.tweedie(x_t, aug.denoise(x_t, t), t, self.schedule, aug.prediction, aug.clip,
+                                 out_dtype=out_dtype, backend=aug.backend)
+        else:
+            from .sampling import ddpm_sample
+
+            x0_hat = ddpm_sample(aug, self._chain, tuple(x_t.shape), None, seed=chain_key, x_T=x_t, clip=aug.clip,
+                                 prediction=aug.prediction).to(out_dtype)
         logits = self.classifier(x0_hat)
         if not isinstance(logits, Tensor) or tuple(logits.shape) != (x_t.shape[0], self.num_classes):
             got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
@@ -196,7 +225,7 @@ class DenoisedSmoothing(nn.Module):
         with torch.inference_mode(), eval_mode(self.classifier, self.aug):
             t = torch.full((x.shape[0],), self.t, dtype=torch.int64, device=x.device)
             x_t = ops.forward_noise(x, t, self.schedule, seed=key, backend=self.aug.backend)
-            return self._labels(x_t, t, x.dtype)
+            return self._labels(x_t, t, x.dtype, _chain_key(key, 0))
 
     # --- Monte-Carlo counts
     def _check_image(self, name: str, x, batch: bool = False) -> Tensor:
@@ -239,7 +268,8 @@ class DenoisedSmoothing(nn.Module):
             # leaves only C planes of parallel work. The batch is never materialised beyond x_t itself.
             x_t = ops.forward_noise(one.expand(k, *C_H_W), t, self.schedule, seed=key,
                                     offset=base + start * per_sample, backend=self.aug.backend)
-            counts += torch.bincount(self._labels(x_t, t, img.dtype), minlength=self.num_classes)
+            labels = self._labels(x_t, t, img.dtype, _chain_key(key, base + start * per_sample))
+            counts += torch.bincount(labels, minlength=self.num_classes)
         return counts.cpu().numpy()  # the one host sync of the draw
 
     def sample_counts(self, x: Tensor, num: int, batch_size: int, seed=None) -> np.ndarray:
@@ -294,7 +324,7 @@ class DenoisedSmoothing(nn.Module):
         return int(order[0])
 
     def extra_repr(self) -> str:
-        return f"sigma={self.sigma}, t={self.t}, num_classes={self.num_classes}"
+        return f"sigma={self.sigma}, t={self.t}, num_classes={self.num_classes}, denoiser={self.denoiser!r}"
 
 
-__all__ = ["ABSTAIN", "DenoisedSmoothing", "certified_accuracy", "dds_timestep", "lower_confidence_bound"]
+__all__ = ["ABSTAIN", "DENOISERS", "DenoisedSmoothing", "certified_accuracy", "dds_timestep", "lower_confidence_bound"]

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 from .commands.options import HelpFormatter, Parser
 
 COMMANDS = ("bench", "bench_model", "bench_ensemble", "bench_certify", "plot", "train_score", "train_classifier",
-            "evaluate", "certify", "demo")
+            "evaluate", "certify", "pag", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

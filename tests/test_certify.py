@@ -307,3 +307,55 @@ def test_bad_arguments_are_named():
         smoother(Quadrant(1), sigma=0)
     with pytest.raises(ValueError, match="prediction"):
         smoother(Quadrant(1), prediction="noise")
+
+
+def dds_multistep_reference(model, x_t, t_star, key):
+    """DDS's multistep denoiser in float64, from guided-diffusion's p_sample equations: for i = t* - 1, ..., 0,
+    x <- posterior mean of (clip(x0_hat(x, i)), x) + [i > 0] exp(logvar / 2) z_k, the learned-range log variance
+    between log beta_i and the clipped log posterior variance; z_k = philox_normal(shape, key, (k + 1) * 2**40)
+    (dk.sampling's streams)."""
+    b = S.table("betas", dtype=torch.float64)
+    ab = torch.cumprod(1 - b, 0)
+    ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+    post_var = b * (1 - ab_prev) / (1 - ab)
+    post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+    C = x_t.shape[1]
+    x = x_t.double()
+    for k, i in enumerate(range(t_star)[::-1]):
+        out = model(x.float(), torch.full((x.shape[0],), i)).double()
+        x0 = ((x - (1 - ab[i]).sqrt() * out[:, :C]) / ab[i].sqrt()).clamp(-1, 1)
+        mean = (b[i] * ab_prev[i].sqrt() / (1 - ab[i])) * x0 + ((1 - ab_prev[i]) * (1 - b[i]).sqrt() / (1 - ab[i])) * x
+        frac = (out[:, C:] + 1) / 2
+        logvar = frac * b[i].log() + (1 - frac) * post_logvar[i]
+        z = dk.philox_normal(tuple(x.shape), key, (k + 1) * 2**40, dtype=torch.float64)
+        x = mean + (torch.exp(0.5 * logvar) * z if i > 0 else 0)
+    return x
+
+
+def test_the_multistep_denoiser_is_dds_ancestral_chain():
+    """denoiser="multistep": the classifier sees DDS's multistep output (the chain from x_t* over the schedule's
+    first t* steps), each batch's chain on its own Philox key; the one-step denoiser sees something else."""
+    torch.manual_seed(0)
+    eps = TinyEps(C=1)
+    seen = []
+
+    def clf(x):
+        seen.append(x.clone())
+        return torch.stack([x.flatten(1).mean(1), -x.flatten(1).mean(1)], 1)
+
+    sm = ct.DenoisedSmoothing(clf, eps, S, 0.02, 2, denoiser="multistep")
+    assert sm.t == 8 and "multistep" in repr(sm)
+    x = image(0.3)
+    sm.sample_counts(x, 6, 4, seed=7)
+    assert [s.shape[0] for s in seen] == [4, 2]
+    per = -(-x.numel() // 4)
+    for j, (start, k) in enumerate(((0, 4), (4, 2))):
+        t = torch.full((k,), sm.t)
+        x_t = dk.forward_noise(x.expand(k, *x.shape), t, S, seed=7, offset=start * per)
+        want = dds_multistep_reference(eps, x_t, sm.t, ct._chain_key(7, start * per))
+        torch.testing.assert_close(seen[j].double(), want, atol=2e-5, rtol=0)
+    one = []
+    ct.DenoisedSmoothing(lambda v: one.append(v) or clf(v), eps, S, 0.02, 2).sample_counts(x, 6, 4, seed=7)
+    assert not torch.allclose(one[0], seen[0], atol=1e-3)
+    with pytest.raises(ValueError, match="denoiser must be one of"):
+        ct.DenoisedSmoothing(clf, eps, S, 0.02, 2, denoiser="many")

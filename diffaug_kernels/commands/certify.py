@@ -70,7 +70,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..certify import ABSTAIN, DenoisedSmoothing, certified_accuracy, dds_timestep
+from ..certify import ABSTAIN, DENOISERS, DenoisedSmoothing, certified_accuracy, dds_timestep
 from ..data.eval_sets import DatasetSpec, build_dataset, check_channels, label_map, parse_datasets
 from ..models.classifier import load_classifier
 from ..models.score import DEFAULT_WEIGHTS, MAX_T, read_metadata, resolve_score_model
@@ -163,6 +163,9 @@ def add_arguments(p) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the score model (CUDA graphs on CUDA)")
     p.add_argument("--backend", default="auto", choices=("auto",) + tuple(ops.BACKENDS),
                    help="backend of the fused noise and Tweedie ops")
+    p.add_argument("--denoiser", default="one-step", choices=DENOISERS,
+                   help="one-step: one Tweedie step (DDS's default); multistep: DDS's ancestral chain from t* "
+                        "(t* model calls per noise sample)")
     p.add_argument("--threads", type=positive, default=None, help="torch.set_num_threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (a line per image instead)")
 
@@ -385,7 +388,9 @@ def _setup(args, device) -> SimpleNamespace:
                              f"{int(labels[1].max())}")
     common = {"score_model": score_identity(args, schedule),
               "dataset": [*dataset_identity(dspec), size, channels], "N0": args.N0, "N": args.N,
-              "alpha": args.alpha, "seed": args.seed, "skip": args.skip, "batch": args.batch, "dtype": args.dtype}
+              "alpha": args.alpha, "seed": args.seed, "skip": args.skip, "batch": args.batch, "dtype": args.dtype,
+              # only when not the default, so logs written before the option existed still continue
+              **({"denoiser": args.denoiser} if args.denoiser != "one-step" else {})}
     jobs = []  # (classifier, sigma, log, sidecar, settings)
     for (cname, _), cspec in zip(classifiers, cspecs):
         for s in args.sigma:
@@ -491,7 +496,7 @@ def _certify(args, info: DistInfo, run: SimpleNamespace, jobs, score, tally: _Ta
                 try:
                     smooth = DenoisedSmoothing(clf, model, schedule, sigma, nc, prediction=getattr(
                         model, "prediction", "eps"), dtype=DTYPES[args.dtype], compile=args.compile,
-                        backend=args.backend)
+                        backend=args.backend, denoiser=args.denoiser)
                 except ValueError as e:
                     raise UsageError(f"--sigma {sigma:g}: {e}") from None
                 by = f" by {W} processes" if W > 1 else ""

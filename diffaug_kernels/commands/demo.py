@@ -15,7 +15,10 @@
    test digits against t = 0..999;
 5. certified L2 robustness of both by diffusion denoised smoothing (the `certify` command: certify/, with its
    table and certified_accuracy.png), on a few test digits with small N at two sigmas;
-6. results.json (everything above, settings and the time of each phase) and the printed tables.
+6. perceptually aligned gradients of both (the `pag` command's analysis: pag/, with pag_grid.png and
+   alignment_vs_t.png): input gradients through the denoiser, their cosine with the Bayes direction of the
+   training digits at a few t, and accuracy under L2 PGD;
+7. results.json (everything above, settings and the time of each phase) and the printed tables.
 
 This is a scaled-down demonstration, not a reproduction of the paper's ImageNet numbers: a 1,800-image
 8x8-upsampled dataset, a few epochs, a small score model, a few hundred test images (a 1-image difference is
@@ -44,6 +47,7 @@ from ..models.score import load_default_score_model
 from ..schedule import NoiseSchedule
 from ..utils import UsageError, read_json, torch_load, write_json
 from . import certify as certify_cmd
+from . import pag as pag_cmd
 from . import train_classifier as tc
 from .options import Parser, positive, seed
 
@@ -51,7 +55,8 @@ NAME = "demo"
 HELP = "DiffAug end to end on the digits: train with/without, evaluate, plots"
 DESCRIPTION = ("Trains a small timm classifier on scikit-learn's digits with and without DiffAug (the shipped score "
                "model), evaluates Default / DE / DDA / DDA-SE on clean and corrupted test images, certifies both by "
-               "denoised smoothing, prints the tables and writes results.json and the plots. About 3.3 minutes (198 s) "
+               "denoised smoothing, measures their perceptually aligned gradients (pag), prints the tables and "
+               "writes results.json and the plots. About 3.3 minutes (198 s) "
                "measured on 2 CPU cores with the default threads before the certification part, 6.5 minutes with "
                "it on a slower 2-core machine (README.md); --quick for a smoke run.")
 
@@ -60,11 +65,13 @@ DEFAULTS = dict(model="resnet10t", epochs=5, batch_size=64, lr=0.05, eval_images
                                                 "gaussian_blur:3:imagenet"),
                 entropy_images=128, entropy_times=tuple(range(0, 1000, 50)) + (999,), grid_images=6,
                 de_times=tuple(range(0, 451, 50)), cert_images=12, cert_sigmas=(0.25, 0.5), cert_n0=10, cert_n=100,
-                cert_batch=110)
+                cert_batch=110, pag_images=32, pag_times=(300, 400, 500, 600), pag_grid=3, pag_pgd_images=100,
+                pag_eps=(0.25, 0.5, 1.0), pag_steps=7)
 QUICK = dict(model="test_resnet", epochs=1, batch_size=32, lr=0.05, eval_images=16, dda_images=4, dda_steps=10,
              dda_depth=3, corruptions=("gaussian_noise:5",), entropy_images=8, entropy_times=(0, 500, 999),
              grid_images=2, de_times=(0, 200, 400), limit_train=96, cert_images=2, cert_sigmas=(0.5,), cert_n0=4,
-             cert_n=16, cert_batch=16)
+             cert_n=16, cert_batch=16, pag_images=4, pag_times=(300, 900), pag_grid=1, pag_pgd_images=4,
+             pag_eps=(0.5,), pag_steps=2)
 # the untrained stand-in score model of --score-model random (smoke runs and tests only)
 RANDOM_UNET_FLAGS = dict(num_channels=32, num_res_blocks=1, channel_mult="1", attention_resolutions="",
                          resblock_updown=False)
@@ -238,6 +245,15 @@ def _run(out, quick, seed, score_model, threads, overrides) -> dict:
     times["certify_s"] = round(time.time() - t0, 1)
     _say(f"[certify] {cert['plot']} in {times['certify_s']}s")
 
+    # 6. perceptually aligned gradients
+    t0 = time.time()
+    pg = pag_cmd.run({"no-diffaug": plain, "diffaug": withda}, aug, os.path.join(out, "pag"), times=s["pag_times"],
+                     images=s["pag_images"], grid_images=s["pag_grid"], eps=s["pag_eps"],
+                     pgd_images=s["pag_pgd_images"], pgd_steps=s["pag_steps"], batch_size=64, seed=seed,
+                     progress=False, log=_say)
+    times["pag_s"] = round(time.time() - t0, 1)
+    _say(f"[pag] {pg['files']['grid']} in {times['pag_s']}s")
+
     times["total_s"] = round(time.time() - t_all, 1)
     result = {
         "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
@@ -246,8 +262,10 @@ def _run(out, quick, seed, score_model, threads, overrides) -> dict:
         "images": {c: {d: r["n"] for d, r in by.items()} for c, by in res["results"].items()},
         "entropy_vs_t": {"t": ts, **ent, "uniform": math.log(10)},
         "certified_accuracy": cert["accuracy"], "certify_radii": cert["radii"],
+        "pag": {"alignment": pg["alignment"], "robust_accuracy": pg["robust_accuracy"]},
         "files": {"grid": grid_path, "entropy": ent_path, "eval": os.path.join(out, "eval"),
-                  "certify": os.path.join(out, "certify"), "certified_accuracy": cert["plot"]},
+                  "certify": os.path.join(out, "certify"), "certified_accuracy": cert["plot"],
+                  "pag_grid": pg["files"]["grid"], "pag_alignment": pg["files"]["alignment"]},
         "times": times, "table": res["table"],
     }
     write_json(result, os.path.join(out, "results.json"))
@@ -255,6 +273,8 @@ def _run(out, quick, seed, score_model, threads, overrides) -> dict:
     _say(res["table"])
     _say("")
     _say(cert["table"])
+    _say("")
+    _say(pag_cmd.format_table(pg))
     _say("")
     _say(_summary(result))
     _say(f"\ntimes (s): {times}\nwritten: {out}/results.json, {grid_path}, {ent_path}, {out}/eval/")
@@ -311,6 +331,14 @@ def _summary(result: dict) -> str:
         lines.append("  certified accuracy at L2 radius 0.5 (best sigma): " + ", ".join(
             f"{name} {100 * c['best'][k]:.0f}%" for name, c in cert.items() if c["best"][k] is not None)
             + f" ({n['cert_images']} digits, N = {n['cert_n']}: a sketch of the paper's table, not a measurement)")
+    pg = result.get("pag")
+    if pg:
+        lines.append("  PAG, mean cosine with the Bayes direction through the denoiser: " + "; ".join(
+            f"{name} " + ", ".join(f"t={t} {'n/a' if r['mean'] is None else format(r['mean'], '+.2f')}"
+                                   for t, r in by["diffaug"].items()) for name, by in pg["alignment"].items()))
+        lines.append("  accuracy under L2 PGD (eps in [-1, 1] units): " + "; ".join(
+            f"{name} " + ", ".join(f"eps {e} {100 * a:.0f}%" for e, a in acc.items())
+            for name, acc in pg["robust_accuracy"].items()))
     if result.get("quick"):
         lines.append("  (--quick: tiny training and image counts; the numbers are a smoke test, not a measurement)")
     if result.get("score_model") == "random":

@@ -46,6 +46,10 @@ Choices and what they guarantee:
   the [-1, 1] tensors of every data source), configured by default as the AugMix code the authors use:
   severity 1, width 3, depth 1-3, without the colour, contrast, brightness and sharpness ops that overlap
   ImageNet-C (``--augmix-all-ops`` keeps them).
+- The authors' other recipes (data/recipes.py): ``--extra-data DIR[,DIR...]`` (+Synth: labelled folders joined
+  to the training set, classes matched by name), ``--deepaugment EDSR_DIR,CAE_DIR`` (DeepAugment's copies paired
+  by relative path; CE on each, or with --augmix the three sources as one dataset) and ``--init-from CKPT``
+  (fine-tuning a classifier, as the paper does).
 - Distributed (torchrun): WORLD_SIZE/RANK/LOCAL_RANK from the environment; gloo on CPU, nccl on GPU; a
   DistributedSampler (shuffled by seed + epoch; ``EpochSampler`` adds the mid-epoch skip of a resume); the
   classifier wrapped in DistributedDataParallel; ``--batch-size`` is per process.
@@ -82,18 +86,18 @@ import math
 import os
 import random
 import time
-import warnings
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from ..data.views import TrainViews, augmix_transform
+from ..data.recipes import build_datasets
 from ..models.classifier import CHECKPOINT_FORMAT, create_classifier, parse_normalize
 from ..models.score import resolve_score_model
+from ..models.unet import state_mismatch
 from ..ops import BACKENDS
 from ..utils import Progress, StopRequest, UsageError, atomic_save, ignore_interrupt, torch_load, trim_log
 from .distributed import DistInfo, all_gather_object, all_reduce, any_rank, close_distributed, init_distributed
@@ -102,11 +106,11 @@ from .options import HelpFormatter, Parser, fraction, non_negative, non_negative
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
 JSD_WEIGHT = 12.0  # AugMix's Jensen-Shannon consistency weight (lambda = 12 in its paper and code)
-N_STATS = 6  # train_step's per-batch sums (a checkpoint from before the JSD term holds the first 5)
+N_STATS = 7  # train_step's per-batch sums (older checkpoints hold the first 5 or 6: before JSD, DeepAugment)
 # args that change what is trained: a resume with different values warns
 _RUN_DEFINING = ("data", "model", "seed", "batch_size", "opt", "no_diffaug", "score_model", "score_config",
                  "score_flag", "image_size", "channels", "normalize", "augmix", "augmix_config", "augmix_all_ops",
-                 "limit_train", "t_range", "schedule", "lr", "weight_decay")
+                 "limit_train", "t_range", "schedule", "lr", "weight_decay", "extra_data", "deepaugment", "init_from")
 
 
 
@@ -160,9 +164,19 @@ def add_arguments(p) -> None:
                         "3, depth 1-3)")
     g.add_argument("--augmix-all-ops", action="store_true",
                    help="keep AugMix's colour, contrast, brightness and sharpness ops (they overlap ImageNet-C)")
+    g.add_argument("--extra-data", default=None, metavar="DIR[,DIR...]",
+                   help="+Synth: labelled ImageFolders (e.g. generated images) joined to the training set and "
+                        "shuffled with it; class folders are matched to the training set's classes by name")
+    g.add_argument("--deepaugment", default=None, metavar="EDSR_DIR,CAE_DIR",
+                   help="DeepAugment: folders of EDSR and CAE copies of every training image at the same relative "
+                        "path; the loss adds CE on both (with --augmix: the three sources as one dataset, AugMix's "
+                        "JSD on each); --data must be an ImageFolder tree")
 
     g = p.add_argument_group("classifier")
     g.add_argument("--model", default="resnet18", help="timm model name (created with pretrained=False)")
+    g.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="fine-tune: start from a classifier's weights (a train-classifier checkpoint, or a "
+                        "state_dict of the same timm model, 'module.' prefixes and a 'state_dict' entry allowed)")
     g.add_argument("--normalize", default=None,
                    help="classifier input normalisation: identity | imagenet | cifar10 | 'm1,m2,m3:s1,s2,s3' "
                         "(default: identity for digits, cifar10 for CIFAR-10, imagenet for folders)")
@@ -236,50 +250,7 @@ def derive_seed(seed: int, rank: int, tag: str) -> int:
     return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(rank), tag_int]).generate_state(1, np.uint64)[0])
 
 
-# ------------------------------------------------------------------------------------------------ classifier
 # ------------------------------------------------------------------------------------------------ data
-def _num_classes(ds: Dataset) -> int:
-    while isinstance(ds, (Subset, TrainViews)):
-        ds = ds.dataset if isinstance(ds, Subset) else ds.base
-    if hasattr(ds, "classes"):
-        return len(ds.classes)
-    labels = ds.y if hasattr(ds, "y") else getattr(ds, "tensors", (None, None))[1]
-    if labels is None:
-        raise UsageError("cannot tell the number of classes of this dataset: pass --num-classes")
-    return int(labels.max()) + 1
-
-
-def build_datasets(args):
-    """-> train dataset, val dataset (or None), channels, image size, number of classes."""
-    from ..data import make_dataset
-
-    is_digits = args.data == "digits"
-    is_folder = not (is_digits or args.data.startswith("cifar10:"))
-    if args.channels is not None and not is_digits and args.channels != 3:
-        raise UsageError("--channels 1 is only for --data digits (CIFAR-10 and folders are RGB)")
-    channels = (args.channels or 1) if is_digits else 3
-    size = args.image_size or (224 if is_folder else 32)
-    if args.data.startswith("cifar10:") and size != 32:
-        raise UsageError("CIFAR-10 is 32x32; --image-size must be 32 (or left out)")
-    augmix = augmix_transform(args.augmix_config, channels, args.augmix_all_ops) if args.augmix else None
-    centre_view = is_folder and not args.no_diffaug  # DiffAug takes the centre crop, as the authors' scripts do
-    train = make_dataset(args.data, "train", size, channels, centre_view=centre_view)
-    val = None
-    if not args.no_val:
-        vspec = args.val_data or args.data
-        val = make_dataset(vspec, "test", size, channels)
-        if args.val_data is None and is_folder and not os.path.isdir(os.path.join(args.data, "val")):
-            warnings.warn(f"{args.data} has no val/ folder: validating on the training images (give --val-data)")
-    num_classes = args.num_classes or _num_classes(train)
-    if args.limit_train:
-        train = Subset(train, range(min(args.limit_train, len(train))))
-    if val is not None and args.limit_val:
-        val = Subset(val, range(min(args.limit_val, len(val))))
-    if augmix is not None or centre_view:
-        train = TrainViews(train, augmix)
-    return train, val, channels, size, num_classes
-
-
 class EpochSampler(DistributedSampler):
     """torch's DistributedSampler (shuffled by seed + epoch, drop_last: every rank gets len // world samples)
     with the first `skip` samples of this rank's share left out, for a mid-epoch resume:
@@ -320,19 +291,21 @@ def _autocast(device: torch.device, enabled: bool):
 
 def train_step(model: nn.Module, aug, x: Tensor, y: Tensor, optimizer, gen: Optional[torch.Generator] = None,
                scheduler=None, label_smoothing: float = 0.0, amp: bool = False, x_da: Optional[Tensor] = None,
-               augmix: Optional[Sequence[Tensor]] = None) -> dict:
+               augmix: Optional[Sequence[Tensor]] = None, deepaugment: Optional[Sequence[Tensor]] = None) -> dict:
     """One optimizer step, the DiffAug authors' objective. With aug (a dk.DiffAug): loss = CE(f(x), y) +
     CE(f(x0_hat), y), x0_hat = aug(x_da) (x_da defaults to x); without: CE(f(x), y). With augmix (two AugMix
     views of x) the loss also gets AugMix's Jensen-Shannon consistency of f's predictions on x and the two
-    views (timm's JsdCrossEntropy, weight 12). All images go through f as one batch. Returns detached per-batch
-    sums (stats: loss_clean, loss_diffaug, correct_clean, correct_diffaug, n, loss_jsd) and, with aug, the t
-    values and seed."""
+    views (timm's JsdCrossEntropy, weight 12). With deepaugment (x's EDSR and CAE copies, diffda.py) the loss
+    adds CE(f(v), y) for each. All images go through f as one batch. Returns detached per-batch sums (stats:
+    loss_clean, loss_diffaug, correct_clean, correct_diffaug, n, loss_jsd, loss_deepaugment) and, with aug, the
+    t values and seed."""
     model.train()
     B = x.shape[0]
     info = {}
     parts = [x, *(augmix or ())]
     if augmix is not None and len(parts) != 3:
         raise ValueError(f"augmix must be two views of x, got {len(parts) - 1}")
+    first_da, parts = len(parts) * B, parts + list(deepaugment or ())
     if aug is not None:
         x0_hat, t, seed = diffaug_batch(aug, x if x_da is None else x_da,
                                         gen if gen is not None else torch.default_generator)
@@ -351,6 +324,11 @@ def train_step(model: nn.Module, aug, x: Tensor, y: Tensor, optimizer, gen: Opti
 
         loss = JsdCrossEntropy(num_splits=3, alpha=JSD_WEIGHT, smoothing=label_smoothing)(logits[:3 * B], y)
         stats[5] = (loss.detach() - loss_clean.detach()) * B  # CE on x plus the weighted JSD term
+    if deepaugment:
+        loss_da = sum(F.cross_entropy(logits[first_da + k * B:first_da + (k + 1) * B], y,
+                                      label_smoothing=label_smoothing) for k in range(len(deepaugment)))
+        loss = loss + loss_da
+        stats[6] = loss_da.detach() * B
     if aug is not None:
         loss_aug = F.cross_entropy(logits[-B:], y, label_smoothing=label_smoothing)
         loss = loss + loss_aug
@@ -417,6 +395,26 @@ def _set_rng_state(state: dict, noise_gen: torch.Generator) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_init_weights(net: nn.Module, path: str, model_name: str) -> None:
+    """--init-from: a train-classifier checkpoint of the same timm model, or a state_dict of it (torchvision and
+    DataParallel checkpoints: a 'state_dict' or 'model' entry, 'module.' prefixes), loaded strictly."""
+    ck = torch_load(path, "classifier")
+    if isinstance(ck, dict) and ck.get("format") == CHECKPOINT_FORMAT:
+        if ck.get("model_name") != model_name:
+            raise UsageError(f"--init-from {path} holds a {ck.get('model_name')}, not the --model {model_name}")
+        ck = ck.get("model")
+    elif isinstance(ck, dict) and not all(isinstance(v, Tensor) for v in ck.values()):
+        ck = ck.get("state_dict", ck.get("model"))
+    if not isinstance(ck, dict) or not ck or not all(isinstance(v, Tensor) for v in ck.values()):
+        raise UsageError(f"--init-from {path} holds no classifier state_dict (a dict of tensors)")
+    state = {k.removeprefix("module."): v for k, v in ck.items()}
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError:
+        raise UsageError(f"--init-from {path} does not fit the {model_name} built here (classes and channels "
+                         f"from the data): {state_mismatch(net, state)}") from None
 
 
 def _resolve_resume(args) -> Optional[str]:
@@ -500,6 +498,9 @@ def _train(args, info: DistInfo) -> dict:
     normalize = parse_normalize(norm_spec, channels)
     torch.manual_seed(args.seed)
     model = create_classifier(args.model, num_classes, channels, normalize, drop_rate=args.drop_rate).to(device)
+    if args.init_from:
+        load_init_weights(model.net, args.init_from, args.model)
+        say(f"initialised {args.model} from {args.init_from}")
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
@@ -625,7 +626,9 @@ def _train(args, info: DistInfo) -> dict:
             rec.update(train_loss_diffaug=s[1] / n, train_acc_diffaug=s[3] / n)
         if args.augmix:
             rec["train_loss_jsd"] = s[5] / n
-        rec["train_loss"] = (s[0] + s[1] + s[5]) / n
+        if args.deepaugment and not args.augmix:
+            rec["train_loss_deepaugment"] = s[6] / n
+        rec["train_loss"] = (s[0] + s[1] + s[5] + s[6]) / n
         return rec
 
     say(f"train_classifier: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
@@ -653,7 +656,8 @@ def _train(args, info: DistInfo) -> dict:
                 x, y = dev(views["x"]), y.to(device, non_blocking=True)
                 res = train_step(net, train_aug, x, y, optimizer, noise_gen, scheduler, args.label_smoothing,
                                  args.amp, x_da=dev(views["x_da"]) if "x_da" in views else None,
-                                 augmix=[dev(v) for v in views["augmix"]] if "augmix" in views else None)
+                                 augmix=[dev(v) for v in views["augmix"]] if "augmix" in views else None,
+                                 deepaugment=[dev(v) for v in views["deepaugment"]] if "deepaugment" in views else None)
                 epoch_stats += res["stats"]
                 step_in_epoch += 1
                 global_step += 1

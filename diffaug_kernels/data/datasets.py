@@ -52,20 +52,28 @@ class _Pair:
         return self.first(im), self.second(im)
 
 
+def folder_transform(size: int = 224, train: bool = False, centre_view: bool = False):
+    """What image_folder applies to each PIL image: resize + centre crop to size x size (train=False), a random
+    resized crop and flip (train=True), or with centre_view the pair (random crop, centre crop); in [-1, 1]."""
+    from torchvision import transforms
+
+    tail = [transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]
+    centre = transforms.Compose([transforms.Resize(int(round(size * 256 / 224))), transforms.CenterCrop(size), *tail])
+    if not train:
+        return centre
+    crop = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), *tail])
+    return _Pair(crop, centre) if centre_view else crop
+
+
 def image_folder(root: str, size: int = 224, train: bool = False, centre_view: bool = False):
     """An ImageFolder tree (class sub-folders) resized to size x size, in [-1, 1]. train=True adds random
     resized crops and flips; otherwise resize + centre crop (the usual ImageNet evaluation transform).
     centre_view=True (with train) makes each image a pair (random crop, centre crop) from one decode: the
     DiffAug authors' training scripts feed the centre crop to DiffAug and the random crop to the clean term."""
-    from torchvision import datasets, transforms
+    from torchvision import datasets
 
     _require_dir(root, "image folder")
-    tail = [transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]
-    centre = transforms.Compose([transforms.Resize(int(round(size * 256 / 224))), transforms.CenterCrop(size), *tail])
-    if not train:
-        return datasets.ImageFolder(root, transform=centre)
-    crop = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), *tail])
-    return datasets.ImageFolder(root, transform=_Pair(crop, centre) if centre_view else crop)
+    return datasets.ImageFolder(root, transform=folder_transform(size, train, centre_view))
 
 
 # What pickles of CIFAR-10's python batches hold besides dicts, lists, strings and numbers: numpy arrays (the

@@ -1,6 +1,24 @@
-"""Models: the ADM UNet of openai/guided-diffusion (unet.py, state_dict-compatible with its checkpoints), the
-classifier of the recipes (classifier.py) and the score-model files and their loaders (score.py)."""
+"""Models: the ADM UNet of openai/guided-diffusion (unet.py, state_dict-compatible with its checkpoints),
+openai/improved-diffusion's UNet (improved_diffusion.py), diffusers UNets and schedulers as score models
+(diffusers.py), the classifier of the recipes (classifier.py), guidance classifiers (guidance.py) and the
+score-model files and their loaders (score.py)."""
 from . import classifier, score
+from .diffusers import DiffusersScoreModel, from_diffusers, load_diffusers
+from .guidance import (
+    CLASSIFIER_CONFIGS,
+    ClassifierConfig,
+    DAClassifier,
+    EncoderUNet,
+    create_classifier,
+    load_guided_classifier,
+)
+from .improved_diffusion import (
+    IMPROVED_DIFFUSION_CONFIGS,
+    ImprovedDiffusionConfig,
+    ImprovedDiffusionUNet,
+    create_improved_diffusion,
+    load_improved_diffusion,
+)
 from .unet import (
     ADM_CONFIGS,
     ATTENTION_BACKENDS,
@@ -17,10 +35,24 @@ __all__ = [
     "ATTENTION_BACKENDS",
     "ADMConfig",
     "ADMUNet",
+    "CLASSIFIER_CONFIGS",
+    "ClassifierConfig",
+    "DAClassifier",
+    "DiffusersScoreModel",
+    "EncoderUNet",
+    "IMPROVED_DIFFUSION_CONFIGS",
+    "ImprovedDiffusionConfig",
+    "ImprovedDiffusionUNet",
     "classifier",
     "create_adm_unet",
+    "create_classifier",
+    "create_improved_diffusion",
     "default_channel_mult",
+    "from_diffusers",
+    "load_diffusers",
+    "load_guided_classifier",
     "load_guided_diffusion",
+    "load_improved_diffusion",
     "score",
     "timestep_embedding",
 ]

@@ -1,7 +1,9 @@
 """Score-model files, one loader per kind: the package's safetensors export (written by export_safetensors,
 read by load_score_model), the embedded default digits model (load_default_score_model), guided-diffusion
-checkpoints (dk.models.load_guided_diffusion), and resolve_score_model, which turns a recipe's --score-model
-spec (default | random | an export | a guided-diffusion checkpoint) into one of them.
+checkpoints (dk.models.load_guided_diffusion), improved-diffusion checkpoints (dk.models.load_improved_diffusion),
+local diffusers folders (dk.models.load_diffusers), and resolve_score_model, which turns a recipe's --score-model
+spec (default | random | an export | a guided-diffusion or improved-diffusion checkpoint | a diffusers folder)
+into one of them.
 
 A train-score export holds the EMA weights (float16 by default) and, in the safetensors metadata, the ADM
 UNet config, the noise schedule ({"name", "T"}) and the prediction type as JSON; load_score_model rebuilds
@@ -22,6 +24,13 @@ from torch import nn
 
 from ..schedule import PREDICTIONS, NoiseSchedule
 from ..utils import UsageError, is_torch_save_file, unreadable
+from .diffusers import load_diffusers
+from .improved_diffusion import (
+    IMPROVED_DIFFUSION_CONFIGS,
+    ImprovedDiffusionConfig,
+    create_improved_diffusion,
+    load_improved_diffusion,
+)
 from .unet import ADM_CONFIGS, ADMConfig, create_adm_unet, load_guided_diffusion, state_mismatch
 
 # The command that made the shipped weights/digits32_eps.safetensors (2-core CPU: 990 s measured on a shared
@@ -159,10 +168,11 @@ def export_safetensors(model_or_state, path: str, config: ADMConfig, schedule_na
 
 
 # ------------------------------------------------------------------------------ a recipe's --score-model spec
-def _coerce_flag(key: str, value: str):
-    fields = {f.name: f for f in dataclasses.fields(ADMConfig)}
+def _coerce_flag(key: str, value: str, flags_of=ADMConfig):
+    fields = {f.name: f for f in dataclasses.fields(flags_of)}
     if key not in fields:
-        raise UsageError(f"--score-flag {key}: not a guided-diffusion create_model flag; known: {sorted(fields)}")
+        what = "a guided-diffusion create_model" if flags_of is ADMConfig else "an improved-diffusion"
+        raise UsageError(f"--score-flag {key}: not {what} flag; known: {sorted(fields)}")
     default = fields[key].default
     if key in ("image_size", "num_channels", "num_res_blocks"):
         default = 0
@@ -179,14 +189,37 @@ def _coerce_flag(key: str, value: str):
     return value
 
 
-def _score_flags(items: Sequence[str]) -> dict:
+def _score_flags(items: Sequence[str], flags_of=ADMConfig) -> dict:
     flags = {}
     for item in items:
         if "=" not in item:
             raise UsageError(f"--score-flag must be KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
-        flags[k.strip()] = _coerce_flag(k.strip(), v.strip())
+        flags[k.strip()] = _coerce_flag(k.strip(), v.strip(), flags_of)
     return flags
+
+
+def _ecosystem_score_model(spec: str, config: Optional[str], flags: Sequence[str], channels: Optional[int]):
+    """(model, schedule) of an improved-diffusion config (a checkpoint, or 'random') or a local diffusers folder;
+    the model's `prediction` says what it predicts."""
+    if config in IMPROVED_DIFFUSION_CONFIGS:
+        overrides = _score_flags(flags, ImprovedDiffusionConfig)
+        try:
+            if spec == "random":
+                model = create_improved_diffusion(config, in_channels=channels or 3, **overrides)
+            else:
+                model = load_improved_diffusion(spec, config, **overrides)
+            return model, model.improved_config.schedule()
+        except (ValueError, RuntimeError) as e:
+            raise UsageError(f"score model ({spec}, improved-diffusion {config}): {str(e).splitlines()[0]}") from None
+    if config is not None or flags:
+        raise UsageError(f"--score-model {spec} is a diffusers folder, which carries its own architecture and "
+                         f"scheduler: leave out --score-config and --score-flag")
+    try:
+        model, schedule, _ = load_diffusers(spec)
+    except (ValueError, ImportError) as e:
+        raise UsageError(f"score model: {e}") from None
+    return model, schedule
 
 
 def _default_score_config(data: str) -> Optional[str]:
@@ -239,13 +272,18 @@ def resolve_score_model(spec: str, data: str, config: Optional[str] = None, flag
     """-> (score model in eval mode with requires_grad False, NoiseSchedule or None when the caller picks it).
 
     spec: 'default' -> load_default_score_model() (the package's digits model);
-    'random' -> a randomly initialised ADM UNet from config/flags (tests and smoke runs only); otherwise a
-    file: a dk train-score export (.safetensors with its config and schedule in the metadata) loads with
-    load_score_model when no config or flag is given, anything else (a guided-diffusion .pt
-    state_dict or .safetensors) with dk.models.load_guided_diffusion(path, config, **flags)."""
+    'random' -> a randomly initialised ADM UNet from config/flags (tests and smoke runs only); a folder -> a
+    local diffusers folder (dk.models.load_diffusers); otherwise a file: a dk train-score export (.safetensors
+    with its config and schedule in the metadata) loads with load_score_model when no config or flag is given;
+    with a config of IMPROVED_DIFFUSION_CONFIGS (e.g. cifar10_uncond; flags override its fields) an
+    improved-diffusion checkpoint (dk.models.load_improved_diffusion, its own schedule); anything else (a
+    guided-diffusion .pt state_dict or .safetensors) with dk.models.load_guided_diffusion(path, config, **flags)."""
     schedule = None
-    overrides = _score_flags(flags)
-    if spec == "default":
+    ecosystem = config in IMPROVED_DIFFUSION_CONFIGS or (spec not in ("default", "random") and os.path.isdir(spec))
+    overrides = {} if ecosystem else _score_flags(flags)
+    if ecosystem:
+        model, schedule = _ecosystem_score_model(spec, config, flags, channels)
+    elif spec == "default":
         if config is not None or overrides:
             raise UsageError("--score-config / --score-flag describe a checkpoint given with --score-model PATH "
                              "(or 'random'); the default score model carries its own architecture")
@@ -259,7 +297,8 @@ def resolve_score_model(spec: str, data: str, config: Optional[str] = None, flag
             raise UsageError(f"no score-model architecture is known for --data {data!r}: give --score-config "
                              f"(one of {sorted(ADM_CONFIGS)}) and/or --score-flag KEY=VALUE flags")
         if config is not None and config not in ADM_CONFIGS:
-            raise UsageError(f"--score-config {config!r} is unknown; known: {sorted(ADM_CONFIGS)}")
+            raise UsageError(f"--score-config {config!r} is unknown; known: {sorted(ADM_CONFIGS)} (guided-diffusion), "
+                             f"{sorted(IMPROVED_DIFFUSION_CONFIGS)} (improved-diffusion)")
         base = dataclasses.asdict(ADM_CONFIGS[config]) if config is not None else {}
         kwargs = {**base, **overrides}
         if spec == "random" and channels is not None and "in_channels" not in overrides:

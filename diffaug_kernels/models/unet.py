@@ -172,6 +172,9 @@ def _zero(module: nn.Module) -> nn.Module:
     return module
 
 
+norm_layer, zero_module = _norm, _zero  # public names for the other ADM networks (models/guidance.py)
+
+
 class TimestepBlock(nn.Module):
     """A module whose forward takes (x, emb)."""
 
@@ -353,6 +356,21 @@ class AttentionBlock(nn.Module):
         return x + out.transpose(1, 2).reshape(b, c, height, width)
 
 
+def batch_timesteps(t, x: Tensor) -> Tensor:
+    """Timesteps [B] for a batch x from t: a number, a 0-d or [1] tensor (broadcast) or a [B] tensor."""
+    b = x.shape[0]
+    if not isinstance(t, Tensor):
+        return torch.full((b,), float(t), device=x.device)
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"t must be an integer or floating tensor, got {t.dtype}")
+    t = t.to(x.device)  # like the schedule tables: moved, not rejected
+    if t.dim() == 0 or (t.dim() == 1 and t.shape[0] == 1):
+        return t.reshape(1).expand(b)
+    if t.dim() != 1 or t.shape[0] != b:
+        raise ValueError(f"t must have shape [B]=[{b}] (or be a scalar), got {tuple(t.shape)}")
+    return t
+
+
 # ----------------------------------------------------------------------------------------------- model
 class ADMUNet(nn.Module):
     """guided-diffusion's UNetModel (2-D): same constructor arguments (attention_resolutions as downsample
@@ -453,19 +471,6 @@ class ADMUNet(nn.Module):
                 m.attention_backend = backend
         return self
 
-    def _timesteps(self, t, x: Tensor) -> Tensor:
-        b = x.shape[0]
-        if not isinstance(t, Tensor):
-            return torch.full((b,), float(t), device=x.device)
-        if t.dtype == torch.bool or t.is_complex():
-            raise TypeError(f"t must be an integer or floating tensor, got {t.dtype}")
-        t = t.to(x.device)  # like the schedule tables: moved, not rejected
-        if t.dim() == 0 or (t.dim() == 1 and t.shape[0] == 1):
-            return t.reshape(1).expand(b)
-        if t.dim() != 1 or t.shape[0] != b:
-            raise ValueError(f"t must have shape [B]=[{b}] (or be a scalar), got {tuple(t.shape)}")
-        return t
-
     def forward(self, x: Tensor, t, y: Optional[Tensor] = None) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
@@ -483,7 +488,7 @@ class ADMUNet(nn.Module):
                                  f"got {y.dtype} {tuple(y.shape)}")
 
         wdtype = self.out[2].weight.dtype
-        emb = self.time_embed(timestep_embedding(self._timesteps(t, x), self.model_channels).to(wdtype))
+        emb = self.time_embed(timestep_embedding(batch_timesteps(t, x), self.model_channels).to(wdtype))
         if self.num_classes is not None:
             emb = emb + self.label_emb(y.to(x.device))
 
@@ -658,6 +663,9 @@ def _read_state_dict(path: str) -> Mapping[str, Tensor]:
         raise ValueError(f"{path} does not hold a flat state_dict of tensors (found {keys}); save "
                          f"model.state_dict() itself, as guided-diffusion's checkpoints are")
     return state
+
+
+read_state_dict, attention_rates = _read_state_dict, _parse_attention_resolutions  # for models/guidance.py
 
 
 def state_mismatch(model: nn.Module, state: Mapping[str, Tensor]) -> str:

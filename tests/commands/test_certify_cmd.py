@@ -174,6 +174,7 @@ def test_refuses_a_log_made_with_other_settings(files, tmp_path, capsys):
     refused(argv(files, out, "--alpha", "0.01", max_images=1), "alpha: 0.1 there, 0.01 now")
     refused(argv(files, out, "--seed", "1", max_images=1), "seed")
     refused(argv(files, out, "--dtype", "bfloat16", max_images=1), "dtype")
+    refused(argv(files, out, "--denoiser", "multistep", max_images=1), "denoiser: None there, 'multistep' now")
     other = classifier_checkpoint(tmp_path / "other.pt", num_classes=10, in_chans=1, seed=1)
     refused([v.replace(files["clf"], other) for v in argv(files, out, max_images=1)], "classifier")
     keep = sidecar.read_bytes()
@@ -457,3 +458,18 @@ def test_ctrl_c_under_torchrun_stops_every_rank_after_one_step(files, tmp_path, 
     assert f"{30 - len(stopped)} images to certify" in capsys.readouterr().out
     assert cli.main(argv(files, fresh, "--skip", "5", max_images=30)) == 0
     assert rows_of(out / "c__sigma_0.12.tsv") == rows_of(fresh / "c__sigma_0.12.tsv")
+
+
+def test_multistep_denoiser_rows_are_the_librarys(files, tmp_path, capsys):
+    """--denoiser multistep: the log's row is DenoisedSmoothing(denoiser="multistep")'s CERTIFY on the image's
+    seed, and the sidecar records the denoiser (the one-step default is left out, so older logs continue)."""
+    out = tmp_path / "out"
+    assert cli.main(argv(files, out, "--denoiser", "multistep", sigma="0.02", max_images=1)) == 0
+    (row,) = rows_of(out / "c__sigma_0.02.tsv")
+    assert json.loads((out / "c__sigma_0.02.json").read_text())["settings"]["denoiser"] == "multistep"
+    clf = classifier.load_classifier(files["clf"], "cpu")
+    x, y = dk.data.digits("test", SIZE, 1)[0]
+    sm = dk.certify.DenoisedSmoothing(clf, files["model"], dk.NoiseSchedule.linear(1000), 0.02, 10,
+                                      denoiser="multistep")
+    label, radius = sm.certify(x, N0, N, ALPHA, BATCH, seed=cc.image_seed(0, 0, 0.02))
+    assert row[:4] == ("0", str(int(y)), str(label), repr(radius))

@@ -34,7 +34,14 @@ def test_demo_quick_end_to_end_and_rerun(tmp_path, capsys):
         assert rows[0].split("\t") == ["idx", "label", "predict", "radius", "correct", "time"] and len(rows) == 3
         correct = [int(r.split("\t")[4]) for r in rows[1:]]
         assert res["certified_accuracy"][name]["sigma 0.5"][0] == sum(correct) / 2
-    for name in ("augmentation_grid.png", "entropy_vs_t.png", "certify/certified_accuracy.png"):
+    # perceptually aligned gradients: both classifiers, the quick times and eps, from the pag command's analysis
+    assert set(res["pag"]["alignment"]) == {"no-diffaug", "diffaug"}
+    assert set(res["pag"]["alignment"]["diffaug"]["diffaug"]) == {"300", "900"}
+    assert set(res["pag"]["robust_accuracy"]["no-diffaug"]) == {"0", "0.5"}
+    assert json.loads((out / "pag" / "pag.json").read_text())["robust_accuracy"] == res["pag"]["robust_accuracy"]
+    assert "Mean cosine with the Bayes direction" in text and "accuracy under L2 PGD" in text
+    for name in ("augmentation_grid.png", "entropy_vs_t.png", "certify/certified_accuracy.png", "pag/pag_grid.png",
+                 "pag/alignment_vs_t.png"):
         with Image.open(out / name) as im:
             assert im.format == "PNG"
     assert (out / "no-diffaug" / "checkpoint.pt").is_file() and (out / "diffaug" / "checkpoint.pt").is_file()

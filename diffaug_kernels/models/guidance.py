@@ -1,0 +1,380 @@
+"""Classifiers for classifier guidance: guided-diffusion's noisy classifier and the DA-classifier.
+
+``EncoderUNet`` is guided-diffusion's ``EncoderUNetModel`` (the half UNet of "Diffusion Models Beat GANs"): the
+ADM UNet's input blocks and middle block, built from unet.py's ResBlock, AttentionBlock and Downsample, then a
+pooling head. Its state_dict has upstream's names and shapes, so the released classifiers
+(``64x64_classifier.pt``, ``128x128_classifier.pt``, ``256x256_classifier.pt``, ``512x512_classifier.pt``) load
+with strict=True. ``create_classifier`` takes the flags of guided-diffusion's ``classifier_defaults()``, plus
+in_channels, num_classes, channel_mult and num_head_channels for small models (32x32, grayscale).
+
+``DAClassifier`` is a guidance classifier that sees the noisy image and its one-step denoised estimate: it
+feeds [x_t, tweedie(x_t, score_model(x_t, t), t)] (channel concatenation) to a classifier built with twice
+the image channels. The DiffAug paper publishes no code for its DA-classifiers; this design is ours.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import tweedie
+from ..schedule import PREDICTIONS, NoiseSchedule
+from .unet import (
+    AttentionBlock,
+    Downsample,
+    ResBlock,
+    TimestepEmbedSequential,
+    attention,
+    attention_rates,
+    batch_timesteps,
+    norm_layer,
+    parse_channel_mult,
+    read_state_dict,
+    size_multiple,
+    state_mismatch,
+    timestep_embedding,
+    zero_module,
+)
+
+__all__ = [
+    "CLASSIFIER_CONFIGS",
+    "POOLS",
+    "AttentionPool2d",
+    "ClassifierConfig",
+    "DAClassifier",
+    "EncoderUNet",
+    "create_classifier",
+    "load_guided_classifier",
+]
+
+POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierConfig:
+    """The flags of guided-diffusion's classifier_defaults() (same defaults), plus in_channels, num_classes,
+    channel_mult ("" picks the default for image_size) and num_head_channels (upstream fixes 64). Unpacks like
+    a dict: ``create_classifier(**cfg)``."""
+
+    image_size: int = 64
+    classifier_use_fp16: bool = False
+    classifier_width: int = 128
+    classifier_depth: int = 2
+    classifier_attention_resolutions: Union[str, tuple] = "32,16,8"
+    classifier_use_scale_shift_norm: bool = True
+    classifier_resblock_updown: bool = True
+    classifier_pool: str = "attention"
+    in_channels: int = 3
+    num_classes: int = 1000
+    channel_mult: Union[str, tuple] = ""
+    num_head_channels: int = 64
+
+    def keys(self):
+        return [f.name for f in dataclasses.fields(self)]
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+    def replace(self, **changes) -> "ClassifierConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# guided-diffusion's released classifiers (README.md there): classifier_defaults() with the image size, and
+# classifier_depth 4 for 64x64.
+CLASSIFIER_CONFIGS: dict[str, ClassifierConfig] = {
+    "64x64_classifier": ClassifierConfig(image_size=64, classifier_depth=4),
+    "128x128_classifier": ClassifierConfig(image_size=128),
+    "256x256_classifier": ClassifierConfig(image_size=256),
+    "512x512_classifier": ClassifierConfig(image_size=512),
+}
+
+
+class AttentionPool2d(nn.Module):
+    """CLIP's attention pooling as guided-diffusion has it: the spatial mean joins the H*W positions as a first
+    token, a learned positional embedding [C, H*W + 1] is added, multi-head attention (q/k/v split before heads,
+    guided-diffusion's QKVAttention) runs through qkv_proj, and c_proj of the first token's output is the result.
+    Only the first token's query is computed: the other outputs are discarded upstream."""
+
+    def __init__(self, spatial_dim: int, embed_dim: int, num_head_channels: int, output_dim: Optional[int] = None,
+                 attention_backend: str = "sdpa"):
+        super().__init__()
+        if num_head_channels <= 0 or embed_dim % num_head_channels:
+            raise ValueError(f"attention pooling: {embed_dim} channels are not divisible by "
+                             f"num_head_channels={num_head_channels}")
+        self.spatial_dim = spatial_dim
+        self.positional_embedding = nn.Parameter(torch.randn(embed_dim, spatial_dim ** 2 + 1) / embed_dim ** 0.5)
+        self.qkv_proj = nn.Conv1d(embed_dim, 3 * embed_dim, 1)
+        self.c_proj = nn.Conv1d(embed_dim, output_dim or embed_dim, 1)
+        self.num_heads = embed_dim // num_head_channels
+        self.attention_backend = attention_backend
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        if h * w + 1 != self.positional_embedding.shape[1]:
+            raise ValueError(f"attention pooling takes {self.spatial_dim}x{self.spatial_dim} feature maps, got {h}x{w}")
+        x = x.flatten(2)
+        x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1) + self.positional_embedding.to(x.dtype)
+        qkv = F.linear(x.transpose(1, 2), self.qkv_proj.weight[:, :, 0], self.qkv_proj.bias)  # [B, T, 3C]
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, c // self.num_heads)).unbind(2)  # [B, T, heads, d]
+        a = attention(q[:, :1], k, v, self.attention_backend).flatten(2)  # [B, 1, C]
+        return F.linear(a, self.c_proj.weight[:, :, 0], self.c_proj.bias)[:, 0]
+
+
+class EncoderUNet(nn.Module):
+    """guided-diffusion's EncoderUNetModel (2-D): same constructor arguments (attention_resolutions as
+    downsample rates), same state_dict; forward(x, t) -> [B, out_channels] logits.
+
+    pool: "adaptive" (norm, SiLU, global average, zero-initialised 1x1 conv), "attention" (norm, SiLU,
+    AttentionPool2d; the released checkpoints' head; needs num_head_channels and inputs of image_size),
+    "spatial" / "spatial_v2" (an MLP on the spatial means of every input block's and the middle block's
+    output). use_fp16 runs the torso (input and middle blocks) under a float16 autocast with float32 weights,
+    as ADMUNet does for guided-diffusion's convert_to_fp16; the head runs in the weights' dtype.
+    """
+
+    def __init__(self, image_size: int, in_channels: int, model_channels: int, out_channels: int,
+                 num_res_blocks: int, attention_resolutions: Sequence[int], dropout: float = 0.0,
+                 channel_mult: Sequence[float] = (1, 2, 4, 8), conv_resample: bool = True,
+                 use_checkpoint: bool = False, use_fp16: bool = False, num_heads: int = 1,
+                 num_head_channels: int = -1, use_scale_shift_norm: bool = False, resblock_updown: bool = False,
+                 use_new_attention_order: bool = False, pool: str = "adaptive", attention_backend: str = "sdpa"):
+        super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.out_channels = out_channels
+        self.num_res_blocks = num_res_blocks
+        self.attention_resolutions = tuple(attention_resolutions)
+        self.channel_mult = tuple(channel_mult)
+        self.use_fp16 = use_fp16
+        self.pool = pool
+        self.config: Optional[ClassifierConfig] = None  # set by create_classifier
+
+        emb_dim = model_channels * 4
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        def res(cin, cout, **kw):
+            return ResBlock(cin, emb_dim, dropout, out_channels=cout, use_checkpoint=use_checkpoint,
+                            use_scale_shift_norm=use_scale_shift_norm, **kw)
+
+        def attn(ch):
+            return AttentionBlock(ch, num_heads=num_heads, num_head_channels=num_head_channels,
+                                  use_checkpoint=use_checkpoint, use_new_attention_order=use_new_attention_order,
+                                  attention_backend=attention_backend)
+
+        ch = int(self.channel_mult[0] * model_channels)
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
+        feature_size = ch
+        ds = 1
+        for level, mult in enumerate(self.channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [res(ch, int(mult * model_channels))]
+                ch = int(mult * model_channels)
+                if ds in self.attention_resolutions:
+                    layers.append(attn(ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                feature_size += ch
+            if level != len(self.channel_mult) - 1:
+                down = res(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, ch)
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                feature_size += ch
+                ds *= 2
+        self.middle_block = TimestepEmbedSequential(res(ch, ch), attn(ch), res(ch, ch))
+        feature_size += ch
+        self.feature_size = feature_size
+
+        if pool == "adaptive":
+            self.out = nn.Sequential(norm_layer(ch), nn.SiLU(), nn.AdaptiveAvgPool2d((1, 1)),
+                                     zero_module(nn.Conv2d(ch, out_channels, 1)), nn.Flatten())
+        elif pool == "attention":
+            if num_head_channels == -1:
+                raise ValueError("pool='attention' needs num_head_channels (guided-diffusion's classifiers use 64)")
+            if image_size % ds:
+                raise ValueError(f"pool='attention': image_size={image_size} is not a multiple of {ds}, the "
+                                 f"downsampling of channel_mult={self.channel_mult}")
+            self.out = nn.Sequential(norm_layer(ch), nn.SiLU(),
+                                     AttentionPool2d(image_size // ds, ch, num_head_channels, out_channels,
+                                                     attention_backend))
+        elif pool == "spatial":
+            self.out = nn.Sequential(nn.Linear(feature_size, 2048), nn.ReLU(), nn.Linear(2048, out_channels))
+        else:
+            self.out = nn.Sequential(nn.Linear(feature_size, 2048), norm_layer(2048), nn.SiLU(),
+                                     nn.Linear(2048, out_channels))
+
+    @property
+    def size_multiple(self) -> int:
+        """Input height and width must be multiples of this."""
+        return size_multiple(self.channel_mult)
+
+    def forward(self, x: Tensor, t) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must have shape [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        if self.pool == "attention" and tuple(x.shape[2:]) != (self.image_size, self.image_size):
+            raise ValueError(f"x must be {self.image_size}x{self.image_size} (pool='attention' has a fixed "
+                             f"positional embedding), got {tuple(x.shape[2:])}")
+        factor = self.size_multiple
+        if x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(f"x's height and width must be multiples of {factor}, got {tuple(x.shape[2:])}")
+        wdtype = self.time_embed[0].weight.dtype
+        emb = self.time_embed(timestep_embedding(batch_timesteps(t, x), self.model_channels).to(wdtype))
+        h = x.to(wdtype)
+        if self.use_fp16 and torch.amp.is_autocast_available(x.device.type):
+            with torch.autocast(x.device.type, dtype=torch.float16):
+                h, means = self._torso(h, emb, wdtype)
+            h = h.to(wdtype)
+        else:
+            h, means = self._torso(h, emb, wdtype)
+        return self.out(torch.cat(means, dim=-1) if self.pool.startswith("spatial") else h)
+
+    def _torso(self, h: Tensor, emb: Tensor, wdtype: torch.dtype):
+        spatial = self.pool.startswith("spatial")
+        means = []
+        for module in self.input_blocks:
+            h = module(h, emb)
+            if spatial:
+                means.append(h.to(wdtype).mean(dim=(2, 3)))
+        h = self.middle_block(h, emb)
+        if spatial:
+            means.append(h.to(wdtype).mean(dim=(2, 3)))
+        return h, means
+
+
+def create_classifier(image_size: int = 64, classifier_use_fp16: bool = False, classifier_width: int = 128,
+                      classifier_depth: int = 2, classifier_attention_resolutions="32,16,8",
+                      classifier_use_scale_shift_norm: bool = True, classifier_resblock_updown: bool = True,
+                      classifier_pool: str = "attention", in_channels: int = 3, num_classes: int = 1000,
+                      channel_mult="", num_head_channels: int = 64, attention_backend: str = "sdpa") -> EncoderUNet:
+    """guided-diffusion's script_util.create_classifier: the same flags (and defaults) give the same state_dict.
+
+    channel_mult "" picks create_classifier's choice for image_size (512, 256, 128, 64) or, for the small
+    sizes, the ADM UNet's (32 -> 1,2,2,2; 28 and 16 -> 1,2,2; 8 -> 1,2); otherwise a comma string or a
+    sequence. classifier_attention_resolutions is a comma string (or sequence) of feature-map resolutions.
+    in_channels is 3 upstream (2C for a DAClassifier); num_classes is the output width (1000 upstream).
+    """
+    if classifier_pool not in POOLS:
+        raise ValueError(f"classifier_pool must be one of {POOLS}, got {classifier_pool!r}")
+    for name, v in (("image_size", image_size), ("classifier_width", classifier_width),
+                    ("classifier_depth", classifier_depth), ("in_channels", in_channels),
+                    ("num_classes", num_classes)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    config = ClassifierConfig(
+        image_size=image_size, classifier_use_fp16=classifier_use_fp16, classifier_width=classifier_width,
+        classifier_depth=classifier_depth,
+        classifier_attention_resolutions=(classifier_attention_resolutions
+                                          if isinstance(classifier_attention_resolutions, str)
+                                          else tuple(classifier_attention_resolutions)),
+        classifier_use_scale_shift_norm=classifier_use_scale_shift_norm,
+        classifier_resblock_updown=classifier_resblock_updown, classifier_pool=classifier_pool,
+        in_channels=in_channels, num_classes=num_classes,
+        channel_mult=channel_mult if isinstance(channel_mult, str) else tuple(channel_mult),
+        num_head_channels=num_head_channels)
+    model = EncoderUNet(
+        image_size=image_size,
+        in_channels=in_channels,
+        model_channels=classifier_width,
+        out_channels=num_classes,
+        num_res_blocks=classifier_depth,
+        attention_resolutions=attention_rates(classifier_attention_resolutions, image_size),
+        channel_mult=parse_channel_mult(channel_mult, image_size),
+        use_fp16=classifier_use_fp16,
+        num_head_channels=num_head_channels,
+        use_scale_shift_norm=classifier_use_scale_shift_norm,
+        resblock_updown=classifier_resblock_updown,
+        pool=classifier_pool,
+        attention_backend=attention_backend,
+    )
+    model.config = config
+    return model
+
+
+def load_guided_classifier(path, config: Union[None, str, ClassifierConfig] = None, *, device=None,
+                           attention_backend: str = "sdpa", **flags) -> EncoderUNet:
+    """Builds the classifier from create_classifier flags and loads a checkpoint into it with strict=True.
+
+    path: a torch.save'd state_dict (read with weights_only=True), e.g. guided-diffusion's
+    ``256x256_classifier.pt``, or a .safetensors file. config: a name in CLASSIFIER_CONFIGS or a
+    ClassifierConfig; flags override it (or, without a config, override classifier_defaults()). The model is
+    built on the meta device and takes the checkpoint's tensors, then moves to `device` if given. Returned in
+    eval mode.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"classifier checkpoint not found: {path!r}")
+    if isinstance(config, str):
+        if config not in CLASSIFIER_CONFIGS:
+            raise ValueError(f"unknown classifier config {config!r}; known: {sorted(CLASSIFIER_CONFIGS)}")
+        config = CLASSIFIER_CONFIGS[config]
+    kwargs = {**(dataclasses.asdict(config) if config is not None else {}), **flags}
+    state = read_state_dict(path)
+    with torch.device("meta"):
+        model = create_classifier(**kwargs, attention_backend=attention_backend)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError:
+        raise ValueError(f"{path} does not match the classifier built from {kwargs}: {state_mismatch(model, state)}; "
+                         f"check the flags (image_size, classifier_width, classifier_depth, "
+                         f"classifier_attention_resolutions, classifier_pool, classifier_resblock_updown, "
+                         f"channel_mult, in_channels, num_classes)") from None
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+class DAClassifier(nn.Module):
+    """A guidance classifier on [x_t, x0_hat]: forward(x_t, t, **model_kwargs) returns
+    classifier(cat([x_t, tweedie(x_t, score_model(x_t, t, **model_kwargs), t)], dim=1), t).
+
+    classifier takes (x, t) and 2C input channels (create_classifier(in_channels=2 * C)); score_model is the
+    denoiser (an ADMUNet; its model_kwargs, e.g. y, pass through) with `schedule` and `prediction`; clip
+    clamps x0_hat to [-1, 1]. The gradient with respect to x_t (classifier guidance) flows through both
+    halves of the input, the score model included; detach_denoiser=True runs the score model without
+    autograd, so it flows through the x_t half and Tweedie's A[t] * x_t term only (the score model's
+    Jacobian dropped: no backward pass through it). The score model stays in eval mode whatever
+    train()/eval() sets; freeze its parameters (requires_grad_(False)) to train the classifier alone.
+    The DiffAug paper publishes no DA-classifier code: this construction is ours.
+    """
+
+    def __init__(self, classifier: nn.Module, score_model: nn.Module, schedule: NoiseSchedule,
+                 prediction: str = "eps", clip: bool = True, detach_denoiser: bool = False, backend: str = "auto"):
+        super().__init__()
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        self.classifier = classifier
+        self.score_model = score_model.eval()
+        self.schedule = schedule
+        self.prediction = prediction
+        self.clip = bool(clip)
+        self.detach_denoiser = bool(detach_denoiser)
+        self.backend = backend
+
+    def train(self, mode: bool = True) -> "DAClassifier":
+        super().train(mode)
+        self.score_model.eval()
+        return self
+
+    def denoise(self, x_t: Tensor, t, **model_kwargs) -> Tensor:
+        """x0_hat = tweedie(x_t, score_model(x_t, t), t): the second half of the classifier's input."""
+        if self.detach_denoiser:
+            with torch.no_grad():
+                out = self.score_model(x_t, t, **model_kwargs)
+        else:
+            out = self.score_model(x_t, t, **model_kwargs)
+        return tweedie(x_t, out, t, self.schedule, prediction=self.prediction, clip=self.clip, backend=self.backend)
+
+    def forward(self, x_t: Tensor, t, **model_kwargs) -> Tensor:
+        if x_t.dim() != 4:
+            raise ValueError(f"x_t must have shape [B, C, H, W], got {tuple(x_t.shape)}")
+        want = getattr(self.classifier, "in_channels", None)
+        if want is not None and want != 2 * x_t.shape[1]:
+            raise ValueError(f"the classifier takes {want} channels but [x_t, x0_hat] has {2 * x_t.shape[1]}; "
+                             f"build it with in_channels = 2 * C = {2 * x_t.shape[1]}")
+        x0_hat = self.denoise(x_t, t, **model_kwargs)
+        return self.classifier(torch.cat([x_t, x0_hat.to(x_t.dtype)], dim=1), t)
