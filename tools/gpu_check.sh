@@ -162,6 +162,14 @@ bench_certify() {
     --plot "$W/bench-certify.png" > "$W/bench-certify.txt" 2> "$W/bench-certify.log"
   local rc=$?; cat "$W/bench-certify.txt"; tail -5 "$W/bench-certify.log"; return $rc
 }
+bench_certify_cpu() {  # the CPU target (bf16, compile=True) needs BF16 instructions, which the 2-core
+  # development machine lacks (it emulates bf16 convolutions): timed on this host's CPU when it has them
+  if ! grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo; then echo "this CPU has no BF16 instructions: skipped"; return 0; fi
+  "$PY" -m diffaug_kernels bench-certify --device cpu --dtypes float32,bfloat16 --reps 3 --warmup 1 \
+    --json "$W/bench-certify-cpu.json" --plot "$W/bench-certify-cpu.png" > "$W/bench-certify-cpu.txt" \
+    2> "$W/bench-certify-cpu.log"
+  local rc=$?; cat "$W/bench-certify-cpu.txt"; tail -5 "$W/bench-certify-cpu.log"; return $rc
+}
 kernel_sources() {  # kernel_sources PROFILE DEST: the generated source of the slowest inductor kernels the profile
   # names (its full-name list), and the two biggest graph wrappers (call(): buffer layouts, launch order), gzipped
   local prof=$1 dest=$2 k f n=0; mkdir -p "$dest"
@@ -198,8 +206,8 @@ if runs:
         same = r1.get("vs_same_bytes_copy")
         print(f"{r1['op']:<20}{r1['dtype']:<10}{r1['impl']:<24}{ms}{r1.get('gb_s', 0):7.0f}{r1['pct_copy']:6.1f}%"
               f"{100 * same if same else float('nan'):7.0f}%{r1['speedup']:8.2f}x{comp / r1['ms']:11.2f}x")
-for name in ("variants", "floor", "bench-ensemble", "bench-certify", "bench-model", "bench-model-cdt",
-             "bench-model-cudnn"):
+for name in ("variants", "floor", "bench-ensemble", "bench-certify", "bench-certify-cpu", "bench-model",
+             "bench-model-cdt", "bench-model-cudnn"):
     p = f"{d}/{name}.txt"
     if os.path.exists(p) and os.path.getsize(p):
         print(); print(open(p).read().rstrip())
@@ -227,7 +235,8 @@ else
 fi
 # GPU_CHECK_STEPS picks and orders the steps after the build (default: all, correctness first), e.g.
 # GPU_CHECK_STEPS=bench1,floor,bench2 when only the timings are missing and device time is short; "certify"
-# (bench-certify, not in the default list) times dk.certify against the published DDS loop.
+# (bench-certify, not in the default list) times dk.certify against the published DDS loop; "certify-cpu" the
+# same on the host's CPU in fp32 and bf16 when it has BF16 instructions (the CPU target).
 STEPS="${GPU_CHECK_STEPS:-tune,tests,bench1,model,ncu,ensemble,bench2,model-cudnn,floor}"
 # Without the CUDA kernels (a failed compile falls back to CPU) Triton is still worth testing and timing.
 if "$PY" -c "import diffaug_kernels" 2>/dev/null; then
@@ -256,6 +265,8 @@ if "$PY" -c "import diffaug_kernels" 2>/dev/null; then
       ensemble) step "benchmark DiffAug-Ensemble vs per-t loop vs DDA" 300 90 bench_ensemble ;;
       bench2) step "benchmark ops, run 2 (run-to-run noise)" 120 30 bench_ops 2 ;;
       certify) step "benchmark certify's noise samples vs the published DDS loop" 300 60 bench_certify ;;
+      certify-cpu) step "benchmark certify on this host's CPU, fp32 and bf16 (BF16 instructions only)" 300 60 \
+             bench_certify_cpu ;;
       model) step "benchmark UNet forward + DiffAug step (+ profile)" 270 60 bench_model bench-model \
              --profile "$W/bench-model-profile.txt" --candidates \
              && kernel_sources "$W/bench-model-profile.txt" "$W/kernels" ;;
