@@ -21,7 +21,7 @@ def _case(op, shape, dtype, device):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("op", bench.OPS)
+@pytest.mark.parametrize("op", bench.OPS + ("reverse_step",))
 def test_op(benchmark, run_timed, op, shape, dtype, impl, device):
     case = _case(op, shape, dtype, device)
     fn = case.impls[impl]
@@ -32,6 +32,14 @@ def test_op(benchmark, run_timed, op, shape, dtype, impl, device):
     run_timed(benchmark, fn)
     if benchmark.stats is not None:  # None under --benchmark-disable
         benchmark.extra_info["GB/s"] = round(case.nbytes / benchmark.stats.stats.median / 1e9, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_reverse_step_unfused(benchmark, run_timed, shape, dtype, device):
+    """reverse_step's own baseline, in its group's table: the same update unfused, dk.philox_normal's noise tensor
+    then torch's arithmetic (what dk.sampling ran before the fused op)."""
+    test_op(benchmark, run_timed, "reverse_step", shape, dtype, bench.UNFUSED, device)
 
 
 # What each row computes is tested in tests/bench/test_bench.py (the CI suite).

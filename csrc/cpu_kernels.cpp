@@ -1,4 +1,4 @@
-// Fused CPU kernels: forward noise (in-kernel Philox normals), Tweedie step, raw Philox streams.
+// Fused CPU kernels: forward noise (in-kernel Philox normals), Tweedie step, reverse step, raw Philox streams.
 //
 // Work is split into (row, chunk) tasks over a [B, C, S] view of each tensor (S = the collapsed spatial
 // dims, contiguous or channels_last), run by at::parallel_for (torch's OpenMP pool). The inner loops are
@@ -352,6 +352,119 @@ void tweedie_out(const Tensor& x_t, const Tensor& model_output, const Tensor& t,
   });
 }
 
+// --------------------------------------------------------------------------------------- reverse step
+// len elements from p at stride ss into buf, widened to the compute type.
+template <typename acc_t, typename in_t>
+inline void load_chunk(const in_t* __restrict p, int64_t ss, int64_t len, acc_t* __restrict buf) {
+  if (ss == 1) {
+#pragma omp simd
+    for (int64_t e = 0; e < len; ++e) buf[e] = to_acc<acc_t>(p[e]);
+  } else {
+    for (int64_t e = 0; e < len; ++e) buf[e] = to_acc<acc_t>(p[e * ss]);
+  }
+}
+
+// The terms are added in the reference's order, ((c1 x0_hat + c2 x_t) + sigma z) + shift, each product and sum in
+// its own counted loop over chunk buffers (vectorised). A product passes through memory before it is added, so the
+// compiler cannot contract the pair into an FMA: the result is the unfused PyTorch expression's, bit for bit (the
+// samplers' numbers do not depend on the backend that runs their steps).
+template <typename in_t, typename out_t>
+void reverse_step_kernel(const Tensor& x0_, const Tensor& xt_, const Tensor& c1_, const Tensor& c2_,
+                         const Tensor& sigma_, const Tensor& shift_, uint64_t seed, uint64_t offset, Tensor& out) {
+  using acc_t = acc_type_t<in_t>;
+  Tensor x0 = x0_, xt = xt_, se = sigma_, sh = shift_;
+  const bool noise = sigma_.defined(), per_elem = noise && sigma_.dim() != 1, shift = shift_.defined();
+  const View3 v0 = view3(x0), vt = view3(xt), ov = out_view3(out);
+  const View3 vs = per_elem ? view3(se) : View3{}, vh = shift ? view3(sh) : View3{};
+  const int64_t B = vt.B, C = vt.C, S = vt.S;
+  const Tensor c1 = c1_.contiguous(), c2 = c2_.contiguous();
+  const Tensor sb = noise && !per_elem ? sigma_.contiguous() : Tensor();
+  const acc_t* p1 = c1.data_ptr<acc_t>();
+  const acc_t* p2 = c2.data_ptr<acc_t>();
+  const acc_t* psb = sb.defined() ? sb.data_ptr<acc_t>() : nullptr;
+  const in_t* px0 = x0.data_ptr<in_t>();
+  const in_t* pxt = xt.data_ptr<in_t>();
+  const in_t* pse = per_elem ? se.data_ptr<in_t>() : nullptr;
+  const in_t* psh = shift ? sh.data_ptr<in_t>() : nullptr;
+  out_t* po = out.data_ptr<out_t>();
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const int64_t nchunks = (S + kChunk - 1) / kChunk;
+
+  at::parallel_for(0, B * C * nchunks, std::max<int64_t>(1, 32768 / kChunk), [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t y[kChunk], w[kChunk];
+    alignas(64) float nb[4 * kChunkCtr];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row = task / nchunks, s0 = (task % nchunks) * kChunk;
+      const int64_t b = row / C, c = row % C;
+      const int64_t len = std::min(kChunk, S - s0);
+      const acc_t a1 = p1[b], a2 = p2[b];
+      load_chunk(px0 + b * v0.sb + c * v0.sc + s0 * v0.ss, v0.ss, len, y);
+      load_chunk(pxt + b * vt.sb + c * vt.sc + s0 * vt.ss, vt.ss, len, w);
+#pragma omp simd
+      for (int64_t e = 0; e < len; ++e) y[e] = a1 * y[e];
+#pragma omp simd
+      for (int64_t e = 0; e < len; ++e) w[e] = a2 * w[e];
+#pragma omp simd
+      for (int64_t e = 0; e < len; ++e) y[e] = y[e] + w[e];
+      if (noise) {
+        const uint64_t i0 = static_cast<uint64_t>((b * C + c) * S + s0);  // logical flat index
+        const int64_t lane0 = static_cast<int64_t>(i0 & 3u);
+        philox_normals(offset + (i0 >> 2), (lane0 + len + 3) / 4, k0, k1, nb);
+        const float* nz = nb + lane0;
+        if (per_elem) {
+          load_chunk(pse + b * vs.sb + c * vs.sc + s0 * vs.ss, vs.ss, len, w);
+#pragma omp simd
+          for (int64_t e = 0; e < len; ++e) w[e] = w[e] * static_cast<acc_t>(nz[e]);
+        } else {
+          const acc_t sg = psb[b];
+#pragma omp simd
+          for (int64_t e = 0; e < len; ++e) w[e] = sg * static_cast<acc_t>(nz[e]);
+        }
+#pragma omp simd
+        for (int64_t e = 0; e < len; ++e) y[e] = y[e] + w[e];
+      }
+      if (shift) {
+        load_chunk(psh + b * vh.sb + c * vh.sc + s0 * vh.ss, vh.ss, len, w);
+#pragma omp simd
+        for (int64_t e = 0; e < len; ++e) y[e] += w[e];
+      }
+      out_t* __restrict os = po + b * ov.sb + c * ov.sc + s0 * ov.ss;
+      if (ov.ss == 1) {
+#pragma omp simd
+        for (int64_t e = 0; e < len; ++e) os[e] = from_acc<out_t>(y[e]);
+      } else {
+        for (int64_t e = 0; e < len; ++e) os[e * ov.ss] = from_acc<out_t>(y[e]);
+      }
+    }
+  });
+}
+
+void reverse_step_out(const Tensor& x0_hat, const Tensor& x_t, const Tensor& c1, const Tensor& c2,
+                      const c10::optional<Tensor>& sigma, const c10::optional<Tensor>& shift, const Tensor& seed,
+                      const Tensor& offset, Tensor out) {
+  TORCH_CHECK(x0_hat.sizes() == x_t.sizes() && x0_hat.scalar_type() == x_t.scalar_type(),
+              "internal: x0_hat must have x_t's shape and dtype");
+  const auto acc = x_t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t B = x_t.size(0);
+  TORCH_CHECK(c1.dim() == 1 && c1.size(0) == B && c2.dim() == 1 && c2.size(0) == B && c1.scalar_type() == acc &&
+                  c2.scalar_type() == acc, "internal: c1, c2 must be [B] in the compute dtype");
+  const Tensor sg = sigma.has_value() ? *sigma : Tensor(), sh = shift.has_value() ? *shift : Tensor();
+  if (sg.defined())
+    TORCH_CHECK(sg.dim() == 1 ? (sg.size(0) == B && sg.scalar_type() == acc)
+                              : (sg.sizes() == x_t.sizes() && sg.scalar_type() == x_t.scalar_type()),
+                "internal: sigma must be [B] in the compute dtype or of x_t's shape and dtype");
+  if (sh.defined())
+    TORCH_CHECK(sh.sizes() == x_t.sizes() && sh.scalar_type() == x_t.scalar_type(),
+                "internal: shift must have x_t's shape and dtype");
+  const uint64_t s = seed_of(seed), o = seed_of(offset);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "reverse_step_in", [&] {
+    using in_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "reverse_step_out", [&] {
+      reverse_step_kernel<in_t, scalar_t>(x0_hat, x_t, c1, c2, sg, sh, s, o, out);
+    });
+  });
+}
+
 // ------------------------------------------------------------------------------------- raw philox streams
 void philox_normal_out(const Tensor& seed, const Tensor& offset, Tensor out) {
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat, "internal: out must be contiguous float32");
@@ -391,6 +504,7 @@ void philox_uint32_out(const Tensor& seed, const Tensor& offset, Tensor out) {  
 TORCH_LIBRARY_IMPL(diffaug_kernels_C, CPU, m) {
   m.impl("forward_noise_out", &forward_noise_out);
   m.impl("tweedie_out", &tweedie_out);
+  m.impl("reverse_step_out", &reverse_step_out);
   m.impl("philox_normal_out", &philox_normal_out);
   m.impl("philox_uint32_out", &philox_uint32_out);
 }

@@ -1,4 +1,4 @@
-// CUDA kernels: forward noise (+ the ensemble expansion), Tweedie step, Philox normals.
+// CUDA kernels: forward noise (+ the ensemble expansion), Tweedie step, reverse step, Philox normals.
 //
 // Each thread takes a unit of E consecutive logical elements (16 bytes of input where the layout allows a
 // vector load). Planar kernels (the common case: every (sample, channel) plane dense and 16-byte aligned,
@@ -561,6 +561,120 @@ void tweedie_out(const Tensor& x_t, const Tensor& model_output, const Tensor& t,
   });
 }
 
+// ----------------------------------------------------------------------------------------- reverse step
+// One thread per unit of 4 logical elements, i.e. one Philox counter (unit u takes counter offset + u): its x0_hat,
+// x_t, per-element sigma and shift by one vector load each where the tensor allows it (whole samples dense and
+// aligned), else strided; the terms added in the reference's order, ((c1 x0_hat + c2 x_t) + sigma z) + shift.
+// Grid-stride over units, a grid sized to the device. sigma: none (NOISE 0), per sample (1) or per element (2).
+// Products rounded on their own, never contracted into an FMA with the sum that follows (nvcc contracts a * b + c by
+// default): reverse_step gives the unfused PyTorch expression's result, bit for bit, as the CPU kernel does.
+#if defined(DK_CUDA_EMU)
+template <typename T>
+inline T mul_rn(T a, T b) {
+  return a * b;  // (g++'s rounding in the emulation; its tests hold it to the reference's tolerance)
+}
+#else
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+#endif
+
+// Sample b, or the last one for the zero-filled elements past N of a unit (their results are never stored).
+__device__ __forceinline__ int64_t last_sample(int64_t b, int64_t B) { return b < B ? b : B - 1; }
+
+template <typename in_t, typename out_t>
+__global__ void __launch_bounds__(kThreads) reverse_step_kernel(
+    const in_t* __restrict__ x0, const in_t* __restrict__ xt, const in_t* __restrict__ sig_e,
+    const in_t* __restrict__ sh, out_t* __restrict__ out, const acc_t<in_t>* __restrict__ c1,
+    const acc_t<in_t>* __restrict__ c2, const acc_t<in_t>* __restrict__ sig_b, const int64_t* __restrict__ seed_p,
+    const int64_t* __restrict__ off_p, int64_t N, View3 v0, View3 vt, View3 vs, View3 vh, View3 ov, int noise,
+    bool x0_vec, bool xt_vec, bool s_vec, bool h_vec, bool o_vec) {
+  using acc = acc_t<in_t>;
+  constexpr int E = 4;
+  const uint64_t seed = static_cast<uint64_t>(*seed_p), off = static_cast<uint64_t>(*off_p);
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const int64_t CS = vt.C * vt.S, units = (N + E - 1) / E;
+  for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < units;
+       u += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i0 = u * E;
+    const bool full = i0 + E <= N;
+    acc y[E], w[E];
+    float nz[E];
+    load_unit<E>(x0, i0, CS, N, v0, full && x0_vec, y);
+    load_unit<E>(xt, i0, CS, N, vt, full && xt_vec, w);
+    // o_vec implies E | C*S, so a full vectorised unit lies in one sample; otherwise each element finds its own
+    const bool one_sample = full && o_vec;
+    const int64_t b0 = i0 / CS;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int64_t b = one_sample ? b0 : last_sample((i0 + e) / CS, vt.B);
+      y[e] = mul_rn(c1[b], y[e]) + mul_rn(c2[b], w[e]);
+    }
+    if (noise != 0) {
+      normals4(off + static_cast<uint64_t>(u), k0, k1, nz);
+      if (noise == 2) {
+        load_unit<E>(sig_e, i0, CS, N, vs, full && s_vec, w);
+#pragma unroll
+        for (int e = 0; e < E; ++e) y[e] += mul_rn(w[e], static_cast<acc>(nz[e]));
+      } else {
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const int64_t b = one_sample ? b0 : last_sample((i0 + e) / CS, vt.B);
+          y[e] += mul_rn(sig_b[b], static_cast<acc>(nz[e]));
+        }
+      }
+    }
+    if (sh != nullptr) {
+      load_unit<E>(sh, i0, CS, N, vh, full && h_vec, w);
+#pragma unroll
+      for (int e = 0; e < E; ++e) y[e] += w[e];
+    }
+    if (one_sample) {
+      Vec<out_t, E> vo;
+#pragma unroll
+      for (int e = 0; e < E; ++e) vo.v[e] = static_cast<out_t>(y[e]);
+      store_vec(vec_at<Vec<out_t, E>>(out + b0 * ov.sb + (i0 - b0 * CS)), vo);
+    } else {
+#pragma unroll
+      for (int e = 0; e < E; ++e)
+        if (i0 + e < N) store1(out + offset_of(i0 + e, ov), static_cast<out_t>(y[e]));
+    }
+  }
+}
+
+void reverse_step_out(const Tensor& x0_hat, const Tensor& x_t, const Tensor& c1, const Tensor& c2,
+                      const c10::optional<Tensor>& sigma, const c10::optional<Tensor>& shift, const Tensor& seed,
+                      const Tensor& offset, Tensor out) {
+  const c10::cuda::CUDAGuard guard(x_t.device());
+  TORCH_CHECK(x0_hat.sizes() == x_t.sizes() && x0_hat.scalar_type() == x_t.scalar_type(),
+              "internal: x0_hat must have x_t's shape and dtype");
+  Tensor x0 = x0_hat, xt = x_t;
+  Tensor se = sigma.has_value() && sigma->dim() != 1 ? *sigma : Tensor();
+  Tensor sh = shift.has_value() ? *shift : Tensor();
+  const int noise = !sigma.has_value() ? 0 : (se.defined() ? 2 : 1);
+  const View3 v0 = dk::view3(x0), vt = dk::view3(xt), ov = dk::out_view3(out);
+  const View3 vs = se.defined() ? dk::view3(se) : View3{}, vh = sh.defined() ? dk::view3(sh) : View3{};
+  const int64_t N = xt.numel();
+  if (N == 0) return;
+  const Tensor s = seed.to(xt.device(), at::kLong), o = offset.to(xt.device(), at::kLong);
+  const Tensor a1 = c1.contiguous(), a2 = c2.contiguous();
+  const Tensor sb = noise == 1 ? sigma->contiguous() : Tensor();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xt.scalar_type(), "reverse_step_in", [&] {
+    using in_t = scalar_t;
+    using acc = acc_t<in_t>;
+    constexpr int E = 4;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "reverse_step_out", [&] {
+      launch(reverse_step_kernel<in_t, scalar_t>, dim3(grid_for((N + E - 1) / E)), dim3(kThreads), stream,
+             x0.data_ptr<in_t>(), xt.data_ptr<in_t>(), se.defined() ? se.data_ptr<in_t>() : nullptr,
+             sh.defined() ? sh.data_ptr<in_t>() : nullptr, out.data_ptr<scalar_t>(), a1.data_ptr<acc>(),
+             a2.data_ptr<acc>(), sb.defined() ? sb.data_ptr<acc>() : nullptr, s.data_ptr<int64_t>(),
+             o.data_ptr<int64_t>(), N, v0, vt, vs, vh, ov, noise, vectorizable<in_t, E>(x0, v0),
+             vectorizable<in_t, E>(xt, vt), se.defined() && vectorizable<in_t, E>(se, vs),
+             sh.defined() && vectorizable<in_t, E>(sh, vh), vectorizable<scalar_t, E>(out, ov));
+    });
+  });
+}
+
 // ---------------------------------------------------------------------------------------- philox_normal
 bool rng_math_libm() {
   const char* env = std::getenv("DIFFAUG_CUDA_RNG_MATH");
@@ -607,6 +721,7 @@ void philox_normal_out(const Tensor& seed, const Tensor& offset, Tensor out) {
 TORCH_LIBRARY_IMPL(diffaug_kernels_C, CUDA, m) {
   m.impl("forward_noise_out", &forward_noise_out);
   m.impl("tweedie_out", &tweedie_out);
+  m.impl("reverse_step_out", &reverse_step_out);
   m.impl("philox_normal_out", &philox_normal_out);
 }
 #endif

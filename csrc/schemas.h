@@ -13,6 +13,12 @@ constexpr const char* kForwardNoiseOut =
 constexpr const char* kTweedieOut =
     "tweedie_out(Tensor x_t, Tensor model_output, Tensor t, Tensor coef_a, Tensor coef_b, bool clip, Tensor? scale, "
     "Tensor? shift, Tensor(a!) out) -> ()";
+// out = c1[b] * x0_hat + c2[b] * x_t + sigma * philox_normal(out.shape, seed, offset) + shift, left to right;
+// x0_hat, x_t (and a per-element sigma, shift) share a shape and dtype (any strides); c1, c2 are [B] in the compute
+// dtype; sigma is absent (no noise), [B] in the compute dtype (per sample) or of x_t's shape (per element).
+constexpr const char* kReverseStepOut =
+    "reverse_step_out(Tensor x0_hat, Tensor x_t, Tensor c1, Tensor c2, Tensor? sigma, Tensor? shift, Tensor seed, "
+    "Tensor offset, Tensor(a!) out) -> ()";
 constexpr const char* kPhiloxNormalOut = "philox_normal_out(Tensor seed, Tensor offset, Tensor(a!) out) -> ()";
 
 }  // namespace dk

@@ -11,6 +11,7 @@ from .ops import (
     forward_noise_multi,
     philox_normal,
     reference,
+    reverse_step,
     tweedie,
 )
 from .schedule import NoiseSchedule
@@ -35,6 +36,7 @@ __all__ = [
     "philox_normal",
     "pretrained",
     "reference",
+    "reverse_step",
     "sampling",
     "tweedie",
 ]

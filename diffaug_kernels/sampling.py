@@ -6,9 +6,10 @@ Both follow openai/guided-diffusion's GaussianDiffusion / SpacedDiffusion (respa
   the respaced chain has betas 1 - abar[t_k] / abar[t_{k-1}], and at respaced index i the model and the
   classifier are called with the ORIGINAL timestep timestep_map[i] (int64), as guided-diffusion's released
   models expect (rescale_timesteps=False).
-* every reverse step is ``x_prev = c1 * x0_hat + c2 * x_t + sigma * z + shift`` (``reverse_step``): x0_hat is
-  the model's clipped estimate (dk.tweedie on the respaced tables), (c1, c2, sigma) come from per-step tables
-  (``ddim_coefficients``, ``ddpm_coefficients``) and shift is the guidance term.
+* every reverse step is ``x_prev = c1 * x0_hat + c2 * x_t + sigma * z + shift`` (``reverse_step``, the fused op
+  dk.reverse_step with z drawn in-kernel): x0_hat is the model's clipped estimate (dk.tweedie on the respaced
+  tables), (c1, c2, sigma) come from per-step tables (``ddim_coefficients``, ``ddpm_coefficients``) and shift is
+  the guidance term.
 * DDIM (``ddim_sample``): c1 = sqrt(abar_prev) - k sqrt(abar) / sqrt(1 - abar), c2 = k / sqrt(1 - abar) with
   k = sqrt(1 - abar_prev - sigma^2), sigma = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev):
   DDIM's equation 12 written in (x0_hat, x_t). Guidance is condition_score (Song et al.): eps becomes
@@ -55,14 +56,17 @@ VARIANCES = ("learned", "fixed_large", "fixed_small")
 
 # ---------------------------------------------------------------------------------------- the reverse step
 def reverse_step(x0_hat: Tensor, x_t: Tensor, c1, c2, sigma=None, z: Optional[Tensor] = None,
-                 shift: Optional[Tensor] = None) -> Tensor:
+                 shift: Optional[Tensor] = None, seed=None, offset=0) -> Tensor:
     """x_prev = c1 * x0_hat + c2 * x_t + sigma * z + shift: one reverse step of DDIM or DDPM.
 
-    c1, c2: numbers or tensors broadcasting against x_t (per-sample coefficients); sigma: the noise's standard
-    deviation (a number or a tensor of x_t's shape: the learned variance), with z the standard normals;
-    shift: the guidance term. The reference of a fused reverse-step op: all in x_t's dtype."""
+    c1, c2: numbers or per-sample tensors; sigma: the noise's standard deviation (a number, or a tensor of x_t's
+    shape: the learned variance; None: no noise); shift: the guidance term. Without z this is the fused op
+    dk.reverse_step, z = philox_normal(x_t.shape, seed, offset) drawn in-kernel (the samplers' path), in x_t's
+    dtype. With z, noise from elsewhere, the same update in plain PyTorch (sigma * z added only with both)."""
+    if z is None:
+        return ops.reverse_step(x0_hat, x_t, c1, c2, sigma, shift, seed=seed, offset=offset)
     out = c1 * x0_hat + c2 * x_t
-    if z is not None and sigma is not None:
+    if sigma is not None:
         out = out + sigma * z
     if shift is not None:
         out = out + shift
@@ -286,10 +290,9 @@ def ddim_sample(model, schedule: NoiseSchedule, x_T: Tensor, steps: Union[int, s
         for k, i in setup.steps():
             x0, _ = setup.denoise(x, i)
             shift = float(coef["guide"][i]) * setup.gradient(x, i) if setup.classifier is not None else None
-            z = None
-            if i > 0 and eta > 0:
-                z = ops.philox_normal(x.shape, seed_t, (k + 1) * STEP_COUNTERS, device=x.device, dtype=cd)
-            x = reverse_step(x0, x, float(coef["c1"][i]), float(coef["c2"][i]), float(coef["sigma"][i]), z, shift)
+            sigma = float(coef["sigma"][i]) if i > 0 and eta > 0 else None  # noise from offset (k + 1) * STEP_COUNTERS
+            x = reverse_step(x0, x, float(coef["c1"][i]), float(coef["c2"][i]), sigma, shift=shift, seed=seed_t,
+                             offset=(k + 1) * STEP_COUNTERS)
         return x.to(x_T.dtype)
 
     return _run(setup, x_T, body)
@@ -353,8 +356,8 @@ def ddpm_sample(model, schedule: NoiseSchedule, shape, steps: Union[int, str, No
                 var_tab, logvar_tab = coef[variance or "fixed_large"]
                 var, sigma = float(var_tab[i]), math.exp(0.5 * float(logvar_tab[i]))
             shift = var * setup.gradient(x, i) if setup.classifier is not None else None
-            z = ops.philox_normal(shape, seed_t, (k + 1) * STEP_COUNTERS, device=device, dtype=cd) if i > 0 else None
-            x = reverse_step(x0, x, float(coef["c1"][i]), float(coef["c2"][i]), sigma, z, shift)
+            x = reverse_step(x0, x, float(coef["c1"][i]), float(coef["c2"][i]), sigma if i > 0 else None,
+                             shift=shift, seed=seed_t, offset=(k + 1) * STEP_COUNTERS)
         return x.to(x_T.dtype if x_T is not None else cd)
 
     return _run(setup, x_T, body)

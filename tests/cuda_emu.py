@@ -43,7 +43,8 @@ def register(asan: bool = False) -> None:
 
     emu = build(asan)
     dispatch.register_backend("cuda", dispatch.Backend(("cpu",), emu.forward_noise_out, emu.tweedie_out,
-                                             emu.philox_normal_out, available=True))
+                                             emu.philox_normal_out, available=True,
+                                             reverse_step_out=emu.reverse_step_out))
 
 
 def asan_env():

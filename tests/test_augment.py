@@ -158,3 +158,128 @@ def test_compiled_on_gpu_uses_cuda_graphs_and_equals_eager(gpu_backend):
             torch.testing.assert_close(out, eager(x, t=t, seed=s), rtol=0.05, atol=0.05)
     torch.testing.assert_close(outs[3], outs[0], rtol=1e-3, atol=1e-3)  # same seed, same image
     assert (outs[1] - outs[2]).abs().mean() > 0.01  # fresh seed, fresh noise
+
+
+# ------------------------------------------------------------------------------------- weights cast once
+class _WeightCasts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts aten::_to_copy calls whose input is one of the given tensors' storage (a weight being cast)."""
+
+    def __init__(self, tensors):
+        super().__init__()
+        self.ptrs = {p.data_ptr() for p in tensors}
+        self.casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.ptrs:
+            self.casts += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _tiny_unet():
+    torch.manual_seed(0)
+    return dk.models.create_adm_unet(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+                                     attention_resolutions="8", num_head_channels=16, learn_sigma=True).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_frozen_model_weights_cast_once_equal_autocast(dtype):
+    """A frozen model under dtype runs a copy whose conv / linear weights were cast once: no weight is cast
+    during a call (autocast casts each one at every call), the output equals autocast's, and the user's model
+    keeps its fp32 weights and state_dict; DiffAug's own state_dict is the model's alone."""
+    unet = _tiny_unet().requires_grad_(False)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    t = torch.tensor([30, 700])
+    once = dk.DiffAug(unet, S, dtype=dtype)
+    per_call = dk.DiffAug(unet, S, dtype=dtype, cast_weights=False)
+    assert once.weights_cast_once() and not per_call.weights_cast_once()
+    weights = list(unet.parameters())
+    with _WeightCasts(weights) as counter:
+        want = per_call(x, t=t, seed=5)
+    assert counter.casts >= 10  # the autocast path: every conv and linear weight and bias, every call
+    once(x, t=t, seed=5)  # the first call makes the copy
+    with _WeightCasts(weights) as counter:
+        got = once(x, t=t, seed=5)
+    assert counter.casts == 0
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # the same casts, made once: the same numbers
+    cast = once._cast[x.device].model
+    assert cast is not unet and cast.input_blocks[0][0].weight.dtype == dtype
+    assert cast.out[0].weight is unet.out[0].weight  # norms (and buffers) shared, not copied or cast
+    assert unet.input_blocks[0][0].weight.dtype == torch.float32
+    assert all(torch.equal(v, before[k]) and v.dtype == before[k].dtype for k, v in unet.state_dict().items())
+    assert list(once.state_dict()) == ["model." + k for k in unet.state_dict()]
+
+
+def test_cast_copy_follows_the_model():
+    """The copy is remade when the model's weights change in place (load_state_dict) and follows its
+    train / eval mode; a weight that starts to require grad sends the call back to autocast."""
+    unet = _tiny_unet().requires_grad_(False)
+    aug = dk.DiffAug(unet, S, dtype=torch.bfloat16)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    a = aug(x, t=500, seed=1)
+    first = aug._cast[x.device].model
+    other = _tiny_unet()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    unet.load_state_dict(other.state_dict())
+    b = aug(x, t=500, seed=1)
+    assert aug._cast[x.device].model is not first and not torch.equal(a, b)
+    torch.testing.assert_close(b, dk.DiffAug(unet, S, dtype=torch.bfloat16, cast_weights=False)(x, t=500, seed=1),
+                               rtol=0, atol=1e-6)
+    unet.train()
+    aug(x, t=500, seed=1)
+    assert aug._cast[x.device].model.training and all(m.training for m in aug._cast[x.device].model.modules())
+    unet.eval()
+    unet.input_blocks[0][0].weight.requires_grad_(True)
+    with _WeightCasts(list(unet.parameters())) as counter:
+        aug(x, t=500, seed=1)
+    assert counter.casts > 0 and not aug._cast
+
+
+def test_trainable_model_keeps_autocast(model):
+    """A model with trainable parameters keeps autocast's per-call casts (its weights change every step, and
+    gradients must reach them); cast_weights=True casts anyway, and then the model gets no gradient."""
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    aug = dk.DiffAug(model, S, dtype=torch.bfloat16)
+    assert not aug.weights_cast_once()
+    with _WeightCasts([model.conv.weight]) as counter:
+        aug(x, t=50)
+    assert counter.casts == 1 and not aug._cast
+    xg = x.clone().requires_grad_()
+    aug(xg, t=50, seed=2).sum().backward()
+    assert model.conv.weight.grad is not None  # x requires grad: the graph reaches the fp32 weights
+    model.conv.weight.grad = None
+    forced = dk.DiffAug(model, S, dtype=torch.bfloat16, cast_weights=True)
+    assert forced.weights_cast_once()
+    with _WeightCasts([model.conv.weight]) as counter:
+        forced(x, t=50)
+    assert counter.casts == 1  # the copy, made at the first call
+    with _WeightCasts([model.conv.weight]) as counter:
+        out = forced(xg, t=50, seed=2)
+    assert counter.casts == 0
+    out.sum().backward()
+    assert model.conv.weight.grad is None and xg.grad is not None
+    # the embedding's weight is no conv / linear weight: autocast leaves it alone, so does the copy
+    assert forced._cast[x.device].model.temb.weight is model.temb.weight
+
+
+def test_compiled_cast_copy_equals_autocast():
+    torch._dynamo.reset()
+    unet = _tiny_unet().requires_grad_(False)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    want = dk.DiffAug(unet, S, dtype=torch.bfloat16, cast_weights=False)(x, t=[10, 900], seed=3)
+    aug = dk.DiffAug(unet, S, dtype=torch.bfloat16, compile=True)
+    got = aug(x, t=[10, 900], seed=3)
+    assert aug._compiled["cpu"]._orig_mod is aug._cast[x.device].model
+    torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)  # inductor's own bf16 kernels
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(cast_weights=1), TypeError, "cast_weights must be None, True or False"),
+    (dict(cast_weights=True), ValueError, "cast_weights=True casts to dtype"),
+    (dict(cast_weights=True, dtype=torch.float32), ValueError, "cast_weights=True casts to dtype"),
+])
+def test_bad_cast_weights(model, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        dk.DiffAug(model, S, **kwargs)

@@ -157,6 +157,11 @@ bench_model() {  # bench_model NAME [EXTRA ARGS...]
     > "$W/$n.txt" 2> "$W/$n.log"
   local rc=$?; cat "$W/$n.txt"; tail -5 "$W/$n.log"; return $rc
 }
+bench_train() {  # the DiffAug training step end to end, published (fp16 eager) vs the package's (compiled bf16)
+  "$PY" -m diffaug_kernels bench-train --device cuda --batch 64 --reps 5 --warmup 2 --json "$W/bench-train.json" \
+    --plot "$W/bench-train.png" > "$W/bench-train.txt" 2> "$W/bench-train.log"
+  local rc=$?; cat "$W/bench-train.txt"; tail -5 "$W/bench-train.log"; return $rc
+}
 bench_certify() {
   "$PY" -m diffaug_kernels bench-certify --device cuda --batch 200 --reps 3 --warmup 1 --json "$W/bench-certify.json" \
     --plot "$W/bench-certify.png" > "$W/bench-certify.txt" 2> "$W/bench-certify.log"
@@ -206,8 +211,8 @@ if runs:
         same = r1.get("vs_same_bytes_copy")
         print(f"{r1['op']:<20}{r1['dtype']:<10}{r1['impl']:<24}{ms}{r1.get('gb_s', 0):7.0f}{r1['pct_copy']:6.1f}%"
               f"{100 * same if same else float('nan'):7.0f}%{r1['speedup']:8.2f}x{comp / r1['ms']:11.2f}x")
-for name in ("variants", "floor", "bench-ensemble", "bench-certify", "bench-certify-cpu", "bench-model",
-             "bench-model-cdt", "bench-model-cudnn"):
+for name in ("variants", "floor", "bench-ensemble", "bench-certify", "bench-certify-cpu", "bench-train",
+             "bench-model", "bench-model-cdt", "bench-model-cudnn"):
     p = f"{d}/{name}.txt"
     if os.path.exists(p) and os.path.getsize(p):
         print(); print(open(p).read().rstrip())
@@ -224,7 +229,7 @@ INDUCTOR_CACHE=/tmp/gpu-check-inductor
 [ "${GPU_CHECK_BUILD:-1}" = 0 ] || rm -rf "$INDUCTOR_CACHE"
 export PY W INDUCTOR_CACHE TORCHINDUCTOR_CACHE_DIR="$INDUCTOR_CACHE"
 export -f env_info build gpu_tests sanitize kernel_profile bench_ops bench_ensemble bench_model kernel_sources rng_floor \
-  tune_variants
+  tune_variants bench_certify bench_certify_cpu bench_train
 step environment 60 5 env_info 2>&1 | tee "$W/env.log"
 # GPU_CHECK_BUILD=0 keeps the extension an earlier call built on the same (warm) machine, or one built beforehand
 # for the machine's Python and torch and carried (tools/prebuild_gpu_ext.sh), when it loads.
@@ -236,7 +241,9 @@ fi
 # GPU_CHECK_STEPS picks and orders the steps after the build (default: all, correctness first), e.g.
 # GPU_CHECK_STEPS=bench1,floor,bench2 when only the timings are missing and device time is short; "certify"
 # (bench-certify, not in the default list) times dk.certify against the published DDS loop; "certify-cpu" the
-# same on the host's CPU in fp32 and bf16 when it has BF16 instructions (the CPU target).
+# same on the host's CPU in fp32 and bf16 when it has BF16 instructions (the CPU target); "train"
+# (bench-train, not in the default list: two compiles, the UNet's and the classifier's forward and backward, after
+# the published eager step; not yet timed on a GPU) the DiffAug training step end to end, published vs the package's.
 STEPS="${GPU_CHECK_STEPS:-tune,tests,bench1,model,ncu,ensemble,bench2,model-cudnn,floor}"
 # Without the CUDA kernels (a failed compile falls back to CPU) Triton is still worth testing and timing.
 if "$PY" -c "import diffaug_kernels" 2>/dev/null; then
@@ -267,6 +274,7 @@ if "$PY" -c "import diffaug_kernels" 2>/dev/null; then
       certify) step "benchmark certify's noise samples vs the published DDS loop" 300 60 bench_certify ;;
       certify-cpu) step "benchmark certify on this host's CPU, fp32 and bf16 (BF16 instructions only)" 300 60 \
              bench_certify_cpu ;;
+      train) step "benchmark the DiffAug training step, published vs the package's" 420 120 bench_train ;;
       model) step "benchmark UNet forward + DiffAug step (+ profile)" 270 60 bench_model bench-model \
              --profile "$W/bench-model-profile.txt" --candidates \
              && kernel_sources "$W/bench-model-profile.txt" "$W/kernels" ;;

@@ -1,8 +1,8 @@
 """The memory checkers' workload for the CUDA backend: every CUDA kernel and every planar variant, on planes that
 fill whole blocks (64x64), leave spare units or lanes (56x56, 17x19), go to the general kernels (channels_last,
 odd sizes), single and multi (K blocks), tweedie with the learned-sigma split, normalisation and a mixed output
-dtype, philox_normal with a tail. Every result is compared with the reference (computed on the CPU), so a
-kernel that reads the wrong memory without faulting fails too.
+dtype, reverse_step with a per-element sigma and a shift, philox_normal with a tail. Every result is compared
+with the reference (computed on the CPU), so a kernel that reads the wrong memory without faulting fails too.
 
   GPU:  compute-sanitizer --tool memcheck python tools/sanitize_workload.py   (tools/gpu_check.sh)
   CPU:  LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)" \\
@@ -67,6 +67,15 @@ def main(argv=None):
                     runs += 3
                 got = dk.tweedie(nd, md, td, S, backend="cuda", out_dtype=torch.float16).to(cpu)
                 assert_matches(got, reference.tweedie(noise, m, t, S, out_dtype=torch.float16))
+                runs += 1
+                # reverse_step with a per-element sigma (a learned variance) and a guidance shift
+                c1, c2 = torch.rand(B, generator=g), torch.rand(B, generator=g)
+                sig = torch.rand(shape, generator=g).to(dtype)
+                want = reference.reverse_step(den.to(dtype), noise, c1, c2, sig, x, seed=5, offset=3)
+                got = dk.reverse_step(den.to(dtype).to(dev).contiguous(memory_format=fmt), nd, c1.to(dev), c2.to(dev),
+                                      sig.to(dev).contiguous(memory_format=fmt), xd, seed=5, offset=3,
+                                      backend="cuda").to(cpu)
+                assert_matches(got, want)
                 runs += 1
     got = dk.philox_normal((1001,), 3, device=dev, backend="cuda").to(cpu)
     torch.testing.assert_close(got, reference.philox_normal((1001,), 3), rtol=1e-6, atol=2e-6)

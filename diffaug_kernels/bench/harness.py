@@ -25,15 +25,17 @@ import numpy as np
 import torch
 
 from .. import ops
-from ..ops import IMAGENET_NORM, forward_noise, tweedie
+from ..ops import IMAGENET_NORM, forward_noise, philox_normal, reverse_step, tweedie
 from ..ops import forward_noise_multi as dk_forward_noise_multi
 from ..schedule import NoiseSchedule
 from ..utils import write_json
 
 OPS = ("forward_noise", "tweedie")  # the default table
-ALL_OPS = OPS + ("forward_noise_multi",)  # + the DiffAug-Ensemble expansion (K = 10 times), on request
+# + the DiffAug-Ensemble expansion (K = 10 times) and the sampler's reverse step, on request
+ALL_OPS = OPS + ("forward_noise_multi", "reverse_step")
 DE_TIMES = tuple(range(0, 451, 50))
 EAGER, COMPILED, AUTO = "eager (published)", "compiled (published)", "fused (auto)"
+UNFUSED = "unfused (philox_normal)"  # reverse_step's noise by dk.philox_normal, then torch's arithmetic: its numbers
 SAME_COPY = "copy (same bytes)"  # torch's copy moving the op's bytes: the ceiling at this size, not at 1 GB
 
 
@@ -75,6 +77,25 @@ def published_forward_noise_multi(x0, times, np_sqrt_ac, np_sqrt_1m_ac):
                                               np_sqrt_ac, np_sqrt_1m_ac) for t in times])
 
 
+def published_reverse_step(x0_hat, x_t, t, np_coef1, np_coef2, sigma, shift):
+    """guided-diffusion's p_sample with a learned variance and classifier guidance: the posterior mean from
+    x0_hat (extract_into_tensor per call), condition_mean's shift, then mean + nonzero_mask * sigma *
+    torch.randn_like(x_t) (sigma = exp(0.5 * model_log_variance), made by the step before)."""
+    mean = (extract_into_tensor(np_coef1, t, x_t.shape) * x0_hat + extract_into_tensor(np_coef2, t, x_t.shape) * x_t
+            + shift.float())
+    noise = torch.randn_like(x_t)
+    nonzero_mask = (t != 0).float().view(-1, *([1] * (x_t.dim() - 1)))
+    return mean + nonzero_mask * sigma * noise
+
+
+def unfused_reverse_step(x0_hat, x_t, c1, c2, sigma, shift):
+    """dk.reverse_step's update unfused: the noise tensor by dk.philox_normal, then torch's arithmetic in float32
+    (the fused op's numbers, term for term)."""
+    z = philox_normal(x_t.shape, device=x_t.device)
+    view = (-1, *([1] * (x_t.dim() - 1)))
+    return (c1.view(view) * x0_hat + c2.view(view) * x_t + sigma * z + shift).to(x_t.dtype)
+
+
 @functools.cache
 def compiled(op: str) -> Callable:
     """torch.compile of a published baseline, made once per process; dynamic=False so each shape gets
@@ -84,7 +105,7 @@ def compiled(op: str) -> Callable:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     fn = {"forward_noise": published_forward_noise, "tweedie": published_tweedie,
-          "forward_noise_multi": published_forward_noise_multi}[op]
+          "forward_noise_multi": published_forward_noise_multi, "reverse_step": published_reverse_step}[op]
     return torch.compile(fn, dynamic=False)
 
 
@@ -239,13 +260,30 @@ def make_case(op: str, shape: Sequence[int], dtype: torch.dtype, device="cpu",
         case.impls[COMPILED] = lambda: compiled(op)(x, DE_TIMES, *tabs)
         for name in backends:
             case.impls[f"fused ({name})"] = lambda name=name: dk_forward_noise_multi(x, DE_TIMES, sched, backend=name)
+    elif op == "reverse_step":  # a guided DDPM step with a learned variance: x0_hat, x_t, sigma, shift, out
+        t = torch.randint(1, sched.num_timesteps, (B,), device=device)
+        ac = sched.alphas_cumprod.numpy()
+        ac_prev, betas = np.append(1.0, ac[:-1]), sched.betas.numpy()
+        tabs = (betas * np.sqrt(ac_prev) / (1 - ac), (1 - ac_prev) * np.sqrt(1 - betas) / (1 - ac))
+        c1, c2 = (torch.from_numpy(tab).to(device, torch.float32)[t] for tab in tabs)
+        x0_hat = torch.rand(shape, device=device).mul(2).sub(1).to(dtype)
+        sigma = torch.rand(shape, device=device).mul(0.1).to(dtype)
+        shift = torch.randn(shape, device=device).mul(0.01).to(dtype)
+        case = Case(op, shape, dtype, 5 * elem)
+        case.impls[EAGER] = lambda: published_reverse_step(x0_hat, x, t, *tabs, sigma, shift)
+        case.impls[COMPILED] = lambda: compiled(op)(x0_hat, x, t, *tabs, sigma, shift)
+        case.impls[UNFUSED] = lambda: unfused_reverse_step(x0_hat, x, c1, c2, sigma, shift)
+        for name in backends:
+            case.impls[f"fused ({name})"] = lambda name=name: reverse_step(x0_hat, x, c1, c2, sigma, shift,
+                                                                          backend=name)
     else:
         raise ValueError(f"op must be one of {ALL_OPS}, got {op!r}")
     # copy_bandwidth's 1 GB copy amortises the fixed cost of a launch (start-up, the last wave); an op's
     # few hundred MB pay it, and so does a copy of the same bytes (half read, half written): that row shows
     # how much of an op's gap to the ceiling is its size rather than its kernel
     case.inputs = dict(x=x, t=t, schedule=sched, **({"times": DE_TIMES} if op == "forward_noise_multi" else {}),
-                       **({"model_output": mo, "normalize": norm} if op == "tweedie" else {}))
+                       **({"model_output": mo, "normalize": norm} if op == "tweedie" else {}),
+                       **(dict(x0_hat=x0_hat, c1=c1, c2=c2, sigma=sigma, shift=shift) if op == "reverse_step" else {}))
     src = torch.rand(case.nbytes // 2 // x.element_size(), device=device).to(dtype)
     dst = torch.empty_like(src)
     case.impls = {SAME_COPY: lambda: dst.copy_(src), **case.impls}
@@ -350,6 +388,14 @@ def other_cpu_fraction(c0, c1, wall_s: float) -> Optional[float]:
     return max(0.0, (c1[0] - c0[0]) - (c1[1] - c0[1])) / (wall_s * (os.cpu_count() or 1))
 
 
+def headline_ratios(images_per_s: dict, pairs: dict) -> dict:
+    """The "ratios" object of a benchmark's JSON: {name: images_per_s[a] / images_per_s[b]} for each
+    name: (a, b) in pairs whose two rows were both measured in this run (a ratio of a row not run is left out,
+    never guessed or carried over from another run)."""
+    return {name: images_per_s[a] / images_per_s[b] for name, (a, b) in pairs.items()
+            if a in images_per_s and b in images_per_s}
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -431,5 +477,5 @@ def run_bench(shapes=((64, 3, 224, 224), (256, 3, 32, 32)), dtypes=(torch.float3
 
 
 __all__ = ["SAME_COPY", "Case", "Timing", "compiled", "copy_bandwidth", "environment", "flush_cache",
-           "format_table", "fused_backends", "make_case", "published_forward_noise", "published_tweedie",
-           "run_bench", "time_fn"]
+           "format_table", "fused_backends", "headline_ratios", "make_case", "published_forward_noise",
+           "published_tweedie", "run_bench", "time_fn"]

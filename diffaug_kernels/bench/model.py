@@ -95,6 +95,16 @@ def _published_tables(sched: NoiseSchedule) -> dict:
                                       "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod")}
 
 
+fp16_copy, published_tables = _fp16_copy, _published_tables  # public names for the training-step benchmark
+
+# bench-model's rows behind its headline ratios (the JSON's "ratios"): a ratio is written only when both of its
+# rows were measured in the run. UNET_FUSED is the row the UNet with fused norm + activation kernels is timed
+# under; until that UNet exists no run has the row, and "unet_fused_vs_compiled" is absent.
+UNET_COMPILED = "compiled bf16 autocast + channels_last"
+UNET_FUSED = "compiled bf16 autocast + channels_last, fused group_norm_silu"
+STEP_DK = "dk.DiffAug compile=True, bf16"
+
+
 # Kernel / op names -> what they are, for the profile's breakdown (GPU kernel names, else CPU aten op names).
 # First match wins. Inductor's kernels come before the library groups: their names list the fused aten ops
 # ("triton_poi_fused__to_copy_clone_convolution_native_group_norm_..." is an elementwise kernel, not a conv).
@@ -163,7 +173,10 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
     candidates (GPU): also the compiled model with other settings, each measured against the default in the
     same run: its group norms' statistics reduced group-wise (GroupNorm32.nhwc_stats = "group", slower than
     per channel on an H100, RESULTS.md; a second compile), and cuDNN choosing its convolution algorithms by
-    timing them (cudnn.benchmark, the same graph; no faster on an H100, RESULTS.md)."""
+    timing them (cudnn.benchmark, the same graph; no faster on an H100, RESULTS.md). The result's "ratios" holds
+    the headline ratios of images/s measured in the run: "diffaug_step_vs_published" (STEP_DK over the published
+    pipeline) and "unet_fused_vs_compiled" (UNET_FUSED over UNET_COMPILED), the latter only in a run that timed
+    the fused UNet's row."""
     device, gpu, flags = device_and_unet(device, flags)
     if candidates:
         check_candidates(gpu)
@@ -223,28 +236,28 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
 
     half_model = _fp16_copy(model, flags, device) if gpu else None
 
+    published = f"published ({'fp16' if gpu else 'fp32'} eager)"
     aug_fast = DiffAug(model, sched, compile=True, dtype=torch.bfloat16)
     aug_plain = DiffAug(model, sched)
     cases = {
         "unet forward": {
             "eager fp32": lambda: model(x, t),
             "eager bf16 autocast + channels_last": bf16_eager,
-            "compiled bf16 autocast + channels_last": bf16_compiled,
+            UNET_COMPILED: bf16_compiled,
             **({"compiled bf16 autocast, contiguous (NCHW)": bf16_compiled_nchw} if nchw else {}),
             **({"compiled bf16 autocast + channels_last, group-wise norm stats": bf16_compiled_group_stats,
                 "compiled bf16 autocast + channels_last, cudnn.benchmark": bf16_compiled_cudnn_benchmark}
                if candidates else {}),
         },
         "DiffAug step": {
-            f"published ({'fp16' if gpu else 'fp32'} eager)": (lambda: published_diffaug(half_model or model, x, tables,
-                                                                                       half=gpu)),
+            published: lambda: published_diffaug(half_model or model, x, tables, half=gpu),
             "dk.DiffAug eager fp32": lambda: aug_plain(x),
-            "dk.DiffAug compile=True, bf16": lambda: aug_fast(x),
+            STEP_DK: lambda: aug_fast(x),
         },
     }
     rows = []
     result = dict(env=harness.environment(device), flags=flags, params=params, batch=batch, size=size,
-                  flops_per_forward=flops, matmul_flops_per_s=rate, reps=reps, rows=rows, complete=False)
+                  flops_per_forward=flops, matmul_flops_per_s=rate, reps=reps, rows=rows, ratios={}, complete=False)
     with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):  # static graphs only
         for group, impls in cases.items():
             base = None
@@ -264,6 +277,11 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
         pct = f"{r['pct_matmul']:5.1f}% of bf16 matmul" if r["pct_matmul"] is not None else ""
         print(f"{r['group']:<13}  {r['impl']:<{w}}  {r['ms']:9.1f} ms  {r['images_per_s']:8.1f} img/s  "
               f"{r['vs_first']:5.2f}x  {pct}")
+    ips = {r["impl"]: r["images_per_s"] for r in rows}
+    result["ratios"] = harness.headline_ratios(ips, {"unet_fused_vs_compiled": (UNET_FUSED, UNET_COMPILED),
+                                                     "diffaug_step_vs_published": (STEP_DK, published)})
+    for k, v in result["ratios"].items():
+        print(f"{k}: {v:.2f}x")
     result["complete"] = True
     if profile:
         with torch.no_grad():

@@ -1,6 +1,6 @@
 """The paper's two DiffAug figures, as PNG files: the augmentation grid (original images, then DiffAug samples at
 t = 350, 400, ..., 700) and the mean prediction entropy of classifiers on DiffAug samples against t; and benchmark
-results (bench, bench-model, bench-ensemble) as bar charts.
+results (bench, bench-model, bench-ensemble, bench-certify, bench-train) as bar charts.
 
 Drawing uses matplotlib when it is installed and PIL (always there, through torchvision) otherwise; the grid and
 the bar chart are always PIL.
@@ -298,7 +298,8 @@ def results_chart(result: dict, path: str) -> str:
                          "bench-ensemble)")
     what = (f"batch {result.get('batch', '?')} at {result.get('size', '?')}x{result.get('size', '?')}")
     baselines = {"vs_first": "each group's first row", "vs_published_loop": "the published per-t loop",
-                 "vs_loop": "the published per-t loop"}  # vs_loop: the name in older files
+                 "vs_loop": "the published per-t loop",  # vs_loop: the name in older files
+                 "vs_published": "the published row"}  # bench-certify, bench-train
     keys = set()
     for r in rows:
         key = next((k for k in baselines if r.get(k) is not None), None)
@@ -306,7 +307,10 @@ def results_chart(result: dict, path: str) -> str:
         note = f"{r['images_per_s']:.1f} img/s  {r['ms']:.1f} ms" + (f"  {r[key]:.2f}x" if key else "")
         if r.get("pct_matmul") is not None:
             note += f"  {r['pct_matmul']:.0f}% of bf16 matmul"
-        groups.setdefault(r.get("group", "DiffAug-Ensemble"), []).append((r["impl"], r["images_per_s"], note))
+        if r.get("split_share"):  # bench-train: the step's parts, as shares of it
+            note += "  (" + ", ".join(f"{p.split()[0]} {100 * v:.0f}%" for p, v in r["split_share"].items()) + ")"
+        group = r.get("group") or ("DiffAug training step" if "split_ms" in r else "DiffAug-Ensemble")
+        groups.setdefault(group, []).append((r["impl"], r["images_per_s"], note))
     against = " and ".join(sorted(baselines[k] for k in keys if k))
     return plot_bars(groups, path, f"{where}, {what}: images/s, longer is faster",
                      "images per second" + (f"; ratios against {against}" if against else ""))

@@ -10,6 +10,7 @@ from .guidance import (
     DAClassifier,
     EncoderUNet,
     create_classifier,
+    load_guidance_classifier,
     load_guided_classifier,
 )
 from .improved_diffusion import (
@@ -50,6 +51,7 @@ __all__ = [
     "default_channel_mult",
     "from_diffusers",
     "load_diffusers",
+    "load_guidance_classifier",
     "load_guided_classifier",
     "load_guided_diffusion",
     "load_improved_diffusion",

@@ -10,6 +10,8 @@ in_channels, num_classes, channel_mult and num_head_channels for small models (3
 ``DAClassifier`` is a guidance classifier that sees the noisy image and its one-step denoised estimate: it
 feeds [x_t, tweedie(x_t, score_model(x_t, t), t)] (channel concatenation) to a classifier built with twice
 the image channels. The DiffAug paper publishes no code for its DA-classifiers; this design is ours.
+
+``load_guidance_classifier`` rebuilds either kind from a ``train-guidance`` checkpoint (GUIDANCE_FORMAT).
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from torch import Tensor, nn
 
 from ..ops import tweedie
 from ..schedule import PREDICTIONS, NoiseSchedule
+from ..utils import torch_load
+from .score import resolve_score_model
 from .unet import (
     AttentionBlock,
     Downsample,
@@ -48,6 +52,7 @@ __all__ = [
     "DAClassifier",
     "EncoderUNet",
     "create_classifier",
+    "load_guidance_classifier",
     "load_guided_classifier",
 ]
 
@@ -378,3 +383,52 @@ class DAClassifier(nn.Module):
                              f"build it with in_channels = 2 * C = {2 * x_t.shape[1]}")
         x0_hat = self.denoise(x_t, t, **model_kwargs)
         return self.classifier(torch.cat([x_t, x0_hat.to(x_t.dtype)], dim=1), t)
+
+
+GUIDANCE_FORMAT = "diffaug_kernels.train_guidance.v1"
+GUIDANCE_KINDS = ("noisy", "da")
+
+
+def load_guidance_classifier(path, device=None, score_model: Optional[nn.Module] = None) -> nn.Module:
+    """A ready guidance classifier (x_t, t) -> logits from a ``train-guidance`` checkpoint, in eval mode.
+
+    The checkpoint holds the kind, the create_classifier flags (in_channels, num_classes included), the weights,
+    the betas of the schedule it was trained on and the --score-model spec. kind "noisy": the EncoderUNet;
+    kind "da": a DAClassifier of it, the spec's score model (resolved as the commands do; score_model given
+    instead is used as is) and the trained schedule. Either carries ``guidance_info``: kind, num_classes,
+    image_size, image_channels, classes, step. Errors name the file in one line."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"guidance classifier checkpoint not found: {path!r}")
+    ckpt = torch_load(path, "train-guidance", error=ValueError)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != GUIDANCE_FORMAT:
+        got = f"format {ckpt.get('format')!r}" if isinstance(ckpt, dict) else f"it holds a {type(ckpt).__name__}"
+        raise ValueError(f"{path} is not a train-guidance checkpoint ({got})")
+    kind, flags = ckpt.get("kind"), ckpt.get("classifier")
+    if kind not in GUIDANCE_KINDS or not isinstance(flags, dict):
+        raise ValueError(f"{path}: a train-guidance checkpoint needs kind in {GUIDANCE_KINDS} and the classifier "
+                         f"flags, got kind {kind!r}")
+    flags = {k: tuple(v) if isinstance(v, list) else v for k, v in flags.items()}
+    try:
+        with torch.device("meta"):
+            clf = create_classifier(**flags)
+        clf.load_state_dict(ckpt["model"], strict=True, assign=True)
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        raise ValueError(f"{path}: the weights do not rebuild the classifier its flags describe "
+                         f"({str(e).splitlines()[0][:300]})") from None
+    clf.requires_grad_(False)
+    info = {"kind": kind, "num_classes": flags["num_classes"], "image_size": flags["image_size"],
+            "image_channels": int(ckpt["image_channels"]), "classes": list(ckpt.get("classes") or []),
+            "step": int(ckpt.get("step", 0))}
+    net = clf
+    if kind == "da":
+        schedule = NoiseSchedule.from_betas(ckpt["schedule_betas"].double().numpy())
+        spec = ckpt["score_model"]
+        if score_model is None:
+            score_model, _ = resolve_score_model(spec["spec"], spec["data"], spec["config"], spec["flags"],
+                                                 info["image_channels"])
+        net = DAClassifier(clf, score_model, schedule, prediction=spec.get("prediction", "eps"))
+    if device is not None:
+        net = net.to(device)
+    net.guidance_info = info
+    return net.eval()

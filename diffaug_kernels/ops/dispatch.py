@@ -2,8 +2,8 @@
 
 Backends: "reference" (plain PyTorch in reference.py, always there) runs the specification directly, so it
 traces and differentiates like any PyTorch code. Fused backends ("cpu", "cuda", "triton") run through each op's
-custom op (forward_noise.py, tweedie.py), registered once with a fake kernel and an autograd formula, which
-calls the backend's kernel from the table here.
+custom op (forward_noise.py, tweedie.py, reverse_step.py), registered once with a fake kernel and an autograd
+formula, which calls the backend's kernel from the table here.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ class Backend:
     tweedie_out: Callable
     philox_normal_out: Callable
     available: bool  # decided once at registration (nothing to probe while tracing)
+    reverse_step_out: Optional[Callable] = None  # None: a backend built without it (reverse_step runs the reference)
 
 
 TABLE: dict[str, Backend] = {}
@@ -53,7 +54,8 @@ def _register_compiled() -> None:
     for name, dev, key in (("cpu", "cpu", "CPU"), ("cuda", "cuda", "CUDA")):
         available = extension.has_kernel(key) and (dev == "cpu" or torch.cuda.is_available())
         register_backend(name, Backend((dev,), ops.forward_noise_out, ops.tweedie_out, ops.philox_normal_out,
-                                       available=available))
+                                       available=available,
+                                       reverse_step_out=getattr(ops, "reverse_step_out", None)))
 
 
 def _register_triton() -> None:
@@ -68,7 +70,7 @@ def _register_triton() -> None:
 
     devices = ("cuda",) + (("cpu",) if interpret else ())
     register_backend("triton", Backend(devices, tk.forward_noise_out, tk.tweedie_out, tk.philox_normal_out,
-                                       available=True))
+                                       available=True, reverse_step_out=tk.reverse_step_out))
 
 
 _register_compiled()
@@ -149,8 +151,8 @@ def _auto_key(op: str, x: Tensor) -> tuple:
 
 
 def auto_choice(op: str, x: Tensor) -> str:
-    """The backend backend="auto" runs for op ("forward_noise", "tweedie", "forward_noise_multi<K>") on x: the
-    measured pick once there has been one, else the default order's first usable backend."""
+    """The backend backend="auto" runs for op ("forward_noise", "tweedie", "reverse_step", "forward_noise_multi<K>")
+    on x: the measured pick once there has been one, else the default order's first usable backend."""
     return MEASURED.get(_auto_key(op, x)) or resolve_backend("auto", x.device)
 
 

@@ -162,3 +162,27 @@ def tweedie(x_t, model_output, t, schedule: NoiseSchedule, prediction="eps", cli
                      for v in normalize)
         x0 = ((x0 + 1) / 2 - mean) / std
     return x0.to(out_dtype or x_t.dtype)
+
+
+def reverse_step(x0_hat, x_t, c1, c2, sigma=None, shift=None, seed=None, offset=0, out_dtype=None):
+    """x_prev = c1 * x0_hat + c2 * x_t + sigma * philox_normal(x_t.shape, seed, offset) + shift, left to right.
+
+    c1, c2: numbers or per-sample tensors ([B] or [B, 1, ...]); sigma: None (no noise), a number, a per-sample
+    tensor or a tensor broadcasting to x_t's shape (a learned variance); shift: None or such a tensor (the guidance
+    term). Computed in float32, float64 when any tensor input is float64."""
+    tensors = [v for v in (x0_hat, x_t, c1, c2, sigma, shift) if isinstance(v, torch.Tensor)]
+    cd = compute_dtype(*(v.dtype for v in tensors))
+    nd, device = x_t.dim(), x_t.device
+
+    def term(v):  # a number as a fill (no host copy), a [B] tensor per sample, others broadcast as they are
+        if not isinstance(v, torch.Tensor):
+            return torch.full((), float(v), dtype=cd, device=device)
+        v = v.to(device, cd)
+        return v.reshape(-1, *([1] * (nd - 1))) if v.dim() == 1 and nd > 1 else v
+
+    out = term(c1) * x0_hat.to(cd) + term(c2) * x_t.to(cd)
+    if sigma is not None:
+        out = out + term(sigma) * philox_normal(x_t.shape, seed, offset, device).to(cd)
+    if shift is not None:
+        out = out + term(shift)
+    return out.to(out_dtype or x_t.dtype)

@@ -1,4 +1,4 @@
-"""Triton kernels for forward_noise (+ the ensemble expansion), tweedie and philox_normal.
+"""Triton kernels for forward_noise (+ the ensemble expansion), tweedie, reverse_step and philox_normal.
 
 The same Philox4x32-10 stream as csrc/philox.h (written out here rather than taken from tl.randint4x, whose
 treatment of 64-bit offsets has changed across Triton releases), Triton's uniform and Box-Muller conversion
@@ -251,6 +251,37 @@ if triton is not None:
         return tl.where(y != y, y, tl.minimum(tl.maximum(y, -1.0), 1.0))
 
     @triton.jit
+    def reverse_step_kernel(x0_ptr, xt_ptr, sig_ptr, sh_ptr, out_ptr, c1_ptr, c2_ptr, seed_ptr, off_ptr, N, C, S,
+                            asb, asc, ass, xsb, xsc, xss, ssb, ssc, sss, hsb, hsc, hss, osb, osc, oss,
+                            A_CONTIG: tl.constexpr, X_CONTIG: tl.constexpr, S_CONTIG: tl.constexpr,
+                            H_CONTIG: tl.constexpr, O_CONTIG: tl.constexpr, NOISE: tl.constexpr, SHIFT: tl.constexpr,
+                            F64: tl.constexpr, BLOCK: tl.constexpr):
+        # Tile: BLOCK counters x 4 lanes, as forward_noise_kernel; the terms in the reference's order,
+        # ((c1 x0_hat + c2 x_t) + sigma z) + shift. NOISE: 0 none, 1 sigma per sample, 2 per element.
+        N, C, S = tl.cast(N, tl.int64), tl.cast(C, tl.int64), tl.cast(S, tl.int64)
+        row = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        lane = tl.arange(0, 4).to(tl.int64)
+        i = row[:, None] * 4 + lane[None, :]
+        mask = i < N
+        cdt = tl.float64 if F64 else tl.float32
+        b = i // (C * S)
+        a0 = tl.load(x0_ptr + _offset3(i, C, S, asb, asc, ass, A_CONTIG), mask=mask, other=0.0).to(cdt)
+        at = tl.load(xt_ptr + _offset3(i, C, S, xsb, xsc, xss, X_CONTIG), mask=mask, other=0.0).to(cdt)
+        y = tl.load(c1_ptr + b, mask=mask, other=0.0) * a0 + tl.load(c2_ptr + b, mask=mask, other=0.0) * at
+        if NOISE != 0:
+            k0, k1 = _key(seed_ptr)
+            n0, n1, n2, n3 = _randn4(k0, k1, tl.load(off_ptr) + row[:, None])
+            z = _pick(lane[None, :], n0, n1, n2, n3).to(cdt)
+            if NOISE == 2:
+                sg = tl.load(sig_ptr + _offset3(i, C, S, ssb, ssc, sss, S_CONTIG), mask=mask, other=0.0).to(cdt)
+            else:
+                sg = tl.load(sig_ptr + b, mask=mask, other=0.0)
+            y = y + sg * z
+        if SHIFT:
+            y = y + tl.load(sh_ptr + _offset3(i, C, S, hsb, hsc, hss, H_CONTIG), mask=mask, other=0.0).to(cdt)
+        tl.store(out_ptr + _offset3(i, C, S, osb, osc, oss, O_CONTIG), _cast_out(y, out_ptr), mask=mask)
+
+    @triton.jit
     def philox_normal_kernel(out_ptr, seed_ptr, off_ptr, N, BLOCK: tl.constexpr):
         k0, k1 = _key(seed_ptr)
         row = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
@@ -265,6 +296,7 @@ if triton is not None:
     if INTERPRET:  # the interpreter runs every config: one small block is enough for tests
         _forward_noise = forward_noise_kernel
         _tweedie = tweedie_kernel
+        _reverse_step = reverse_step_kernel
         _philox_normal = philox_normal_kernel
         _forward_noise_plane = forward_noise_plane_kernel
         _tweedie_plane = tweedie_plane_kernel
@@ -277,6 +309,9 @@ if triton is not None:
         _forward_noise = _tune(forward_noise_kernel, CONFIGS, ["N", "K", "X_CONTIG", "O_CONTIG", "ALIGNED", "F64"],
                                lambda a: (a["N"] + 3) // 4)
         _tweedie = _tune(tweedie_kernel, CONFIGS_X4, ["N", "X_CONTIG", "M_CONTIG", "O_CONTIG"], lambda a: a["N"])
+        _reverse_step = _tune(reverse_step_kernel, CONFIGS, ["N", "A_CONTIG", "X_CONTIG", "S_CONTIG", "H_CONTIG",
+                                                             "O_CONTIG", "NOISE", "SHIFT", "F64"],
+                              lambda a: (a["N"] + 3) // 4)
         _philox_normal = _tune(philox_normal_kernel, CONFIGS, ["N"], lambda a: (a["N"] + 3) // 4)
         _forward_noise_plane = _tune(forward_noise_plane_kernel, CONFIGS, ["S", "K", "F64"], lambda a: a["S"] // 4)
         _tweedie_plane = _tune(tweedie_plane_kernel, CONFIGS_X4, ["S", "CLIP", "NORM", "F64"], lambda a: a["S"])
@@ -364,6 +399,31 @@ def tweedie_out(x_t, m, t, coef_a, coef_b, clip, scale, shift, out):
                        shift if norm else coef_a, N, C, S, *xs, *ms, *os_, t.stride(0), X_CONTIG=xc, M_CONTIG=mc,
                        O_CONTIG=oc, CLIP=clip, NORM=norm,
                        F64=coef_a.dtype == torch.float64, **{k: 4 * v for k, v in _FIXED.items()})
+
+
+def reverse_step_out(x0_hat, x_t, c1, c2, sigma, shift, seed, offset, out):
+    """Schema reverse_step_out of csrc/schemas.h: sigma None, [B] (per sample) or of x_t's shape (per element)."""
+    x0_hat, C, S, as_, ac = _view3(x0_hat)
+    x_t, _, _, xs, xc = _view3(x_t)
+    _, _, _, os_, oc = _view3(out)
+    N = x_t.numel()
+    if N == 0:
+        return
+    noise = 0 if sigma is None else (1 if sigma.dim() == 1 else 2)
+    if noise == 2:
+        sigma, _, _, ss, sc = _view3(sigma)
+    else:
+        ss, sc = (0, 0, 0), True
+        sigma = sigma.contiguous() if sigma is not None else None  # [B], read as sigma[b]
+    if shift is not None:
+        shift, _, _, hs, hc = _view3(shift)
+    else:
+        hs, hc = (0, 0, 0), True
+    seed, offset = seed.to(x_t.device).reshape(1), offset.to(x_t.device).reshape(1)
+    _reverse_step[_grid((N + 3) // 4)](
+        x0_hat, x_t, sigma if sigma is not None else c1, shift if shift is not None else x_t, out, c1.contiguous(),
+        c2.contiguous(), seed, offset, N, C, S, *as_, *xs, *ss, *hs, *os_, A_CONTIG=ac, X_CONTIG=xc, S_CONTIG=sc,
+        H_CONTIG=hc, O_CONTIG=oc, NOISE=noise, SHIFT=shift is not None, F64=c1.dtype == torch.float64, **_FIXED)
 
 
 def philox_normal_out(seed, offset, out):

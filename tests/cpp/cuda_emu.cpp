@@ -7,5 +7,6 @@
 TORCH_LIBRARY(diffaug_kernels_cuda_emu, m) {
   m.def(dk::kForwardNoiseOut, &forward_noise_out);
   m.def(dk::kTweedieOut, &tweedie_out);
+  m.def(dk::kReverseStepOut, &reverse_step_out);
   m.def(dk::kPhiloxNormalOut, &philox_normal_out);
 }

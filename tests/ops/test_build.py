@@ -151,9 +151,10 @@ from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from diffaug_kernels.ops import triton_kernels as tk
 
-CONST = dict(X_CONTIG=True, O_CONTIG=False, M_CONTIG=False, ALIGNED=False, CLIP=True, NORM=True)
+CONST = dict(X_CONTIG=True, O_CONTIG=False, M_CONTIG=False, ALIGNED=False, CLIP=True, NORM=True, A_CONTIG=True,
+             S_CONTIG=False, H_CONTIG=False, NOISE=2, SHIFT=True)
 for fn in (tk.forward_noise_kernel, tk.forward_noise_plane_kernel, tk.tweedie_kernel, tk.tweedie_plane_kernel,
-           tk.philox_normal_kernel):
+           tk.philox_normal_kernel, tk.reverse_step_kernel):
     for data, f64 in (("bf16", False), ("fp32", False), ("fp64", True)):
         names = fn.arg_names
         const_names = [names[i] for i in fn.constexprs]
@@ -164,7 +165,7 @@ for fn in (tk.forward_noise_kernel, tk.forward_noise_plane_kernel, tk.tweedie_ke
                 const[n] = f64 if n == "F64" else (128 if n == "BLOCK" else CONST[n])
             elif n in ("t_ptr", "seed_ptr", "off_ptr"):
                 sig[n] = "*i64"
-            elif n in ("ca_ptr", "cb_ptr", "sc_ptr", "sh_ptr"):
+            elif n in ("ca_ptr", "cb_ptr", "sc_ptr", "sh_ptr", "c1_ptr", "c2_ptr"):
                 sig[n] = "*fp64" if f64 else "*fp32"
             elif n.endswith("_ptr"):
                 sig[n] = "*" + data
