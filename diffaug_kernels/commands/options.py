@@ -57,6 +57,35 @@ def dtype_list(*allowed: str):
     return parse
 
 
+def int_list(s: str) -> tuple:
+    """A comma list of distinct integers ('' is the empty list: a command that needs one says so)."""
+    try:
+        out = tuple(int(v) for v in s.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {s!r}") from None
+    if len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"expected distinct integers, got {s!r}")
+    return out
+
+
+def float_list(s: str) -> tuple:
+    """A comma list of distinct non-negative finite numbers, at least one."""
+    out = tuple(non_negative_float(v) for v in s.split(",") if v.strip())
+    if not out or len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative numbers, got {s!r}")
+    return out
+
+
+def boolean(s: str) -> bool:
+    """guided-diffusion's boolean flags: true/false, yes/no, 1/0."""
+    v = s.strip().lower()
+    if v in ("true", "yes", "1", "t", "y"):
+        return True
+    if v in ("false", "no", "0", "f", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"must be true or false, got {s!r}")
+
+
 def probability(s: str) -> float:
     """A number in the open interval (0, 1) (a failure probability such as certify's alpha)."""
     v = _finite(s)

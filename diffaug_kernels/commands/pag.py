@@ -35,13 +35,14 @@ from ..bench import plots
 from ..bench.harness import environment
 from ..data import digits
 from ..models.classifier import load_classifier
+from ..models.guidance import load_guidance_classifier
 from ..models.score import resolve_score_model
 from ..ops import forward_noise
 from ..robustness import in_channels
 from ..schedule import NoiseSchedule
 from ..utils import Progress, UsageError, write_json
 from .evaluate import parse_classifiers
-from .options import non_negative_float, positive, seed
+from .options import float_list, int_list, positive, seed
 
 NAME = "pag"
 HELP = "perceptually aligned gradients: input-gradient grids, alignment with the Bayes direction per t, L2 PGD"
@@ -54,30 +55,12 @@ DEFAULT_TIMES = (200, 300, 400, 500, 600, 700, 800)
 DEFAULT_EPS = (0.25, 0.5, 1.0)
 
 
-def int_list(s: str) -> tuple:
-    import argparse
-
-    try:
-        out = tuple(int(v) for v in s.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {s!r}") from None
-    if not out or len(set(out)) != len(out):
-        raise argparse.ArgumentTypeError(f"expected distinct integers, got {s!r}")
-    return out
-
-
-def float_list(s: str) -> tuple:
-    import argparse
-
-    out = tuple(non_negative_float(v) for v in s.split(",") if v.strip())
-    if not out or len(set(out)) != len(out):
-        raise argparse.ArgumentTypeError(f"expected distinct non-negative numbers, got {s!r}")
-    return out
-
-
 def add_arguments(p) -> None:
     p.add_argument("--classifier", action="append", required=True, metavar="[NAME=]PATH",
                    help="a train_classifier checkpoint trained on the digits (repeatable)")
+    p.add_argument("--guidance-classifier", action="append", default=[], metavar="[NAME=]PATH",
+                   help="a train-guidance checkpoint (noisy or DA classifier of x_t) trained on the digits "
+                        "(repeatable): its gradient d log p(y | x_t, t) / dx_t against the Bayes direction at x_t")
     p.add_argument("--times", type=int_list, default=DEFAULT_TIMES,
                    help="comma list of diffusion times for the gradients through DiffAug (default 200,300,...,800)")
     p.add_argument("--images", type=positive, default=128, help="test digits the alignment is averaged over")
@@ -135,12 +118,34 @@ def _normalised(g: Tensor) -> Tensor:
     return g / m if m > 0 else g
 
 
+class AtTime(nn.Module):
+    """A guidance classifier (x_t, t) -> logits held at one time t, as a classifier of x_t alone."""
+
+    def __init__(self, net: nn.Module, t: int):
+        super().__init__()
+        self.net, self.t = net, int(t)
+
+    def forward(self, x_t: Tensor) -> Tensor:
+        return self.net(x_t, torch.full((x_t.shape[0],), self.t, dtype=torch.int64, device=x_t.device))
+
+
+def _cosines(a: Tensor) -> dict:
+    """Mean, standard error and count of the cosines that exist (a zero Bayes direction has none)."""
+    a = a[~torch.isnan(a)]
+    sem = float(a.std() / len(a) ** 0.5) if len(a) > 1 else None
+    return {"mean": float(a.mean()) if len(a) else None, "sem": sem, "n": len(a)}
+
+
 def run(classifiers: Dict[str, nn.Module], aug: DiffAug, out: str, times: Sequence[int] = DEFAULT_TIMES,
         images: int = 128, grid_images: int = 4, eps: Sequence[float] = DEFAULT_EPS, pgd_images: int = 200,
         pgd_steps: int = 7, batch_size: int = 64, seed: int = 0, progress: bool = True,
-        log: Callable[[str], None] = print, extra: Optional[dict] = None) -> dict:
+        log: Callable[[str], None] = print, extra: Optional[dict] = None,
+        guidance: Optional[Dict[str, nn.Module]] = None) -> dict:
     """The whole analysis on the digits for classifiers {name: module}; returns what pag.json holds. progress:
-    a bar on a terminal; log prints the per-step lines."""
+    a bar on a terminal; log prints the per-step lines. guidance: {name: guidance classifier (x_t, t) ->
+    logits} (dk.models.load_guidance_classifier), whose gradients in x_t at each t are compared with the Bayes
+    direction at the same x_t (pag.json's "guidance_alignment"; no PGD: they classify noisy images)."""
+    guidance = guidance or {}
     schedule = aug.schedule
     times = [int(t) for t in times]
     if not times or not all(0 <= t < schedule.num_timesteps for t in times):
@@ -155,7 +160,8 @@ def run(classifiers: Dict[str, nn.Module], aug: DiffAug, out: str, times: Sequen
     n, n_pgd, n_grid = min(images, len(test_x)), min(pgd_images, len(test_x)), min(grid_images, len(test_x))
     x, y = test_x[:n], test_y[:n]
     t_start = time.time()
-    steps_total = (len(times) * (len(classifiers) + 1) + len(classifiers)) * len(_batches(n, batch_size))
+    per_set = len(_batches(n, batch_size))
+    steps_total = (len(times) * (len(classifiers) + len(guidance) + 1) + len(classifiers)) * per_set
     steps_total += len(classifiers) * (len(eps) + 1) * len(_batches(n_pgd, batch_size))  # eps 0: clean
     bar = Progress(steps_total, desc="pag", unit="batch", bar=None if progress else False)
 
@@ -197,14 +203,24 @@ def run(classifiers: Dict[str, nn.Module], aug: DiffAug, out: str, times: Sequen
         for t in times:
             g = gradients(augment=aug, t=t, seed=seed + t)
             grads[name][t] = g[:n_grid]
-            for kind, a in (("diffaug", pag.alignment(g, bayes_noisy[t])),
-                            ("plain", pag.alignment(plain, bayes_clean[t]))):
-                a = a[~torch.isnan(a)]  # a zero Bayes direction has no cosine
-                sem = float(a.std() / len(a) ** 0.5) if len(a) > 1 else None
-                rows[kind][t] = {"mean": float(a.mean()) if len(a) else None, "sem": sem, "n": len(a)}
+            rows["diffaug"][t] = _cosines(pag.alignment(g, bayes_noisy[t]))
+            rows["plain"][t] = _cosines(pag.alignment(plain, bayes_clean[t]))
             say(f"[pag] {name} t = {t}: alignment through DiffAug {_fmt(rows['diffaug'][t])}, "
                       f"plain {_fmt(rows['plain'][t])}")
         align[name] = rows
+    galign = {}
+    for name, net in guidance.items():  # d log p(y | x_t, t) / dx_t on the x_t the Bayes directions were taken at
+        galign[name], grads[name] = {}, {}
+        for t in times:
+            parts = []
+            for lo, hi in _batches(n, batch_size):
+                x_t = forward_noise(x[lo:hi], t, schedule, seed=seed + t, backend=aug.backend)
+                parts.append(pag.input_gradient(AtTime(net, t), x_t, y[lo:hi]))
+                bar.update(1)
+            g = torch.cat(parts)
+            grads[name][t] = g[:n_grid]
+            galign[name][t] = _cosines(pag.alignment(g, bayes_noisy[t]))
+            say(f"[pag] guidance classifier {name} t = {t}: alignment at x_t {_fmt(galign[name][t])}")
     timing["gradients_s"] = round(time.time() - t0, 1)
 
     # robustness under L2 PGD
@@ -227,6 +243,9 @@ def run(classifiers: Dict[str, nn.Module], aug: DiffAug, out: str, times: Sequen
             rows.append([x[b]] + [_normalised(grads[name]["plain"][b])]
                         + [_normalised(grads[name][t][b]) for t in times])
             labels.append(name)
+        for name in guidance:
+            rows.append([x[b], torch.zeros_like(x[b])] + [_normalised(grads[name][t][b]) for t in times])
+            labels.append(name)
         rows.append([x[b], torch.zeros_like(x[b])] + [_normalised(bayes_noisy[t][b]) for t in times])
         labels.append("Bayes")
     grid = _grid(rows, labels, headers, os.path.join(out, "pag_grid.png"))
@@ -236,6 +255,9 @@ def run(classifiers: Dict[str, nn.Module], aug: DiffAug, out: str, times: Sequen
             ts = [t for t in times if align[name][kind][t]["mean"] is not None]
             label = f"{name}, {'x0_hat' if kind == 'diffaug' else 'x'}"
             series[label] = (ts, [align[name][kind][t]["mean"] for t in ts])
+    for name in guidance:
+        ts = [t for t in times if galign[name][t]["mean"] is not None]
+        series[f"{name} (guidance), x_t"] = (ts, [galign[name][t]["mean"] for t in ts])
     curve = plots.plot_lines(series, os.path.join(out, "alignment_vs_t.png"),
                              title=f"Cosine with the Bayes direction ({n} test digits; x0_hat: through DiffAug)",
                              xlabel="diffusion time t",
@@ -247,6 +269,7 @@ def run(classifiers: Dict[str, nn.Module], aug: DiffAug, out: str, times: Sequen
                      "data": "digits", "train_points": len(train_x), **(extra or {})},
         "alignment": {name: {kind: {str(t): v for t, v in by.items()} for kind, by in rows_.items()}
                       for name, rows_ in align.items()},
+        "guidance_alignment": {name: {str(t): v for t, v in by.items()} for name, by in galign.items()},
         "robust_accuracy": robust, "files": {"grid": grid, "alignment": curve}, "times": timing,
         "environment": environment("cpu"),
     }
@@ -264,6 +287,8 @@ def format_table(result: dict) -> str:
     first = next(iter(result["alignment"].values()))  # the Bayes directions are the classifiers' common ones
     lines.append(f"images (of {result['settings']['images']}) with a non-zero Bayes direction, at x_t / at x: "
                  + ", ".join(f"t={t} {first['diffaug'][str(t)]['n']} / {first['plain'][str(t)]['n']}" for t in times))
+    for name, by in result.get("guidance_alignment", {}).items():
+        lines.append(f"{name + ' (x_t)':<14}" + "".join(_fmt(by[str(t)], 8) + " " * 8 for t in times))
     eps = list(next(iter(result["robust_accuracy"].values())))
     lines += ["", "Accuracy (%) under L2 PGD (eps in [-1, 1] image units; eps 0 = clean)",
               "classifier    " + "".join(f"{'eps ' + e:>10}" for e in eps)]
@@ -279,6 +304,11 @@ def main(args) -> int:
     try:
         specs = parse_classifiers(args.classifier)
         classifiers = {c.name: load_classifier(c.path) for c in specs}
+        gspecs = parse_classifiers(args.guidance_classifier) if args.guidance_classifier else []
+        guidance = {c.name: load_guidance_classifier(c.path, "cpu") for c in gspecs}
+        clash = sorted(set(classifiers) & set(guidance))
+        if clash:
+            raise UsageError(f"--classifier and --guidance-classifier names must differ, both have {clash}")
         torch.manual_seed(args.seed)  # the 'random' test model's weights follow --seed
         model, schedule = resolve_score_model(args.score_model, "digits", args.score_config, args.score_flag,
                                               in_channels(next(iter(classifiers.values()))))
@@ -286,7 +316,8 @@ def main(args) -> int:
         aug = DiffAug(model, schedule, prediction=getattr(model, "prediction", "eps"))
         result = run(classifiers, aug, args.out, args.times, args.images, args.grid_images, args.eps, args.pgd_images,
                      args.pgd_steps, args.batch_size, args.seed, progress=not args.no_progress,
-                     extra={"score_model": args.score_model, "classifiers": {c.name: c.path for c in specs}})
+                     extra={"score_model": args.score_model, "classifiers": {c.name: c.path for c in specs},
+                            "guidance_classifiers": {c.name: c.path for c in gspecs}}, guidance=guidance)
     except (FileNotFoundError, ValueError, UsageError) as e:
         raise SystemExit(f"diffaug pag: error: {e}") from None
     finally:

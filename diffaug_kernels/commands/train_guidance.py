@@ -29,7 +29,6 @@ names) and what an exact resume needs (optimizer, step, torch's RNG state, the d
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -48,8 +47,17 @@ from ..ops import forward_noise
 from ..robustness import stream_seed
 from ..schedule import NoiseSchedule
 from ..utils import Progress, StopRequest, UsageError, atomic_save, checksum_ok, torch_load, trim_log, write_json
-from .options import check_device, non_negative, non_negative_float, positive, positive_float, seed
-from .train_score import EpochBatchSampler, checkpoints
+from .options import (
+    boolean,
+    check_device,
+    int_list,
+    non_negative,
+    non_negative_float,
+    positive,
+    positive_float,
+    seed,
+)
+from .train_score import EpochBatchSampler, newest_checkpoint
 
 NAME = "train-guidance"
 HELP = "train a guidance classifier (noisy EncoderUNet or DA-classifier) by guided-diffusion's classifier_train"
@@ -177,13 +185,7 @@ def arch_flags(args: dict, image_size: int, in_channels: int, num_classes: int) 
 
 def load_checkpoint(path: str, log=print) -> dict:
     """A train-guidance checkpoint: the file, or a directory's newest one that verifies (skipped ones logged)."""
-    *newer, oldest = checkpoints(path)
-    for p in newer:
-        try:
-            return _read_checkpoint(p)
-        except ValueError as e:
-            log(f"train-guidance: skipping {p}: {e}")
-    return _read_checkpoint(oldest)
+    return newest_checkpoint(path, _read_checkpoint, "train-guidance", log)
 
 
 def _read_checkpoint(path: str) -> dict:
@@ -386,23 +388,6 @@ def train(resume: Optional[str] = None, out: Optional[str] = None, device=None, 
 
 
 # --------------------------------------------------------------------------------------------- CLI
-def boolean(s: str) -> bool:
-    """guided-diffusion's boolean flags: true/false, yes/no, 1/0."""
-    v = s.strip().lower()
-    if v in ("true", "yes", "1", "t", "y"):
-        return True
-    if v in ("false", "no", "0", "f", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"must be true or false, got {s!r}")
-
-
-def int_list(s: str) -> tuple:
-    try:
-        return tuple(int(v) for v in s.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {s!r}") from None
-
-
 def _flag(g, name: str, **kw):
     """An option spelt both ways: --classifier-width and guided-diffusion's --classifier_width."""
     g.add_argument("--" + name.replace("_", "-"), "--" + name, dest=name, default=None, **kw)

@@ -280,13 +280,19 @@ def checkpoints(path: str) -> list:
 def load_checkpoint(path: str, log=print) -> dict:
     """A train-score checkpoint: the file, or a directory's newest one that verifies (each one skipped is logged
     with why); a file that does not verify is a ValueError."""
+    return newest_checkpoint(path, _read_checkpoint, "train-score", log)
+
+
+def newest_checkpoint(path: str, read, what: str, log=print):
+    """read(file) of the checkpoint file at path, or of a directory's newest checkpoint that read accepts; each
+    one it refuses (a ValueError) is logged with why, and the oldest's error is raised."""
     *newer, oldest = checkpoints(path)
     for p in newer:
         try:
-            return _read_checkpoint(p)
+            return read(p)
         except ValueError as e:
-            log(f"train-score: skipping {p}: {e}")
-    return _read_checkpoint(oldest)
+            log(f"{what}: skipping {p}: {e}")
+    return read(oldest)
 
 
 def _read_checkpoint(path: str) -> dict:

@@ -30,16 +30,16 @@ from .score import resolve_score_model
 from .unet import (
     AttentionBlock,
     Downsample,
+    FlagConfig,
     ResBlock,
     TimestepEmbedSequential,
     attention,
     attention_rates,
     batch_timesteps,
+    load_strict,
     norm_layer,
     parse_channel_mult,
-    read_state_dict,
     size_multiple,
-    state_mismatch,
     timestep_embedding,
     zero_module,
 )
@@ -60,7 +60,7 @@ POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
 
 
 @dataclasses.dataclass(frozen=True)
-class ClassifierConfig:
+class ClassifierConfig(FlagConfig):
     """The flags of guided-diffusion's classifier_defaults() (same defaults), plus in_channels, num_classes,
     channel_mult ("" picks the default for image_size) and num_head_channels (upstream fixes 64). Unpacks like
     a dict: ``create_classifier(**cfg)``."""
@@ -77,15 +77,6 @@ class ClassifierConfig:
     num_classes: int = 1000
     channel_mult: Union[str, tuple] = ""
     num_head_channels: int = 64
-
-    def keys(self):
-        return [f.name for f in dataclasses.fields(self)]
-
-    def __getitem__(self, key: str):
-        return getattr(self, key)
-
-    def replace(self, **changes) -> "ClassifierConfig":
-        return dataclasses.replace(self, **changes)
 
 
 # guided-diffusion's released classifiers (README.md there): classifier_defaults() with the image size, and
@@ -316,19 +307,10 @@ def load_guided_classifier(path, config: Union[None, str, ClassifierConfig] = No
             raise ValueError(f"unknown classifier config {config!r}; known: {sorted(CLASSIFIER_CONFIGS)}")
         config = CLASSIFIER_CONFIGS[config]
     kwargs = {**(dataclasses.asdict(config) if config is not None else {}), **flags}
-    state = read_state_dict(path)
-    with torch.device("meta"):
-        model = create_classifier(**kwargs, attention_backend=attention_backend)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError:
-        raise ValueError(f"{path} does not match the classifier built from {kwargs}: {state_mismatch(model, state)}; "
-                         f"check the flags (image_size, classifier_width, classifier_depth, "
-                         f"classifier_attention_resolutions, classifier_pool, classifier_resblock_updown, "
-                         f"channel_mult, in_channels, num_classes)") from None
-    if device is not None:
-        model = model.to(device)
-    return model.eval()
+    return load_strict(path, lambda: create_classifier(**kwargs, attention_backend=attention_backend),
+                       f"the classifier built from {kwargs}", "image_size, classifier_width, classifier_depth, "
+                       "classifier_attention_resolutions, classifier_pool, classifier_resblock_updown, channel_mult, "
+                       "in_channels, num_classes", device)
 
 
 class DAClassifier(nn.Module):

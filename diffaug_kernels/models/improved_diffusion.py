@@ -24,7 +24,14 @@ import torch
 from torch import Tensor
 
 from ..schedule import NoiseSchedule
-from .unet import ADMConfig, ADMUNet, default_channel_mult, load_guided_diffusion, parse_channel_mult
+from .unet import (
+    ADMConfig,
+    ADMUNet,
+    attention_rates,
+    default_channel_mult,
+    load_guided_diffusion,
+    parse_channel_mult,
+)
 
 __all__ = ["IMPROVED_DIFFUSION_CONFIGS", "ImprovedDiffusionConfig", "ImprovedDiffusionUNet",
            "create_improved_diffusion", "load_improved_diffusion"]
@@ -117,7 +124,7 @@ def create_improved_diffusion(config: Union[str, ImprovedDiffusionConfig], in_ch
     model = ImprovedDiffusionUNet(
         image_size=adm.image_size, in_channels=in_channels, model_channels=adm.num_channels,
         out_channels=in_channels * (2 if adm.learn_sigma else 1), num_res_blocks=adm.num_res_blocks,
-        attention_resolutions=_attention_rates(config.attention_resolutions, config.image_size),
+        attention_resolutions=attention_rates(config.attention_resolutions, config.image_size),
         dropout=adm.dropout, channel_mult=parse_channel_mult(adm.channel_mult, adm.image_size),
         num_classes=1000 if adm.class_cond else None, use_checkpoint=adm.use_checkpoint,
         num_heads=adm.num_heads, num_heads_upsample=adm.num_heads_upsample,
@@ -159,12 +166,3 @@ def _config(config, overrides: dict) -> ImprovedDiffusionConfig:
     if unknown:
         raise ValueError(f"unknown improved-diffusion flags {unknown}; known: {sorted(fields)}")
     return config.replace(**overrides) if overrides else config
-
-
-def _attention_rates(resolutions: str, image_size: int) -> tuple:
-    """improved-diffusion's attention_resolutions ("16,8": feature-map sizes) as downsample rates."""
-    try:
-        return tuple(image_size // int(r) for r in str(resolutions).split(",") if r.strip())
-    except ValueError:
-        raise ValueError(f"attention_resolutions must be a comma string of resolutions like '16,8', "
-                         f"got {resolutions!r}") from None

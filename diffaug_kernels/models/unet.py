@@ -513,8 +513,22 @@ class ADMUNet(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- configs
+class FlagConfig:
+    """A frozen dataclass of a create function's flags that also reads as a mapping (create(**config)) and
+    gives changed copies (replace)."""
+
+    def keys(self):
+        return [f.name for f in dataclasses.fields(self)]
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
 @dataclasses.dataclass(frozen=True)
-class ADMConfig:
+class ADMConfig(FlagConfig):
     """guided-diffusion's create_model flags (plus in_channels, num_classes). A config unpacks like a dict:
     ``create_adm_unet(**cfg)``; ``cfg.create(**overrides)`` builds the model."""
 
@@ -536,15 +550,6 @@ class ADMConfig:
     use_new_attention_order: bool = False
     num_classes: int = 1000
     in_channels: int = 3
-
-    def keys(self):
-        return [f.name for f in dataclasses.fields(self)]
-
-    def __getitem__(self, key: str):
-        return getattr(self, key)
-
-    def replace(self, **changes) -> "ADMConfig":
-        return dataclasses.replace(self, **changes)
 
     def create(self, **overrides) -> "ADMUNet":
         return create_adm_unet(**{**dataclasses.asdict(self), **overrides})
@@ -584,7 +589,7 @@ def parse_channel_mult(channel_mult, image_size: int) -> tuple:
     return tuple(int(v) if v.is_integer() else v for v in values)
 
 
-def _parse_attention_resolutions(attention_resolutions, image_size: int) -> tuple:
+def attention_rates(attention_resolutions, image_size: int) -> tuple:
     if isinstance(attention_resolutions, str):
         parts = [p for p in attention_resolutions.replace(" ", "").split(",") if p]
         try:
@@ -628,7 +633,7 @@ def create_adm_unet(image_size: int, num_channels: int, num_res_blocks: int, cha
         model_channels=num_channels,
         out_channels=in_channels * (2 if learn_sigma else 1),
         num_res_blocks=num_res_blocks,
-        attention_resolutions=_parse_attention_resolutions(attention_resolutions, image_size),
+        attention_resolutions=attention_rates(attention_resolutions, image_size),
         dropout=dropout,
         channel_mult=parse_channel_mult(channel_mult, image_size),
         num_classes=num_classes if class_cond else None,
@@ -647,7 +652,7 @@ def create_adm_unet(image_size: int, num_channels: int, num_res_blocks: int, cha
 
 
 # --------------------------------------------------------------------------------------------- loading
-def _read_state_dict(path: str) -> Mapping[str, Tensor]:
+def read_state_dict(path: str) -> Mapping[str, Tensor]:
     """The flat state_dict in a .safetensors or torch.save'd file; a file that is neither (damaged, foreign, or
     needing code to load) is a one-line ValueError naming it."""
     if str(path).endswith(".safetensors"):
@@ -663,9 +668,6 @@ def _read_state_dict(path: str) -> Mapping[str, Tensor]:
         raise ValueError(f"{path} does not hold a flat state_dict of tensors (found {keys}); save "
                          f"model.state_dict() itself, as guided-diffusion's checkpoints are")
     return state
-
-
-read_state_dict, attention_rates = _read_state_dict, _parse_attention_resolutions  # for models/guidance.py
 
 
 def state_mismatch(model: nn.Module, state: Mapping[str, Tensor]) -> str:
@@ -703,16 +705,24 @@ def load_guided_diffusion(path, config: Union[None, str, ADMConfig] = None, *, d
     if missing:
         raise TypeError(f"load_guided_diffusion needs a config name or the flags {missing} "
                         f"(known configs: {sorted(ADM_CONFIGS)})")
-    state = _read_state_dict(path)
+    return load_strict(path, lambda: create_adm_unet(**kwargs, attention_backend=attention_backend),
+                       f"the ADM UNet built from {kwargs}", "image_size, num_channels, num_res_blocks, channel_mult, "
+                       "attention_resolutions, learn_sigma, class_cond, resblock_updown, use_scale_shift_norm, "
+                       "in_channels", device)
+
+
+def load_strict(path, build, what: str, flags: str, device=None) -> nn.Module:
+    """build() on the meta device, then the tensors of the checkpoint at path (read_state_dict) loaded into it
+    strictly (assign: no random init, no second copy); a mismatch is one ValueError line naming the file, `what`
+    was built and the `flags` to check. Moved to device if given; returned in eval mode."""
+    state = read_state_dict(path)
     with torch.device("meta"):
-        model = create_adm_unet(**kwargs, attention_backend=attention_backend)
+        model = build()
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError:
-        raise ValueError(f"{path} does not match the ADM UNet built from {kwargs}: {state_mismatch(model, state)}; "
-                         f"check the flags (image_size, num_channels, num_res_blocks, channel_mult, "
-                         f"attention_resolutions, learn_sigma, class_cond, resblock_updown, use_scale_shift_norm, "
-                         f"in_channels)") from None
+        raise ValueError(f"{path} does not match {what}: {state_mismatch(model, state)}; check the flags "
+                         f"({flags})") from None
     if device is not None:
         model = model.to(device)
     return model.eval()

@@ -60,6 +60,36 @@ def test_pag_command_end_to_end(tmp_path, capsys):
     assert res["robust_accuracy"]["da"]["0.5"] <= clean
 
 
+def test_guidance_classifiers_are_aligned_at_x_t(tmp_path, capsys):
+    """--guidance-classifier: a train-guidance checkpoint's d log p(y | x_t, t) / dx_t on the same x_t as the Bayes
+    direction; the row of pag.json is the library's number, and the table and grid gain its rows."""
+    ck_dir = tmp_path / "guide"
+    assert cli.main(["train-guidance", "--kind", "noisy", "--channel_mult", "1,2", "--classifier_attention_resolutions",
+                     "", "--batch-size", "4", "--steps", "2", "--eval-images", "4", "--eval-times", "0",
+                     "--no-progress", "--out", str(ck_dir)]) == 0
+    ck = sorted(ck_dir.glob("ckpt_*.pt"))[-1]
+    assert cli.main(argv(tmp_path, "--guidance-classifier", f"noisy={ck}")) == 0
+    text = capsys.readouterr().out
+    assert "noisy (x_t)" in text
+    res = json.loads((tmp_path / "out" / "pag.json").read_text())
+    assert set(res["guidance_alignment"]["noisy"]) == {"300", "900"}
+
+    net = dk.models.load_guidance_classifier(str(ck), "cpu")
+    sched = dk.NoiseSchedule.linear(1000)
+    train_x, train_y = dk.data.digits("train", 32, 1).tensors
+    x, y = (v[:6] for v in dk.data.digits("test", 32, 1).tensors)
+    x_t = torch.cat([dk.forward_noise(x[lo:hi], 300, sched, seed=300) for lo, hi in [(0, 4), (4, 6)]])
+    xg = x_t.clone().requires_grad_(True)
+    logp = torch.log_softmax(net(xg, torch.full((6,), 300)), 1).gather(1, y[:, None]).sum()
+    (g,) = torch.autograd.grad(logp, xg)
+    cos = pag.alignment(g, pag.bayes_direction(x_t, 300, y, train_x, train_y, sched))
+    cos = cos[~torch.isnan(cos)]
+    row = res["guidance_alignment"]["noisy"]["300"]
+    assert row["n"] == len(cos) > 0 and row["mean"] == pytest.approx(float(cos.mean()), abs=1e-4)
+    with pytest.raises(SystemExit, match="names must differ"):
+        cli.main(argv(tmp_path, "--guidance-classifier", f"da={ck}"))
+
+
 @pytest.mark.parametrize("more, msg", [(["--times", "300,1000"], "--times must lie in"),
                                        (["--eps", "a"], "--eps"), (["--times", "3,3"], "distinct")])
 def test_bad_options_fail_in_one_line(tmp_path, capsys, more, msg):
