@@ -56,8 +56,8 @@ HELP = "DiffAug end to end on the digits: train with/without, evaluate, plots"
 DESCRIPTION = ("Trains a small timm classifier on scikit-learn's digits with and without DiffAug (the shipped score "
                "model), evaluates Default / DE / DDA / DDA-SE on clean and corrupted test images, certifies both by "
                "denoised smoothing, measures their perceptually aligned gradients (pag), prints the tables and "
-               "writes results.json and the plots. About 7.6 minutes (456 s) "
-               "measured on a 2-core AVX2 machine with the default threads, every part included (README.md); "
+               "writes results.json and the plots. About 7.7 minutes (463 s) "
+               "measured on 2 CPU cores with the default threads, every part included (README.md); "
                "--quick for a smoke run.")
 
 DEFAULTS = dict(model="resnet10t", epochs=5, batch_size=64, lr=0.05, eval_images=200, dda_images=32, dda_steps=50,
