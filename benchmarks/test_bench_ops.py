@@ -43,3 +43,15 @@ def test_reverse_step_unfused(benchmark, run_timed, shape, dtype, device):
 
 
 # What each row computes is tested in tests/bench/test_bench.py (the CI suite).
+
+
+# ADM activations for group_norm_silu (32 groups): a 64x64 UNet's first level and a 256x256 one's 32x32 level
+NORM_SHAPES = [(8, 128, 64, 64), (4, 512, 32, 32)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_group_norm_silu(benchmark, run_timed, shape, dtype, impl, device):
+    """The UNet's norm + scale-shift + SiLU (create_adm_unet(fused_norm=True)) against guided-diffusion's
+    GroupNorm32, scale-shift and SiLU, eager and compiled."""
+    test_op(benchmark, run_timed, "group_norm_silu", shape, dtype, impl, device)

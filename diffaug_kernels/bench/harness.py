@@ -12,6 +12,7 @@ import datetime
 import functools
 import glob
 import importlib.metadata
+import math
 import os
 import platform
 import statistics
@@ -23,16 +24,17 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .. import ops
-from ..ops import IMAGENET_NORM, forward_noise, philox_normal, reverse_step, tweedie
+from ..ops import IMAGENET_NORM, forward_noise, group_norm_silu, philox_normal, reverse_step, tweedie
 from ..ops import forward_noise_multi as dk_forward_noise_multi
 from ..schedule import NoiseSchedule
 from ..utils import write_json
 
 OPS = ("forward_noise", "tweedie")  # the default table
-# + the DiffAug-Ensemble expansion (K = 10 times) and the sampler's reverse step, on request
-ALL_OPS = OPS + ("forward_noise_multi", "reverse_step")
+# + the DiffAug-Ensemble expansion (K = 10 times), the sampler's reverse step and the UNet's norm + SiLU, on request
+ALL_OPS = OPS + ("forward_noise_multi", "reverse_step", "group_norm_silu")
 DE_TIMES = tuple(range(0, 451, 50))
 EAGER, COMPILED, AUTO = "eager (published)", "compiled (published)", "fused (auto)"
 UNFUSED = "unfused (philox_normal)"  # reverse_step's noise by dk.philox_normal, then torch's arithmetic: its numbers
@@ -96,6 +98,13 @@ def unfused_reverse_step(x0_hat, x_t, c1, c2, sigma, shift):
     return (c1.view(view) * x0_hat + c2.view(view) * x_t + sigma * z + shift).to(x_t.dtype)
 
 
+def published_group_norm_silu(h, num_groups, weight, bias, scale, shift):
+    """guided-diffusion's ResBlock out_layers with use_scale_shift_norm: GroupNorm32 (float32, cast back to h's
+    dtype), then h * (1 + scale) + shift and SiLU in h's dtype."""
+    h = F.group_norm(h.float(), num_groups, weight.float(), bias.float()).to(h.dtype)
+    return F.silu(h * (1 + scale) + shift)
+
+
 @functools.cache
 def compiled(op: str) -> Callable:
     """torch.compile of a published baseline, made once per process; dynamic=False so each shape gets
@@ -105,7 +114,8 @@ def compiled(op: str) -> Callable:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     fn = {"forward_noise": published_forward_noise, "tweedie": published_tweedie,
-          "forward_noise_multi": published_forward_noise_multi, "reverse_step": published_reverse_step}[op]
+          "forward_noise_multi": published_forward_noise_multi, "reverse_step": published_reverse_step,
+          "group_norm_silu": published_group_norm_silu}[op]
     return torch.compile(fn, dynamic=False)
 
 
@@ -276,6 +286,16 @@ def make_case(op: str, shape: Sequence[int], dtype: torch.dtype, device="cpu",
         for name in backends:
             case.impls[f"fused ({name})"] = lambda name=name: reverse_step(x0_hat, x, c1, c2, sigma, shift,
                                                                           backend=name)
+    elif op == "group_norm_silu":  # ADM's ResBlock output norm with scale-shift: 32 groups (fewer for other C)
+        groups = math.gcd(C, 32)
+        weight, bias = 1 + 0.1 * torch.randn(C, device=device), 0.1 * torch.randn(C, device=device)
+        scale, shift = (0.1 * torch.randn(B, C, 1, 1, device=device).to(dtype) for _ in range(2))
+        case = Case(op, shape, dtype, 2 * elem)
+        case.impls[EAGER] = lambda: published_group_norm_silu(x, groups, weight, bias, scale, shift)
+        case.impls[COMPILED] = lambda: compiled(op)(x, groups, weight, bias, scale, shift)
+        for name in backends:  # csrc/ has no kernel of this op: the "cpu" and "cuda" rows run the reference
+            case.impls[f"fused ({name})"] = lambda name=name: group_norm_silu(x, groups, weight, bias, 1e-5, scale,
+                                                                             shift, backend=name)
     else:
         raise ValueError(f"op must be one of {ALL_OPS}, got {op!r}")
     # copy_bandwidth's 1 GB copy amortises the fixed cost of a launch (start-up, the last wave); an op's
@@ -283,7 +303,9 @@ def make_case(op: str, shape: Sequence[int], dtype: torch.dtype, device="cpu",
     # how much of an op's gap to the ceiling is its size rather than its kernel
     case.inputs = dict(x=x, t=t, schedule=sched, **({"times": DE_TIMES} if op == "forward_noise_multi" else {}),
                        **({"model_output": mo, "normalize": norm} if op == "tweedie" else {}),
-                       **(dict(x0_hat=x0_hat, c1=c1, c2=c2, sigma=sigma, shift=shift) if op == "reverse_step" else {}))
+                       **(dict(x0_hat=x0_hat, c1=c1, c2=c2, sigma=sigma, shift=shift) if op == "reverse_step" else {}),
+                       **(dict(num_groups=groups, weight=weight, bias=bias, scale=scale, shift=shift)
+                          if op == "group_norm_silu" else {}))
     src = torch.rand(case.nbytes // 2 // x.element_size(), device=device).to(dtype)
     dst = torch.empty_like(src)
     case.impls = {SAME_COPY: lambda: dst.copy_(src), **case.impls}

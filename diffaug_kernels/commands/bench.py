@@ -9,8 +9,8 @@ from .options import check_device, check_png, dtype_list, plot_result, positive
 
 NAME = "bench"
 HELP = "time the fused ops against the published eager and compiled code"
-DESCRIPTION = ("Times forward_noise and tweedie (and, asked, forward_noise_multi and reverse_step): guided-diffusion's "
-               "eager code, its torch.compile'd twin and every fused backend; prints one table.")
+DESCRIPTION = ("Times forward_noise and tweedie (and, asked, forward_noise_multi, reverse_step and group_norm_silu): "
+               "guided-diffusion's eager code, its torch.compile'd twin and every fused backend; prints one table.")
 RESULTS_DIR = os.path.join("benchmarks", "results")
 
 
@@ -26,7 +26,7 @@ def _shapes(s: str) -> tuple:
 
 def _ops(s: str) -> tuple:
     names = tuple(n.strip() for n in s.split(",") if n.strip())
-    known = ("forward_noise", "tweedie", "forward_noise_multi", "reverse_step")
+    known = ("forward_noise", "tweedie", "forward_noise_multi", "reverse_step", "group_norm_silu")
     if not names or any(n not in known for n in names):
         raise argparse.ArgumentTypeError(f"ops must be a comma list of {', '.join(known)}, got {s!r}")
     return names
@@ -39,7 +39,8 @@ def add_arguments(p) -> None:
                    help="comma list (default float32,bfloat16)")
     p.add_argument("--ops", type=_ops, default=("forward_noise", "tweedie"),
                    help="comma list of forward_noise, tweedie, forward_noise_multi (the K=10 DiffAug-Ensemble "
-                        "expansion), reverse_step (a guided DDPM step with a learned variance); default "
+                        "expansion), reverse_step (a guided DDPM step with a learned variance), group_norm_silu "
+                        "(ADM's ResBlock norm + scale-shift + SiLU, 32 groups: give C a multiple of 32); default "
                         "forward_noise,tweedie")
     p.add_argument("--reps", type=positive, default=10, help="timed repetitions; the median is reported (default 10)")
     p.add_argument("--warmup", type=positive, default=5,

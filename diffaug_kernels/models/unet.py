@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from ..ops import group_norm_silu
 from ..utils import torch_load, unreadable
 
 __all__ = [
@@ -175,6 +176,11 @@ def _zero(module: nn.Module) -> nn.Module:
 norm_layer, zero_module = _norm, _zero  # public names for the other ADM networks (models/guidance.py)
 
 
+def norm_silu(norm: GroupNorm32, x: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
+    """SiLU(norm(x)), with scale-shift SiLU(norm(x) * (1 + scale) + shift), as one dk.group_norm_silu (fused_norm)."""
+    return group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps, scale, shift)
+
+
 class TimestepBlock(nn.Module):
     """A module whose forward takes (x, emb)."""
 
@@ -228,12 +234,14 @@ class Downsample(nn.Module):
 class ResBlock(TimestepBlock):
     """ADM residual block: in_layers (norm, SiLU, conv), emb_layers (SiLU, linear), out_layers (norm, SiLU,
     dropout, zero conv), skip_connection; optional up/down sampling inside (resblock_updown) and FiLM-style
-    scale-shift conditioning (use_scale_shift_norm)."""
+    scale-shift conditioning (use_scale_shift_norm). fused_norm runs each norm + (scale-shift +) SiLU as one
+    norm_silu (same parameters)."""
 
     def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: Optional[int] = None,
                  use_conv: bool = False, use_scale_shift_norm: bool = False, use_checkpoint: bool = False,
-                 up: bool = False, down: bool = False):
+                 up: bool = False, down: bool = False, fused_norm: bool = False):
         super().__init__()
+        self.fused_norm = fused_norm
         self.channels = channels
         self.out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
@@ -264,20 +272,25 @@ class ResBlock(TimestepBlock):
         return self._forward(x, emb)
 
     def _forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        if self.updown:
-            h = self.in_layers[1](self.in_layers[0](x))
+        if self.fused_norm or self.updown:
+            h = norm_silu(self.in_layers[0], x) if self.fused_norm else self.in_layers[1](self.in_layers[0](x))
             h = self.in_layers[2](self.h_upd(h))
             x = self.x_upd(x)
         else:
             h = self.in_layers(x)
         emb_out = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        scale = shift = None
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
-            for layer in self.out_layers[1:]:
-                h = layer(h)
         else:
-            h = self.out_layers(h + emb_out)
+            h = h + emb_out
+        if self.fused_norm:
+            h = norm_silu(self.out_layers[0], h, scale, shift)
+        else:
+            h = self.out_layers[0](h)
+            h = self.out_layers[1](h if scale is None else h * (1 + scale) + shift)
+        for layer in self.out_layers[2:]:
+            h = layer(h)
         return self.skip_connection(x) + h
 
 
@@ -388,7 +401,7 @@ class ADMUNet(nn.Module):
                  num_classes: Optional[int] = None, use_checkpoint: bool = False, use_fp16: bool = False,
                  num_heads: int = 1, num_head_channels: int = -1, num_heads_upsample: int = -1,
                  use_scale_shift_norm: bool = False, resblock_updown: bool = False,
-                 use_new_attention_order: bool = False, attention_backend: str = "sdpa"):
+                 use_new_attention_order: bool = False, attention_backend: str = "sdpa", fused_norm: bool = False):
         super().__init__()
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
@@ -406,6 +419,7 @@ class ADMUNet(nn.Module):
         self.num_heads = num_heads
         self.num_head_channels = num_head_channels
         self.num_heads_upsample = num_heads_upsample
+        self.fused_norm = fused_norm
         self.config: Optional[ADMConfig] = None  # set by create_adm_unet
 
         emb_dim = model_channels * 4
@@ -416,7 +430,7 @@ class ADMUNet(nn.Module):
 
         def res(cin, cout, **kw):
             return ResBlock(cin, emb_dim, dropout, out_channels=cout, use_checkpoint=use_checkpoint,
-                            use_scale_shift_norm=use_scale_shift_norm, **kw)
+                            use_scale_shift_norm=use_scale_shift_norm, fused_norm=fused_norm, **kw)
 
         def attn(ch, heads):
             return AttentionBlock(ch, num_heads=heads, num_head_channels=num_head_channels,
@@ -471,6 +485,13 @@ class ADMUNet(nn.Module):
                 m.attention_backend = backend
         return self
 
+    def set_fused_norm(self, fused: bool = True) -> "ADMUNet":
+        """Switches every norm + SiLU pair to dk.group_norm_silu (True) or back (same parameters); returns self."""
+        for m in self.modules():
+            if isinstance(m, (ADMUNet, ResBlock)):
+                m.fused_norm = fused
+        return self
+
     def forward(self, x: Tensor, t, y: Optional[Tensor] = None) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
@@ -499,7 +520,7 @@ class ADMUNet(nn.Module):
             h = h.to(wdtype)
         else:
             h = self._torso(h, emb)
-        return self.out(h)
+        return self.out[2](norm_silu(self.out[0], h)) if self.fused_norm else self.out(h)
 
     def _torso(self, h: Tensor, emb: Tensor) -> Tensor:
         hs = []
@@ -609,13 +630,15 @@ def create_adm_unet(image_size: int, num_channels: int, num_res_blocks: int, cha
                     attention_resolutions="16", num_heads: int = 1, num_head_channels: int = -1,
                     num_heads_upsample: int = -1, use_scale_shift_norm: bool = False, dropout: float = 0.0,
                     resblock_updown: bool = False, use_fp16: bool = False, use_new_attention_order: bool = False,
-                    num_classes: int = 1000, in_channels: int = 3, attention_backend: str = "sdpa") -> ADMUNet:
+                    num_classes: int = 1000, in_channels: int = 3, attention_backend: str = "sdpa",
+                    fused_norm: bool = False) -> ADMUNet:
     """guided-diffusion's script_util.create_model: the same flags give the same state_dict.
 
     channel_mult "" picks the default for image_size (512, 256, 128, 64 as guided-diffusion; 32 -> 1,2,2,2;
     28 and 16 -> 1,2,2; 8 -> 1,2); otherwise a comma string ("1,2,2") or a sequence. attention_resolutions
     is a comma string (or sequence) of feature-map resolutions, turned into downsample rates
-    image_size // res. out_channels = in_channels, doubled with learn_sigma (3 or 6 for RGB).
+    image_size // res. out_channels = in_channels, doubled with learn_sigma (3 or 6 for RGB). fused_norm runs
+    every norm + SiLU pair (the ResBlocks' and the output's) as one dk.group_norm_silu, with the same state_dict.
     """
     config = ADMConfig(image_size=image_size, num_channels=num_channels, num_res_blocks=num_res_blocks,
                        channel_mult=channel_mult if isinstance(channel_mult, str) else tuple(channel_mult),
@@ -646,6 +669,7 @@ def create_adm_unet(image_size: int, num_channels: int, num_res_blocks: int, cha
         resblock_updown=resblock_updown,
         use_new_attention_order=use_new_attention_order,
         attention_backend=attention_backend,
+        fused_norm=fused_norm,
     )
     model.config = config
     return model

@@ -2,8 +2,8 @@
 
 Backends: "reference" (plain PyTorch in reference.py, always there) runs the specification directly, so it
 traces and differentiates like any PyTorch code. Fused backends ("cpu", "cuda", "triton") run through each op's
-custom op (forward_noise.py, tweedie.py, reverse_step.py), registered once with a fake kernel and an autograd
-formula, which calls the backend's kernel from the table here.
+custom op (forward_noise.py, tweedie.py, reverse_step.py, group_norm_silu.py), registered once with a fake kernel
+and an autograd formula, which calls the backend's kernel from the table here.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ class Backend:
     philox_normal_out: Callable
     available: bool  # decided once at registration (nothing to probe while tracing)
     reverse_step_out: Optional[Callable] = None  # None: a backend built without it (reverse_step runs the reference)
+    group_norm_silu_out: Optional[Callable] = None  # None: no kernel here (the reference runs; csrc/ has none)
 
 
 TABLE: dict[str, Backend] = {}
@@ -70,7 +71,8 @@ def _register_triton() -> None:
 
     devices = ("cuda",) + (("cpu",) if interpret else ())
     register_backend("triton", Backend(devices, tk.forward_noise_out, tk.tweedie_out, tk.philox_normal_out,
-                                       available=True, reverse_step_out=tk.reverse_step_out))
+                                       available=True, reverse_step_out=tk.reverse_step_out,
+                                       group_norm_silu_out=tk.group_norm_silu_out))
 
 
 _register_compiled()

@@ -186,3 +186,17 @@ def reverse_step(x0_hat, x_t, c1, c2, sigma=None, shift=None, seed=None, offset=
     if shift is not None:
         out = out + term(shift)
     return out.to(out_dtype or x_t.dtype)
+
+
+def group_norm_silu(x, num_groups: int, weight, bias, eps: float = 1e-5, scale=None, shift=None):
+    """SiLU(GroupNorm(x) * weight + bias), or with ADM's scale-shift SiLU((GroupNorm(x) * weight + bias) *
+    (1 + scale) + shift), scale and shift [B, C] (or [B, C, 1, ...]). guided-diffusion's GroupNorm32: the norm in
+    float32 (float64 for float64 inputs) whatever x's dtype; here the scale-shift and SiLU stay in that precision
+    too and the result is cast to x's dtype once."""
+    cd = compute_dtype(x.dtype)
+    y = torch.nn.functional.group_norm(x.to(cd), num_groups, weight.to(cd), bias.to(cd), eps)
+    if scale is not None:
+        tail = [1] * (x.dim() - 2)
+        y = y * (1 + scale.to(cd).reshape(x.shape[0], x.shape[1], *tail)) + shift.to(cd).reshape(
+            x.shape[0], x.shape[1], *tail)
+    return torch.nn.functional.silu(y).to(x.dtype)

@@ -1,4 +1,5 @@
-"""Triton kernels for forward_noise (+ the ensemble expansion), tweedie, reverse_step and philox_normal.
+"""Triton kernels for forward_noise (+ the ensemble expansion), tweedie, reverse_step, philox_normal and
+group_norm_silu.
 
 The same Philox4x32-10 stream as csrc/philox.h (written out here rather than taken from tl.randint4x, whose
 treatment of 64-bit offsets has changed across Triton releases), Triton's uniform and Box-Muller conversion
@@ -290,6 +291,62 @@ if triton is not None:
         n0, n1, n2, n3 = _randn4(k0, k1, tl.load(off_ptr) + row[:, None])
         tl.store(out_ptr + i, _pick(lane[None, :], n0, n1, n2, n3), mask=i < N)
 
+    @triton.jit
+    def _group_offset(i, cl, s, sc, ss, RUN: tl.constexpr):
+        """Offset of element i (channel cl of the group, pixel s) of one (sample, group) slice from its first
+        element; RUN: the slice is one contiguous run walked in order (NCHW)."""
+        if RUN:
+            return i
+        return cl * sc + s * ss
+
+    @triton.jit
+    def group_norm_silu_kernel(x_ptr, out_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, C, S, CG, G, eps,
+                               xsb, xsc, xss, osb, osc, oss, PIXEL_MAJOR: tl.constexpr, X_RUN: tl.constexpr,
+                               O_RUN: tl.constexpr, SS: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
+        # One program per (sample, group), two reads of its slice: pass 1 sums x - k and (x - k)^2 with k the
+        # slice's first element (shifted sums: no cancellation when |mean| >> std), pass 2 normalises
+        # ((x - k) - mean(x - k)), applies the affine, the optional scale-shift and SiLU, and stores. The second
+        # read of a slice comes from L2.
+        # The slice is walked channel-major (NCHW: one contiguous run) or, PIXEL_MAJOR, pixel by pixel so that
+        # channels_last reads runs of CG adjacent channels.
+        pid = tl.program_id(0).to(tl.int64)
+        C, S, CG = tl.cast(C, tl.int64), tl.cast(S, tl.int64), tl.cast(CG, tl.int64)
+        bi = pid // G
+        c0 = (pid % G) * CG
+        n = CG * S
+        cdt = tl.float64 if F64 else tl.float32
+        xb = x_ptr + bi * xsb + c0 * xsc
+        ob = out_ptr + bi * osb + c0 * osc
+        k = tl.load(xb).to(cdt)
+        acc = tl.zeros([BLOCK], dtype=cdt)
+        acc2 = tl.zeros([BLOCK], dtype=cdt)
+        for start in range(0, n, BLOCK):
+            i = start + tl.arange(0, BLOCK).to(tl.int64)
+            m = i < n
+            cl = i % CG if PIXEL_MAJOR else i // S
+            s = i // CG if PIXEL_MAJOR else i % S
+            v = tl.load(xb + _group_offset(i, cl, s, xsc, xss, X_RUN), mask=m, other=0.0).to(cdt)
+            d = tl.where(m, v - k, 0.0)
+            acc += d
+            acc2 += d * d
+        mean_d = tl.sum(acc, axis=0) / n
+        var = tl.maximum(tl.sum(acc2, axis=0) / n - mean_d * mean_d, 0.0)
+        rstd = 1.0 / tl.sqrt(var + eps)
+        for start in range(0, n, BLOCK):
+            i = start + tl.arange(0, BLOCK).to(tl.int64)
+            m = i < n
+            cl = i % CG if PIXEL_MAJOR else i // S
+            s = i // CG if PIXEL_MAJOR else i % S
+            v = tl.load(xb + _group_offset(i, cl, s, xsc, xss, X_RUN), mask=m, other=0.0).to(cdt)
+            c = c0 + cl
+            w = tl.load(w_ptr + c, mask=m, other=0.0)
+            y = ((v - k) - mean_d) * rstd * w + tl.load(b_ptr + c, mask=m, other=0.0)
+            if SS:
+                y = y * (1.0 + tl.load(sc_ptr + bi * C + c, mask=m, other=0.0)) + tl.load(sh_ptr + bi * C + c,
+                                                                                       mask=m, other=0.0)
+            y = y / (1.0 + tl.exp(-y))
+            tl.store(ob + _group_offset(i, cl, s, osc, oss, O_RUN), _cast_out(y, out_ptr), mask=m)
+
     CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b in (128, 256, 512) for w in (4, 8)]
     # tweedie blocks count elements, not 4-element rows: the same configs with 4x the block
     CONFIGS_X4 = [triton.Config({"BLOCK": 4 * c.kwargs["BLOCK"]}, num_warps=c.num_warps) for c in CONFIGS]
@@ -298,6 +355,7 @@ if triton is not None:
         _tweedie = tweedie_kernel
         _reverse_step = reverse_step_kernel
         _philox_normal = philox_normal_kernel
+        _group_norm_silu = group_norm_silu_kernel
         _forward_noise_plane = forward_noise_plane_kernel
         _tweedie_plane = tweedie_plane_kernel
         _FIXED = {"BLOCK": 64}
@@ -315,6 +373,8 @@ if triton is not None:
         _philox_normal = _tune(philox_normal_kernel, CONFIGS, ["N"], lambda a: (a["N"] + 3) // 4)
         _forward_noise_plane = _tune(forward_noise_plane_kernel, CONFIGS, ["S", "K", "F64"], lambda a: a["S"] // 4)
         _tweedie_plane = _tune(tweedie_plane_kernel, CONFIGS_X4, ["S", "CLIP", "NORM", "F64"], lambda a: a["S"])
+        _group_norm_silu = _tune(group_norm_silu_kernel, CONFIGS_X4,
+                                 ["S", "CG", "PIXEL_MAJOR", "X_RUN", "O_RUN", "SS", "F64"], lambda a: a["CG"] * a["S"])
         _FIXED = {}
 
 PLANE_MIN = 256  # planes at least this large take the planar kernels (smaller ones would idle most lanes)
@@ -431,3 +491,24 @@ def philox_normal_out(seed, offset, out):
     if N:
         _philox_normal[_grid((N + 3) // 4)](out, seed.to(out.device).reshape(1), offset.to(out.device).reshape(1),
                                             N, **_FIXED)
+
+
+def group_norm_silu_out(x, num_groups, weight, bias, eps, scale, shift, out):
+    """out = SiLU(GroupNorm(x) * weight + bias [* (1 + scale) + shift]); weight, bias [C] and scale, shift [B, C]
+    (or None) in the compute dtype."""
+    x, C, S, xs, _ = _view3(x)
+    _, _, _, os_, _ = _view3(out)
+    if not x.numel():
+        return
+    B, CG = x.shape[0], C // num_groups
+    pixel_major = xs[1] == 1 and S > 1 and CG > 1  # channels_last: walk pixel by pixel over adjacent channels
+
+    def run(st):  # the slice is one contiguous run walked in order
+        return not pixel_major and st[2] == 1 and (st[1] == S or CG == 1)
+
+    ss = scale is not None
+    _group_norm_silu[(B * num_groups,)](
+        x, out, weight.contiguous(), bias.contiguous(), scale.contiguous() if ss else weight,
+        shift.contiguous() if ss else weight, C, S, CG, num_groups, float(eps), *xs, *os_, PIXEL_MAJOR=pixel_major,
+        X_RUN=run(xs), O_RUN=run(os_), SS=ss, F64=weight.dtype == torch.float64,
+        **{k: 4 * v for k, v in _FIXED.items()})

@@ -743,3 +743,63 @@ def test_xformers_attention_equals_sdpa_on_gpu(dtype):
 def test_unknown_attention_backend():
     with pytest.raises(ValueError, match="attention_backend"):
         M.create_adm_unet(**TINY, attention_backend="flash")
+
+
+def fused_twin(model, flags, **kw):
+    """model's twin with fused_norm=True, its state_dict loaded strictly (the same keys)."""
+    fused = M.create_adm_unet(**{**TINY, **flags}, fused_norm=True, **kw).eval()
+    assert list(fused.state_dict()) == list(model.state_dict())
+    fused.load_state_dict(model.state_dict(), strict=True)
+    return fused
+
+
+@pytest.mark.parametrize("flags", [{}, dict(use_scale_shift_norm=False, resblock_updown=False, class_cond=True,
+                                            num_classes=5)])
+def test_fused_norm_equals_unfused(flags):
+    """create_adm_unet(fused_norm=True): every ResBlock's norm + (scale-shift +) SiLU and the output's as
+    dk.group_norm_silu, equal to the unfused UNet on random weights, eager and compiled (fullgraph)."""
+    torch._dynamo.reset()
+    model = tiny(**flags)
+    fused = fused_twin(model, flags)
+    x, t, y = inputs(model)
+    with torch.no_grad():
+        want = model(x, t, y)
+        torch.testing.assert_close(fused(x, t, y), want, rtol=1e-5, atol=1e-5)
+        compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x, t, y), want, rtol=1e-5, atol=1e-5)
+        xc = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, ref = fused(xc, t, y), model(xc, t, y)
+        torch.testing.assert_close(out.float(), ref.float(), rtol=0.05, atol=0.05 * ref.abs().max().item())
+        assert torch.equal(fused.set_fused_norm(False)(x, t, y), want)
+
+
+def test_fused_norm_unet_through_the_triton_kernel(monkeypatch):
+    """The fused UNet with group_norm_silu on its Triton kernel (the interpreter on CPU tensors; "auto" takes it
+    as on a GPU): outputs and every parameter's gradient equal the unfused UNet's, eager and compiled."""
+    from diffaug_kernels.ops import dispatch
+
+    if not dispatch.usable("triton", torch.device("cpu")):
+        pytest.skip("Triton does not run on CPU tensors here")
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ("triton",))
+    kernel, calls = dispatch.kernels("triton").group_norm_silu_out, []
+    monkeypatch.setattr(dispatch.kernels("triton"), "group_norm_silu_out", lambda *a: calls.append(1) or kernel(*a))
+    torch._dynamo.reset()
+    model = tiny().train()
+    fused = fused_twin(model, {}).train()
+    x, t, _ = inputs(model)
+
+    def loss_and_grads(m, f):
+        m.zero_grad()
+        loss = f(x, t).square().mean()
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}
+
+    want_loss, want = loss_and_grads(model, model)
+    for f in (fused, torch.compile(fused, fullgraph=True, backend="aot_eager")):
+        calls.clear()
+        loss, grads = loss_and_grads(fused, f)
+        assert len(calls) == 2 * 10 + 1  # the two norms of each of its 10 ResBlocks and the output norm
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+        for k in want:
+            torch.testing.assert_close(grads[k], want[k], rtol=1e-4, atol=1e-5 * want[k].abs().max().item() + 1e-7)

@@ -308,3 +308,23 @@ def test_forward_ad_and_func_transforms_give_the_reference_derivatives(backend):
     xr = x.clone().requires_grad_()
     step(xr, m, t, 3, backend).square().sum().backward()  # the custom op's own backward formula
     torch.testing.assert_close(g, xr.grad, rtol=1e-5, atol=1e-5)
+
+
+def norm_block(x, w, b, emb, backend):
+    """ADM's ResBlock output norm: group_norm_silu with the scale-shift chunks of an embedding."""
+    scale, shift = emb.chunk(2, dim=1)
+    return dk.group_norm_silu(x, 4, w, b, 1e-5, scale, shift, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiled_group_norm_silu_equals_eager_with_gradients(backend, compiler):
+    x = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w, b = (1 + 0.1 * torch.randn(8)).requires_grad_(), (0.1 * torch.randn(8)).requires_grad_()
+    emb = torch.randn(2, 16, 1, 1, requires_grad=True)
+    f = torch.compile(lambda *a: norm_block(*a, backend), fullgraph=True, backend=compiler)
+    got, want = f(x, w, b, emb), norm_block(x, w, b, emb, backend)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    gw = torch.randn(want.shape)
+    for g, r in zip(torch.autograd.grad(got, (x, w, b, emb), gw), torch.autograd.grad(want, (x, w, b, emb), gw)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)

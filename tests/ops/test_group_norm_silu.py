@@ -1,0 +1,181 @@
+"""group_norm_silu: every backend against a float64 reference (NCHW and channels_last, every dtype, with and without
+ADM's scale-shift), shifted statistics, gradients (gradcheck through the custom op), the op's registration, errors."""
+import pytest
+import torch
+from conftest import CPU_FUSED
+from helpers import DTYPES, MANTISSA, assert_matches, ulp
+
+import diffaug_kernels as dk
+from diffaug_kernels import reference
+from diffaug_kernels.ops import dispatch
+from diffaug_kernels.ops.group_norm_silu import group_norm_silu_op
+
+BACKENDS = ["reference"] + CPU_FUSED
+# (B, C, spatial, groups): ADM's 32 groups of several channels, one channel per group, odd sizes, a 3-D input
+SHAPES = [(2, 64, (5, 3), 32), (1, 6, (4, 4), 6), (3, 12, (7, 1), 2), (2, 8, (9,), 4)]
+
+
+def ref64(x, G, w, b, eps=1e-5, scale=None, shift=None):
+    """The reference in float64 on x's values (what a kernel reads)."""
+    d = (None if v is None else v.detach().double() for v in (scale, shift))
+    return reference.group_norm_silu(x.detach().double(), G, w.detach().double(), b.detach().double(), eps, *d)
+
+
+def case(shape, dtype, layout, scale_shift, seed, mean=0.5, std=2.0):
+    B, C, sp, G = shape
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(B, C, *sp, generator=g, dtype=torch.float64) * std + mean).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = 1 + 0.5 * torch.randn(C, generator=g), 0.5 * torch.randn(C, generator=g)
+    ss = (torch.randn(B, C, generator=g), torch.randn(B, C, generator=g)) if scale_shift else (None, None)
+    return x, G, w, b, ss
+
+
+def check(out, x, want):
+    assert out.dtype == x.dtype and out.shape == x.shape
+    if x.dim() == 4 and not x.is_contiguous():
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    if x.dtype == torch.float64:
+        assert_matches(out, want, atol32=1e-10)
+    elif x.dtype in MANTISSA:
+        assert_matches(out, want.to(x.dtype), atol32=1e-5)  # one ulp of the output dtype
+        assert ((out.double() - want).abs() <= 1e-5 + 1.0001 * ulp(want, x.dtype)).all()
+    else:
+        assert_matches(out, want.float(), atol32=1e-5, mag=want.abs())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale_shift", [False, True])
+def test_matches_float64_reference(backend, layout, dtype, scale_shift):
+    for i, shape in enumerate(SHAPES):
+        if layout == "channels_last" and len(shape[2]) != 2:
+            continue
+        x, G, w, b, (sc, sh) = case(shape, dtype, layout, scale_shift, seed=17 * i + DTYPES.index(dtype))
+        out = dk.group_norm_silu(x, G, w, b, 1e-5, sc, sh, backend=backend)
+        check(out, x, ref64(x, G, w, b, 1e-5, sc, sh))
+
+
+FUSED = [n for n in CPU_FUSED if dispatch.kernels(n).group_norm_silu_out is not None]  # those with a kernel
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_large_mean_small_spread(backend):
+    """|mean| >> std: the kernel's statistics do not cancel (it sums x - k, k a value of the group), so it stays
+    within float32 rounding of the float64 reference, where torch's float32 group_norm (the reference's) loses
+    about 1e-3 here."""
+    x, G, w, b, _ = case(SHAPES[0], torch.float32, "contiguous", False, seed=5, mean=300.0, std=0.05)
+    check(dk.group_norm_silu(x, G, w, b, backend=backend), x, ref64(x, G, w, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adm_chunked_scale_shift_and_eps(backend):
+    """scale and shift as ADM passes them (chunks of a [B, 2C, 1, 1] tensor), another eps, mixed dtypes."""
+    x, G, w, b, _ = case(SHAPES[0], torch.bfloat16, "channels_last", False, seed=9)
+    emb = torch.randn(2, 128, 1, 1).to(torch.bfloat16)
+    sc, sh = emb.chunk(2, dim=1)
+    out = dk.group_norm_silu(x, G, w, b, 1e-6, sc, sh, backend=backend)
+    check(out, x, ref64(x, G, w, b, 1e-6, sc, sh))
+
+
+def test_reference_is_guided_diffusions_group_norm32_then_silu():
+    """GroupNorm32 (float32 statistics, cast back) then SiLU, and ADM's scale-shift order, in float32."""
+    x, G, w, b, (sc, sh) = case(SHAPES[0], torch.float32, "contiguous", True, seed=1)
+    gn = torch.nn.functional.group_norm(x, G, w, b, 1e-5)
+    torch.testing.assert_close(reference.group_norm_silu(x, G, w, b), torch.nn.functional.silu(gn))
+    want = torch.nn.functional.silu(gn * (1 + sc[:, :, None, None]) + sh[:, :, None, None])
+    torch.testing.assert_close(reference.group_norm_silu(x, G, w, b, 1e-5, sc, sh), want)
+
+
+def test_auto_and_backends_without_a_kernel_run_the_reference():
+    """csrc/ has no group_norm_silu kernel: "cpu" (and auto on CPU tensors) give the reference's numbers."""
+    x, G, w, b, (sc, sh) = case(SHAPES[0], torch.bfloat16, "contiguous", True, seed=2)
+    want = reference.group_norm_silu(x, G, w, b, 1e-5, sc, sh)
+    for backend in ["auto"] + [n for n in CPU_FUSED if dispatch.kernels(n).group_norm_silu_out is None]:
+        assert torch.equal(dk.group_norm_silu(x, G, w, b, 1e-5, sc, sh, backend=backend), want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("scale_shift", [False, True])
+def test_gradcheck(backend, layout, scale_shift):
+    x, G, w, b, (sc, sh) = case((2, 4, (2, 2), 2), torch.float64, layout, scale_shift, seed=3)
+    ins = [x, w.double(), b.double()] + ([sc.double(), sh.double()] if scale_shift else [])
+    ins = [v.detach().requires_grad_() for v in ins]
+
+    def f(x, w, b, *ss):
+        return dk.group_norm_silu(x, G, w, b, 1e-5, *ss, backend=backend)
+
+    assert torch.autograd.gradcheck(f, ins)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_equal_the_references_autograd(backend, dtype):
+    """The op's closed-form backward (float32) against autograd through the reference, low-precision x included:
+    gradients come back in each input's dtype."""
+    x, G, w, b, (sc, sh) = case(SHAPES[0], dtype, "channels_last", True, seed=4)
+    sc, sh = sc.to(dtype), sh.to(dtype)
+    grads = []
+    for fn in (lambda *a: dk.group_norm_silu(*a[:4], 1e-5, *a[4:], backend=backend), reference.group_norm_silu):
+        ins = [v.detach().requires_grad_() for v in (x, w, b, sc, sh)]
+        out = fn(ins[0], G, *ins[1:3], *([1e-5] if fn is reference.group_norm_silu else []), *ins[3:])
+        g = torch.Generator().manual_seed(0)
+        out.backward(torch.randn(out.shape, generator=g).to(dtype))
+        grads.append([v.grad for v in ins])
+    for got, want in zip(*grads):
+        assert got.dtype == want.dtype
+        tol = 1e-4 if dtype == torch.float32 else 0.05
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_opcheck(backend):
+    x = torch.randn(2, 8, 3, 5, requires_grad=True)
+    w, b = torch.rand(8, requires_grad=True), torch.rand(8, requires_grad=True)
+    sc, sh = torch.rand(2, 8, requires_grad=True), torch.rand(2, 8, requires_grad=True)
+    torch.library.opcheck(group_norm_silu_op, (x, w, b, None, None, 4, 1e-5, backend))
+    torch.library.opcheck(group_norm_silu_op, (x.contiguous(memory_format=torch.channels_last), w, b, sc, sh, 2, 1e-5,
+                                               backend))
+
+
+def test_errors():
+    x, w, b = torch.randn(2, 8, 4, 4), torch.ones(8), torch.zeros(8)
+    with pytest.raises(ValueError, match="num_groups"):
+        dk.group_norm_silu(x, 3, w, b)
+    with pytest.raises(ValueError, match="weight"):
+        dk.group_norm_silu(x, 4, torch.ones(4), b)
+    with pytest.raises(ValueError, match="scale and shift"):
+        dk.group_norm_silu(x, 4, w, b, scale=torch.ones(2, 8))
+    with pytest.raises(ValueError, match="scale"):
+        dk.group_norm_silu(x, 4, w, b, scale=torch.ones(8), shift=torch.ones(8))
+    with pytest.raises(TypeError, match="x"):
+        dk.group_norm_silu(x.int(), 4, w, b)
+    with pytest.raises(ValueError, match="x"):
+        dk.group_norm_silu(torch.randn(8), 4, w, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_on_gpu(layout, dtype):
+    x, G, w, b, (sc, sh) = case((4, 256, (32, 32), 32), dtype, layout, True, seed=6)
+    x, w, b, sc, sh = (v.cuda() for v in (x, w, b, sc, sh))
+    check(dk.group_norm_silu(x, G, w, b, 1e-5, sc, sh), x, ref64(x, G, w, b, 1e-5, sc, sh))
+
+
+def test_bench_case_rows_compute_the_op():
+    """`bench --ops group_norm_silu`: every row but the copy gives the op's result (float32: the published rows
+    round nothing that the op keeps)."""
+    from diffaug_kernels.bench import harness as bench
+
+    torch.manual_seed(0)
+    case = bench.make_case("group_norm_silu", (2, 64, 4, 4), torch.float32)
+    i = case.inputs
+    want = ref64(i["x"], i["num_groups"], i["weight"], i["bias"], 1e-5, i["scale"].flatten(1), i["shift"].flatten(1))
+    assert case.nbytes == 2 * i["x"].numel() * 4
+    for impl, fn in case.impls.items():
+        if impl != bench.SAME_COPY:
+            torch.testing.assert_close(fn().double(), want, rtol=1e-5, atol=1e-5, msg=impl)
