@@ -185,6 +185,22 @@ class CodeMarker:
         return (open, (self.path, "w"))
 
 
+def ncm_checkpoint(path, size=8):
+    """A 10-class grey timm test_resnet whose last layer picks the nearest class mean of its size x size training
+    digits' features: right on some test digits, not all, and its answers on noisy ones vary with the noise."""
+    torch.manual_seed(0)
+    clf = classifier.create_classifier("test_resnet", 10, 1).eval()
+    x, y = dk.data.digits("train", size, 1).tensors
+    with torch.no_grad():
+        f = clf.penultimate(x)
+        m = torch.stack([f[y == k].mean(0) for k in range(10)])
+        clf.net.fc.weight.copy_(m)
+        clf.net.fc.bias.copy_(-(m ** 2).sum(1) / 2)
+    torch.save({"format": classifier.CHECKPOINT_FORMAT, "model": clf.net.state_dict(), "model_name": "test_resnet",
+                "num_classes": 10, "in_chans": 1, "normalize": None}, path)
+    return str(path)
+
+
 # ------------------------------------------------------------------------------------------ the command line
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",

@@ -20,6 +20,7 @@ from helpers import (
     assert_one_line_failure,
     classifier_checkpoint,
     cli_subprocess,
+    ncm_checkpoint,
     torchrun,
     torchrun_cmd,
 )
@@ -32,22 +33,6 @@ from diffaug_kernels.models import classifier
 
 N0, N, BATCH, SIZE, SKIP, ALPHA = 8, 32, 16, 8, 50, 0.1
 SCORE_FLAGS = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in TINY_UNET_FLAGS.items()]
-
-
-def ncm_checkpoint(path):
-    """A 10-class grey test_resnet whose last layer picks the nearest class mean of its 8x8 training digits'
-    features: right on about half the test digits, and its answers on noisy ones vary with the noise."""
-    torch.manual_seed(0)
-    clf = classifier.create_classifier("test_resnet", 10, 1).eval()
-    x, y = dk.data.digits("train", SIZE, 1).tensors
-    with torch.no_grad():
-        f = clf.penultimate(x)
-        m = torch.stack([f[y == k].mean(0) for k in range(10)])
-        clf.net.fc.weight.copy_(m)
-        clf.net.fc.bias.copy_(-(m ** 2).sum(1) / 2)
-    torch.save({"format": classifier.CHECKPOINT_FORMAT, "model": clf.net.state_dict(), "model_name": "test_resnet",
-                "num_classes": 10, "in_chans": 1, "normalize": None}, path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_UNET_FLAGS, torchrun
+from helpers import TINY_UNET_FLAGS, ncm_checkpoint, torchrun
 
 import diffaug_kernels as dk
 from diffaug_kernels import cli
 from diffaug_kernels import robustness as ev
-from diffaug_kernels.models import classifier
 
 SIZE, IMAGES, BATCH = 8, 24, 4
 SCORE_FLAGS = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in TINY_UNET_FLAGS.items()]
@@ -23,17 +22,8 @@ SCORE_FLAGS = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in
 def files(tmp_path_factory):
     """A nearest-class-mean 10-class grey classifier (right on some digits, not all) and a saved random UNet."""
     root = tmp_path_factory.mktemp("evaluate_shards")
+    ck = ncm_checkpoint(root / "c.pt", SIZE)
     torch.manual_seed(0)
-    clf = classifier.create_classifier("test_resnet", 10, 1).eval()
-    x, y = dk.data.digits("train", SIZE, 1).tensors
-    with torch.no_grad():
-        f = clf.penultimate(x)
-        m = torch.stack([f[y == k].mean(0) for k in range(10)])
-        clf.net.fc.weight.copy_(m)
-        clf.net.fc.bias.copy_(-(m ** 2).sum(1) / 2)
-    ck = str(root / "c.pt")
-    torch.save({"format": classifier.CHECKPOINT_FORMAT, "model": clf.net.state_dict(), "model_name": "test_resnet",
-                "num_classes": 10, "in_chans": 1, "normalize": None}, ck)
     unet = dk.models.ADM_CONFIGS["digits32"].replace(**TINY_UNET_FLAGS).create().eval()
     path = str(root / "unet.pt")
     torch.save(unet.state_dict(), path)
