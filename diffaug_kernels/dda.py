@@ -393,14 +393,20 @@ def _adapt(run, schedule, spaced, tmap, x, depth, factor, scale, range_t, seed, 
     return x_t.clamp(-1.0, 1.0).to(x.dtype)
 
 
-def _check_output(out, x_t: Tensor, learned_sigma: Optional[bool]) -> bool:
-    """Checks the model's first output; True when its second half is a learned variance to use."""
+def check_model_output(out, x_t: Tensor) -> None:
+    """A score model's output for x_t [B, C, H, W]: a tensor [B, C or 2C, H, W] (TypeError / ValueError)."""
     B, C = x_t.shape[:2]
     if not isinstance(out, Tensor):
         raise TypeError(f"the model must return a tensor, got {type(out).__name__}")
     if out.dim() != 4 or out.shape[0] != B or out.shape[2:] != x_t.shape[2:] or out.shape[1] not in (C, 2 * C):
         raise ValueError(f"the model output must have shape [B, C or 2C, H, W] = [{B}, {C} or {2 * C}, "
                          f"{x_t.shape[2]}, {x_t.shape[3]}], got {tuple(out.shape)}")
+
+
+def _check_output(out, x_t: Tensor, learned_sigma: Optional[bool]) -> bool:
+    """Checks the model's first output; True when its second half is a learned variance to use."""
+    check_model_output(out, x_t)
+    C = x_t.shape[1]
     if learned_sigma is True and out.shape[1] != 2 * C:
         raise ValueError(f"learned_sigma=True needs a model with 2C = {2 * C} output channels (learn_sigma), "
                          f"but it returned {out.shape[1]}")

@@ -309,7 +309,7 @@ def evaluate_dataset(clfs, aug, dataset: Dataset, modes: Sequence[str], cfg: Eva
             journal.append(b, rec)
         new[b] = rec
     recs = dict(done)
-    for part in shard.gather(new) if shard.world_size > 1 else [new]:
+    for part in shard.gather(new):
         recs.update(part)
     return _combine(clfs, modes, [recs[b] for b in range(n_batches)], want_scores, features)
 

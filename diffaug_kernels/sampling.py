@@ -38,7 +38,7 @@ from torch import Tensor
 
 from . import ops
 from .augment import DiffAug
-from .dda import respace, space_timesteps
+from .dda import check_model_output, respace, space_timesteps
 from .ensemble import eval_mode
 from .ops import checks
 from .schedule import PREDICTIONS, NoiseSchedule
@@ -148,15 +148,6 @@ def _check_x(name: str, x) -> None:
     _check_numel(x.numel())
 
 
-def _check_output(out, x_t: Tensor) -> None:
-    B, C = x_t.shape[:2]
-    if not isinstance(out, Tensor):
-        raise TypeError(f"the model must return a tensor, got {type(out).__name__}")
-    if out.dim() != 4 or out.shape[0] != B or out.shape[2:] != x_t.shape[2:] or out.shape[1] not in (C, 2 * C):
-        raise ValueError(f"the model output must have shape [B, C or 2C, H, W] = [{B}, {C} or {2 * C}, "
-                         f"{x_t.shape[2]}, {x_t.shape[3]}], got {tuple(out.shape)}")
-
-
 class _Setup:
     """What both samplers check and prepare: the respaced chain, the model and classifier runners, y."""
 
@@ -209,7 +200,7 @@ class _Setup:
         t = self.tmap[i].expand(x_t.shape[0])
         out = self.runner.denoise(x_t, t, **self.model_kwargs)
         if i == self.spaced.num_timesteps - 1:
-            _check_output(out, x_t)
+            check_model_output(out, x_t)
         x0 = ops.tweedie(x_t, out, i, self.spaced, self.prediction, self.clip, out_dtype=x_t.dtype)
         return x0, out
 
