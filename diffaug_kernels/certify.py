@@ -198,9 +198,9 @@ class DenoisedSmoothing(nn.Module):
             schedule.table("betas", dtype=torch.float64).numpy()[:self.t])
 
     # --- the base classifier
-    def _labels(self, x_t: Tensor, t: Tensor, out_dtype: torch.dtype, chain_key: int = 0) -> Tensor:
-        """argmax of the classifier on the denoised x_t (all rows at t*): one Tweedie step, or with the multistep
-        denoiser DDS's ancestral chain (its noise from the Philox key chain_key)."""
+    def _labels(self, x_t: Tensor, t: Tensor, out_dtype: torch.dtype, key: int, offset: int) -> Tensor:
+        """argmax of the classifier on the denoised x_t (all rows at t*, drawn with Philox key and counter offset):
+        one Tweedie step, or with the multistep denoiser DDS's ancestral chain (its noise keyed by _chain_key)."""
         aug = self.aug
         if self._chain is None:
             x0_hat = ops.tweedie(x_t, aug.denoise(x_t, t), t, self.schedule, aug.prediction, aug.clip,
@@ -208,8 +208,8 @@ class DenoisedSmoothing(nn.Module):
         else:
             from .sampling import ddpm_sample
 
-            x0_hat = ddpm_sample(aug, self._chain, tuple(x_t.shape), None, seed=chain_key, x_T=x_t, clip=aug.clip,
-                                 prediction=aug.prediction).to(out_dtype)
+            x0_hat = ddpm_sample(aug, self._chain, tuple(x_t.shape), None, seed=_chain_key(key, offset), x_T=x_t,
+                                 clip=aug.clip, prediction=aug.prediction).to(out_dtype)
         logits = self.classifier(x0_hat)
         if not isinstance(logits, Tensor) or tuple(logits.shape) != (x_t.shape[0], self.num_classes):
             got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
@@ -225,7 +225,7 @@ class DenoisedSmoothing(nn.Module):
         with torch.inference_mode(), eval_mode(self.classifier, self.aug):
             t = torch.full((x.shape[0],), self.t, dtype=torch.int64, device=x.device)
             x_t = ops.forward_noise(x, t, self.schedule, seed=key, backend=self.aug.backend)
-            return self._labels(x_t, t, x.dtype, _chain_key(key, 0))
+            return self._labels(x_t, t, x.dtype, key, 0)
 
     # --- Monte-Carlo counts
     def _check_image(self, name: str, x, batch: bool = False) -> Tensor:
@@ -268,7 +268,7 @@ class DenoisedSmoothing(nn.Module):
             # leaves only C planes of parallel work. The batch is never materialised beyond x_t itself.
             x_t = ops.forward_noise(one.expand(k, *C_H_W), t, self.schedule, seed=key,
                                     offset=base + start * per_sample, backend=self.aug.backend)
-            labels = self._labels(x_t, t, img.dtype, _chain_key(key, base + start * per_sample))
+            labels = self._labels(x_t, t, img.dtype, key, base + start * per_sample)
             counts += torch.bincount(labels, minlength=self.num_classes)
         return counts.cpu().numpy()  # the one host sync of the draw
 
