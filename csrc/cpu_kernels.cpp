@@ -1,10 +1,12 @@
-// Fused CPU kernels: forward noise (in-kernel Philox normals), Tweedie step, reverse step, raw Philox streams.
+// Fused CPU kernels: forward noise (in-kernel Philox normals), Tweedie step, reverse step, GroupNorm + SiLU,
+// raw Philox streams.
 //
 // Work is split into (row, chunk) tasks over a [B, C, S] view of each tensor (S = the collapsed spatial
-// dims, contiguous or channels_last), run by at::parallel_for (torch's OpenMP pool). The inner loops are
-// plain counted loops over float buffers so the compiler vectorises them (-O3 -march=native; see
-// `python setup.py build_ext` with DIFFAUG_VEC_REPORT=1 for GCC's -fopt-info-vec report), except the Philox
-// words, written with AVX-512 intrinsics where the build targets it (philox16), scalar otherwise.
+// dims, contiguous or channels_last; GroupNorm + SiLU: one task per (sample, group)), run by at::parallel_for
+// (torch's OpenMP pool). The inner loops are plain counted loops over float buffers so the compiler vectorises
+// them (-O3 -march=native; see `python setup.py build_ext` with DIFFAUG_VEC_REPORT=1 for GCC's -fopt-info-vec
+// report), except the Philox words, written with AVX-512 intrinsics where the build targets it (philox16),
+// scalar otherwise.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,6 +18,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -465,6 +468,201 @@ void reverse_step_out(const Tensor& x0_hat, const Tensor& x_t, const Tensor& c1,
   });
 }
 
+// ------------------------------------------------------------------------------------ group norm + SiLU
+// a where c, else b, on the bits: a ternary in front of the division in silu() becomes a branch GCC will not
+// if-convert (floating-point compares may trap), and the loop would stay scalar.
+inline float pick(bool c, float a, float b) {
+  const uint32_t m = -static_cast<uint32_t>(c);
+  return __builtin_bit_cast(float, (__builtin_bit_cast(uint32_t, a) & m) | (__builtin_bit_cast(uint32_t, b) & ~m));
+}
+
+// exp(x) in float32 without a libm call, so the loops that use it vectorise (GCC vectorises expf only with
+// -ffast-math's vector math library): Cephes' expf, about 1 ulp, with x clamped to [-87, 88] where 2^n stays
+// a normal float (SiLU needs only 1 + exp(-y), which saturates there); NaN passes the clamp. n = round(x / ln 2)
+// by the 1.5 * 2^23 trick (floorf does not vectorise without -ffast-math).
+inline float exp_float(float x) {
+  x = pick(x < -87.0f, -87.0f, pick(x > 88.0f, 88.0f, x));
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2 in two parts (Cody-Waite)
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+}
+
+inline float silu(float y) { return y / (1.0f + exp_float(-y)); }
+inline double silu(double y) { return y / (1.0 + std::exp(-y)); }  // float64 is for gradcheck: libm's exp
+
+// Running (count, mean, M2) of a group's values, merged chunk by chunk (Chan, Golub and LeVeque's pairwise
+// update) in double: each chunk's mean and M2 come from two passes over the chunk in cache, so the variance
+// never takes the difference of two large sums.
+struct Moments {
+  double n = 0, mean = 0, m2 = 0;
+  void add(double nb, double mb, double m2b) {
+    const double tot = n + nb, d = mb - mean;
+    mean += d * (nb / tot);
+    m2 += m2b + d * d * (n * nb / tot);
+    n = tot;
+  }
+};
+
+// A group's slice seen as rows of contiguous-ish elements: rows are channels (cols: pixels) or, pixel-major,
+// pixels (cols: the group's channels, adjacent in channels_last). (r, c) lies at r * rs + c * cs.
+template <typename acc_t, typename in_t>
+inline void load_rect(const in_t* p, int64_t rs, int64_t cs, int64_t nr, int64_t nc, acc_t k, acc_t* __restrict buf) {
+  for (int64_t r = 0; r < nr; ++r) {
+    const in_t* __restrict q = p + r * rs;
+    acc_t* __restrict o = buf + r * nc;
+    if (cs == 1) {
+#pragma omp simd
+      for (int64_t c = 0; c < nc; ++c) o[c] = to_acc<acc_t>(q[c]) - k;
+    } else {
+      for (int64_t c = 0; c < nc; ++c) o[c] = to_acc<acc_t>(q[c * cs]) - k;
+    }
+  }
+}
+
+template <typename out_t, typename acc_t>
+inline void store_rect(const acc_t* __restrict buf, int64_t rs, int64_t cs, int64_t nr, int64_t nc, out_t* p) {
+  for (int64_t r = 0; r < nr; ++r) {
+    out_t* __restrict q = p + r * rs;
+    const acc_t* __restrict y = buf + r * nc;
+    if (cs == 1) {
+#pragma omp simd
+      for (int64_t c = 0; c < nc; ++c) q[c] = from_acc<out_t>(y[c]);
+    } else {
+      for (int64_t c = 0; c < nc; ++c) q[c * cs] = from_acc<out_t>(y[c]);
+    }
+  }
+}
+
+// One task per (sample, group), two reads of its slice: statistics of x - k (k the slice's first value, so a
+// mean that dwarfs the spread keeps its digits in the apply pass), then out = SiLU((x - k - mean) * a_c + h_c)
+// with a_c = rstd * w_c * (1 + scale_bc) and h_c = b_c * (1 + scale_bc) + shift_bc folded per channel in
+// double. The slice is walked in chunks of at most kChunk values through an L1 buffer: channel by channel
+// (NCHW; one flat run when the channels are adjacent), or, for channels_last, kChunk / CG pixels at a time
+// with the per-channel coefficients tiled to the chunk, so every inner loop is a long unit-stride loop.
+template <typename T>
+void group_norm_silu_kernel(const Tensor& x_, int64_t G, const Tensor& weight, const Tensor& bias, double eps,
+                            const Tensor& scale, const Tensor& shift, Tensor& out) {
+  using acc_t = acc_type_t<T>;
+  Tensor x = x_;
+  const View3 xv = view3(x), ov = out_view3(out);
+  const int64_t C = xv.C, S = xv.S, CG = C / G, n = CG * S;
+  const bool ss = scale.defined();
+  const acc_t* pw = weight.data_ptr<acc_t>();
+  const acc_t* pb = bias.data_ptr<acc_t>();
+  const acc_t* psc = ss ? scale.data_ptr<acc_t>() : nullptr;
+  const acc_t* psh = ss ? shift.data_ptr<acc_t>() : nullptr;
+  const T* px = x.data_ptr<T>();
+  T* po = out.data_ptr<T>();
+  const bool flat = xv.ss == 1 && (xv.sc == S || CG == 1);            // the slice is one run of x
+  const bool pixel_major = !flat && xv.sc == 1 && S > 1 && CG > 1 && CG <= kChunk;  // channels_last
+  const int64_t P = pixel_major ? kChunk / CG : 0;                      // pixels per chunk
+
+  at::parallel_for(0, xv.B * G, std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t buf[kChunk], ta[kChunk], th[kChunk];
+    alignas(64) double ca[kChunk], ch[kChunk];  // per-channel coefficients (pixel-major: CG <= kChunk)
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / G, c0 = (task % G) * CG;
+      const T* xs = px + b * xv.sb + c0 * xv.sc;
+      T* os = po + b * ov.sb + c0 * ov.sc;
+      const acc_t k = to_acc<acc_t>(xs[0]);
+      Moments mo;
+      auto add_chunk = [&](int64_t len) {
+        acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t e = 0; e < len; ++e) s += buf[e];
+        const acc_t m = s / static_cast<acc_t>(len);
+        acc_t q = 0;
+#pragma omp simd reduction(+ : q)
+        for (int64_t e = 0; e < len; ++e) q += (buf[e] - m) * (buf[e] - m);
+        mo.add(static_cast<double>(len), static_cast<double>(m), static_cast<double>(q));
+      };
+      if (flat) {
+        for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+          const int64_t len = std::min(kChunk, n - i0);
+          load_rect(xs + i0, 0, 1, 1, len, k, buf);
+          add_chunk(len);
+        }
+      } else if (pixel_major) {
+        for (int64_t p0 = 0; p0 < S; p0 += P) {
+          const int64_t np = std::min(P, S - p0);
+          load_rect(xs + p0 * xv.ss, xv.ss, 1, np, CG, k, buf);
+          add_chunk(np * CG);
+        }
+      } else {
+        for (int64_t c = 0; c < CG; ++c)
+          for (int64_t s0 = 0; s0 < S; s0 += kChunk) {
+            const int64_t len = std::min(kChunk, S - s0);
+            load_rect(xs + c * xv.sc + s0 * xv.ss, 0, xv.ss, 1, len, k, buf);
+            add_chunk(len);
+          }
+      }
+      const double rstd = 1.0 / std::sqrt(mo.m2 / mo.n + eps);
+      const acc_t md = static_cast<acc_t>(mo.mean);
+      auto coef = [&](int64_t c, double& a, double& h) {  // channel c0 + c
+        const double g = ss ? 1.0 + static_cast<double>(psc[b * C + c0 + c]) : 1.0;
+        a = rstd * static_cast<double>(pw[c0 + c]) * g;
+        h = static_cast<double>(pb[c0 + c]) * g + (ss ? static_cast<double>(psh[b * C + c0 + c]) : 0.0);
+      };
+      if (pixel_major) {
+        for (int64_t c = 0; c < CG; ++c) coef(c, ca[c], ch[c]);
+        for (int64_t r = 0; r < P; ++r)
+          for (int64_t c = 0; c < CG; ++c) {
+            ta[r * CG + c] = static_cast<acc_t>(ca[c]);
+            th[r * CG + c] = static_cast<acc_t>(ch[c]);
+          }
+        for (int64_t p0 = 0; p0 < S; p0 += P) {
+          const int64_t np = std::min(P, S - p0);
+          load_rect(xs + p0 * xv.ss, xv.ss, 1, np, CG, k, buf);
+#pragma omp simd
+          for (int64_t e = 0; e < np * CG; ++e) buf[e] = silu((buf[e] - md) * ta[e] + th[e]);
+          store_rect(buf, ov.ss, ov.sc, np, CG, os + p0 * ov.ss);
+        }
+      } else {
+        for (int64_t c = 0; c < CG; ++c) {
+          double a, h;
+          coef(c, a, h);
+          const acc_t av = static_cast<acc_t>(a), hv = static_cast<acc_t>(h);
+          for (int64_t s0 = 0; s0 < S; s0 += kChunk) {
+            const int64_t len = std::min(kChunk, S - s0);
+            load_rect(xs + c * xv.sc + s0 * xv.ss, 0, xv.ss, 1, len, k, buf);
+#pragma omp simd
+            for (int64_t e = 0; e < len; ++e) buf[e] = silu((buf[e] - md) * av + hv);
+            store_rect(buf, 0, ov.ss, 1, len, os + c * ov.sc + s0 * ov.ss);
+          }
+        }
+      }
+    }
+  });
+}
+
+void group_norm_silu_out(const Tensor& x, int64_t num_groups, const Tensor& weight, const Tensor& bias, double eps,
+                         const c10::optional<Tensor>& scale, const c10::optional<Tensor>& shift, Tensor out) {
+  TORCH_CHECK(x.dim() >= 2 && num_groups > 0 && x.size(1) % num_groups == 0, "internal: num_groups must divide C");
+  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(),
+              "internal: out must have x's shape and dtype");
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t B = x.size(0), C = x.size(1);
+  TORCH_CHECK(weight.numel() == C && bias.numel() == C && weight.scalar_type() == acc && bias.scalar_type() == acc,
+              "internal: weight, bias must be [C] in the compute dtype");
+  TORCH_CHECK(scale.has_value() == shift.has_value(), "internal: scale and shift come together");
+  const Tensor sc = scale.has_value() ? scale->contiguous() : Tensor();
+  const Tensor sh = shift.has_value() ? shift->contiguous() : Tensor();
+  if (sc.defined())
+    TORCH_CHECK(sc.numel() == B * C && sh.numel() == B * C && sc.scalar_type() == acc && sh.scalar_type() == acc,
+                "internal: scale, shift must be [B, C] in the compute dtype");
+  if (x.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu", [&] {
+    group_norm_silu_kernel<scalar_t>(x, num_groups, weight.contiguous(), bias.contiguous(), eps, sc, sh, out);
+  });
+}
+
 // ------------------------------------------------------------------------------------- raw philox streams
 void philox_normal_out(const Tensor& seed, const Tensor& offset, Tensor out) {
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat, "internal: out must be contiguous float32");
@@ -505,6 +703,7 @@ TORCH_LIBRARY_IMPL(diffaug_kernels_C, CPU, m) {
   m.impl("forward_noise_out", &forward_noise_out);
   m.impl("tweedie_out", &tweedie_out);
   m.impl("reverse_step_out", &reverse_step_out);
+  m.impl("group_norm_silu_out", &group_norm_silu_out);
   m.impl("philox_normal_out", &philox_normal_out);
   m.impl("philox_uint32_out", &philox_uint32_out);
 }

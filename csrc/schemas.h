@@ -19,6 +19,12 @@ constexpr const char* kTweedieOut =
 constexpr const char* kReverseStepOut =
     "reverse_step_out(Tensor x0_hat, Tensor x_t, Tensor c1, Tensor c2, Tensor? sigma, Tensor? shift, Tensor seed, "
     "Tensor offset, Tensor(a!) out) -> ()";
+// out = SiLU(GroupNorm(x) * weight + bias), or SiLU((GroupNorm(x) * weight + bias) * (1 + scale) + shift);
+// x: [B, C, ...] (any strides), out of x's shape and dtype; weight, bias [C] and scale, shift [B, C] (both or
+// neither) in the compute dtype (float32; float64 for float64 x), the statistics too.
+constexpr const char* kGroupNormSiluOut =
+    "group_norm_silu_out(Tensor x, int num_groups, Tensor weight, Tensor bias, float eps, Tensor? scale, "
+    "Tensor? shift, Tensor(a!) out) -> ()";
 constexpr const char* kPhiloxNormalOut = "philox_normal_out(Tensor seed, Tensor offset, Tensor(a!) out) -> ()";
 
 }  // namespace dk

@@ -6,9 +6,11 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from . import ops
 from .ops import checks
+from .ops.dispatch import median_seconds, on_device
 from .schedule import PREDICTIONS, NoiseSchedule
 
 
@@ -39,11 +41,29 @@ class DiffAug(nn.Module):
     under autocast, which leaves weights already in dtype alone. Only the weights of nn.Conv1d/2d/3d,
     nn.ConvTranspose1d/2d/3d and nn.Linear (and no weight that another kind of module also holds) are cast:
     those are the modules autocast runs in low precision; other parameters (norms, embeddings) stay as they are.
+
+    fused_norm: whether the model runs its GroupNorm + (scale-shift +) SiLU pairs as one dk.group_norm_silu (the
+    package's ADM UNet: models.create_adm_unet, whose set_fused_norm switches them; same parameters, same
+    numbers to rounding). True / False force it (True on a model without set_fused_norm is an error; False on such
+    a model is a no-op). None (the default) decides by measurement on CUDA with compile=True, for a model with
+    set_fused_norm and norm_silu_sites; anywhere else it leaves the model as it is (on CPU: no measurement, and a
+    UNet built unfused stays unfused). The measurement (measure_fused_norm) runs once per device, input shape and
+    dtype, at the first call with that input, before the compile: one eager call of the unfused model records the
+    inputs of its norm + SiLU pairs, then each distinct pair shape is timed fused against the unfused pair compiled
+    by inductor (static shapes, what the compiled unfused UNet runs there), summed over the pairs; fused runs when
+    its total is smaller. It costs one eager call of the model and one compile of the small pair function per
+    distinct pair input (a few per resolution level), not a second compile of the UNet; it does not see inductor
+    fusing a pair's neighbours into it, so where the totals are close, time both settings end to end and force
+    the faster. The measured totals are kept in fused_norm_measured. The user's module is never switched: a
+    setting other than the model's own runs a copy of the model (or of the cast copy above) that shares every
+    parameter and buffer with it, follows its train/eval mode and is remade when the model it copies is; a later
+    structural change to the user's module (another set_* call) reaches calls through that copy only once it is
+    remade, so set such options before the first call.
     """
 
     def __init__(self, model: nn.Module, schedule: NoiseSchedule, t_range=None, prediction: str = "eps",
                  clip: bool = True, backend: str = "auto", compile: bool = False, dtype: Optional[torch.dtype] = None,
-                 cast_weights: Optional[bool] = None):
+                 cast_weights: Optional[bool] = None, fused_norm: Optional[bool] = None):
         super().__init__()
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a dk.NoiseSchedule, got {type(schedule).__name__}")
@@ -66,6 +86,11 @@ class DiffAug(nn.Module):
         if cast_weights is True and dtype not in LOW_PRECISION:
             raise ValueError(f"cast_weights=True casts to dtype, which must be torch.bfloat16 or torch.float16, "
                              f"got {dtype}")
+        if not (fused_norm is None or isinstance(fused_norm, bool)):
+            raise TypeError(f"fused_norm must be None, True or False, got {fused_norm!r}")
+        if fused_norm is True and not callable(getattr(model, "set_fused_norm", None)):
+            raise ValueError(f"fused_norm=True needs a model with set_fused_norm (the package's ADM UNet, "
+                             f"models.create_adm_unet); {type(model).__name__} has none")
         if backend != "auto" and backend not in ops.BACKENDS:  # checked now, not at the first call
             raise ValueError(f"backend must be 'auto' or one of {ops.BACKENDS}, got {backend!r}")
         self.model = model
@@ -74,15 +99,18 @@ class DiffAug(nn.Module):
         self.prediction, self.clip, self.backend, self.dtype = prediction, clip, backend, dtype
         self.compiled = compile
         self.cast_weights = cast_weights
+        self.fused_norm = fused_norm
+        # (device, x's shape, x's dtype) -> (fused seconds, compiled unfused seconds) measured for fused_norm=None
+        self.fused_norm_measured = {}
+        self._norm_copies = {}  # (device, fused) -> (the model copied, its copy with that fused_norm setting)
         self._compiled = {}  # device type -> the compiled model, made at the first call on that device
         # device -> CastCopy: the model with its weights cast to dtype once (a plain dict: not a submodule, so
         # this module's state_dict and parameters() are the model's alone)
         self._cast = {}
 
-    def _runner(self, device: torch.device):
+    def _runner(self, device: torch.device, fused: Optional[bool] = None):
         model = self._cast_model(device)
-        if model is None:
-            model = self.model
+        model = self._norm_variant(self.model if model is None else model, device, fused)
         if not self.compiled:
             return model
         run = self._compiled.get(device.type)
@@ -113,12 +141,81 @@ class DiffAug(nn.Module):
         cached = self._cast[device] = CastCopy(self.model, self.dtype)
         return cached.model
 
+    def _norm_variant(self, model: nn.Module, device: torch.device, fused: Optional[bool]) -> nn.Module:
+        """model when fused is None or its own setting (or it has no set_fused_norm: fused is False there); else a
+        copy switched by set_fused_norm that shares every parameter and buffer with it (made once, remade when
+        model is another object)."""
+        if fused is None or getattr(model, "fused_norm", None) is fused or not hasattr(model, "set_fused_norm"):
+            return model
+        cached = self._norm_copies.get((device, fused))
+        if cached is None or cached[0] is not model:
+            shared = {id(v): v for v in [*model.parameters(), *model.buffers()]}
+            cached = self._norm_copies[(device, fused)] = (model, copy.deepcopy(model, shared).set_fused_norm(fused))
+        if cached[1].training != model.training:
+            cached[1].train(model.training)
+        return cached[1]
+
+    def fused_norm_for(self, x_t: Tensor, t: Tensor, **model_kwargs) -> Optional[bool]:
+        """The fused_norm setting a call on x_t runs with: True or False, or None for the model as it is (see
+        fused_norm); under None on CUDA with compile=True, measured at the first call of each device, shape and
+        dtype."""
+        if self.fused_norm is not None:
+            return self.fused_norm
+        if not (self.compiled and x_t.device.type in MEASURED_DEVICES and measurable(self.model)):
+            return None
+        if torch.compiler.is_compiling():  # this module traced whole: nothing can be timed there
+            return None
+        key = (x_t.device, tuple(x_t.shape), x_t.dtype)
+        if key not in self.fused_norm_measured:
+            self.fused_norm_measured[key] = self.measure_fused_norm(x_t, t, **model_kwargs)
+        fused_s, compiled_s = self.fused_norm_measured[key]
+        return fused_s < compiled_s
+
+    def measure_fused_norm(self, x_t: Tensor, t: Tensor, **model_kwargs) -> tuple:
+        """(fused, compiled) seconds of the model's norm + SiLU pairs on inputs like x_t: dk.group_norm_silu
+        against unfused_norm_silu compiled, each distinct pair (shape, strides, dtype, groups, scale-shift) timed
+        once on random inputs and counted once per pair of the model (see fused_norm). Runs on any device."""
+        base = self._cast_model(x_t.device)
+        model = self._norm_variant(self.model if base is None else base, x_t.device, False)
+        pairs = {}  # signature -> [count, norm, scale_shift]
+
+        def record(scale_shift):
+            def pre_hook(norm, args):
+                x = args[0]
+                key = (tuple(x.shape), x.stride(), x.dtype, norm.num_groups, norm.eps, scale_shift)
+                pairs.setdefault(key, [0, norm, scale_shift])[0] += 1
+            return pre_hook
+
+        hooks = [norm.register_forward_pre_hook(record(ss)) for norm, ss in model.norm_silu_sites()]
+        try:
+            with torch.no_grad():
+                self._call(model, x_t, t, **model_kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        reference = torch.compile(unfused_norm_silu, fullgraph=True, dynamic=False)
+        totals = [0.0, 0.0]
+        limit = max(torch._dynamo.config.recompile_limit, 256)  # one static-shape compile per distinct pair
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=limit):
+            for (shape, stride, dtype, groups, eps, _), (count, norm, scale_shift) in pairs.items():
+                x = torch.empty_strided(shape, stride, dtype=dtype, device=x_t.device).normal_()
+                sc, sh = ((0.1 * torch.randn(shape[0], shape[1], 1, 1, device=x_t.device)).to(dtype)
+                          for _ in range(2)) if scale_shift else (None, None)
+                totals[0] += count * time_candidate("fused", lambda: ops.group_norm_silu(
+                    x, groups, norm.weight, norm.bias, eps, sc, sh), x_t.device)
+                totals[1] += count * time_candidate("compiled", lambda: reference(norm, x, sc, sh), x_t.device)
+        return tuple(totals)
+
     def sample_t(self, batch: int, device) -> Tensor:
         return torch.randint(self.t_range[0], self.t_range[1], (batch,), device=device)
 
     def denoise(self, x_t: Tensor, t: Tensor, **model_kwargs) -> Tensor:
-        """The model's prediction at (x_t, t), under this module's autocast and layout settings."""
-        inp, run = x_t, self._runner(x_t.device)
+        """The model's prediction at (x_t, t), under this module's autocast, layout and fused_norm settings."""
+        run = self._runner(x_t.device, self.fused_norm_for(x_t, t, **model_kwargs))
+        return self._call(run, x_t, t, **model_kwargs)
+
+    def _call(self, run, x_t: Tensor, t: Tensor, **model_kwargs) -> Tensor:
+        inp = x_t
         if self.compiled and inp.dim() == 4:
             inp = inp.contiguous(memory_format=torch.channels_last)
         if self.dtype is not None and self.dtype != torch.float32:
@@ -147,7 +244,33 @@ class DiffAug(nn.Module):
     def extra_repr(self) -> str:
         return (f"schedule={self.schedule!r}, t_range={self.t_range}, prediction={self.prediction!r}, "
                 f"clip={self.clip}, backend={self.backend!r}, compile={self.compiled}, dtype={self.dtype}, "
-                f"cast_weights={self.cast_weights}")
+                f"cast_weights={self.cast_weights}, fused_norm={self.fused_norm}")
+
+
+MEASURED_DEVICES = ("cuda",)  # where fused_norm=None measures (with compile=True); elsewhere it leaves the model be
+
+
+def measurable(model: nn.Module) -> bool:
+    """Whether fused_norm=None can measure the model: it switches (set_fused_norm) and lists its norm + SiLU
+    pairs (norm_silu_sites), as the package's ADM UNet does."""
+    return callable(getattr(model, "set_fused_norm", None)) and callable(getattr(model, "norm_silu_sites", None))
+
+
+def unfused_norm_silu(norm: nn.Module, x: Tensor, scale: Optional[Tensor] = None,
+                      shift: Optional[Tensor] = None) -> Tensor:
+    """A norm + SiLU pair as the unfused ADM UNet runs it (norm(x), ADM's scale-shift, SiLU): what fused_norm's
+    measurement compiles and times against dk.group_norm_silu."""
+    h = norm(x)
+    if scale is not None:
+        h = h * (1 + scale) + shift
+    return F.silu(h)
+
+
+def time_candidate(name: str, fn, device: torch.device) -> float:
+    """Seconds of fn(), one of fused_norm's candidates ("fused" or "compiled"): the median of 10 calls after a
+    warm-up call (which compiles the compiled one)."""
+    with on_device(device):  # CUDA events and launches on the inputs' device
+        return median_seconds(fn, device, reps=10)
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)

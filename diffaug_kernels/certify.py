@@ -21,9 +21,9 @@ from torch import Tensor, nn
 
 from . import ops
 from .augment import DiffAug
-from .ensemble import eval_mode
 from .ops import checks
 from .schedule import NoiseSchedule
+from .utils import eval_mode
 
 ABSTAIN = -1
 

@@ -12,8 +12,8 @@ from typing import Optional, Sequence
 
 from .commands.options import HelpFormatter, Parser
 
-COMMANDS = ("bench", "bench_model", "bench_ensemble", "bench_certify", "bench_train", "plot", "train_score",
-            "train_classifier", "train_guidance", "sample", "evaluate", "certify", "pag", "demo")
+COMMANDS = ("bench", "bench_model", "bench_ensemble", "bench_certify", "bench_sample", "bench_train", "bench_fp8",
+            "plot", "train_score", "train_classifier", "train_guidance", "sample", "evaluate", "certify", "pag", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,9 +55,9 @@ from torch import Tensor
 
 from . import ops
 from .augment import DiffAug
-from .ensemble import eval_mode
 from .ops import checks
 from .schedule import PREDICTIONS, NoiseSchedule
+from .utils import eval_mode
 
 __all__ = ["DDA_DEFAULTS", "space_timesteps", "respace", "low_pass", "adapt", "dda_predict", "dda_se_predict"]
 

@@ -1,17 +1,17 @@
 """DiffAug-Ensemble (DE): average the classifier's softmax over DiffAug'd copies of the input at several t."""
 from __future__ import annotations
 
-import contextlib
 import time
 import weakref
 from typing import Callable, Optional, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import ops
 from .augment import DiffAug
 from .ops import checks
+from .utils import eval_mode
 
 DEFAULT_TIMES = tuple(range(0, 451, 50))
 
@@ -81,20 +81,6 @@ def pick_chunk(aug: DiffAug, x_t: Tensor, t: Tensor, batch: int) -> int:
                                      f"call ran out of memory; pass a smaller batch")
     CHUNKS[key] = (weakref.ref(aug.model), best)
     return best
-
-
-@contextlib.contextmanager
-def eval_mode(*modules):
-    """Every nn.Module among modules in eval mode for the block, then each submodule's own mode back."""
-    saved = [(m, m.training) for mod in modules if isinstance(mod, nn.Module) for m in mod.modules()]
-    try:
-        for mod in modules:
-            if isinstance(mod, nn.Module):
-                mod.eval()
-        yield
-    finally:
-        for m, training in saved:
-            m.training = training
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ import torch
 from scipy import linalg
 from torch import Tensor, nn
 
-from .utils import torch_load
+from .utils import eval_mode, torch_load
 
 __all__ = [
     "density_coverage",
@@ -236,21 +236,16 @@ def _batches(images, batch_size: int) -> Iterable[Tensor]:
 def features(module: nn.Module, images, batch_size: int = 256, device=None) -> np.ndarray:
     """module(batch) flattened to [B, D] for every batch of images (a tensor [N, ...], or an iterable of
     batches or of (images, labels) pairs), concatenated as float32 numpy [N, D]. The module runs in eval mode
-    without autograd (its mode is restored after) on `device` (default: its parameters' device)."""
+    without autograd (each submodule's mode is restored after) on `device` (default: its parameters' device)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if device is None:
         param = next(iter(module.parameters()), None)
         device = param.device if param is not None else torch.device("cpu")
-    was_training = module.training
-    module.eval()
     out = []
-    try:
-        with torch.no_grad():
-            for batch in _batches(images, batch_size):
-                out.append(module(batch.to(device)).flatten(1).float().cpu().numpy())
-    finally:
-        module.train(was_training)
+    with torch.no_grad(), eval_mode(module):
+        for batch in _batches(images, batch_size):
+            out.append(module(batch.to(device)).flatten(1).float().cpu().numpy())
     if not out:
         raise ValueError("images is empty")
     return np.concatenate(out, axis=0)

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from .augment import DiffAug
-from .ensemble import eval_mode
 from .ops import checks
 from .schedule import NoiseSchedule
+from .utils import eval_mode
 
 __all__ = ["input_gradient", "bayes_direction", "alignment", "pgd_l2", "robust_accuracy"]
 

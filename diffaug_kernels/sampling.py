@@ -39,10 +39,9 @@ from torch import Tensor
 from . import ops
 from .augment import DiffAug
 from .dda import check_model_output, respace, space_timesteps
-from .ensemble import eval_mode
 from .ops import checks
 from .schedule import PREDICTIONS, NoiseSchedule
-from .utils import Progress
+from .utils import Progress, eval_mode
 
 __all__ = ["STEP_COUNTERS", "VARIANCES", "ddim_coefficients", "ddim_sample", "ddpm_coefficients", "ddpm_sample",
            "respace", "reverse_step", "space_timesteps"]

@@ -2,6 +2,7 @@
 with weights_only and one-line errors, the user-error type, progress display, and Ctrl-C as a request to stop."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -323,3 +324,20 @@ def ignore_interrupt(worker_id: int = 0) -> None:
     """A DataLoader worker_init_fn: workers ignore Ctrl-C, which the main process turns into a clean stop (a
     worker killed by it would fail the next batch instead)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def eval_mode(*modules):
+    """Every nn.Module among modules in eval mode for the block, then each submodule's own mode back (a plain
+    module.train(saved) would set every child to the parent's mode)."""
+    from torch import nn
+
+    saved = [(m, m.training) for mod in modules if isinstance(mod, nn.Module) for m in mod.modules()]
+    try:
+        for mod in modules:
+            if isinstance(mod, nn.Module):
+                mod.eval()
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training

@@ -283,3 +283,133 @@ def test_compiled_cast_copy_equals_autocast():
 def test_bad_cast_weights(model, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         dk.DiffAug(model, S, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------- fused norm
+def _random_unet():
+    """A tiny ADM UNet with scale-shift and random weights everywhere (its output convs are not zero)."""
+    torch.manual_seed(0)
+    unet = dk.models.create_adm_unet(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+                                     attention_resolutions="8", num_head_channels=16, learn_sigma=True,
+                                     use_scale_shift_norm=True).eval()
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape) / p[0].numel() ** 0.5)
+            else:  # norm weights near 1, biases near 0
+                p.copy_(0.1 * torch.randn(p.shape) + (1.0 if "norm" in name or name.endswith(".0.weight") else 0.0))
+    return unet
+
+
+def _count_fused_calls(monkeypatch):
+    from diffaug_kernels.models import unet as unet_module
+
+    calls, real = [], unet_module.group_norm_silu
+    monkeypatch.setattr(unet_module, "group_norm_silu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_fused_norm_forced_on_equals_off_and_leaves_the_model_alone(monkeypatch, dtype):
+    unet = _random_unet().requires_grad_(dtype is None)  # bf16: frozen, so the calls run the weights-cast copy
+    calls = _count_fused_calls(monkeypatch)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    off = dk.DiffAug(unet, S, dtype=dtype, fused_norm=False)(x, t=[30, 90], seed=4)  # (bf16 errors grow with t)
+    assert calls == []
+    on_aug = dk.DiffAug(unet, S, dtype=dtype, fused_norm=True)
+    on = on_aug(x, t=[30, 90], seed=4)
+    assert len(calls) == len(unet.norm_silu_sites())  # every ResBlock's two norms and the output norm
+    assert unet.fused_norm is False and not any(getattr(m, "fused_norm", False) for m in unet.modules())
+    tol = 1e-4 if dtype is None else 0.05
+    torch.testing.assert_close(on, off, rtol=tol, atol=tol)
+    # the switched copy is of the model that runs (the weights-cast copy under bf16) and shares its parameters
+    source, switched = on_aug._norm_copies[(x.device, True)]
+    assert source is (on_aug._cast[x.device].model if dtype else unet) and switched.fused_norm is True
+    assert [id(p) for p in switched.parameters()] == [id(p) for p in source.parameters()]
+
+
+def test_fused_norm_false_switches_a_fused_model_off_and_none_leaves_it_be(monkeypatch):
+    unet = _random_unet().set_fused_norm(True)
+    calls = _count_fused_calls(monkeypatch)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    dk.DiffAug(unet, S, fused_norm=False)(x, t=50)
+    assert calls == [] and unet.fused_norm is True
+    dk.DiffAug(unet, S)(x, t=50)
+    assert calls
+
+
+def test_fused_norm_none_on_cpu_stays_off_without_measuring(monkeypatch):
+    from diffaug_kernels import augment
+
+    unet = _random_unet()
+    calls = _count_fused_calls(monkeypatch)
+    monkeypatch.setattr(augment, "time_candidate", lambda *a: pytest.fail("nothing is timed on CPU"))
+    aug = dk.DiffAug(unet, S, compile=True)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert aug.fused_norm is None and aug.fused_norm_for(x, torch.tensor([1, 2])) is None
+    dk.DiffAug(unet, S)(x, t=50)
+    assert calls == [] and aug.fused_norm_measured == {}
+
+
+@pytest.mark.parametrize("fused_faster", [True, False])
+def test_fused_norm_none_picks_the_faster_measured_setting_once_per_shape(monkeypatch, fused_faster):
+    """The decision of fused_norm=None (CUDA with compile=True; reached on CPU here by letting it measure there),
+    with a timer that makes one candidate faster: both candidates are timed for each distinct norm + SiLU input
+    of the model, weighted by how many pairs see it, once per input shape."""
+    from diffaug_kernels import augment
+
+    timed = []
+
+    def fake_time(name, fn, device):
+        timed.append(name)
+        return 1.0 if (name == "fused") == fused_faster else 2.0
+
+    monkeypatch.setattr(augment, "time_candidate", fake_time)
+    monkeypatch.setattr(augment, "MEASURED_DEVICES", ("cpu",))
+    unet = _random_unet()
+    aug = dk.DiffAug(unet, S, compile=True, dtype=torch.bfloat16)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    t = torch.tensor([5, 600])
+    assert aug.fused_norm_for(x, t) is fused_faster
+    # 16x16 and 8x8 levels: in-norms and out-norms (with scale-shift) at 32 and 64 channels, the output norm
+    assert timed.count("fused") == timed.count("compiled") >= 4
+    fused_s, compiled_s = aug.fused_norm_measured[(x.device, (2, 3, 16, 16), torch.float32)]
+    n = len(unet.norm_silu_sites())  # each pair counted once
+    assert (fused_s, compiled_s) == ((n, 2.0 * n) if fused_faster else (2.0 * n, n))
+    timed.clear()
+    assert aug.fused_norm_for(x, t) is fused_faster and timed == []  # cached for this shape
+    aug.fused_norm_for(x[:1], t[:1])
+    assert timed  # a new shape is measured
+
+
+def test_fused_norm_measurement_times_the_real_candidates(monkeypatch):
+    """measure_fused_norm with the real timer: both totals are positive (the fused op and the compiled pair ran;
+    aot_eager for inductor here, whose CPU compiles would take minutes on a small machine)."""
+    import functools
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    aug = dk.DiffAug(_random_unet(), S, fused_norm=None)
+    fused_s, compiled_s = aug.measure_fused_norm(torch.rand(1, 3, 16, 16) * 2 - 1, torch.tensor([5]))
+    assert fused_s > 0 and compiled_s > 0
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(fused_norm=1), TypeError, "fused_norm must be None, True or False"),
+    (dict(fused_norm="auto"), TypeError, "fused_norm must be None, True or False"),
+    (dict(fused_norm=True), ValueError, "fused_norm=True needs a model with set_fused_norm"),
+])
+def test_bad_fused_norm(model, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        dk.DiffAug(model, S, **kwargs)
+
+
+def test_fused_norm_false_on_a_model_without_the_switch_runs_it_as_it_is(model):
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    want = dk.DiffAug(model, S)(x, t=[3, 400], seed=1)
+    torch.testing.assert_close(dk.DiffAug(model, S, fused_norm=False)(x, t=[3, 400], seed=1), want, rtol=0, atol=0)
+
+
+def test_repr_shows_fused_norm(model):
+    assert "fused_norm=None" in repr(dk.DiffAug(model, S))
+    assert "fused_norm=False" in repr(dk.DiffAug(model, S, fused_norm=False))

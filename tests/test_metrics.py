@@ -168,6 +168,14 @@ def test_features_of_any_module():
     np.testing.assert_allclose(metrics.features(net, batches), got, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="batch_size"):
         metrics.features(net, x, batch_size=0)
+    # a wrapper in training mode around a model in eval mode (a BatchNorm net): each keeps its own mode after,
+    # and the features are the eval-mode ones (running statistics, untouched)
+    inner = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Flatten()).eval()
+    wrapper = nn.Sequential(inner)
+    before = inner[1].running_mean.clone()
+    np.testing.assert_allclose(metrics.features(wrapper, x), inner(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert wrapper.training and not inner.training and not inner[1].training
+    assert torch.equal(inner[1].running_mean, before)
 
 
 def test_inception_needs_a_local_file(tmp_path):

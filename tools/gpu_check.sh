@@ -145,6 +145,13 @@ bench_ops() {  # bench_ops RUN
     --json "$W/bench-run$1.json" --plot "$W/bench-run$1.png" > "$W/bench-run$1.txt" 2> "$W/bench-run$1.log"
   local rc=$?; cat "$W/bench-run$1.txt"; tail -5 "$W/bench-run$1.log"; return $rc
 }
+bench_norm() {  # dk.group_norm_silu (Triton) on the 256x256 UNet's activation shapes at 224x224, bf16 and fp32:
+  # its share of the copy rate (issue 25: >= 85%) against the eager and compiled published norm + scale-shift + SiLU
+  "$PY" -m diffaug_kernels bench --device cuda --reps 50 --warmup 10 --ops group_norm_silu \
+    --shapes 64x256x112x112,64x512x56x56,64x1024x14x14 --dtypes bfloat16,float32 --json "$W/bench-norm.json" \
+    > "$W/bench-norm.txt" 2> "$W/bench-norm.log"
+  local rc=$?; cat "$W/bench-norm.txt"; tail -5 "$W/bench-norm.log"; return $rc
+}
 bench_ensemble() {
   "$PY" -m diffaug_kernels bench-ensemble --device cuda --batch 8 --reps 5 --warmup 2 --json "$W/bench-ensemble.json" \
     --plot "$W/bench-ensemble.png" \
@@ -167,6 +174,12 @@ bench_certify() {
     --plot "$W/bench-certify.png" > "$W/bench-certify.txt" 2> "$W/bench-certify.log"
   local rc=$?; cat "$W/bench-certify.txt"; tail -5 "$W/bench-certify.log"; return $rc
 }
+bench_fp8() {  # FP8 3x3 convolutions (Hopper): D(t) of the digits and 256x256 models, FP8 UNet vs compiled bf16
+  "$PY" -m diffaug_kernels bench-fp8 --device cuda --batch 64 --reps 5 --warmup 2 --json "$W/bench-fp8.json" \
+    > "$W/bench-fp8.txt" 2> "$W/bench-fp8.log"
+  local rc=$?; cat "$W/bench-fp8.txt"; tail -5 "$W/bench-fp8.log"; return $rc
+}
+export -f bench_fp8
 bench_certify_cpu() {  # the issue's CPU target (bf16, compile=True) needs BF16 instructions, which the 2-core
   # development machine lacks (it emulates bf16 convolutions): timed on this host's CPU when it has them
   if ! grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo; then echo "this CPU has no BF16 instructions: skipped"; return 0; fi
@@ -174,6 +187,17 @@ bench_certify_cpu() {  # the issue's CPU target (bf16, compile=True) needs BF16 
     --json "$W/bench-certify-cpu.json" --plot "$W/bench-certify-cpu.png" > "$W/bench-certify-cpu.txt" \
     2> "$W/bench-certify-cpu.log"
   local rc=$?; cat "$W/bench-certify-cpu.txt"; tail -5 "$W/bench-certify-cpu.log"; return $rc
+}
+bench_sample_cpu() {  # issue 22's CPU target (bf16, compile=True) needs BF16 instructions, as certify-cpu's does
+  if ! grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo; then echo "this CPU has no BF16 instructions: skipped"; return 0; fi
+  "$PY" -m diffaug_kernels bench-sample --device cpu --dtypes float32,bfloat16 --reps 3 --warmup 1 \
+    --json "$W/bench-sample-cpu.json" > "$W/bench-sample-cpu.txt" 2> "$W/bench-sample-cpu.log"
+  local rc=$?; cat "$W/bench-sample-cpu.txt"; tail -5 "$W/bench-sample-cpu.log"; return $rc
+}
+bench_sample() {  # classifier-guided DDIM (256x256 models, 25 steps): published fp16 loop vs dk bf16, eager, compiled
+  "$PY" -m diffaug_kernels bench-sample --device cuda --batch 16 --steps 25 --dtypes bfloat16 --reps 3 --warmup 1 \
+    --json "$W/bench-sample.json" --plot "$W/bench-sample.png" > "$W/bench-sample.txt" 2> "$W/bench-sample.log"
+  local rc=$?; cat "$W/bench-sample.txt"; tail -5 "$W/bench-sample.log"; return $rc
 }
 kernel_sources() {  # kernel_sources PROFILE DEST: the generated source of the slowest inductor kernels the profile
   # names (its full-name list), and the two biggest graph wrappers (call(): buffer layouts, launch order), gzipped
@@ -211,7 +235,8 @@ if runs:
         same = r1.get("vs_same_bytes_copy")
         print(f"{r1['op']:<20}{r1['dtype']:<10}{r1['impl']:<24}{ms}{r1.get('gb_s', 0):7.0f}{r1['pct_copy']:6.1f}%"
               f"{100 * same if same else float('nan'):7.0f}%{r1['speedup']:8.2f}x{comp / r1['ms']:11.2f}x")
-for name in ("variants", "floor", "bench-ensemble", "bench-certify", "bench-certify-cpu", "bench-train",
+for name in ("variants", "floor", "bench-ensemble", "bench-certify", "bench-certify-cpu", "bench-sample",
+             "bench-sample-cpu", "bench-norm", "bench-fp8", "bench-train",
              "bench-model", "bench-model-cdt", "bench-model-cudnn"):
     p = f"{d}/{name}.txt"
     if os.path.exists(p) and os.path.getsize(p):
@@ -229,7 +254,7 @@ INDUCTOR_CACHE=/tmp/gpu-check-inductor
 [ "${GPU_CHECK_BUILD:-1}" = 0 ] || rm -rf "$INDUCTOR_CACHE"
 export PY W INDUCTOR_CACHE TORCHINDUCTOR_CACHE_DIR="$INDUCTOR_CACHE"
 export -f env_info build gpu_tests sanitize kernel_profile bench_ops bench_ensemble bench_model kernel_sources rng_floor \
-  tune_variants bench_certify bench_certify_cpu bench_train
+  tune_variants bench_certify bench_certify_cpu bench_train bench_sample bench_sample_cpu bench_norm
 step environment 60 5 env_info 2>&1 | tee "$W/env.log"
 # GPU_CHECK_BUILD=0 keeps the extension an earlier call built on the same (warm) machine, or one built beforehand
 # for the machine's Python and torch and carried (tools/prebuild_gpu_ext.sh), when it loads.
@@ -241,9 +266,17 @@ fi
 # GPU_CHECK_STEPS picks and orders the steps after the build (default: all, correctness first), e.g.
 # GPU_CHECK_STEPS=bench1,floor,bench2 when only the timings are missing and device time is short; "certify"
 # (bench-certify, not in the default list) times dk.certify against the published DDS loop; "certify-cpu" the
-# same on the host's CPU in fp32 and bf16 when it has BF16 instructions (the issue's CPU target); "train"
+# same on the host's CPU in fp32 and bf16 when it has BF16 instructions (the issue's CPU target); "sample"
+# (bench-sample, not in the default list: two compiles of the UNet and the classifier's forward and backward) times
+# classifier-guided DDIM against guided-diffusion's classifier_sample loop and checks the images agree;
+# "sample-cpu" the same on the host's CPU in fp32 and bf16 when it has BF16 instructions (the issue's CPU target); "train"
 # (bench-train, not in the default list: two compiles, the UNet's and the classifier's forward and backward, after
 # the published eager step; not yet timed on a GPU) the DiffAug training step end to end, published vs the package's.
+# "norm" (not in the default list) times dk.group_norm_silu on the 256x256 UNet's activation shapes (its share of
+# the copy rate); the model step times the fused UNet (bench-model --fused, the default on a GPU) and, with its
+# profile, the step with it ("profile.fused"), for issue 25.
+# "fp8" (bench-fp8, not in the default list: GPU_CHECK_STEPS=fp8) the FP8 3x3 convolutions on a Hopper GPU: D(t) of
+# the digits and the 256x256 models, the compiled FP8 UNet against the compiled bf16 one, the four costliest conv shapes.
 STEPS="${GPU_CHECK_STEPS:-tune,tests,bench1,model,ncu,ensemble,bench2,model-cudnn,floor}"
 # Without the CUDA kernels (a failed compile falls back to CPU) Triton is still worth testing and timing.
 if "$PY" -c "import diffaug_kernels" 2>/dev/null; then
@@ -271,11 +304,16 @@ if "$PY" -c "import diffaug_kernels" 2>/dev/null; then
       ncu) step "Nsight Compute profile of the CUDA kernels" 60 30 kernel_profile ;;
       ensemble) step "benchmark DiffAug-Ensemble vs per-t loop vs DDA" 300 90 bench_ensemble ;;
       bench2) step "benchmark ops, run 2 (run-to-run noise)" 120 30 bench_ops 2 ;;
+      norm) step "benchmark group_norm_silu on the UNet's shapes" 150 40 bench_norm ;;
       certify) step "benchmark certify's noise samples vs the published DDS loop" 300 60 bench_certify ;;
+      fp8) step "benchmark FP8 3x3 convolutions: D(t), FP8 UNet vs compiled bf16" 420 120 bench_fp8 ;;
       certify-cpu) step "benchmark certify on this host's CPU, fp32 and bf16 (BF16 instructions only)" 300 60 \
              bench_certify_cpu ;;
+      sample) step "benchmark classifier-guided DDIM vs the published classifier_sample loop" 480 150 bench_sample ;;
+      sample-cpu) step "benchmark guided DDIM on this host's CPU, fp32 and bf16 (BF16 instructions only)" 420 90 \
+             bench_sample_cpu ;;
       train) step "benchmark the DiffAug training step, published vs the package's" 420 120 bench_train ;;
-      model) step "benchmark UNet forward + DiffAug step (+ profile)" 270 60 bench_model bench-model \
+      model) step "benchmark UNet forward (+ fused) + DiffAug step (+ profiles)" 360 60 bench_model bench-model \
              --profile "$W/bench-model-profile.txt" --candidates \
              && kernel_sources "$W/bench-model-profile.txt" "$W/kernels" ;;
       model-cdt)  # the same with inductor's coordinate-descent tuning of its kernels' block sizes (slower compile)

@@ -293,7 +293,7 @@ def make_case(op: str, shape: Sequence[int], dtype: torch.dtype, device="cpu",
         case = Case(op, shape, dtype, 2 * elem)
         case.impls[EAGER] = lambda: published_group_norm_silu(x, groups, weight, bias, scale, shift)
         case.impls[COMPILED] = lambda: compiled(op)(x, groups, weight, bias, scale, shift)
-        for name in backends:  # csrc/ has no kernel of this op: the "cpu" and "cuda" rows run the reference
+        for name in backends:  # csrc/'s CPU kernel, Triton's; the "cuda" backend has none and runs the reference
             case.impls[f"fused ({name})"] = lambda name=name: group_norm_silu(x, groups, weight, bias, 1e-5, scale,
                                                                              shift, backend=name)
     else:

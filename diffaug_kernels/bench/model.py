@@ -6,6 +6,7 @@ CPU default: an 8M-parameter guided-diffusion-style UNet at 32x32, batch 64. GPU
 unconditional model at 224x224, batch 64 (random weights: speed does not depend on them)."""
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from typing import Optional
@@ -98,8 +99,8 @@ def _published_tables(sched: NoiseSchedule) -> dict:
 fp16_copy, published_tables = _fp16_copy, _published_tables  # public names for the training-step benchmark
 
 # bench-model's rows behind its headline ratios (the JSON's "ratios"): a ratio is written only when both of its
-# rows were measured in the run. UNET_FUSED is the row the UNet with fused norm + activation kernels is timed
-# under; until that UNet exists no run has the row, and "unet_fused_vs_compiled" is absent.
+# rows were measured in the run. UNET_FUSED is the same UNet with its norm + SiLU pairs as dk.group_norm_silu
+# (create_adm_unet(fused_norm=True), the same weights), timed when run(fused=...) asks (by default on a GPU).
 UNET_COMPILED = "compiled bf16 autocast + channels_last"
 UNET_FUSED = "compiled bf16 autocast + channels_last, fused group_norm_silu"
 STEP_DK = "dk.DiffAug compile=True, bf16"
@@ -167,7 +168,8 @@ def profile_step(fn, device: torch.device, path: str, rows: int = 30) -> dict:
 
 def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optional[dict] = None, reps: int = 5,
         warmup: int = 2, json_path: Optional[str] = None,
-        profile: Optional[str] = None, nchw: bool = False, candidates: bool = False) -> dict:
+        profile: Optional[str] = None, nchw: bool = False, candidates: bool = False,
+        fused: Optional[bool] = None) -> dict:
     """The UNet forward (eager fp32, eager bf16 + channels_last, compiled; nchw: also the compiled model on a
     contiguous input, a second compile) and the DiffAug step against the published pipeline, in one run.
     candidates (GPU): also the compiled model with other settings, each measured against the default in the
@@ -176,7 +178,10 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
     timing them (cudnn.benchmark, the same graph; no faster on an H100, RESULTS.md). The result's "ratios" holds
     the headline ratios of images/s measured in the run: "diffaug_step_vs_published" (STEP_DK over the published
     pipeline) and "unet_fused_vs_compiled" (UNET_FUSED over UNET_COMPILED), the latter only in a run that timed
-    the fused UNet's row."""
+    the fused UNet's row. fused (default: on a GPU): also time UNET_FUSED, a compiled copy of the UNet with
+    fused_norm=True (the same weights; a second compile), record its largest difference from the unfused compiled
+    output in "checks", and with profile, profile the DiffAug step with it too (profile's path + ".fused"), so
+    the inductor elementwise / norm time of the two steps compare in one run."""
     device, gpu, flags = device_and_unet(device, flags)
     if candidates:
         check_candidates(gpu)
@@ -234,6 +239,14 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
         with autocast():
             return model(cl, t)
 
+    fused = gpu if fused is None else fused
+    fused_model = copy.deepcopy(model).set_fused_norm(True) if fused else None
+    fused_compiled = torch.compile(fused_model, fullgraph=True) if fused else None
+
+    def bf16_compiled_fused():
+        with autocast():
+            return fused_compiled(cl, t)
+
     half_model = _fp16_copy(model, flags, device) if gpu else None
 
     published = f"published ({'fp16' if gpu else 'fp32'} eager)"
@@ -244,6 +257,7 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
             "eager fp32": lambda: model(x, t),
             "eager bf16 autocast + channels_last": bf16_eager,
             UNET_COMPILED: bf16_compiled,
+            **({UNET_FUSED: bf16_compiled_fused} if fused else {}),
             **({"compiled bf16 autocast, contiguous (NCHW)": bf16_compiled_nchw} if nchw else {}),
             **({"compiled bf16 autocast + channels_last, group-wise norm stats": bf16_compiled_group_stats,
                 "compiled bf16 autocast + channels_last, cudnn.benchmark": bf16_compiled_cudnn_benchmark}
@@ -282,11 +296,21 @@ def run(device=None, batch: int = 64, size: Optional[int] = None, flags: Optiona
                                                      "diffaug_step_vs_published": (STEP_DK, published)})
     for k, v in result["ratios"].items():
         print(f"{k}: {v:.2f}x")
+    if fused:
+        with torch.no_grad():
+            diff = (bf16_compiled_fused().float() - bf16_compiled().float()).abs().max().item()
+        result["checks"] = {"unet_fused_max_abs_diff_vs_compiled": diff}
+        print(f"fused UNet against the unfused compiled UNet, bf16: largest difference {diff:.3g}")
     result["complete"] = True
     if profile:
         with torch.no_grad():
             result["profile_ms"] = profile_step(lambda: aug_fast(x), device, profile)
         log(f"[bench-model] profile of the dk.DiffAug compile=True, bf16 step: {profile}")
+        if fused:
+            aug_fused = DiffAug(fused_model, sched, compile=True, dtype=torch.bfloat16, fused_norm=True)
+            with torch.no_grad():
+                result["profile_fused_ms"] = profile_step(lambda: aug_fused(x), device, profile + ".fused")
+            log(f"[bench-model] profile of the same step with the fused UNet: {profile}.fused")
     if json_path:
         write_json(result, json_path)
         log(f"[bench-model] wrote {json_path}")

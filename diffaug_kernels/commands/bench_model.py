@@ -1,6 +1,7 @@
 """`diffaug bench-model`: the ADM UNet forward and the whole DiffAug step against the published pipeline."""
 from __future__ import annotations
 
+import argparse
 import sys
 
 from .options import check_device, check_png, plot_result, positive
@@ -52,6 +53,9 @@ def add_arguments(p) -> None:
     p.add_argument("--candidates", action="store_true",
                    help="GPU: also time the compiled UNet with other settings than the default: group-norm "
                         "statistics group-wise (one more compile), cudnn.benchmark")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time the UNet with fused group_norm_silu (one more compile; default: on a GPU) and "
+                        "check its output against the unfused one; with --profile, profile its step too")
 
 
 def main(args) -> int:
@@ -66,7 +70,7 @@ def main(args) -> int:
     check_png("bench-model", args.plot)
     result = bench_model.run(device=args.device, batch=args.batch, size=args.size, reps=args.reps,
                              warmup=args.warmup, json_path=args.json, profile=args.profile, nchw=args.nchw,
-                             candidates=args.candidates)
+                             candidates=args.candidates, fused=args.fused)
     return plot_result(result, args.plot)
 
 

@@ -41,12 +41,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import make_dataset
-from ..models.guidance import GUIDANCE_FORMAT, GUIDANCE_KINDS, POOLS, DAClassifier, create_classifier
+from ..models.guidance import (
+    GUIDANCE_FORMAT,
+    GUIDANCE_KINDS,
+    POOLS,
+    DAClassifier,
+    create_classifier,
+    export_guidance_classifier,
+)
 from ..models.score import resolve_score_model
 from ..ops import forward_noise
 from ..robustness import stream_seed
 from ..schedule import NoiseSchedule
-from ..utils import Progress, StopRequest, UsageError, atomic_save, checksum_ok, torch_load, trim_log, write_json
+from ..utils import (
+    Progress,
+    StopRequest,
+    UsageError,
+    atomic_save,
+    checksum_ok,
+    eval_mode,
+    torch_load,
+    trim_log,
+    write_json,
+)
 from .options import (
     boolean,
     check_device,
@@ -123,10 +140,8 @@ def noisy_accuracy(net: nn.Module, ds, schedule: NoiseSchedule, times, seed_valu
     """{t: top-1 accuracy of net(x_t, t)} over the first `limit` images of ds, x_t = forward_noise(x, t) with
     the Philox seed stream_seed(seed_value, "eval", t, batch index): the same noise at every evaluation."""
     n = len(ds) if limit is None else min(limit, len(ds))
-    was_training = net.training
-    net.eval()
     acc = {}
-    try:
+    with eval_mode(net):
         for t in times:
             right = 0
             for b, start in enumerate(range(0, n, batch_size)):
@@ -137,8 +152,6 @@ def noisy_accuracy(net: nn.Module, ds, schedule: NoiseSchedule, times, seed_valu
                 tt = torch.full((x.shape[0],), int(t), dtype=torch.int64, device=x.device)
                 right += int((net(x_t, tt).argmax(1) == y).sum())
             acc[int(t)] = right / n
-    finally:
-        net.train(was_training)
     return acc
 
 
@@ -230,13 +243,15 @@ def _check_args(args: dict) -> None:
 
 # ------------------------------------------------------------------------------------------- train
 def train(resume: Optional[str] = None, out: Optional[str] = None, device=None, keep: int = 2,
-          progress: Optional[bool] = None, **given) -> dict:
+          progress: Optional[bool] = None, export: Optional[str] = None, **given) -> dict:
     """Trains (or resumes) a guidance classifier; returns a summary (step, loss, accuracy by t, checkpoint, ...).
 
     given: options of DEFAULTS; those left out (or None) take DEFAULTS for a fresh run, the checkpoint's values
     for a resumed one (where only steps, save_every, log_every, num_workers, eval_times and eval_images may
     change). steps is the total to reach. Checkpoints go to out/ckpt_<step>.pt (default runs/train-guidance, or
-    the resumed checkpoint's folder) every save_every steps and at the end; the newest `keep` stay (0: all)."""
+    the resumed checkpoint's folder) every save_every steps and at the end; the newest `keep` stay (0: all).
+    export: a .safetensors path that receives the final classifier (export_guidance_classifier) when the run
+    finishes."""
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
         raise TypeError(f"train() got unknown options {unknown}")
@@ -255,6 +270,8 @@ def train(resume: Optional[str] = None, out: Optional[str] = None, device=None, 
                                  f"({ckpt['path']}); leave it out to resume")
     _check_args(args)
     _check_data(args["data"])
+    if export is not None and not str(export).endswith(".safetensors"):
+        raise UsageError(f"--export must name a .safetensors file, got {export!r}")
     if args["kind"] == "da" and args["score_model"] == "random":
         raise UsageError("kind da needs a score model its checkpoint can name again ('default' or a file); "
                          "'random' is for tests of kind noisy")
@@ -368,6 +385,9 @@ def train(resume: Optional[str] = None, out: Optional[str] = None, device=None, 
         bar.write(f"train-guidance: interrupted at step {summary['step']} of {args['steps']}; checkpoint "
                   f"{ckpt_path} (no evaluation)")
         return summary
+    if export is not None:
+        summary["export"] = export_guidance_classifier(_read_checkpoint(ckpt_path), export)
+        bar.write(f"train-guidance: exported the classifier to {export}")
     if args["eval_times"]:
         t1 = time.perf_counter()
         acc = noisy_accuracy(net, test_ds, schedule, args["eval_times"], args["seed"], args["batch_size"] * 2,
@@ -440,6 +460,9 @@ def add_arguments(p) -> None:
     _flag(p, "log_interval", type=positive, help=f"log period in steps (default {d['log_every']})")
     p.add_argument("--keep", type=non_negative, default=2, help="newest checkpoints that verify kept (0 keeps all)")
     p.add_argument("--resume", metavar="PATH", default=None, help="a checkpoint file, or a folder (its newest)")
+    p.add_argument("--export", metavar="FILE.safetensors", default=None,
+                   help="also write the final classifier as safetensors (weights, flags, schedule; no optimizer), "
+                        "which sample, pag and dk.models.load_guidance_classifier read")
     p.add_argument("--eval-times", type=int_list, default=None,
                    help="t of the final held-out accuracy (default 0,250,500,750; '' skips it)")
     p.add_argument("--eval-images", type=positive, default=None, help="held-out images evaluated (default all)")
@@ -462,7 +485,7 @@ def main(args) -> int:
                    eval_images=args.eval_images)
     try:
         summary = train(resume=args.resume, out=args.out, device=device, keep=args.keep,
-                        progress=False if args.no_progress else None, **options)
+                        progress=False if args.no_progress else None, export=args.export, **options)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"diffaug {NAME}: {e}")
     return 130 if summary["interrupted"] else 0

@@ -11,11 +11,14 @@ in_channels, num_classes, channel_mult and num_head_channels for small models (3
 feeds [x_t, tweedie(x_t, score_model(x_t, t), t)] (channel concatenation) to a classifier built with twice
 the image channels. The DiffAug paper publishes no code for its DA-classifiers; this design is ours.
 
-``load_guidance_classifier`` rebuilds either kind from a ``train-guidance`` checkpoint (GUIDANCE_FORMAT).
+``load_guidance_classifier`` rebuilds either kind from a ``train-guidance`` checkpoint (GUIDANCE_FORMAT) or its
+safetensors export (EXPORT_FORMAT, ``export_guidance_classifier``); ``load_default_guidance_classifier`` loads the
+shipped digits ones (SHIPPED_GUIDANCE), made for the shipped score model.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Optional, Sequence, Union
 
@@ -25,8 +28,8 @@ from torch import Tensor, nn
 
 from ..ops import tweedie
 from ..schedule import PREDICTIONS, NoiseSchedule
-from ..utils import torch_load
-from .score import resolve_score_model
+from ..utils import torch_load, unreadable
+from .score import PACKAGE_DIR, check_sha256, resolve_score_model, save_checked
 from .unet import (
     AttentionBlock,
     Downsample,
@@ -52,6 +55,8 @@ __all__ = [
     "DAClassifier",
     "EncoderUNet",
     "create_classifier",
+    "export_guidance_classifier",
+    "load_default_guidance_classifier",
     "load_guidance_classifier",
     "load_guided_classifier",
 ]
@@ -368,13 +373,68 @@ class DAClassifier(nn.Module):
 
 
 GUIDANCE_FORMAT = "diffaug_kernels.train_guidance.v1"
+EXPORT_FORMAT = "diffaug_kernels.guidance_classifier.v1"
 GUIDANCE_KINDS = ("noisy", "da")
+_BETAS = "__schedule_betas__"  # an export's tensor holding the betas of the schedule it was trained on
+_JSON_FIELDS = ("classifier", "score_model", "classes", "image_channels", "step", "train_args")
+
+# The shipped digits guidance classifiers (for the shipped score model) and the commands that made them (exported
+# from the final checkpoint; 500 steps of batch 16, 2-core CPU)
+SHIPPED_GUIDANCE = {kind: os.path.join(PACKAGE_DIR, "weights", f"digits32_guidance_{kind}.safetensors")
+                    for kind in GUIDANCE_KINDS}
+SHIPPED_COMMANDS = {kind: f"python -m diffaug_kernels train-guidance --kind {kind} --seed 0 --threads 1 "
+                          f"--export diffaug_kernels/weights/digits32_guidance_{kind}.safetensors"
+                    for kind in GUIDANCE_KINDS}
+
+
+def export_guidance_classifier(checkpoint: dict, path: str, extra: Optional[dict] = None) -> str:
+    """Writes a train-guidance checkpoint's classifier as safetensors (float32 weights, the schedule's betas as
+    float64 under "__schedule_betas__", and the kind, flags, score-model spec, image channels and class names as
+    JSON metadata, with a checksum), without its optimizer: what load_guidance_classifier needs and no more."""
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != GUIDANCE_FORMAT:
+        raise ValueError("export_guidance_classifier takes a train-guidance checkpoint (a dict of format "
+                         f"{GUIDANCE_FORMAT!r})")
+    tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in checkpoint["model"].items()}
+    tensors[_BETAS] = checkpoint["schedule_betas"].detach().to("cpu", torch.float64).contiguous()
+    meta = {"format": EXPORT_FORMAT, "kind": checkpoint["kind"],
+            **{k: json.dumps(checkpoint.get("args") if k == "train_args" else checkpoint.get(k))
+               for k in _JSON_FIELDS}}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
+    return save_checked(tensors, path, meta)
+
+
+def _read_export(path: str) -> dict:
+    """An export as the fields of a checkpoint (model, schedule_betas, kind, classifier, ...)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        check_sha256(path, meta)
+        tensors = load_file(path)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for files of another format
+        raise ValueError(f"{path} is not a readable safetensors file ({unreadable(e)})") from None
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path} is not a train-guidance checkpoint or export (format {meta.get('format')!r})")
+    try:
+        fields = {k: json.loads(meta[k]) for k in _JSON_FIELDS if k in meta}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed metadata ({e})") from None
+    betas = tensors.pop(_BETAS, None)
+    if betas is None:
+        raise ValueError(f"{path} lacks the schedule's betas ({_BETAS!r})")
+    return {"kind": meta.get("kind"), "model": tensors, "schedule_betas": betas, **fields}
 
 
 def load_guidance_classifier(path, device=None, score_model: Optional[nn.Module] = None) -> nn.Module:
-    """A ready guidance classifier (x_t, t) -> logits from a ``train-guidance`` checkpoint, in eval mode.
+    """A ready guidance classifier (x_t, t) -> logits from a ``train-guidance`` checkpoint or its .safetensors
+    export (``train-guidance --export``, export_guidance_classifier), in eval mode.
 
-    The checkpoint holds the kind, the create_classifier flags (in_channels, num_classes included), the weights,
+    The file holds the kind, the create_classifier flags (in_channels, num_classes included), the weights,
     the betas of the schedule it was trained on and the --score-model spec. kind "noisy": the EncoderUNet;
     kind "da": a DAClassifier of it, the spec's score model (resolved as the commands do; score_model given
     instead is used as is) and the trained schedule. Either carries ``guidance_info``: kind, num_classes,
@@ -382,10 +442,14 @@ def load_guidance_classifier(path, device=None, score_model: Optional[nn.Module]
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"guidance classifier checkpoint not found: {path!r}")
-    ckpt = torch_load(path, "train-guidance", error=ValueError)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != GUIDANCE_FORMAT:
-        got = f"format {ckpt.get('format')!r}" if isinstance(ckpt, dict) else f"it holds a {type(ckpt).__name__}"
-        raise ValueError(f"{path} is not a train-guidance checkpoint ({got})")
+    if path.endswith(".safetensors"):
+        ckpt = _read_export(path)
+    else:
+        ckpt = torch_load(path, "train-guidance", error=ValueError)
+        if not isinstance(ckpt, dict) or ckpt.get("format") != GUIDANCE_FORMAT:
+            got = (f"format {ckpt.get('format')!r}" if isinstance(ckpt, dict)
+                   else f"it holds a {type(ckpt).__name__}")
+            raise ValueError(f"{path} is not a train-guidance checkpoint ({got})")
     kind, flags = ckpt.get("kind"), ckpt.get("classifier")
     if kind not in GUIDANCE_KINDS or not isinstance(flags, dict):
         raise ValueError(f"{path}: a train-guidance checkpoint needs kind in {GUIDANCE_KINDS} and the classifier "
@@ -414,3 +478,14 @@ def load_guidance_classifier(path, device=None, score_model: Optional[nn.Module]
         net = net.to(device)
     net.guidance_info = info
     return net.eval()
+
+
+def load_default_guidance_classifier(kind: str, device=None, score_model: Optional[nn.Module] = None) -> nn.Module:
+    """A shipped digits guidance classifier (SHIPPED_GUIDANCE; kind "noisy" or "da") for the shipped score model
+    (dk.models.score.load_default_score_model; kind "da" loads it unless score_model is given)."""
+    if kind not in GUIDANCE_KINDS:
+        raise ValueError(f"kind must be one of {GUIDANCE_KINDS}, got {kind!r}")
+    if not os.path.isfile(SHIPPED_GUIDANCE[kind]):
+        raise FileNotFoundError(f"the shipped guidance classifier {SHIPPED_GUIDANCE[kind]!r} is missing (a package "
+                                f"installed without its package data?); re-make it with:\n  {SHIPPED_COMMANDS[kind]}")
+    return load_guidance_classifier(SHIPPED_GUIDANCE[kind], device=device, score_model=score_model)

@@ -76,12 +76,7 @@ def load_score_model(path, device=None, dtype: torch.dtype = torch.float32) -> T
     from safetensors.torch import load_file
 
     meta = read_metadata(path)
-    if "sha256" in meta:  # exports carry the checksum of their tensor data
-        with open(path, "rb") as f:
-            raw = f.read()
-        if hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little"):]).hexdigest() != meta["sha256"]:
-            raise ValueError(f"{path} is damaged: its tensor data do not match the checksum in its metadata "
-                             f"(truncated or altered since it was exported)")
+    check_sha256(path, meta)
     missing = [k for k in ("config", "schedule") if k not in meta]
     if missing:
         raise ValueError(f"{path} lacks the metadata {missing} of a train-score export (config and schedule "
@@ -139,8 +134,6 @@ def export_safetensors(model_or_state, path: str, config: ADMConfig, schedule_na
     """Writes a state_dict (or a model's) as safetensors in `dtype`, with metadata (all strings, JSON where
     structured): format, config (the ADMConfig fields), schedule ({"name", "T"}), prediction ("eps"), dtype,
     plus `extra` (e.g. the training step and command). load_score_model reads it back."""
-    from safetensors.torch import save_file
-
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"export dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
@@ -150,7 +143,27 @@ def export_safetensors(model_or_state, path: str, config: ADMConfig, schedule_na
             "schedule": json.dumps({"name": schedule_name, "T": int(T)}), "prediction": "eps", "dtype": dtype}
     for k, v in (extra or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
-    meta["sha256"] = "0" * 64  # room for the checksum of the tensor data, filled in below
+    return save_checked(tensors, path, meta)
+
+
+def check_sha256(path, meta: dict) -> None:
+    """Raises a one-line ValueError when a file written by save_checked no longer matches the checksum of its
+    tensor data that its metadata holds (files without one pass)."""
+    if "sha256" not in meta:
+        return
+    with open(path, "rb") as f:
+        raw = f.read()
+    if hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little"):]).hexdigest() != meta["sha256"]:
+        raise ValueError(f"{path} is damaged: its tensor data do not match the checksum in its metadata "
+                         f"(truncated or altered since it was exported)")
+
+
+def save_checked(tensors: dict, path: str, meta: dict) -> str:
+    """Writes tensors as safetensors with string metadata plus "sha256", the checksum of the tensor data
+    (check_sha256 verifies it), atomically (a temporary file, then a rename)."""
+    from safetensors.torch import save_file
+
+    meta = {**meta, "sha256": "0" * 64}  # room for the checksum of the tensor data, filled in below
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata=meta)

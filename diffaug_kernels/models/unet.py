@@ -492,6 +492,15 @@ class ADMUNet(nn.Module):
                 m.fused_norm = fused
         return self
 
+    def norm_silu_sites(self) -> list:
+        """(norm, scale_shift) for every norm + SiLU pair set_fused_norm switches: each ResBlock's input norm,
+        its output norm (scale_shift: followed by ADM's scale-shift) and the output norm."""
+        sites = []
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                sites += [(m.in_layers[0], False), (m.out_layers[0], m.use_scale_shift_norm)]
+        return sites + [(self.out[0], False)]
+
     def forward(self, x: Tensor, t, y: Optional[Tensor] = None) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape [B, {self.in_channels}, H, W], got {tuple(x.shape)}")

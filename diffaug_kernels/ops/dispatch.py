@@ -34,7 +34,7 @@ class Backend:
     philox_normal_out: Callable
     available: bool  # decided once at registration (nothing to probe while tracing)
     reverse_step_out: Optional[Callable] = None  # None: a backend built without it (reverse_step runs the reference)
-    group_norm_silu_out: Optional[Callable] = None  # None: no kernel here (the reference runs; csrc/ has none)
+    group_norm_silu_out: Optional[Callable] = None  # None: no kernel here, the reference runs (the "cuda" backend)
 
 
 TABLE: dict[str, Backend] = {}
@@ -56,7 +56,10 @@ def _register_compiled() -> None:
         available = extension.has_kernel(key) and (dev == "cpu" or torch.cuda.is_available())
         register_backend(name, Backend((dev,), ops.forward_noise_out, ops.tweedie_out, ops.philox_normal_out,
                                        available=available,
-                                       reverse_step_out=getattr(ops, "reverse_step_out", None)))
+                                       reverse_step_out=getattr(ops, "reverse_step_out", None),
+                                       # csrc/cuda_kernels.cu has no group_norm_silu: the "cuda" backend runs Triton's
+                                       group_norm_silu_out=getattr(ops, "group_norm_silu_out", None)
+                                       if dev == "cpu" else None))
 
 
 def _register_triton() -> None:
@@ -127,10 +130,11 @@ def _time_backend(name: str, run: Callable[[str], object], device: torch.device,
         return run(name)
 
     with on_device(device):  # events and launches on the tensors' device, not whichever is current
-        return _median_seconds(fn, device, reps)
+        return median_seconds(fn, device, reps)
 
 
-def _median_seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+def median_seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Median seconds of fn() over reps calls after one warm-up: CUDA events on a GPU, the wall clock on CPU."""
     fn()
     times = []
     for _ in range(reps):

@@ -5,9 +5,10 @@ SiLU((GroupNorm(x) * weight + bias) * (1 + scale) + shift), in one kernel: the A
 The public wrapper checks its arguments and picks a backend; the fused backends run through one custom op,
 diffaug_kernels::group_norm_silu, with a fake kernel (torch.compile) and an autograd formula. Statistics are
 computed in float32 (float64 for float64 inputs) whatever x's dtype, as guided-diffusion's GroupNorm32 does, and
-so are the affine, the scale-shift and SiLU; the result is cast to x's dtype once. The kernel is Triton's
-(triton_kernels.group_norm_silu_kernel); csrc/ has none, so the "cpu" and "cuda" backends run the reference for
-this op, and "auto" on a GPU takes Triton.
+so are the affine, the scale-shift and SiLU; the result is cast to x's dtype once. The kernels are the CPU one of
+csrc/cpu_kernels.cpp (one task per (sample, group) over at::parallel_for, vectorised chunks) and Triton's
+(triton_kernels.group_norm_silu_kernel): both read x twice, a statistics pass then an apply pass. csrc/cuda_kernels.cu
+has none, so the "cuda" backend runs the reference for this op and "auto" on a GPU takes Triton.
 """
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def _affine(name: str, v, x: Tensor, shape: tuple) -> Tensor:
 
 def _fused_backend(backend: str, device: torch.device) -> str:
     """The backend that runs: a backend without this op's kernel runs the reference; "auto" takes the first in
-    its order that has one (Triton on a GPU)."""
+    its order that has one (the C++ kernel on CPU tensors, Triton on a GPU's)."""
     name = backend_for(resolve_backend(backend, device))
     if name == "reference" or kernels(name).group_norm_silu_out is not None:
         return name

@@ -50,9 +50,13 @@ def test_bench_model_runs_at_toy_size(tmp_path):
     flags = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
                  num_head_channels=16, learn_sigma=True)
     res = bench_model.run(device="cpu", batch=2, flags=flags, reps=1, warmup=1, json_path=str(tmp_path / "m.json"),
-                          profile=str(tmp_path / "profile.txt"), nchw=True)
-    assert [r["group"] for r in res["rows"]] == ["unet forward"] * 4 + ["DiffAug step"] * 3
-    assert res["rows"][3]["impl"] == "compiled bf16 autocast, contiguous (NCHW)"  # opt-in: one more compile
+                          profile=str(tmp_path / "profile.txt"), nchw=True, fused=True)
+    assert [r["group"] for r in res["rows"]] == ["unet forward"] * 5 + ["DiffAug step"] * 3
+    assert res["rows"][3]["impl"] == bench_model.UNET_FUSED  # opt-in on the CPU: one more compile each
+    assert res["rows"][4]["impl"] == "compiled bf16 autocast, contiguous (NCHW)"
+    assert set(res["ratios"]) == {"unet_fused_vs_compiled", "diffaug_step_vs_published"}
+    assert 0 <= res["checks"]["unet_fused_max_abs_diff_vs_compiled"] < 0.1
+    assert res["profile_fused_ms"]["convolution"] > 0 and (tmp_path / "profile.txt.fused").is_file()
     assert all(r["ms"] > 0 and r["images_per_s"] > 0 for r in res["rows"])
     assert res["flops_per_forward"] > 0 and json.loads((tmp_path / "m.json").read_text())["complete"]
     prof = res["profile_ms"]  # the compiled step's op time by group: convolutions and the dk ops show up

@@ -40,8 +40,16 @@ def test_demo_quick_end_to_end_and_rerun(tmp_path, capsys):
     assert set(res["pag"]["robust_accuracy"]["no-diffaug"]) == {"0", "0.5"}
     assert json.loads((out / "pag" / "pag.json").read_text())["robust_accuracy"] == res["pag"]["robust_accuracy"]
     assert "Mean cosine with the Bayes direction" in text and "accuracy under L2 PGD" in text
+    # classifier guidance: with the untrained score model both guidance classifiers are trained here
+    guide = res["guidance"]
+    assert {k: (c["source"], c["steps"]) for k, c in guide["classifiers"].items()} == {"noisy": ("trained", 2),
+                                                                                       "da": ("trained", 2)}
+    assert set(guide["classifiers"]["da"]["accuracy_on_x_t"]) == {"0", "500"}
+    assert set(guide["samples"]) == {"unguided", "noisy", "da"} and "Classifier guidance on the digits" in text
+    assert (out / "guidance" / "noisy" / "ckpt_0000002.pt").is_file()
     for name in ("augmentation_grid.png", "entropy_vs_t.png", "certify/certified_accuracy.png", "pag/pag_grid.png",
-                 "pag/alignment_vs_t.png"):
+                 "pag/alignment_vs_t.png", "guidance/unguided.png", "guidance/noisy.png", "guidance/da.png",
+                 "guidance/guidance_grid.png"):
         with Image.open(out / name) as im:
             assert im.format == "PNG"
     assert (out / "no-diffaug" / "checkpoint.pt").is_file() and (out / "diffaug" / "checkpoint.pt").is_file()
@@ -68,6 +76,42 @@ def test_demo_quick_end_to_end_and_rerun(tmp_path, capsys):
     text3 = capsys.readouterr().out
     assert "checkpoint.pt is truncated or damaged" in text3 and "retraining" in text3
     assert classifier.load_classifier(str(ck)) is not None
+
+
+def test_guidance_part_with_the_shipped_classifiers(tmp_path):
+    """Part 7 on the shipped score model takes the shipped guidance classifiers; its numbers are recomputed here
+    from the library: the judge's accuracy on the guided samples and on x_t."""
+    from diffaug_kernels import metrics, sampling
+    from diffaug_kernels.commands import train_guidance as tg
+    from diffaug_kernels.data import digits
+    from diffaug_kernels.models.guidance import load_default_guidance_classifier
+    from diffaug_kernels.ops import philox_normal
+
+    s = dict(demo.QUICK)
+    model, schedule, flags = demo.demo_score_model("default", str(tmp_path), 0)
+    torch.manual_seed(0)
+    judge = classifier.create_classifier("test_resnet", 10, 1).eval()
+    x_test = digits("test", 32, 1).tensors[0][:40]
+    g = demo._guidance(str(tmp_path / "guidance"), s, flags, model, schedule, judge, x_test, 0)
+    assert {k: (c["source"], c["steps"]) for k, c in g["classifiers"].items()} == {"noisy": ("shipped", 500),
+                                                                                   "da": ("shipped", 500)}
+    assert "shipped classifiers" in g["table"] and json.loads((tmp_path / "guidance" / "guidance.json").read_text())
+    da = load_default_guidance_classifier("da", score_model=model)
+    acc = tg.noisy_accuracy(da, digits("test", 32, 1), schedule, s["guide_eval_times"], 0, 64, s["guide_eval_images"])
+    assert g["classifiers"]["da"]["accuracy_on_x_t"] == {str(t): a for t, a in acc.items()}
+    y = torch.arange(10).repeat(s["guide_per_label"])
+    x_T = philox_normal((len(y), 1, 32, 32), ev.stream_seed(0, "guidance"), 0)
+    x = sampling.ddim_sample(model, schedule, x_T, s["guide_ddim"], classifier=da, classifier_scale=s["guide_scale"],
+                             y=y).clamp(-1, 1)
+    with torch.no_grad():
+        probs = torch.softmax(judge(x), 1)
+    row = g["samples"]["da"]
+    assert row["on_target"] == float((probs.argmax(1) == y).float().mean())
+    assert abs(row["score"] - metrics.inception_score(probs.numpy(), splits=1)) < 1e-4
+    assert row["frechet_distance"] > 0 and 0 <= row["coverage"] <= 1
+    for name in ("unguided", "noisy", "da"):
+        with Image.open(tmp_path / "guidance" / f"{name}.png") as im:
+            assert im.format == "PNG"
 
 
 def test_demo_missing_shipped_model_is_a_clear_error(tmp_path, monkeypatch):

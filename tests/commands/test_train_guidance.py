@@ -196,3 +196,32 @@ def test_ctrl_c_stops_at_a_step_with_a_checkpoint(tmp_path, score_export, monkey
     monkeypatch.setattr(tg.GuidanceTrainer, "step", step)
     assert _cli("--resume", str(d), "--eval-times", "", "--no-progress") == 0
     assert tg.load_checkpoint(str(d))["step"] == 5
+
+
+@pytest.mark.parametrize("kind", ["noisy", "da"])
+def test_export_is_the_final_classifier_without_the_optimizer(kind, tmp_path, score_export):
+    out, export = tmp_path / "run", tmp_path / f"{kind}.safetensors"
+    assert _cli("--kind", kind, "--score-model", score_export, *TINY_CLF, "--steps", "2", "--eval-times", "",
+                "--out", str(out), "--export", str(export)) == 0
+    from_ckpt, from_export = (load_guidance_classifier(str(p)) for p in (out / "ckpt_0000002.pt", export))
+    assert from_export.guidance_info == from_ckpt.guidance_info and from_export.guidance_info["step"] == 2
+    assert type(from_export) is type(from_ckpt)
+    g = torch.Generator().manual_seed(2)
+    x_t, t = torch.randn(3, 1, 16, 16, generator=g), torch.tensor([0, 500, 999])
+    with torch.no_grad():
+        assert torch.equal(from_export(x_t, t), from_ckpt(x_t, t))
+    from safetensors import safe_open
+    with safe_open(str(export), framework="pt") as f:
+        assert not any("optimizer" in k or k.startswith("exp_avg") for k in f.keys())
+        assert json.loads(f.metadata()["train_args"])["kind"] == kind
+    # a damaged copy (one flipped byte in the tensor data) and a file of another kind are one-line errors
+    raw = bytearray(export.read_bytes())
+    raw[-5] ^= 0xFF
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="bad.safetensors is damaged"):
+        load_guidance_classifier(str(bad))
+    with pytest.raises(ValueError, match="tiny.safetensors is not a train-guidance checkpoint or export"):
+        load_guidance_classifier(score_export)
+    with pytest.raises(SystemExit, match="--export must name a .safetensors file"):
+        _cli("--score-model", score_export, *TINY_CLF, "--steps", "1", "--out", str(out), "--export", "x.pt")

@@ -318,3 +318,22 @@ def test_da_classifier_modes_and_errors():
         DAClassifier(da.classifier, score, da.schedule, prediction="noise")
     with pytest.raises(TypeError, match="NoiseSchedule"):
         DAClassifier(da.classifier, score, None)
+
+
+@pytest.mark.parametrize("kind", ["noisy", "da"])
+def test_shipped_digits_guidance_classifiers_classify_noisy_test_digits(kind):
+    """The shipped files load (the DA one on the shipped score model) and are trained: well above the 10% of
+    chance on x_t of 64 test digits at t = 0 and 250, whatever a later retraining gives exactly."""
+    from diffaug_kernels.commands.train_guidance import noisy_accuracy
+    from diffaug_kernels.data import digits
+    from diffaug_kernels.models.guidance import SHIPPED_COMMANDS
+    from diffaug_kernels.models.score import load_default_score_model
+
+    score, schedule = load_default_score_model()
+    net = dk.models.load_default_guidance_classifier(kind, score_model=score)
+    assert net.guidance_info["kind"] == kind and net.guidance_info["step"] == 500
+    assert isinstance(net, DAClassifier) == (kind == "da") and f"--kind {kind}" in SHIPPED_COMMANDS[kind]
+    acc = noisy_accuracy(net, digits("test", 32, 1), schedule, (0, 250), 0, 64, 64)
+    assert min(acc.values()) > 0.5, acc
+    with pytest.raises(ValueError, match="kind must be one of"):
+        dk.models.load_default_guidance_classifier("plain")

@@ -1,5 +1,6 @@
 """group_norm_silu: every backend against a float64 reference (NCHW and channels_last, every dtype, with and without
-ADM's scale-shift), shifted statistics, gradients (gradcheck through the custom op), the op's registration, errors."""
+ADM's scale-shift, strided views), shifted statistics, gradients (gradcheck through the custom op), the op's
+registration, which kernel each backend runs, errors."""
 import pytest
 import torch
 from conftest import CPU_FUSED
@@ -11,8 +12,9 @@ from diffaug_kernels.ops import dispatch
 from diffaug_kernels.ops.group_norm_silu import group_norm_silu_op
 
 BACKENDS = ["reference"] + CPU_FUSED
-# (B, C, spatial, groups): ADM's 32 groups of several channels, one channel per group, odd sizes, a 3-D input
-SHAPES = [(2, 64, (5, 3), 32), (1, 6, (4, 4), 6), (3, 12, (7, 1), 2), (2, 8, (9,), 4)]
+# (B, C, spatial, groups): ADM's 32 groups of several channels, one channel per group, odd sizes, a 3-D input, and
+# groups longer than the CPU kernel's 512-value chunks (several chunks per channel and per pixel block)
+SHAPES = [(2, 64, (5, 3), 32), (1, 6, (4, 4), 6), (3, 12, (7, 1), 2), (2, 8, (9,), 4), (2, 6, (23, 25), 2)]
 
 
 def ref64(x, G, w, b, eps=1e-5, scale=None, shift=None):
@@ -62,12 +64,40 @@ FUSED = [n for n in CPU_FUSED if dispatch.kernels(n).group_norm_silu_out is not 
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_large_mean_small_spread(backend):
-    """|mean| >> std: the kernel's statistics do not cancel (it sums x - k, k a value of the group), so it stays
-    within float32 rounding of the float64 reference, where torch's float32 group_norm (the reference's) loses
-    about 1e-3 here."""
-    x, G, w, b, _ = case(SHAPES[0], torch.float32, "contiguous", False, seed=5, mean=300.0, std=0.05)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[-1]])
+def test_large_mean_small_spread(backend, layout, shape):
+    """|mean| >> std: the kernels' statistics do not cancel (they take x - k, k a value of the group), so they
+    stay within float32 rounding of the float64 reference, where torch's float32 group_norm (the reference's)
+    loses about 1e-3 here."""
+    x, G, w, b, _ = case(shape, torch.float32, layout, False, seed=5, mean=300.0, std=0.05)
     check(dk.group_norm_silu(x, G, w, b, backend=backend), x, ref64(x, G, w, b))
+
+
+def strided_views():
+    """x as views the kernels read in place or copy: a channel slice, a stride-2 spatial slice, swapped spatial
+    dims (not mergeable), a channels-last 3-D input (read pixel by pixel, written contiguous), 1x1 channels_last."""
+    g = torch.Generator().manual_seed(12)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g) * 2 + 0.5
+
+    return [rnd(2, 12, 5, 6)[:, 2:10], rnd(2, 8, 6, 10)[..., ::2], rnd(2, 8, 5, 6).transpose(2, 3),
+            rnd(2, 9, 8).transpose(1, 2), rnd(3, 8, 1, 1).contiguous(memory_format=torch.channels_last)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale_shift", [False, True])
+def test_strided_inputs(backend, scale_shift):
+    for i, x in enumerate(strided_views()):
+        B, C = x.shape[:2]
+        g = torch.Generator().manual_seed(i)
+        w, b = 1 + 0.5 * torch.randn(C, generator=g), 0.5 * torch.randn(C, generator=g)
+        sc, sh = (torch.randn(B, C, generator=g), torch.randn(B, C, generator=g)) if scale_shift else (None, None)
+        out = dk.group_norm_silu(x, 4, w, b, 1e-5, sc, sh, backend=backend)
+        assert out.shape == x.shape and out.dtype == x.dtype
+        want = ref64(x, 4, w, b, 1e-5, sc, sh)
+        assert_matches(out, want.float(), atol32=1e-5, mag=want.abs())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -89,11 +119,29 @@ def test_reference_is_guided_diffusions_group_norm32_then_silu():
     torch.testing.assert_close(reference.group_norm_silu(x, G, w, b, 1e-5, sc, sh), want)
 
 
-def test_auto_and_backends_without_a_kernel_run_the_reference():
-    """csrc/ has no group_norm_silu kernel: "cpu" (and auto on CPU tensors) give the reference's numbers."""
+@pytest.mark.skipif("cpu" not in CPU_FUSED, reason="the compiled extension is not loaded")
+def test_cpu_backend_and_auto_run_the_cpp_kernel(monkeypatch):
+    """"cpu" and "auto" on CPU tensors call csrc/'s kernel (plain calls and through the op), which gives the float64
+    reference's numbers to the op's tolerances."""
+    kernel, calls = dispatch.kernels("cpu").group_norm_silu_out, []
+    assert kernel is not None
+    monkeypatch.setattr(dispatch.kernels("cpu"), "group_norm_silu_out", lambda *a: calls.append(1) or kernel(*a))
+    x, G, w, b, (sc, sh) = case(SHAPES[0], torch.float32, "channels_last", True, seed=2)
+    want = ref64(x, G, w, b, 1e-5, sc, sh)
+    for backend in ("cpu", "auto"):
+        check(dk.group_norm_silu(x, G, w, b, 1e-5, sc, sh, backend=backend), x, want)
+        check(dk.group_norm_silu(x.requires_grad_(), G, w, b, 1e-5, sc, sh, backend=backend).detach(), x, want)
+        x = x.detach()
+    assert len(calls) == 4
+
+
+@pytest.mark.skipif("cpu" not in CPU_FUSED, reason="the compiled extension is not loaded")
+def test_a_backend_without_the_kernel_runs_the_reference(monkeypatch):
+    """A backend built without this op's kernel (its entry None) runs the reference, auto's choice included."""
+    monkeypatch.setattr(dispatch.kernels("cpu"), "group_norm_silu_out", None)
     x, G, w, b, (sc, sh) = case(SHAPES[0], torch.bfloat16, "contiguous", True, seed=2)
     want = reference.group_norm_silu(x, G, w, b, 1e-5, sc, sh)
-    for backend in ["auto"] + [n for n in CPU_FUSED if dispatch.kernels(n).group_norm_silu_out is None]:
+    for backend in ("cpu", "auto"):
         assert torch.equal(dk.group_norm_silu(x, G, w, b, 1e-5, sc, sh, backend=backend), want)
 
 
