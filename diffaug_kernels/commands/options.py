@@ -111,9 +111,11 @@ def seed(s: str) -> int:
 
 class Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line naming the command, with a pointer to --help (argparse's
-    default prints the whole usage first, a dozen lines for the larger commands)."""
+    default prints the whole usage first, a dozen lines for the larger commands). Control characters of the
+    user's arguments (a newline in an unrecognised argument) are written escaped, so the line stays one."""
 
     def error(self, message: str):
+        message = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in message)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

@@ -140,6 +140,13 @@ def test_bad_arguments(argv, msg, capsys):
     assert msg in capsys.readouterr().err
 
 
+def test_an_argument_with_control_characters_is_one_escaped_line(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench-model", "--cudnn-benchmark", "a\nb\x02"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unrecognized arguments: a\\nb\\x02 " in err, err
+
+
 def test_results_name_their_commit(monkeypatch):
     """A result file names the code behind it: the git HEAD, or DIFFAUG_GIT_COMMIT where a copied tree's .git
     is stale (the lent GPU machines)."""
