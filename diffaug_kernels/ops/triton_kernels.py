@@ -38,6 +38,25 @@ def prune_blocks(units):
     return prune
 
 
+def prune_narrow_blocks(units, data: str):
+    """prune_blocks(units), then, of what it keeps, only the configs whose tile gives each thread at least 16
+    bytes of the tensor argument `data` (BLOCK * element size >= 16 * 32 * num_warps), when any remain: Triton
+    splits a tile evenly over the threads, and fewer bytes per thread make narrower loads and stores (a bf16
+    tile of 512 over 4 warps moves 8 bytes per instruction)."""
+    fits = prune_blocks(units)
+
+    def prune(configs, nargs, **kwargs):
+        kept = fits(configs, nargs, **kwargs)
+        size = nargs[data].element_size()
+        wide = [c for c in kept if c.kwargs["BLOCK"] * size >= 16 * 32 * c.num_warps]
+        return wide or kept
+    return prune
+
+
+# group_norm_silu's autotune candidates: its tile holds CG * S values of x at most, in 16-byte pieces per thread
+GROUP_NORM_PRUNE = prune_narrow_blocks(lambda a: a["CG"] * a["S"], "x_ptr")
+
+
 if triton is not None:
 
     @triton.jit
@@ -292,60 +311,96 @@ if triton is not None:
         tl.store(out_ptr + i, _pick(lane[None, :], n0, n1, n2, n3), mask=i < N)
 
     @triton.jit
-    def _group_offset(i, cl, s, sc, ss, RUN: tl.constexpr):
-        """Offset of element i (channel cl of the group, pixel s) of one (sample, group) slice from its first
-        element; RUN: the slice is one contiguous run walked in order (NCHW)."""
-        if RUN:
-            return i
-        return cl * sc + s * ss
+    def _gn_tile(c, s, sc, ss, PIXEL_MAJOR: tl.constexpr):
+        """Offsets of a tile of channels c [CB] by pixels s [P] (strides sc, ss), the memory's contiguous axis
+        last: [P, CB] for channels_last (PIXEL_MAJOR), else [CB, P]."""
+        if PIXEL_MAJOR:
+            o = s[:, None] * ss + c[None, :] * sc
+        else:
+            o = c[:, None] * sc + s[None, :] * ss
+        return o
 
     @triton.jit
-    def group_norm_silu_kernel(x_ptr, out_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, C, S, CG, G, eps,
-                               xsb, xsc, xss, osb, osc, oss, PIXEL_MAJOR: tl.constexpr, X_RUN: tl.constexpr,
-                               O_RUN: tl.constexpr, SS: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
+    def _gn_mask(cm, sm, PIXEL_MAJOR: tl.constexpr):
+        """The mask of such a tile from its channel mask cm [CB] and pixel mask sm [P]."""
+        if PIXEL_MAJOR:
+            m = sm[:, None] & cm[None, :]
+        else:
+            m = cm[:, None] & sm[None, :]
+        return m
+
+    @triton.jit
+    def _gn_channels(v, PIXEL_MAJOR: tl.constexpr):
+        """A per-channel vector [CB] shaped to broadcast over such a tile."""
+        if PIXEL_MAJOR:
+            r = v[None, :]
+        else:
+            r = v[:, None]
+        return r
+
+    @triton.jit
+    def group_norm_silu_kernel(x_ptr, out_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, C, S, G, eps,
+                               xsb, xsc, xss, osb, osc, oss, CG: tl.constexpr, CB: tl.constexpr,
+                               PIXEL_MAJOR: tl.constexpr, SS: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
         # One program per (sample, group), two reads of its slice: pass 1 sums x - k and (x - k)^2 with k the
-        # slice's first element (shifted sums: no cancellation when |mean| >> std), pass 2 normalises
-        # ((x - k) - mean(x - k)), applies the affine, the optional scale-shift and SiLU, and stores. The second
-        # read of a slice comes from L2.
-        # The slice is walked channel-major (NCHW: one contiguous run) or, PIXEL_MAJOR, pixel by pixel so that
-        # channels_last reads runs of CG adjacent channels.
+        # slice's first element (shifted sums: no cancellation when |mean| >> std); pass 2 normalises
+        # ((x - k) - mean(x - k)), applies the affine and the optional scale-shift as one factor and one offset
+        # per channel, then SiLU, and stores. The second read of a slice comes from L2.
+        # The slice is walked in tiles of CB channels (a chunk of the group's CG) by P = BLOCK // CB pixels whose
+        # inner axis is the memory's contiguous one: pixels for NCHW, channels for channels_last (PIXEL_MAJOR).
+        # With a unit inner stride (Triton specialises arguments equal to 1) and 16-divisible outer strides the
+        # loads and stores are 16-byte vectors; CG is a compile-time constant so that the group's first channel,
+        # g * CG, is known aligned. The per-channel factors are loaded once per chunk, not per element.
+        P: tl.constexpr = BLOCK // CB
+        CFULL: tl.constexpr = CG % CB == 0  # no chunk runs past the group: the channel mask is all true
         pid = tl.program_id(0).to(tl.int64)
-        C, S, CG = tl.cast(C, tl.int64), tl.cast(S, tl.int64), tl.cast(CG, tl.int64)
+        C, S = tl.cast(C, tl.int64), tl.cast(S, tl.int64)
         bi = pid // G
         c0 = (pid % G) * CG
-        n = CG * S
         cdt = tl.float64 if F64 else tl.float32
         xb = x_ptr + bi * xsb + c0 * xsc
         ob = out_ptr + bi * osb + c0 * osc
         k = tl.load(xb).to(cdt)
-        acc = tl.zeros([BLOCK], dtype=cdt)
-        acc2 = tl.zeros([BLOCK], dtype=cdt)
-        for start in range(0, n, BLOCK):
-            i = start + tl.arange(0, BLOCK).to(tl.int64)
-            m = i < n
-            cl = i % CG if PIXEL_MAJOR else i // S
-            s = i // CG if PIXEL_MAJOR else i % S
-            v = tl.load(xb + _group_offset(i, cl, s, xsc, xss, X_RUN), mask=m, other=0.0).to(cdt)
-            d = tl.where(m, v - k, 0.0)
-            acc += d
-            acc2 += d * d
-        mean_d = tl.sum(acc, axis=0) / n
-        var = tl.maximum(tl.sum(acc2, axis=0) / n - mean_d * mean_d, 0.0)
+        cr = tl.arange(0, CB)
+        sr = tl.arange(0, P).to(tl.int64)
+        if PIXEL_MAJOR:
+            acc = tl.zeros([P, CB], dtype=cdt)
+            acc2 = tl.zeros([P, CB], dtype=cdt)
+        else:
+            acc = tl.zeros([CB, P], dtype=cdt)
+            acc2 = tl.zeros([CB, P], dtype=cdt)
+        for cs in range(0, CG, CB):
+            c = cs + cr
+            cm = (c < CB) if CFULL else (c < CG)
+            for s0 in range(0, S, P):
+                sp = s0 + sr
+                m = _gn_mask(cm, sp < S, PIXEL_MAJOR)
+                v = tl.load(xb + _gn_tile(c, sp, xsc, xss, PIXEL_MAJOR), mask=m, other=0.0).to(cdt)
+                d = tl.where(m, v - k, 0.0)
+                acc += d
+                acc2 += d * d
+        n = CG * S
+        mean_d = tl.sum(tl.sum(acc, axis=1), axis=0) / n
+        var = tl.maximum(tl.sum(tl.sum(acc2, axis=1), axis=0) / n - mean_d * mean_d, 0.0)
         rstd = 1.0 / tl.sqrt(var + eps)
-        for start in range(0, n, BLOCK):
-            i = start + tl.arange(0, BLOCK).to(tl.int64)
-            m = i < n
-            cl = i % CG if PIXEL_MAJOR else i // S
-            s = i // CG if PIXEL_MAJOR else i % S
-            v = tl.load(xb + _group_offset(i, cl, s, xsc, xss, X_RUN), mask=m, other=0.0).to(cdt)
-            c = c0 + cl
-            w = tl.load(w_ptr + c, mask=m, other=0.0)
-            y = ((v - k) - mean_d) * rstd * w + tl.load(b_ptr + c, mask=m, other=0.0)
+        for cs in range(0, CG, CB):
+            c = cs + cr
+            cm = (c < CB) if CFULL else (c < CG)
+            a = rstd * tl.load(w_ptr + c0 + c, mask=cm, other=0.0).to(cdt)
+            b = tl.load(b_ptr + c0 + c, mask=cm, other=0.0).to(cdt)
             if SS:
-                y = y * (1.0 + tl.load(sc_ptr + bi * C + c, mask=m, other=0.0)) + tl.load(sh_ptr + bi * C + c,
-                                                                                       mask=m, other=0.0)
-            y = y / (1.0 + tl.exp(-y))
-            tl.store(ob + _group_offset(i, cl, s, osc, oss, O_RUN), _cast_out(y, out_ptr), mask=m)
+                f = 1.0 + tl.load(sc_ptr + bi * C + c0 + c, mask=cm, other=0.0).to(cdt)
+                a = a * f
+                b = b * f + tl.load(sh_ptr + bi * C + c0 + c, mask=cm, other=0.0).to(cdt)
+            a = _gn_channels(a, PIXEL_MAJOR)
+            b = _gn_channels(b, PIXEL_MAJOR)
+            for s0 in range(0, S, P):
+                sp = s0 + sr
+                m = _gn_mask(cm, sp < S, PIXEL_MAJOR)
+                v = tl.load(xb + _gn_tile(c, sp, xsc, xss, PIXEL_MAJOR), mask=m, other=0.0).to(cdt)
+                y = ((v - k) - mean_d) * a + b
+                y = y / (1.0 + tl.exp(-y))
+                tl.store(ob + _gn_tile(c, sp, osc, oss, PIXEL_MAJOR), _cast_out(y, out_ptr), mask=m)
 
     CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b in (128, 256, 512) for w in (4, 8)]
     # tweedie blocks count elements, not 4-element rows: the same configs with 4x the block
@@ -360,9 +415,9 @@ if triton is not None:
         _tweedie_plane = tweedie_plane_kernel
         _FIXED = {"BLOCK": 64}
     else:
-        def _tune(kernel, configs, key, units):
-            return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune_blocks(units)})(
-                kernel)
+        def _tune(kernel, configs, key, units, prune=None):
+            prune = prune or prune_blocks(units)
+            return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
         _forward_noise = _tune(forward_noise_kernel, CONFIGS, ["N", "K", "X_CONTIG", "O_CONTIG", "ALIGNED", "F64"],
                                lambda a: (a["N"] + 3) // 4)
@@ -373,8 +428,8 @@ if triton is not None:
         _philox_normal = _tune(philox_normal_kernel, CONFIGS, ["N"], lambda a: (a["N"] + 3) // 4)
         _forward_noise_plane = _tune(forward_noise_plane_kernel, CONFIGS, ["S", "K", "F64"], lambda a: a["S"] // 4)
         _tweedie_plane = _tune(tweedie_plane_kernel, CONFIGS_X4, ["S", "CLIP", "NORM", "F64"], lambda a: a["S"])
-        _group_norm_silu = _tune(group_norm_silu_kernel, CONFIGS_X4,
-                                 ["S", "CG", "PIXEL_MAJOR", "X_RUN", "O_RUN", "SS", "F64"], lambda a: a["CG"] * a["S"])
+        _group_norm_silu = _tune(group_norm_silu_kernel, CONFIGS_X4, ["S", "CG", "CB", "PIXEL_MAJOR", "SS", "F64"],
+                                 None, GROUP_NORM_PRUNE)
         _FIXED = {}
 
 PLANE_MIN = 256  # planes at least this large take the planar kernels (smaller ones would idle most lanes)
@@ -501,14 +556,13 @@ def group_norm_silu_out(x, num_groups, weight, bias, eps, scale, shift, out):
     if not x.numel():
         return
     B, CG = x.shape[0], C // num_groups
-    pixel_major = xs[1] == 1 and S > 1 and CG > 1  # channels_last: walk pixel by pixel over adjacent channels
-
-    def run(st):  # the slice is one contiguous run walked in order
-        return not pixel_major and st[2] == 1 and (st[1] == S or CG == 1)
-
+    pixel_major = xs[1] == 1 and S > 1 and CG > 1  # channels_last: tiles with channels as the inner axis
+    # chunks of at most the smallest BLOCK channels, so that every config's tile holds at least one pixel
+    smallest = 4 * _FIXED["BLOCK"] if _FIXED else min(c.kwargs["BLOCK"] for c in CONFIGS_X4)
     ss = scale is not None
     _group_norm_silu[(B * num_groups,)](
         x, out, weight.contiguous(), bias.contiguous(), scale.contiguous() if ss else weight,
-        shift.contiguous() if ss else weight, C, S, CG, num_groups, float(eps), *xs, *os_, PIXEL_MAJOR=pixel_major,
-        X_RUN=run(xs), O_RUN=run(os_), SS=ss, F64=weight.dtype == torch.float64,
+        shift.contiguous() if ss else weight, C, S, num_groups, float(eps), *xs, *os_, CG=CG,
+        CB=min(triton.next_power_of_2(CG), smallest), PIXEL_MAJOR=pixel_major, SS=ss,
+        F64=weight.dtype == torch.float64,
         **{k: 4 * v for k, v in _FIXED.items()})

@@ -1,6 +1,8 @@
 """group_norm_silu: every backend against a float64 reference (NCHW and channels_last, every dtype, with and without
 ADM's scale-shift, strided views), shifted statistics, gradients (gradcheck through the custom op), the op's
 registration, which kernel each backend runs, errors."""
+import os
+
 import pytest
 import torch
 from conftest import CPU_FUSED
@@ -12,9 +14,12 @@ from diffaug_kernels.ops import dispatch
 from diffaug_kernels.ops.group_norm_silu import group_norm_silu_op
 
 BACKENDS = ["reference"] + CPU_FUSED
-# (B, C, spatial, groups): ADM's 32 groups of several channels, one channel per group, odd sizes, a 3-D input, and
-# groups longer than the CPU kernel's 512-value chunks (several chunks per channel and per pixel block)
-SHAPES = [(2, 64, (5, 3), 32), (1, 6, (4, 4), 6), (3, 12, (7, 1), 2), (2, 8, (9,), 4), (2, 6, (23, 25), 2)]
+# (B, C, spatial, groups): ADM's 32 groups of several channels, one channel per group, odd sizes, a 3-D input,
+# groups longer than the CPU kernel's 512-value chunks (several chunks per channel and per pixel block), groups of
+# 8 channels (the 256x256 UNet's first level) and a group wider than the Triton kernel's channel chunk (the
+# interpreter's is 256 channels: two chunks, the second part masked)
+SHAPES = [(2, 64, (5, 3), 32), (1, 6, (4, 4), 6), (3, 12, (7, 1), 2), (2, 8, (9,), 4), (2, 6, (23, 25), 2),
+          (2, 64, (4, 6), 8), (1, 300, (3, 2), 1)]
 
 
 def ref64(x, G, w, b, eps=1e-5, scale=None, shift=None):
@@ -227,3 +232,82 @@ def test_bench_case_rows_compute_the_op():
     for impl, fn in case.impls.items():
         if impl != bench.SAME_COPY:
             torch.testing.assert_close(fn().double(), want, rtol=1e-5, atol=1e-5, msg=impl)
+
+
+TRITON_SM90 = r"""
+import re
+import sys
+
+import torch
+import triton
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend, GPUTarget
+from triton.compiler import ASTSource
+
+from diffaug_kernels.ops import triton_kernels as tk
+
+
+class Launch:  # stands in for the autotuned kernel: keeps the launcher's arguments
+    def __getitem__(self, grid):
+        def record(*args, **kwargs):
+            self.args, self.kwargs = args, kwargs
+        return record
+
+
+def accesses(ptx, op):
+    # bytes moved by each global load or store instruction of the PTX
+    return [int(v or 1) * int(bits) // 8
+            for v, bits in re.findall(op + r"\.global(?:\.[a-z0-9_]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx)]
+
+
+fn = tk.group_norm_silu_kernel
+tk._group_norm_silu = launch = Launch()
+failures = []
+for dtype in (torch.bfloat16, torch.float32):
+    for (C, H, W), layouts in [((256, 56, 56), ("nchw", "cl")), ((512, 28, 28), ("nchw", "cl")),
+                               ((1024, 14, 14), ("cl",))]:
+        for layout in layouts:
+            x = torch.zeros(2, C, H, W, dtype=dtype)
+            if layout == "cl":
+                x = x.contiguous(memory_format=torch.channels_last)
+            w, b, sc = torch.ones(C), torch.zeros(C), torch.zeros(2, C)
+            tk.group_norm_silu_out(x, 32, w, b, 1e-5, sc, sc, torch.empty_like(x))
+            given = dict(zip(fn.arg_names, launch.args), **launch.kwargs)
+            for cfg in tk.GROUP_NORM_PRUNE(tk.CONFIGS_X4, given):  # every config the autotuner may pick
+                values = dict(given, **cfg.kwargs)
+                sig, const, attrs = {}, {}, {}
+                for i, name in enumerate(fn.arg_names):
+                    if i in fn.constexprs:
+                        sig[name], const[name] = "constexpr", values[name]
+                        continue
+                    ty, key = native_specialize_impl(BaseBackend, values[name], False, True, True)
+                    sig[name] = ty
+                    if ty == "constexpr":
+                        const[name] = key
+                    elif key == "D":
+                        attrs[(i,)] = [["tt.divisibility", 16]]
+                k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg.num_warps))
+                ld, st = accesses(k.asm["ptx"], "ld"), accesses(k.asm["ptx"], "st")
+                case = (str(dtype), C, H, layout, cfg.kwargs["BLOCK"], cfg.num_warps, sorted(ld), sorted(st))
+                narrow = [n for n in ld if n == x.element_size()]
+                # both passes read x in 16-byte vectors, every store is one; the one narrow read of x is the shift k
+                if ld.count(16) < 2 or not st or set(st) != {16} or (dtype == torch.bfloat16 and len(narrow) > 1):
+                    failures.append(case)
+                print(*case)
+assert not failures, failures
+print("GN-SM90-16B-OK")
+"""
+
+
+def test_triton_kernel_moves_16_byte_vectors_on_hopper(tmp_path):
+    """The interpreter does not show how the kernel compiles: compile it for sm_90 as a launch on the 256x256 UNet's
+    activation shapes specialises it (Triton's own argument specialisation of the launcher's real arguments) and
+    check the PTX: both passes read x in 16-byte vectors and every store writes 16 bytes, channels_last (the
+    compiled UNet's layout) and NCHW, bf16 and fp32 (NCHW only where the plane is 16-divisible: 14x14 is not)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", TRITON_SM90], env=env, capture_output=True, text=True, timeout=600)
+    assert "GN-SM90-16B-OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
