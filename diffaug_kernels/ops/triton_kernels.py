@@ -31,8 +31,8 @@ def prune_blocks(units):
     (units(kernel args), rounded up to a power of two; the smallest BLOCK always stays). A block larger than
     the work only masks lanes off, and every config tried costs a compile on first use: a small tensor then
     compiles and times 2 configs instead of 6."""
-    def prune(configs, nargs, **kwargs):
-        n = max(int(units(nargs)), 1)
+    def prune(configs, nargs, **kwargs):  # Triton passes the positional arguments as nargs, the keywords apart
+        n = max(int(units({**nargs, **kwargs})), 1)
         cap = max(min(c.kwargs["BLOCK"] for c in configs), 1 << (n - 1).bit_length())
         return [c for c in configs if c.kwargs["BLOCK"] <= cap]
     return prune
@@ -47,7 +47,7 @@ def prune_narrow_blocks(units, data: str):
 
     def prune(configs, nargs, **kwargs):
         kept = fits(configs, nargs, **kwargs)
-        size = nargs[data].element_size()
+        size = {**nargs, **kwargs}[data].element_size()
         wide = [c for c in kept if c.kwargs["BLOCK"] * size >= 16 * 32 * c.num_warps]
         return wide or kept
     return prune

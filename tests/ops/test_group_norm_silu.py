@@ -261,6 +261,7 @@ def accesses(ptx, op):
 
 
 fn = tk.group_norm_silu_kernel
+tuner = tk._group_norm_silu  # the autotuner the launcher calls
 tk._group_norm_silu = launch = Launch()
 failures = []
 for dtype in (torch.bfloat16, torch.float32):
@@ -273,7 +274,8 @@ for dtype in (torch.bfloat16, torch.float32):
             w, b, sc = torch.ones(C), torch.zeros(C), torch.zeros(2, C)
             tk.group_norm_silu_out(x, 32, w, b, 1e-5, sc, sc, torch.empty_like(x))
             given = dict(zip(fn.arg_names, launch.args), **launch.kwargs)
-            for cfg in tk.GROUP_NORM_PRUNE(tk.CONFIGS_X4, given):  # every config the autotuner may pick
+            tuner.nargs = dict(zip(tuner.arg_names, launch.args))  # as Autotuner.run sets them
+            for cfg in tuner.prune_configs(launch.kwargs):  # every config the autotuner may pick for this launch
                 values = dict(given, **cfg.kwargs)
                 sig, const, attrs = {}, {}, {}
                 for i, name in enumerate(fn.arg_names):
