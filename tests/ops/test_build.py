@@ -204,3 +204,67 @@ def test_triton_kernels_compile_for_hopper(tmp_path):
     script = f"CUOBJDUMP = {tool!r}\n" + TRITON_COMPILE
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert "TRITON-SM90-OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+
+LAUNCHES = r"""
+import torch
+from sm90 import launch_configs
+
+import diffaug_kernels as dk
+from diffaug_kernels.ops import dispatch, fp8_conv, triton_kernels as tk
+
+# the Triton backend for CPU tensors, kernels compiled rather than interpreted (tests/sm90.py records each launch)
+dispatch.register_backend("triton", dispatch.Backend(
+    ("cpu",), tk.forward_noise_out, tk.tweedie_out, tk.philox_normal_out, available=True,
+    reverse_step_out=tk.reverse_step_out, group_norm_silu_out=tk.group_norm_silu_out))
+sched = dk.NoiseSchedule.linear(1000)
+T = "triton"
+n = 0
+for dtype in (torch.bfloat16, torch.float32, torch.float64):
+    planes, small = torch.zeros(2, 4, 32, 32, dtype=dtype), torch.zeros(3, 5, 7, 3, dtype=dtype)
+    t2, t3 = torch.tensor([10, 900]), torch.tensor([1, 500, 999])
+    cases = [
+        ("_forward_noise_plane", lambda: dk.forward_noise(planes, t2, sched, seed=1, backend=T)),
+        ("_forward_noise", lambda: dk.forward_noise(small, t3, sched, seed=1, backend=T)),
+        ("_forward_noise", lambda: dk.forward_noise_multi(small, [5, 50], sched, seed=1, backend=T)),
+        ("_tweedie_plane", lambda: dk.tweedie(planes, planes, t2, sched, backend=T)),
+        ("_tweedie", lambda: dk.tweedie(small, small, t3, sched, normalize=([0.5] * 5, [0.2] * 5), backend=T)),
+        ("_reverse_step", lambda: dk.reverse_step(small, small, torch.rand(3), torch.rand(3), backend=T)),
+        ("_reverse_step", lambda: dk.reverse_step(small, small, torch.rand(3), torch.rand(3), torch.rand(3),
+                                                  shift=small, seed=2, backend=T)),
+        ("_reverse_step", lambda: dk.reverse_step(small, small, torch.rand(3), torch.rand(3), torch.rand_like(small),
+                                                  seed=2, backend=T)),
+        ("_philox_normal", lambda: dk.philox_normal((5, 7), seed=3, dtype=dtype, backend=T)),
+        ("_group_norm_silu", lambda: dk.group_norm_silu(planes, 2, torch.ones(4), torch.zeros(4), backend=T)),
+        ("_group_norm_silu", lambda: dk.group_norm_silu(planes.contiguous(memory_format=torch.channels_last), 2,
+                                                        torch.ones(4), torch.zeros(4), 1e-5, torch.zeros(2, 4),
+                                                        torch.zeros(2, 4), backend=T)),
+    ]
+    for attr, call in cases:
+        built = launch_configs(tk, attr, call)
+        assert built and all(k.asm.get("cubin") for _, k in built), (attr, dtype)
+        n += len(built)
+for dtype in (torch.float8_e4m3fn, torch.bfloat16):
+    x = torch.zeros(2, 64, 9, 9).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.zeros(32, 64, 3, 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    for stride in (1, 2):
+        built = launch_configs(fp8_conv, "conv3x3_scaled_tuned", lambda: fp8_conv.conv3x3_scaled(
+            x, w, torch.ones(1), torch.ones(32), torch.zeros(32), stride=stride))
+        assert built and all(k.asm.get("cubin") for _, k in built), (dtype, stride)
+        n += len(built)
+print("LAUNCHES-SM90-OK", n)
+"""
+
+
+def test_every_triton_launch_compiles_for_hopper(tmp_path):
+    """Every Triton launcher, called through the public ops with the arguments it gives a GPU launch (flat and
+    planar kernels, the ensemble expansion, normalize, the three noise forms and the shift of reverse_step, both
+    layouts of group_norm_silu, the FP8 convolution at strides 1 and 2), in bf16, fp32 and fp64: the real
+    autotuner prunes its configs for those arguments and every kept config compiles for sm_90 (tests/sm90.py).
+    The interpreter runs the kernels' Python with whatever arguments it is given; this catches a launcher that
+    gives a compiled kernel arguments it does not take, or a pruning function that fails on them, before a GPU."""
+    from sm90 import run_script
+
+    r = run_script(LAUNCHES, tmp_path, timeout=900)
+    assert "LAUNCHES-SM90-OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]

@@ -1,8 +1,6 @@
 """group_norm_silu: every backend against a float64 reference (NCHW and channels_last, every dtype, with and without
 ADM's scale-shift, strided views), shifted statistics, gradients (gradcheck through the custom op), the op's
-registration, which kernel each backend runs, errors."""
-import os
-
+registration, which kernel each backend runs, errors, and the Triton kernel's global accesses in its sm_90 PTX."""
 import pytest
 import torch
 from conftest import CPU_FUSED
@@ -235,34 +233,11 @@ def test_bench_case_rows_compute_the_op():
 
 
 TRITON_SM90 = r"""
-import re
-import sys
-
 import torch
-import triton
-from triton._C.libtriton import native_specialize_impl
-from triton.backends.compiler import BaseBackend, GPUTarget
-from triton.compiler import ASTSource
+from sm90 import global_accesses, launch_configs
 
 from diffaug_kernels.ops import triton_kernels as tk
 
-
-class Launch:  # stands in for the autotuned kernel: keeps the launcher's arguments
-    def __getitem__(self, grid):
-        def record(*args, **kwargs):
-            self.args, self.kwargs = args, kwargs
-        return record
-
-
-def accesses(ptx, op):
-    # bytes moved by each global load or store instruction of the PTX
-    return [int(v or 1) * int(bits) // 8
-            for v, bits in re.findall(op + r"\.global(?:\.[a-z0-9_]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx)]
-
-
-fn = tk.group_norm_silu_kernel
-tuner = tk._group_norm_silu  # the autotuner the launcher calls
-tk._group_norm_silu = launch = Launch()
 failures = []
 for dtype in (torch.bfloat16, torch.float32):
     for (C, H, W), layouts in [((256, 56, 56), ("nchw", "cl")), ((512, 28, 28), ("nchw", "cl")),
@@ -272,25 +247,9 @@ for dtype in (torch.bfloat16, torch.float32):
             if layout == "cl":
                 x = x.contiguous(memory_format=torch.channels_last)
             w, b, sc = torch.ones(C), torch.zeros(C), torch.zeros(2, C)
-            tk.group_norm_silu_out(x, 32, w, b, 1e-5, sc, sc, torch.empty_like(x))
-            given = dict(zip(fn.arg_names, launch.args), **launch.kwargs)
-            tuner.nargs = dict(zip(tuner.arg_names, launch.args))  # as Autotuner.run sets them
-            for cfg in tuner.prune_configs(launch.kwargs):  # every config the autotuner may pick for this launch
-                values = dict(given, **cfg.kwargs)
-                sig, const, attrs = {}, {}, {}
-                for i, name in enumerate(fn.arg_names):
-                    if i in fn.constexprs:
-                        sig[name], const[name] = "constexpr", values[name]
-                        continue
-                    ty, key = native_specialize_impl(BaseBackend, values[name], False, True, True)
-                    sig[name] = ty
-                    if ty == "constexpr":
-                        const[name] = key
-                    elif key == "D":
-                        attrs[(i,)] = [["tt.divisibility", 16]]
-                k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg.num_warps))
-                ld, st = accesses(k.asm["ptx"], "ld"), accesses(k.asm["ptx"], "st")
+            launch = lambda: tk.group_norm_silu_out(x, 32, w, b, 1e-5, sc, sc, torch.empty_like(x))  # noqa: E731
+            for cfg, k in launch_configs(tk, "_group_norm_silu", launch):
+                ld, st = global_accesses(k.asm["ptx"], "ld"), global_accesses(k.asm["ptx"], "st")
                 case = (str(dtype), C, H, layout, cfg.kwargs["BLOCK"], cfg.num_warps, sorted(ld), sorted(st))
                 narrow = [n for n in ld if n == x.element_size()]
                 # both passes read x in 16-byte vectors, every store is one; the one narrow read of x is the shift k
@@ -303,13 +262,11 @@ print("GN-SM90-16B-OK")
 
 
 def test_triton_kernel_moves_16_byte_vectors_on_hopper(tmp_path):
-    """The interpreter does not show how the kernel compiles: compile it for sm_90 as a launch on the 256x256 UNet's
-    activation shapes specialises it (Triton's own argument specialisation of the launcher's real arguments) and
-    check the PTX: both passes read x in 16-byte vectors and every store writes 16 bytes, channels_last (the
-    compiled UNet's layout) and NCHW, bf16 and fp32 (NCHW only where the plane is 16-divisible: 14x14 is not)."""
-    import subprocess
-    import sys
+    """The interpreter does not show how the kernel compiles: compile the launches a GPU would make on the 256x256
+    UNet's activation shapes, with every config the autotuner keeps (tests/sm90.py), and check the PTX: both
+    passes read x in 16-byte vectors and every store writes 16 bytes, channels_last (the compiled UNet's layout)
+    and NCHW, bf16 and fp32 (NCHW only where the plane is 16-divisible: 14x14 is not)."""
+    from sm90 import run_script
 
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
-    r = subprocess.run([sys.executable, "-c", TRITON_SM90], env=env, capture_output=True, text=True, timeout=600)
+    r = run_script(TRITON_SM90, tmp_path)
     assert "GN-SM90-16B-OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
