@@ -246,6 +246,28 @@ def test_kernel_checks_its_arguments():
         fp8_conv.conv3x3_scaled(x, w, torch.tensor(1.0), torch.ones(5))
 
 
+def test_fp8_unet_compiles_whole_on_the_kernel_path(monkeypatch):
+    """bench-fp8 times torch.compile(fullgraph=True) of the FP8 UNet under bf16 autocast on the GPU: the kernel
+    path (emulate=False: the input's quantisation, the custom op) traces as one graph and gives the eager
+    numbers (aot_eager: the traced graph itself; the kernel runs in the interpreter, the device check lifted off
+    Hopper as above)."""
+    if not HOPPER:
+        if torch.cuda.is_available():
+            pytest.skip("FP8 tl.dot needs Hopper")
+        monkeypatch.setattr(f8, "check_fp8_device", lambda device: None)
+    model = tiny_unet().to(KERNEL_DEVICE)
+    q = f8.set_emulate(f8.to_fp8(model, calibration(model), emulate=True), False)
+    assert f8.fp8_convs(q) and not any(m.emulate for m in f8.fp8_convs(q))
+    x, _ = calibration(model, n=1)[0]
+    x, t = x.to(KERNEL_DEVICE), torch.tensor([500], device=KERNEL_DEVICE)
+    torch._dynamo.reset()
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16):
+        eager = q(x, t)
+        compiled = torch.compile(q, fullgraph=True, backend="aot_eager")(x, t)
+    assert compiled.dtype == eager.dtype == torch.bfloat16
+    assert torch.equal(compiled, eager)
+
+
 @pytest.mark.parametrize("stride,bias", [(1, True), (2, False)])
 def test_fp8_path_runs_the_kernel_and_matches_emulation(monkeypatch, stride, bias):
     """FP8Conv2d(emulate=False)'s data flow (quantised channels_last input, K-major weight, scales and bias in the
