@@ -361,7 +361,7 @@ if triton is not None:
         xb = x_ptr + bi * xsb + c0 * xsc
         ob = out_ptr + bi * osb + c0 * osc
         k = tl.load(xb).to(cdt)
-        cr = tl.arange(0, CB)
+        cr = tl.arange(0, CB).to(tl.int64)  # 64-bit offsets: c * a channel stride may pass 2**31
         sr = tl.arange(0, P).to(tl.int64)
         if PIXEL_MAJOR:
             acc = tl.zeros([P, CB], dtype=cdt)

@@ -233,6 +233,8 @@ def test_bench_case_rows_compute_the_op():
 
 
 TRITON_SM90 = r"""
+import re
+
 import torch
 from sm90 import global_accesses, launch_configs
 
@@ -255,6 +257,10 @@ for dtype in (torch.bfloat16, torch.float32):
                 # both passes read x in 16-byte vectors, every store is one; the one narrow read of x is the shift k
                 if ld.count(16) < 2 or not st or set(st) != {16} or (dtype == torch.bfloat16 and len(narrow) > 1):
                     failures.append(case)
+                # every pointer offset is 64-bit (a channel stride times a channel index may pass 2**31)
+                ttir = [line.split(" loc(")[0].strip() for line in k.asm["ttir"].splitlines()]
+                if [line for line in ttir if "tt.addptr" in line and not re.search(r"(, i64|xi64>)$", line)]:
+                    failures.append(case + ("32-bit pointer offset",))
                 print(*case)
 assert not failures, failures
 print("GN-SM90-16B-OK")
@@ -265,7 +271,8 @@ def test_triton_kernel_moves_16_byte_vectors_on_hopper(tmp_path):
     """The interpreter does not show how the kernel compiles: compile the launches a GPU would make on the 256x256
     UNet's activation shapes, with every config the autotuner keeps (tests/sm90.py), and check the PTX: both
     passes read x in 16-byte vectors and every store writes 16 bytes, channels_last (the compiled UNet's layout)
-    and NCHW, bf16 and fp32 (NCHW only where the plane is 16-divisible: 14x14 is not)."""
+    and NCHW, bf16 and fp32 (NCHW only where the plane is 16-divisible: 14x14 is not); and every pointer offset
+    is 64-bit (TTIR)."""
     from sm90 import run_script
 
     r = run_script(TRITON_SM90, tmp_path)
