@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..utils import eval_mode
+
 FP8_DTYPE = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 GRANULARITIES = ("tensor", "channel")
@@ -177,8 +179,8 @@ def _run_calibration(model: nn.Module, calibration: Calibration) -> int:
 
 def calibrate_amax(model: nn.Module, calibration: Calibration) -> dict:
     """{name: amax(|input|) over every calibration batch} of model's replaceable convolutions, in the order the
-    model first ran them, measured with forward pre-hooks under torch.no_grad and eval mode (model's mode
-    restored after). calibration: an iterable of (x_t, t) pairs, each run as model(x_t, t), or a callable given
+    model first ran them, measured with forward pre-hooks under torch.no_grad and eval mode (each submodule's
+    mode restored after). calibration: an iterable of (x_t, t) pairs, each run as model(x_t, t), or a callable given
     the model, which runs whatever forward calls it likes (other arguments, autocast)."""
     convs = {name: m for name, m in model.named_modules() if replaceable(m)}
     amax: dict = {}
@@ -190,13 +192,10 @@ def calibrate_amax(model: nn.Module, calibration: Calibration) -> dict:
         return record
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in convs.items()]
-    training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             n = _run_calibration(model, calibration)
     finally:
-        model.train(training)
         for h in handles:
             h.remove()
     if not n:
