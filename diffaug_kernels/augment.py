@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from . import ops
-from .ops import checks
+from .ops import checks, dispatch
 from .ops.dispatch import median_seconds, on_device
 from .schedule import PREDICTIONS, NoiseSchedule
 
@@ -45,11 +45,11 @@ class DiffAug(nn.Module):
     fused_norm: whether the model runs its GroupNorm + (scale-shift +) SiLU pairs as one dk.group_norm_silu (the
     package's ADM UNet: models.create_adm_unet, whose set_fused_norm switches them; same parameters, same
     numbers to rounding). True / False force it (True on a model without set_fused_norm is an error; False on such
-    a model is a no-op). None (the default) decides by measurement on CUDA with compile=True, for a model with
-    set_fused_norm and norm_silu_sites; anywhere else it leaves the model as it is (on CPU: no measurement, and a
-    UNet built unfused stays unfused). The measurement (measure_fused_norm) runs once per device, input shape and
-    dtype, at the first call with that input, before the compile: one eager call of the unfused model records the
-    inputs of its norm + SiLU pairs, then each distinct pair shape is timed fused against the unfused pair compiled
+    a model is a no-op). None (the default), for a model with set_fused_norm and norm_silu_sites and with
+    compile=True, fuses on the CPU where the C++ kernel is built (a fixed rule: cpu_kernel_fused) and decides by
+    measurement on CUDA; anywhere else (eager, other devices) it leaves the model as it is. The measurement
+    (measure_fused_norm) runs once per device, input shape and dtype, at the first call with that input, before
+    the compile: one eager call of the unfused model records the inputs of its norm + SiLU pairs, then each distinct pair shape is timed fused against the unfused pair compiled
     by inductor (static shapes, what the compiled unfused UNet runs there), summed over the pairs; fused runs when
     its total is smaller. It costs one eager call of the model and one compile of the small pair function per
     distinct pair input (a few per resolution level), not a second compile of the UNet; it does not see inductor
@@ -161,8 +161,10 @@ class DiffAug(nn.Module):
         dtype."""
         if self.fused_norm is not None:
             return self.fused_norm
-        if not (self.compiled and x_t.device.type in MEASURED_DEVICES and measurable(self.model)):
+        if not (self.compiled and measurable(self.model)):
             return None
+        if x_t.device.type not in MEASURED_DEVICES:
+            return True if x_t.device.type == "cpu" and cpu_kernel_fused() else None
         if torch.compiler.is_compiling():  # this module traced whole: nothing can be timed there
             return None
         key = (x_t.device, tuple(x_t.shape), x_t.dtype)
@@ -247,7 +249,18 @@ class DiffAug(nn.Module):
                 f"cast_weights={self.cast_weights}, fused_norm={self.fused_norm}")
 
 
-MEASURED_DEVICES = ("cuda",)  # where fused_norm=None measures (with compile=True); elsewhere it leaves the model be
+MEASURED_DEVICES = ("cuda",)  # where fused_norm=None measures (with compile=True); the CPU has a fixed rule
+
+
+def cpu_kernel_fused() -> bool:
+    """fused_norm=None's choice on the CPU with compile=True: fused where the C++ kernel is built. The compiled
+    model runs channels_last, where that kernel reads whole rows of channels and inductor's compiled pair reduces
+    each group's few channels a row apart: 3-4x slower on the 32x32 UNet's shapes in bf16 and fp32 (`python -m
+    diffaug_kernels bench --ops group_norm_silu --shapes 8x64x32x32,8x128x16x16 --layouts channels_last
+    --device cpu`), and the compiled UNet faster end to end (`python -m diffaug_kernels bench-model --device cpu
+    --fused`). A fixed rule, not a measurement: timing each pair costs a compile per pair shape (about 20 s for
+    that UNet), which every ddim_sample call, making its own DiffAug, would pay again."""
+    return dispatch.usable("cpu", torch.device("cpu")) and dispatch.kernels("cpu").group_norm_silu_out is not None
 
 
 def measurable(model: nn.Module) -> bool:

@@ -6,6 +6,7 @@ from torch import nn
 
 import diffaug_kernels as dk
 from diffaug_kernels import reference
+from diffaug_kernels.ops import dispatch
 
 S = dk.NoiseSchedule.linear(1000)
 
@@ -338,17 +339,48 @@ def test_fused_norm_false_switches_a_fused_model_off_and_none_leaves_it_be(monke
     assert calls
 
 
-def test_fused_norm_none_on_cpu_stays_off_without_measuring(monkeypatch):
+def test_fused_norm_none_on_cpu_fuses_compiled_models_without_measuring(monkeypatch):
+    """On the CPU, fused_norm=None fuses a compiled model where the C++ kernel is built (a fixed rule: nothing is
+    timed), and leaves an eager model, or any model without that kernel, as it is."""
     from diffaug_kernels import augment
 
     unet = _random_unet()
     calls = _count_fused_calls(monkeypatch)
     monkeypatch.setattr(augment, "time_candidate", lambda *a: pytest.fail("nothing is timed on CPU"))
+    x, t = torch.rand(2, 3, 16, 16) * 2 - 1, torch.tensor([1, 2])
     aug = dk.DiffAug(unet, S, compile=True)
+    assert aug.fused_norm is None
+    assert aug.fused_norm_for(x, t) is augment.cpu_kernel_fused()
+    assert augment.cpu_kernel_fused() is (dispatch.usable("cpu", x.device)
+                                          and dispatch.kernels("cpu").group_norm_silu_out is not None)
+    monkeypatch.setattr(augment, "cpu_kernel_fused", lambda: False)
+    assert aug.fused_norm_for(x, t) is None
+    eager = dk.DiffAug(unet, S)
+    assert eager.fused_norm_for(x, t) is None
+    eager(x, t=50)
+    assert calls == [] and aug.fused_norm_measured == {} and unet.fused_norm is False
+
+
+def test_compiled_diffaug_on_cpu_runs_the_fused_kernel(monkeypatch):
+    """A compiled DiffAug on the CPU (aot_eager for inductor, whose CPU compile would take a minute) traces the
+    fused op at every norm + SiLU pair and gives the unfused model's numbers; the user's UNet stays unfused."""
+    import functools
+
+    from diffaug_kernels import augment
+
+    if not augment.cpu_kernel_fused():
+        pytest.skip("the C++ extension is not built")
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    unet = _random_unet()
+    calls = _count_fused_calls(monkeypatch)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
-    assert aug.fused_norm is None and aug.fused_norm_for(x, torch.tensor([1, 2])) is None
-    dk.DiffAug(unet, S)(x, t=50)
-    assert calls == [] and aug.fused_norm_measured == {}
+    with torch.no_grad():
+        on = dk.DiffAug(unet, S, compile=True)(x, t=[30, 90], seed=4)
+        assert len(calls) == len(unet.norm_silu_sites())
+        off = dk.DiffAug(unet, S, compile=True, fused_norm=False)(x, t=[30, 90], seed=4)
+    assert unet.fused_norm is False
+    torch.testing.assert_close(on, off, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("fused_faster", [True, False])

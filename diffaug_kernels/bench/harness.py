@@ -232,17 +232,28 @@ class Case:
     inputs: dict = field(default_factory=dict)  # x, t (and model_output, times): what every row computes on
 
 
+LAYOUTS = ("contiguous", "channels_last")
+
+
 def make_case(op: str, shape: Sequence[int], dtype: torch.dtype, device="cpu",
-              schedule: Optional[NoiseSchedule] = None, backends: Optional[Sequence[str]] = None) -> Case:
+              schedule: Optional[NoiseSchedule] = None, backends: Optional[Sequence[str]] = None,
+              layout: str = "contiguous") -> Case:
     """Inputs and callables for one benchmark: published eager, published compiled, each fused backend.
-    tweedie is the DiffAug case: eps prediction, learned sigma (2C channels), clip, ImageNet normalise."""
+    tweedie is the DiffAug case: eps prediction, learned sigma (2C channels), clip, ImageNet normalise.
+    layout: the memory format of every image-shaped input ("channels_last": the compiled UNet's)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     device = torch.device(device)
+
+    def lay(v: torch.Tensor) -> torch.Tensor:
+        return v.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else v
+
     sched = schedule or NoiseSchedule.linear(1000)
     backends = fused_backends(device) if backends is None else list(backends)
     shape = tuple(int(s) for s in shape)
     B, C = shape[0], shape[1]
     t = torch.randint(0, sched.num_timesteps, (B,), device=device)  # a fresh t per sample, as in training
-    x = torch.randn(shape, device=device).to(dtype)
+    x = lay(torch.randn(shape, device=device).to(dtype))
     elem = x.element_size() * x.numel()
     if op == "forward_noise":
         tabs = (sched._np["sqrt_alphas_cumprod"], sched._np["sqrt_one_minus_alphas_cumprod"])
@@ -252,7 +263,7 @@ def make_case(op: str, shape: Sequence[int], dtype: torch.dtype, device="cpu",
         for name in backends:
             case.impls[f"fused ({name})"] = lambda name=name: forward_noise(x, t, sched, backend=name)
     elif op == "tweedie":
-        mo = torch.randn((B, 2 * C, *shape[2:]), device=device).to(dtype)
+        mo = lay(torch.randn((B, 2 * C, *shape[2:]), device=device).to(dtype))
         tabs = (sched._np["sqrt_recip_alphas_cumprod"], sched._np["sqrt_recipm1_alphas_cumprod"])
         # ImageNet's statistics for RGB; other channel counts get a per-channel normalisation of the same cost
         norm = IMAGENET_NORM if C == 3 else ((0.5,) * C, (0.25,) * C)
@@ -276,9 +287,9 @@ def make_case(op: str, shape: Sequence[int], dtype: torch.dtype, device="cpu",
         ac_prev, betas = np.append(1.0, ac[:-1]), sched.betas.numpy()
         tabs = (betas * np.sqrt(ac_prev) / (1 - ac), (1 - ac_prev) * np.sqrt(1 - betas) / (1 - ac))
         c1, c2 = (torch.from_numpy(tab).to(device, torch.float32)[t] for tab in tabs)
-        x0_hat = torch.rand(shape, device=device).mul(2).sub(1).to(dtype)
-        sigma = torch.rand(shape, device=device).mul(0.1).to(dtype)
-        shift = torch.randn(shape, device=device).mul(0.01).to(dtype)
+        x0_hat = lay(torch.rand(shape, device=device).mul(2).sub(1).to(dtype))
+        sigma = lay(torch.rand(shape, device=device).mul(0.1).to(dtype))
+        shift = lay(torch.randn(shape, device=device).mul(0.01).to(dtype))
         case = Case(op, shape, dtype, 5 * elem)
         case.impls[EAGER] = lambda: published_reverse_step(x0_hat, x, t, *tabs, sigma, shift)
         case.impls[COMPILED] = lambda: compiled(op)(x0_hat, x, t, *tabs, sigma, shift)
@@ -446,9 +457,11 @@ def format_table(rows: list[dict]) -> str:
 
 def run_bench(shapes=((64, 3, 224, 224), (256, 3, 32, 32)), dtypes=(torch.float32, torch.bfloat16), reps: int = 10,
               device="cpu", json_path=None, warmup: int = 2, op_names=OPS, flush: bool = True,
-              print_table: bool = True, progress: bool = True, backends: Optional[Sequence[str]] = None) -> dict:
+              print_table: bool = True, progress: bool = True, backends: Optional[Sequence[str]] = None,
+              layout: str = "contiguous") -> dict:
     """Times every implementation of every op on every shape x dtype (backends: the fused ones to time, default
-    every one for the device); prints one table; writes JSON if asked.
+    every one for the device; layout: the inputs' memory format, see make_case); prints one table; writes JSON if
+    asked.
     Returns {"env": ..., "copy_gb_s": ..., "rows": [...]}; a row's vs_same_bytes_copy is the same-bytes copy's
     time over its own (1.0: as fast as torch moves those bytes)."""
     device = torch.device(device)
@@ -463,7 +476,7 @@ def run_bench(shapes=((64, 3, 224, 224), (256, 3, 32, 32)), dtypes=(torch.float3
     for op in op_names:
         for shape in shapes:
             for dtype in dtypes:
-                case = make_case(op, shape, dtype, device, sched, backends)
+                case = make_case(op, shape, dtype, device, sched, backends, layout)
                 case_rows = []
                 for impl, fn in case.impls.items():
                     tm = time_fn(fn, reps=reps, warmup=warmup, device=device, flush=flush)
@@ -486,10 +499,10 @@ def run_bench(shapes=((64, 3, 224, 224), (256, 3, 32, 32)), dtypes=(torch.float3
         log(f"[bench] warning: other processes used {100 * other:.0f}% of the CPUs during the run; "
             "the timings are noisy")
     result = {"env": env, "copy_gb_s": copy_gbs, "reps": reps, "warmup": warmup, "cache_flushed": flush,
-              "other_cpu_fraction": other, "rows": rows}
+              "layout": layout, "other_cpu_fraction": other, "rows": rows}
     if print_table:
         print(f"{env['device_name']} ({device.type}), {env['threads']} threads, torch {env['torch']}; "
-              f"copy bandwidth {copy_gbs:.1f} GB/s; median of {reps} reps"
+              f"copy bandwidth {copy_gbs:.1f} GB/s; {layout} inputs; median of {reps} reps"
               f"{', caches flushed before each' if flush else ', warm caches'}")
         print(format_table(rows), flush=True)
     if json_path is not None:

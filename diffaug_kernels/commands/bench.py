@@ -42,6 +42,9 @@ def add_arguments(p) -> None:
                         "expansion), reverse_step (a guided DDPM step with a learned variance), group_norm_silu "
                         "(ADM's ResBlock norm + scale-shift + SiLU, 32 groups: give C a multiple of 32); default "
                         "forward_noise,tweedie")
+    p.add_argument("--layout", choices=("contiguous", "channels_last"), default="contiguous",
+                   help="memory format of the image-shaped inputs (channels_last: the compiled UNet's) "
+                        "(default contiguous)")
     p.add_argument("--reps", type=positive, default=10, help="timed repetitions; the median is reported (default 10)")
     p.add_argument("--warmup", type=positive, default=5,
                    help="untimed calls first (default 5: past first-touch and huge-page set-up of fresh outputs)")
@@ -73,7 +76,7 @@ def main(args) -> int:
     result = harness.run_bench(shapes=args.shapes, dtypes=args.dtypes or (torch.float32, torch.bfloat16),
                              reps=args.reps, warmup=args.warmup, device=device,
                              json_path=None if args.no_json else json_path, op_names=args.ops,
-                             flush=not args.no_flush)
+                             flush=not args.no_flush, layout=args.layout)
     return plot_result(result, args.plot)
 
 

@@ -15,9 +15,10 @@ BACKENDS = ["reference"] + CPU_FUSED
 # (B, C, spatial, groups): ADM's 32 groups of several channels, one channel per group, odd sizes, a 3-D input,
 # groups longer than the CPU kernel's 512-value chunks (several chunks per channel and per pixel block), groups of
 # 8 channels (the 256x256 UNet's first level) and a group wider than the Triton kernel's channel chunk (the
-# interpreter's is 256 channels: two chunks, the second part masked)
+# interpreter's is 256 channels: two chunks, the second part masked); for the CPU kernel's channels_last path,
+# blocks of 64 channels (4 of them) and groups of 6 channels (blocks of 96: one whole, one partial)
 SHAPES = [(2, 64, (5, 3), 32), (1, 6, (4, 4), 6), (3, 12, (7, 1), 2), (2, 8, (9,), 4), (2, 6, (23, 25), 2),
-          (2, 64, (4, 6), 8), (1, 300, (3, 2), 1)]
+          (2, 64, (4, 6), 8), (1, 300, (3, 2), 1), (2, 256, (3, 5), 32), (1, 162, (6, 7), 27)]
 
 
 def ref64(x, G, w, b, eps=1e-5, scale=None, shift=None):
@@ -79,14 +80,16 @@ def test_large_mean_small_spread(backend, layout, shape):
 
 def strided_views():
     """x as views the kernels read in place or copy: a channel slice, a stride-2 spatial slice, swapped spatial
-    dims (not mergeable), a channels-last 3-D input (read pixel by pixel, written contiguous), 1x1 channels_last."""
+    dims (not mergeable), a channels-last 3-D input (read pixel by pixel, written contiguous), 1x1 channels_last,
+    a channel slice of a channels_last tensor (rows 16 channels apart, 8 read)."""
     g = torch.Generator().manual_seed(12)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g) * 2 + 0.5
 
     return [rnd(2, 12, 5, 6)[:, 2:10], rnd(2, 8, 6, 10)[..., ::2], rnd(2, 8, 5, 6).transpose(2, 3),
-            rnd(2, 9, 8).transpose(1, 2), rnd(3, 8, 1, 1).contiguous(memory_format=torch.channels_last)]
+            rnd(2, 9, 8).transpose(1, 2), rnd(3, 8, 1, 1).contiguous(memory_format=torch.channels_last),
+            rnd(2, 16, 5, 6).contiguous(memory_format=torch.channels_last)[:, 4:12]]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
