@@ -49,15 +49,16 @@ class DiffAug(nn.Module):
     compile=True, fuses on the CPU where the C++ kernel is built (a fixed rule: cpu_kernel_fused) and decides by
     measurement on CUDA; anywhere else (eager, other devices) it leaves the model as it is. The measurement
     (measure_fused_norm) runs once per device, input shape and dtype, at the first call with that input, before
-    the compile: one eager call of the unfused model records the inputs of its norm + SiLU pairs, then each distinct pair shape is timed fused against the unfused pair compiled
-    by inductor (static shapes, what the compiled unfused UNet runs there), summed over the pairs; fused runs when
-    its total is smaller. It costs one eager call of the model and one compile of the small pair function per
-    distinct pair input (a few per resolution level), not a second compile of the UNet; it does not see inductor
-    fusing a pair's neighbours into it, so where the totals are close, time both settings end to end and force
-    the faster. The measured totals are kept in fused_norm_measured. The user's module is never switched: a
-    setting other than the model's own runs a copy of the model (or of the cast copy above) that shares every
-    parameter and buffer with it, follows its train/eval mode and is remade when the model it copies is; a later
-    structural change to the user's module (another set_* call) reaches calls through that copy only once it is
+    the compile: one eager call of the unfused model records the inputs of its norm + SiLU pairs, then each distinct
+    pair shape is timed fused against the unfused pair compiled by inductor (static shapes, what the compiled
+    unfused UNet runs there), summed over the pairs; fused runs when its total is smaller. It costs one eager call
+    of the model and one compile of the small pair function per distinct pair input (a few per resolution level),
+    not a second compile of the UNet; it does not see inductor fusing a pair's neighbours into it, so where the
+    totals are close, time both settings end to end and force the faster. The measured totals are kept in
+    fused_norm_measured. The user's module is never switched: a setting other than the model's own runs a copy of
+    the model (or of the cast copy above) that shares every parameter and buffer with it, follows its train/eval
+    mode and is remade when the model it copies is; a later structural change to the user's module (another set_*
+    call) reaches calls through that copy only once it is
     remade, so set such options before the first call.
     """
 
