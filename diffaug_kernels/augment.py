@@ -58,8 +58,7 @@ class DiffAug(nn.Module):
     fused_norm_measured. The user's module is never switched: a setting other than the model's own runs a copy of
     the model (or of the cast copy above) that shares every parameter and buffer with it, follows its train/eval
     mode and is remade when the model it copies is; a later structural change to the user's module (another set_*
-    call) reaches calls through that copy only once it is
-    remade, so set such options before the first call.
+    call) reaches calls through that copy only once it is remade, so set such options before the first call.
     """
 
     def __init__(self, model: nn.Module, schedule: NoiseSchedule, t_range=None, prediction: str = "eps",
