@@ -498,6 +498,8 @@ inline float exp_float(float x) {
 
 inline float silu(float y) { return y / (1.0f + exp_float(-y)); }
 inline double silu(double y) { return y / (1.0 + std::exp(-y)); }  // float64 is for gradcheck: libm's exp
+inline float exp_acc(float x) { return exp_float(x); }
+inline double exp_acc(double x) { return std::exp(x); }
 
 // Running (count, mean, M2) of a group's values, merged chunk by chunk (Chan, Golub and LeVeque's pairwise
 // update) in double: each chunk's mean and M2 come from two passes over the chunk in cache, so the variance
@@ -553,82 +555,220 @@ inline int64_t row_block(int64_t CG) {
   return w * std::max<int64_t>(1, kRowBlock / w);
 }
 
+// A block's statistics (channels_last): per channel its shift k_c (its first value), d_c = mu_g - k_c and its
+// group's rstd, from nc channels (whole groups of CG) of S pixels whose rows lie ss apart. The per-channel sums run
+// pixel chunk by pixel chunk (kRowChunk values: the sum, then the squares about the chunk's mean, in L1), merged
+// across chunks in double (Chan et al.: equal counts per channel); then each group's channels merge exactly.
+template <typename T>
+struct RowStats {
+  using acc_t = acc_type_t<T>;
+  std::vector<acc_t> k, d, s, q;
+  std::vector<double> mean, m2, rstd;
+  explicit RowStats(int64_t CB) : k(CB), d(CB), s(CB), q(CB), mean(CB), m2(CB), rstd(CB) {}
+
+  void compute(const T* xs, int64_t ss, int64_t S, int64_t nc, int64_t CG, double eps) {
+    const int64_t P = std::max<int64_t>(1, kRowChunk / nc);
+    for (int64_t c = 0; c < nc; ++c) k[c] = to_acc<acc_t>(xs[c]);
+    std::fill(mean.begin(), mean.end(), 0.0);
+    std::fill(m2.begin(), m2.end(), 0.0);
+    double n = 0;
+    for (int64_t p0 = 0; p0 < S; p0 += P) {
+      const int64_t np = std::min(P, S - p0);
+      const T* xc = xs + p0 * ss;
+      std::fill(s.begin(), s.end(), acc_t(0));
+      std::fill(q.begin(), q.end(), acc_t(0));
+      for (int64_t p = 0; p < np; ++p) {
+        const T* __restrict r = xc + p * ss;
+#pragma omp simd
+        for (int64_t c = 0; c < nc; ++c) s[c] += to_acc<acc_t>(r[c]) - k[c];
+      }
+      const acc_t inv = acc_t(1) / static_cast<acc_t>(np);
+#pragma omp simd
+      for (int64_t c = 0; c < nc; ++c) s[c] *= inv;  // the chunk's mean of x - k_c
+      for (int64_t p = 0; p < np; ++p) {
+        const T* __restrict r = xc + p * ss;
+#pragma omp simd
+        for (int64_t c = 0; c < nc; ++c) {
+          const acc_t e = to_acc<acc_t>(r[c]) - k[c] - s[c];
+          q[c] += e * e;
+        }
+      }
+      const double tot = n + np, wb = np / tot, wd = n * np / tot;
+#pragma omp simd
+      for (int64_t c = 0; c < nc; ++c) {
+        const double dm = static_cast<double>(s[c]) - mean[c];
+        mean[c] += dm * wb;
+        m2[c] += static_cast<double>(q[c]) + dm * dm * wd;
+      }
+      n = tot;
+    }
+    for (int64_t g0 = 0; g0 < nc; g0 += CG) {
+      double mu = 0;
+      for (int64_t c = g0; c < g0 + CG; ++c) mu += static_cast<double>(k[c]) + mean[c];
+      mu /= static_cast<double>(CG);
+      double m2g = 0;
+      for (int64_t c = g0; c < g0 + CG; ++c) {
+        const double dc = static_cast<double>(k[c]) + mean[c] - mu;
+        m2g += m2[c] + n * dc * dc;
+      }
+      const double r = 1.0 / std::sqrt(m2g / (n * static_cast<double>(CG)) + eps);
+      for (int64_t c = g0; c < g0 + CG; ++c) {
+        rstd[c] = r;
+        d[c] = static_cast<acc_t>(mu - static_cast<double>(k[c]));
+      }
+    }
+  }
+};
+
+// Tasks of channels_last blocks: (sample, block of whole groups, row_block(CG) channels), what fn(b, c0, nc)
+// computes.
+template <typename F>
+void for_row_blocks(const View3& xv, int64_t CG, F&& fn) {
+  const int64_t CB = row_block(CG), nblk = (xv.C + CB - 1) / CB;
+  at::parallel_for(0, xv.B * nblk, std::max<int64_t>(1, 32768 / std::max<int64_t>(CB * xv.S, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t task = begin; task < end; ++task) {
+                       const int64_t c0 = (task % nblk) * CB;
+                       fn(task / nblk, c0, std::min(CB, xv.C - c0), CB);
+                     }
+                   });
+}
+
 template <typename T>
 void group_norm_silu_rows(const T* px, T* po, const View3& xv, const View3& ov, int64_t G, const acc_type_t<T>* pw,
                           const acc_type_t<T>* pb, const acc_type_t<T>* psc, const acc_type_t<T>* psh, double eps) {
   using acc_t = acc_type_t<T>;
   const int64_t C = xv.C, S = xv.S, CG = C / G;
-  const int64_t CB = row_block(CG), nblk = (C + CB - 1) / CB;
-  const int64_t P = std::max<int64_t>(1, kRowChunk / CB);
-  at::parallel_for(0, xv.B * nblk, std::max<int64_t>(1, 32768 / std::max<int64_t>(CB * S, 1)), [&](int64_t begin,
-                                                                                                   int64_t end) {
-    std::vector<acc_t> k(CB), s(CB), q(CB), a(CB), h(CB), d(CB);
-    std::vector<double> mean(CB), m2(CB);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / nblk, c0 = (task % nblk) * CB, nc = std::min(CB, C - c0);
-      const T* xs = px + b * xv.sb + c0;
-      T* os = po + b * ov.sb + c0 * ov.sc;
-      for (int64_t c = 0; c < nc; ++c) k[c] = to_acc<acc_t>(xs[c]);
-      std::fill(mean.begin(), mean.end(), 0.0);
-      std::fill(m2.begin(), m2.end(), 0.0);
-      double n = 0;
-      for (int64_t p0 = 0; p0 < S; p0 += P) {
-        const int64_t np = std::min(P, S - p0);
-        const T* xc = xs + p0 * xv.ss;
-        std::fill(s.begin(), s.end(), acc_t(0));
-        std::fill(q.begin(), q.end(), acc_t(0));
-        for (int64_t p = 0; p < np; ++p) {
-          const T* __restrict r = xc + p * xv.ss;
+  for_row_blocks(xv, CG, [&](int64_t b, int64_t c0, int64_t nc, int64_t CB) {
+    thread_local std::vector<acc_t> a, h;
+    RowStats<T> st(CB);
+    a.resize(CB);
+    h.resize(CB);
+    const T* xs = px + b * xv.sb + c0;
+    T* os = po + b * ov.sb + c0 * ov.sc;
+    st.compute(xs, xv.ss, S, nc, CG, eps);
+    for (int64_t c = 0; c < nc; ++c) {
+      const int64_t ch = c0 + c;
+      const double gm = psc ? 1.0 + static_cast<double>(psc[b * C + ch]) : 1.0;
+      a[c] = static_cast<acc_t>(st.rstd[c] * static_cast<double>(pw[ch]) * gm);
+      h[c] = static_cast<acc_t>(static_cast<double>(pb[ch]) * gm + (psh ? static_cast<double>(psh[b * C + ch]) : 0.0));
+    }
+    const acc_t *k = st.k.data(), *d = st.d.data();
+    for (int64_t p = 0; p < S; ++p) {
+      const T* __restrict r = xs + p * xv.ss;
+      T* __restrict o = os + p * ov.ss;
+      if (ov.sc == 1) {
 #pragma omp simd
-          for (int64_t c = 0; c < nc; ++c) s[c] += to_acc<acc_t>(r[c]) - k[c];
-        }
-        const acc_t inv = acc_t(1) / static_cast<acc_t>(np);
-#pragma omp simd
-        for (int64_t c = 0; c < nc; ++c) s[c] *= inv;  // the chunk's mean of x - k_c
-        for (int64_t p = 0; p < np; ++p) {
-          const T* __restrict r = xc + p * xv.ss;
+        for (int64_t c = 0; c < nc; ++c) o[c] = from_acc<T>(silu((to_acc<acc_t>(r[c]) - k[c] - d[c]) * a[c] + h[c]));
+      } else {
+        for (int64_t c = 0; c < nc; ++c)
+          o[c * ov.sc] = from_acc<T>(silu((to_acc<acc_t>(r[c]) - k[c] - d[c]) * a[c] + h[c]));
+      }
+    }
+  });
+}
+
+// The backward of SiLU(z), z = xhat * w_c * (1 + scale_bc) + b_c * (1 + scale_bc) + shift_bc, xhat = (x - mu_g) *
+// rstd_g, for channels_last x and grad: dx, and per (sample, channel) A = sum over pixels of dz and X = sum of
+// dz * xhat (dz = grad * SiLU'(z)), from which the caller forms the other gradients. Per block: the forward's
+// statistics, then one pass computing dz (kept in a buffer of the block) and A, X per channel, then the group sums
+// m1 = mean of dxhat, m2 = mean of dxhat * xhat (dxhat = dz * w_c * (1 + scale_bc)), and a last pass
+// dx = rstd * (dxhat - m1 - xhat * m2).
+template <typename T>
+void group_norm_silu_backward_rows(const T* pg, const T* px, T* pdx, const View3& gv, const View3& xv,
+                                   const View3& dv, int64_t G, const acc_type_t<T>* pw, const acc_type_t<T>* pb,
+                                   const acc_type_t<T>* psc, const acc_type_t<T>* psh, double eps,
+                                   acc_type_t<T>* sums) {
+  using acc_t = acc_type_t<T>;
+  const int64_t B = xv.B, C = xv.C, S = xv.S, CG = C / G;
+  for_row_blocks(xv, CG, [&](int64_t b, int64_t c0, int64_t nc, int64_t CB) {
+    thread_local std::vector<acc_t> aw, h, rs, sa, sx, dzb;
+    thread_local std::vector<double> ta, tx;
+    RowStats<T> st(CB);
+    for (auto* v : {&aw, &h, &rs, &sa, &sx}) v->resize(CB);
+    ta.assign(CB, 0.0);
+    tx.assign(CB, 0.0);
+    dzb.resize(nc * S);
+    const T* xs = px + b * xv.sb + c0;
+    const T* gs = pg + b * gv.sb + c0 * gv.sc;
+    T* ds = pdx + b * dv.sb + c0 * dv.sc;
+    st.compute(xs, xv.ss, S, nc, CG, eps);
+    for (int64_t c = 0; c < nc; ++c) {
+      const int64_t ch = c0 + c;
+      const double gm = psc ? 1.0 + static_cast<double>(psc[b * C + ch]) : 1.0;
+      aw[c] = static_cast<acc_t>(static_cast<double>(pw[ch]) * gm);
+      h[c] = static_cast<acc_t>(static_cast<double>(pb[ch]) * gm + (psh ? static_cast<double>(psh[b * C + ch]) : 0.0));
+      rs[c] = static_cast<acc_t>(st.rstd[c]);
+    }
+    const acc_t *k = st.k.data(), *d = st.d.data();
+    const int64_t P = std::max<int64_t>(1, kRowChunk / nc);
+    for (int64_t p0 = 0; p0 < S; p0 += P) {  // dz, and A, X in float per chunk, summed in double
+      const int64_t np = std::min(P, S - p0);
+      std::fill(sa.begin(), sa.end(), acc_t(0));
+      std::fill(sx.begin(), sx.end(), acc_t(0));
+      for (int64_t p = p0; p < p0 + np; ++p) {
+        const T* __restrict r = xs + p * xv.ss;
+        const T* __restrict g = gs + p * gv.ss;
+        acc_t* __restrict dz = dzb.data() + p * nc;
+        if (gv.sc == 1) {
 #pragma omp simd
           for (int64_t c = 0; c < nc; ++c) {
-            const acc_t e = to_acc<acc_t>(r[c]) - k[c] - s[c];
-            q[c] += e * e;
+            const acc_t xh = (to_acc<acc_t>(r[c]) - k[c] - d[c]) * rs[c];
+            const acc_t z = xh * aw[c] + h[c];
+            const acc_t sg = acc_t(1) / (acc_t(1) + exp_acc(-z));
+            const acc_t v = to_acc<acc_t>(g[c]) * sg * (acc_t(1) + z * (acc_t(1) - sg));
+            dz[c] = v;
+            sa[c] += v;
+            sx[c] += v * xh;
+          }
+        } else {
+          for (int64_t c = 0; c < nc; ++c) {
+            const acc_t xh = (to_acc<acc_t>(r[c]) - k[c] - d[c]) * rs[c];
+            const acc_t z = xh * aw[c] + h[c];
+            const acc_t sg = acc_t(1) / (acc_t(1) + exp_acc(-z));
+            const acc_t v = to_acc<acc_t>(g[c * gv.sc]) * sg * (acc_t(1) + z * (acc_t(1) - sg));
+            dz[c] = v;
+            sa[c] += v;
+            sx[c] += v * xh;
           }
         }
-        const double tot = n + np, wb = np / tot, wd = n * np / tot;  // Chan et al.'s merge, equal counts per channel
+      }
+      for (int64_t c = 0; c < nc; ++c) {
+        ta[c] += static_cast<double>(sa[c]);
+        tx[c] += static_cast<double>(sx[c]);
+      }
+    }
+    std::vector<acc_t> m1(nc), m2(nc);  // per channel, its group's means
+    for (int64_t g0 = 0; g0 < nc; g0 += CG) {
+      double s1 = 0, s2 = 0;
+      for (int64_t c = g0; c < g0 + CG; ++c) {
+        s1 += static_cast<double>(aw[c]) * ta[c];
+        s2 += static_cast<double>(aw[c]) * tx[c];
+      }
+      const double n = static_cast<double>(CG) * static_cast<double>(S);
+      for (int64_t c = g0; c < g0 + CG; ++c) {
+        m1[c] = static_cast<acc_t>(s1 / n);
+        m2[c] = static_cast<acc_t>(s2 / n);
+      }
+    }
+    for (int64_t c = 0; c < nc; ++c) {
+      sums[b * C + c0 + c] = static_cast<acc_t>(ta[c]);
+      sums[(B + b) * C + c0 + c] = static_cast<acc_t>(tx[c]);
+    }
+    for (int64_t p = 0; p < S; ++p) {
+      const T* __restrict r = xs + p * xv.ss;
+      const acc_t* __restrict dz = dzb.data() + p * nc;
+      T* __restrict o = ds + p * dv.ss;
+      if (dv.sc == 1) {
 #pragma omp simd
         for (int64_t c = 0; c < nc; ++c) {
-          const double dm = static_cast<double>(s[c]) - mean[c];
-          mean[c] += dm * wb;
-          m2[c] += static_cast<double>(q[c]) + dm * dm * wd;
+          const acc_t xh = (to_acc<acc_t>(r[c]) - k[c] - d[c]) * rs[c];
+          o[c] = from_acc<T>(rs[c] * (dz[c] * aw[c] - m1[c] - xh * m2[c]));
         }
-        n = tot;
-      }
-      for (int64_t g0 = 0; g0 < nc; g0 += CG) {  // the block's groups: merge their channels, fold the coefficients
-        double mu = 0;
-        for (int64_t c = g0; c < g0 + CG; ++c) mu += static_cast<double>(k[c]) + mean[c];
-        mu /= static_cast<double>(CG);
-        double m2g = 0;
-        for (int64_t c = g0; c < g0 + CG; ++c) {
-          const double dc = static_cast<double>(k[c]) + mean[c] - mu;
-          m2g += m2[c] + n * dc * dc;
-        }
-        const double rstd = 1.0 / std::sqrt(m2g / (n * static_cast<double>(CG)) + eps);
-        for (int64_t c = g0; c < g0 + CG; ++c) {
-          const int64_t ch = c0 + c;
-          const double gm = psc ? 1.0 + static_cast<double>(psc[b * C + ch]) : 1.0;
-          a[c] = static_cast<acc_t>(rstd * static_cast<double>(pw[ch]) * gm);
-          h[c] = static_cast<acc_t>(static_cast<double>(pb[ch]) * gm + (psh ? static_cast<double>(psh[b * C + ch]) : 0.0));
-          d[c] = static_cast<acc_t>(mu - static_cast<double>(k[c]));
-        }
-      }
-      for (int64_t p = 0; p < S; ++p) {
-        const T* __restrict r = xs + p * xv.ss;
-        T* __restrict o = os + p * ov.ss;
-        if (ov.sc == 1) {
-#pragma omp simd
-          for (int64_t c = 0; c < nc; ++c) o[c] = from_acc<T>(silu((to_acc<acc_t>(r[c]) - k[c] - d[c]) * a[c] + h[c]));
-        } else {
-          for (int64_t c = 0; c < nc; ++c)
-            o[c * ov.sc] = from_acc<T>(silu((to_acc<acc_t>(r[c]) - k[c] - d[c]) * a[c] + h[c]));
+      } else {
+        for (int64_t c = 0; c < nc; ++c) {
+          const acc_t xh = (to_acc<acc_t>(r[c]) - k[c] - d[c]) * rs[c];
+          o[c * dv.sc] = from_acc<T>(rs[c] * (dz[c] * aw[c] - m1[c] - xh * m2[c]));
         }
       }
     }
@@ -732,6 +872,39 @@ void group_norm_silu_out(const Tensor& x, int64_t num_groups, const Tensor& weig
   });
 }
 
+void group_norm_silu_backward_out(const Tensor& grad, const Tensor& x, int64_t num_groups, const Tensor& weight,
+                                  const Tensor& bias, double eps, const c10::optional<Tensor>& scale,
+                                  const c10::optional<Tensor>& shift, Tensor dx, Tensor sums) {
+  TORCH_CHECK(x.dim() >= 3 && num_groups > 0 && x.size(1) % num_groups == 0, "internal: num_groups must divide C");
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() && dx.sizes() == x.sizes() &&
+                  dx.scalar_type() == x.scalar_type(), "internal: grad and dx must have x's shape and dtype");
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t B = x.size(0), C = x.size(1);
+  TORCH_CHECK(weight.numel() == C && bias.numel() == C && weight.scalar_type() == acc && bias.scalar_type() == acc,
+              "internal: weight, bias must be [C] in the compute dtype");
+  TORCH_CHECK(sums.is_contiguous() && sums.numel() == 2 * B * C && sums.scalar_type() == acc,
+              "internal: sums must be a contiguous [2, B, C] in the compute dtype");
+  TORCH_CHECK(scale.has_value() == shift.has_value(), "internal: scale and shift come together");
+  const Tensor sc = scale.has_value() ? scale->contiguous() : Tensor();
+  const Tensor sh = shift.has_value() ? shift->contiguous() : Tensor();
+  if (sc.defined())
+    TORCH_CHECK(sc.numel() == B * C && sh.numel() == B * C && sc.scalar_type() == acc && sh.scalar_type() == acc,
+                "internal: scale, shift must be [B, C] in the compute dtype");
+  if (x.numel() == 0) return;
+  Tensor xx = x, gg = grad;
+  const View3 xv = view3(xx), gv = view3(gg), dv = out_view3(dx);
+  TORCH_CHECK(xv.sc == 1 && xv.S > 1, "internal: the backward kernel takes channels_last x");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_backward", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const Tensor w = weight.contiguous(), b = bias.contiguous();
+    group_norm_silu_backward_rows<scalar_t>(gg.data_ptr<scalar_t>(), xx.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
+                                            gv, xv, dv, num_groups, w.data_ptr<acc_t>(), b.data_ptr<acc_t>(),
+                                            sc.defined() ? sc.data_ptr<acc_t>() : nullptr,
+                                            sh.defined() ? sh.data_ptr<acc_t>() : nullptr, eps,
+                                            sums.data_ptr<acc_t>());
+  });
+}
+
 // ------------------------------------------------------------------------------------- raw philox streams
 void philox_normal_out(const Tensor& seed, const Tensor& offset, Tensor out) {
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == at::kFloat, "internal: out must be contiguous float32");
@@ -773,6 +946,7 @@ TORCH_LIBRARY_IMPL(diffaug_kernels_C, CPU, m) {
   m.impl("tweedie_out", &tweedie_out);
   m.impl("reverse_step_out", &reverse_step_out);
   m.impl("group_norm_silu_out", &group_norm_silu_out);
+  m.impl("group_norm_silu_backward_out", &group_norm_silu_backward_out);
   m.impl("philox_normal_out", &philox_normal_out);
   m.impl("philox_uint32_out", &philox_uint32_out);
 }

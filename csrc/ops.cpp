@@ -19,6 +19,7 @@ TORCH_LIBRARY(diffaug_kernels_C, m) {
   m.def(dk::kTweedieOut);
   m.def(dk::kReverseStepOut);
   m.def(dk::kGroupNormSiluOut);
+  m.def(dk::kGroupNormSiluBackwardOut);
   m.def(dk::kPhiloxNormalOut);
   m.def("philox_uint32_out(Tensor seed, Tensor offset, Tensor(a!) out) -> ()");
   // An uninitialised CPU tensor for a fused op's output: large ones come from a pool of reused buffers.

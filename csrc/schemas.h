@@ -25,6 +25,9 @@ constexpr const char* kReverseStepOut =
 constexpr const char* kGroupNormSiluOut =
     "group_norm_silu_out(Tensor x, int num_groups, Tensor weight, Tensor bias, float eps, Tensor? scale, "
     "Tensor? shift, Tensor(a!) out) -> ()";
+constexpr const char* kGroupNormSiluBackwardOut =
+    "group_norm_silu_backward_out(Tensor grad, Tensor x, int num_groups, Tensor weight, Tensor bias, float eps, "
+    "Tensor? scale, Tensor? shift, Tensor(a!) dx, Tensor(b!) sums) -> ()";
 constexpr const char* kPhiloxNormalOut = "philox_normal_out(Tensor seed, Tensor offset, Tensor(a!) out) -> ()";
 
 }  // namespace dk

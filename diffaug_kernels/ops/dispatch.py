@@ -35,6 +35,7 @@ class Backend:
     available: bool  # decided once at registration (nothing to probe while tracing)
     reverse_step_out: Optional[Callable] = None  # None: a backend built without it (reverse_step runs the reference)
     group_norm_silu_out: Optional[Callable] = None  # None: no kernel here, the reference runs (the "cuda" backend)
+    group_norm_silu_backward_out: Optional[Callable] = None  # None: its gradient is the closed form in PyTorch
 
 
 TABLE: dict[str, Backend] = {}
@@ -59,6 +60,8 @@ def _register_compiled() -> None:
                                        reverse_step_out=getattr(ops, "reverse_step_out", None),
                                        # csrc/cuda_kernels.cu has no group_norm_silu: the "cuda" backend runs Triton's
                                        group_norm_silu_out=getattr(ops, "group_norm_silu_out", None)
+                                       if dev == "cpu" else None,
+                                       group_norm_silu_backward_out=getattr(ops, "group_norm_silu_backward_out", None)
                                        if dev == "cpu" else None))
 
 

@@ -6,9 +6,12 @@ The public wrapper checks its arguments and picks a backend; the fused backends 
 diffaug_kernels::group_norm_silu, with a fake kernel (torch.compile) and an autograd formula. Statistics are
 computed in float32 (float64 for float64 inputs) whatever x's dtype, as guided-diffusion's GroupNorm32 does, and
 so are the affine, the scale-shift and SiLU; the result is cast to x's dtype once. The kernels are the CPU one of
-csrc/cpu_kernels.cpp (one task per (sample, group) over at::parallel_for, vectorised chunks) and Triton's
-(triton_kernels.group_norm_silu_kernel): both read x twice, a statistics pass then an apply pass. csrc/cuda_kernels.cu
-has none, so the "cuda" backend runs the reference for this op and "auto" on a GPU takes Triton.
+csrc/cpu_kernels.cpp (channels_last: tasks of whole groups read by rows of channels; other layouts: one task per
+(sample, group); vectorised chunks over at::parallel_for) and Triton's (triton_kernels.group_norm_silu_kernel):
+both read x twice, a statistics pass then an apply pass. The gradient of channels_last x on the CPU backend comes
+from a C++ kernel too (diffaug_kernels::group_norm_silu_backward); elsewhere from the closed form in PyTorch.
+csrc/cuda_kernels.cu has none, so the "cuda" backend runs the reference for this op and "auto" on a GPU takes
+Triton.
 """
 from __future__ import annotations
 
@@ -47,17 +50,54 @@ def _(x, weight, bias, scale, shift, num_groups, eps, backend):
     return empty_out(x, x.shape[0], x.dtype)
 
 
+def backward_kernel(x: Tensor, backend: str):
+    """The backward kernel for x on this backend, or None: the C++ one takes channels_last x (the compiled
+    networks' layout, where the traced formula below reduces each group's few channels a row apart); other
+    layouts and backends take the formula."""
+    fn = kernels(backend).group_norm_silu_backward_out if backend != "reference" else None
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return fn if cl else None
+
+
+@torch.library.custom_op("diffaug_kernels::group_norm_silu_backward", mutates_args=())
+def group_norm_silu_backward_op(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor, scale: Optional[Tensor],
+                                shift: Optional[Tensor], num_groups: int, eps: float,
+                                backend: str) -> tuple[Tensor, Tensor]:
+    """(dx in x's dtype and layout, sums [2, B, C] in the compute dtype: over the pixels, dz and dz * xhat, with
+    dz the gradient at SiLU's input and xhat the normalised x), by backend's kernel (backward_kernel)."""
+    dx = alloc(x, x.shape[0], x.dtype)
+    sums = torch.empty(2, *x.shape[:2], dtype=weight.dtype, device=x.device)
+    launch(x.device, backend, backward_kernel(x, backend), grad, x, num_groups, weight, bias, eps, scale, shift, dx,
+           sums)
+    return dx, sums
+
+
+@group_norm_silu_backward_op.register_fake
+def _(grad, x, weight, bias, scale, shift, num_groups, eps, backend):
+    return empty_out(x, x.shape[0], x.dtype), x.new_empty(2, *x.shape[:2], dtype=weight.dtype)
+
+
 def _setup(ctx, inputs, output):
-    x, weight, bias, scale, shift, num_groups, eps, _ = inputs
+    x, weight, bias, scale, shift, num_groups, eps, backend = inputs
     ctx.save_for_backward(x, weight, bias, scale, shift)
-    ctx.num_groups, ctx.eps = num_groups, eps
+    ctx.num_groups, ctx.eps, ctx.backend = num_groups, eps, backend
 
 
 def _backward(ctx, grad):
-    """GroupNorm's and SiLU's gradients in closed form, in the compute dtype (plain PyTorch: it traces under
-    torch.compile). The statistics are recomputed from x rather than saved."""
+    """GroupNorm's and SiLU's gradients in closed form, in the compute dtype. The statistics are recomputed from x
+    rather than saved. channels_last x on the CPU backend: dx and two per-(sample, channel) sums from the C++
+    kernel, the other gradients from those sums; elsewhere plain PyTorch (it traces under torch.compile)."""
     x, weight, bias, scale, shift = ctx.saved_tensors
     cd, (B, C), G = weight.dtype, x.shape[:2], ctx.num_groups
+    if backward_kernel(x, ctx.backend) is not None:
+        dx, (sum_dz, sum_dz_xhat) = group_norm_silu_backward_op(grad.to(x.dtype), x, weight, bias, scale, shift, G,
+                                                                ctx.eps, ctx.backend)
+        g1 = 1 + scale if scale is not None else None
+        g_shift = sum_dz if scale is not None else None
+        g_scale = weight * sum_dz_xhat + bias * sum_dz if scale is not None else None  # sum of dz * y
+        g_bias = (sum_dz * g1).sum(0) if scale is not None else sum_dz.sum(0)
+        g_weight = (sum_dz_xhat * g1).sum(0) if scale is not None else sum_dz_xhat.sum(0)
+        return dx, g_weight, g_bias, g_scale, g_shift, None, None, None
     tail = [1] * (x.dim() - 2)
     xg = x.to(cd).reshape(B, G, -1)
     var, mean = torch.var_mean(xg, dim=2, correction=0, keepdim=True)

@@ -1,6 +1,8 @@
 """group_norm_silu: every backend against a float64 reference (NCHW and channels_last, every dtype, with and without
 ADM's scale-shift, strided views), shifted statistics, gradients (gradcheck through the custom op), the op's
 registration, which kernel each backend runs, errors, and the Triton kernel's global accesses in its sm_90 PTX."""
+import sys
+
 import pytest
 import torch
 from conftest import CPU_FUSED
@@ -183,6 +185,49 @@ def test_gradients_equal_the_references_autograd(backend, dtype):
         assert got.dtype == want.dtype
         tol = 1e-4 if dtype == torch.float32 else 0.05
         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item())
+
+
+BACKWARD = [n for n in CPU_FUSED if dispatch.kernels(n).group_norm_silu_backward_out is not None]
+
+
+@pytest.mark.parametrize("backend", BACKWARD)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("scale_shift", [False, True])
+def test_backward_kernel_equals_the_closed_form(monkeypatch, backend, dtype, scale_shift):
+    """channels_last x on the CPU backend: the C++ backward (dx and the sums behind the other gradients) against
+    the closed form in PyTorch it replaces, in float64 to rounding, in float32 against float64; blocks of 64
+    channels, a partial block of groups of 6, the gradient in either layout."""
+    gns = sys.modules["diffaug_kernels.ops.group_norm_silu"]  # the module (ops.group_norm_silu is the function)
+
+    def grads(x, G, w, b, sc, sh, gout, dt):
+        ins = [v.detach().to(dt).requires_grad_() for v in (x, w, b, *((sc, sh) if scale_shift else ()))]
+        out = dk.group_norm_silu(ins[0], G, ins[1], ins[2], 1e-5, *ins[3:], backend=backend)
+        out.backward(gout.to(dt))
+        return [v.grad for v in ins]
+
+    for i, shape in enumerate([(2, 256, (3, 5), 32), (1, 162, (6, 7), 27), (2, 64, (5, 3), 32)]):
+        x, G, w, b, (sc, sh) = case(shape, torch.float64, "channels_last", True, seed=30 + i)
+        for gout in (torch.randn_like(x), torch.randn(x.shape, dtype=x.dtype)):  # channels_last, contiguous
+            assert gns.backward_kernel(x, backend) is not None
+            got = grads(x, G, w, b, sc, sh, gout, dtype)
+            with monkeypatch.context() as m:
+                m.setattr(gns, "backward_kernel", lambda x, backend: None)
+                want = grads(x, G, w, b, sc, sh, gout, torch.float64)
+            assert got[0].is_contiguous(memory_format=torch.channels_last)
+            for g, ref in zip(got, want):
+                tol = 1e-10 if dtype == torch.float64 else 2e-5
+                torch.testing.assert_close(g.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKWARD)
+def test_backward_opcheck(backend):
+    from diffaug_kernels.ops.group_norm_silu import group_norm_silu_backward_op
+
+    x = torch.randn(2, 8, 3, 5).contiguous(memory_format=torch.channels_last)
+    w, b, sc, sh = torch.rand(8), torch.rand(8), torch.rand(2, 8), torch.rand(2, 8)
+    torch.library.opcheck(group_norm_silu_backward_op, (torch.randn_like(x), x, w, b, sc, sh, 2, 1e-5, backend))
+    torch.library.opcheck(group_norm_silu_backward_op, (torch.randn(2, 8, 3, 5), x, w, b, None, None, 4, 1e-5,
+                                                        backend))
 
 
 @pytest.mark.parametrize("backend", FUSED)
