@@ -149,8 +149,7 @@ class DiffAug(nn.Module):
             return model
         cached = self._norm_copies.get((device, fused))
         if cached is None or cached[0] is not model:
-            shared = {id(v): v for v in [*model.parameters(), *model.buffers()]}
-            cached = self._norm_copies[(device, fused)] = (model, copy.deepcopy(model, shared).set_fused_norm(fused))
+            cached = self._norm_copies[(device, fused)] = (model, norm_copy(model, fused))
         if cached[1].training != model.training:
             cached[1].train(model.training)
         return cached[1]
@@ -250,6 +249,13 @@ class DiffAug(nn.Module):
 
 
 MEASURED_DEVICES = ("cuda",)  # where fused_norm=None measures (with compile=True); the CPU has a fixed rule
+
+
+def norm_copy(model: nn.Module, fused: bool) -> nn.Module:
+    """A copy of model (one with set_fused_norm) switched to fused, sharing every parameter and buffer with it:
+    the user's module is never switched, and training it trains the copy."""
+    shared = {id(v): v for v in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, shared).set_fused_norm(fused)
 
 
 def cpu_kernel_fused() -> bool:

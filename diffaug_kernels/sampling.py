@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .augment import DiffAug
+from .augment import DiffAug, cpu_kernel_fused, measurable, norm_copy
 from .dda import check_model_output, respace, space_timesteps
 from .ops import checks
 from .schedule import PREDICTIONS, NoiseSchedule
@@ -178,7 +178,7 @@ class _Setup:
             if y is None:
                 raise ValueError("this model is class-conditional: pass labels y of shape [B]")
             self.model_kwargs["y"] = y
-        self.classifier = None
+        self.classifier = self.classifier_fused = None
         if classifier is not None:
             if not callable(classifier):
                 raise TypeError(f"classifier must be callable as classifier(x_t, t) -> logits, got "
@@ -187,12 +187,14 @@ class _Setup:
                 raise ValueError("classifier guidance needs the target labels y of shape [B]")
             self.scale = _real("classifier_scale", classifier_scale, 0.0)
             self.classifier = classifier
-            self.classifier_run = torch.compile(classifier) if compile else classifier
+            self.classifier_fused = fused_classifier(classifier, device) if compile else None
+            run = classifier if self.classifier_fused is None else self.classifier_fused
+            self.classifier_run = torch.compile(run) if compile else run
             self.dtype, self.compile = dtype, compile
         self.y = y
 
     def modules(self):
-        return [m for m in (self.runner, self.classifier) if m is not None]
+        return [m for m in (self.runner, self.classifier, self.classifier_fused) if m is not None]
 
     def denoise(self, x_t: Tensor, i: int) -> tuple:
         """(x0_hat, model output) at respaced index i; x0_hat clipped as asked, in x_t's dtype."""
@@ -240,6 +242,16 @@ class _Setup:
                 bar.close()
 
 
+def fused_classifier(classifier, device: torch.device) -> Optional[torch.nn.Module]:
+    """What a compiled guidance classifier runs, as dk.DiffAug(fused_norm=None) decides for the score model: on
+    the CPU, where the C++ kernel is built, a copy of a classifier with set_fused_norm (EncoderUNet) running its
+    norm + SiLU pairs as dk.group_norm_silu, sharing its parameters; None: the classifier itself."""
+    if (device.type != "cpu" or not isinstance(classifier, torch.nn.Module) or not measurable(classifier)
+            or getattr(classifier, "fused_norm", None) is not False or not cpu_kernel_fused()):
+        return None
+    return norm_copy(classifier, True)
+
+
 def _run(setup: _Setup, x: Optional[Tensor], body) -> Tensor:
     """body(x) under no_grad (out of inference mode, so guidance has autograd), modules in eval mode."""
     with torch.inference_mode(False), torch.no_grad(), eval_mode(*setup.modules()):
@@ -264,7 +276,8 @@ def ddim_sample(model, schedule: NoiseSchedule, x_T: Tensor, steps: Union[int, s
     classifier: classifier(x_t, t) -> logits [B, K]; guides towards labels y [B] with classifier_scale times
         grad log p(y | x_t) by condition_score. y also goes to a class-conditional model.
     dtype: autocast dtype of the model and the classifier (e.g. torch.bfloat16); compile: torch.compile them
-        (as dk.DiffAug). progress: True shows a bar; a callable is called as progress(done, total).
+        (as dk.DiffAug; on the CPU both run their norm + SiLU pairs fused, see fused_classifier). progress: True
+        shows a bar; a callable is called as progress(done, total).
     seed: the Philox key of the noise when eta > 0 (None: drawn from torch's generator).
     The chain runs in float32 (float64 for a float64 x_T); models run in eval mode and under no_grad."""
     _check_x("x_T", x_T)

@@ -41,6 +41,7 @@ from .unet import (
     batch_timesteps,
     load_strict,
     norm_layer,
+    norm_silu,
     parse_channel_mult,
     size_multiple,
     timestep_embedding,
@@ -154,6 +155,7 @@ class EncoderUNet(nn.Module):
         self.channel_mult = tuple(channel_mult)
         self.use_fp16 = use_fp16
         self.pool = pool
+        self.fused_norm = False  # set_fused_norm
         self.config: Optional[ClassifierConfig] = None  # set by create_classifier
 
         emb_dim = model_channels * 4
@@ -212,6 +214,25 @@ class EncoderUNet(nn.Module):
         """Input height and width must be multiples of this."""
         return size_multiple(self.channel_mult)
 
+    def set_fused_norm(self, fused: bool = True) -> "EncoderUNet":
+        """Switches every norm + SiLU pair to dk.group_norm_silu (True) or back (same parameters), as the ADM
+        UNet's set_fused_norm: the ResBlocks' and, with adaptive or attention pooling, the head's; returns self."""
+        for m in self.modules():
+            if isinstance(m, (EncoderUNet, ResBlock)):
+                m.fused_norm = fused
+        return self
+
+    def norm_silu_sites(self) -> list:
+        """(norm, scale_shift) for every norm + SiLU pair set_fused_norm switches."""
+        sites = []
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                sites += [(m.in_layers[0], False), (m.out_layers[0], m.use_scale_shift_norm)]
+        return sites + ([(self.out[0], False)] if self._head_fusable() else [])
+
+    def _head_fusable(self) -> bool:
+        return self.pool in ("adaptive", "attention")
+
     def forward(self, x: Tensor, t) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
@@ -230,6 +251,8 @@ class EncoderUNet(nn.Module):
             h = h.to(wdtype)
         else:
             h, means = self._torso(h, emb, wdtype)
+        if self.fused_norm and self._head_fusable():
+            return self.out[2:](norm_silu(self.out[0], h))
         return self.out(torch.cat(means, dim=-1) if self.pool.startswith("spatial") else h)
 
     def _torso(self, h: Tensor, emb: Tensor, wdtype: torch.dtype):
