@@ -279,6 +279,46 @@ def test_tiny_unet_guided(sched):
     assert anc.shape == (2, 3, 8, 8) and torch.isfinite(anc).all()
 
 
+def test_compiled_guidance_on_cpu_runs_a_fused_copy_of_the_classifier(monkeypatch, sched):
+    """compile=True on the CPU: the classifier (an EncoderUNet) runs as a fused copy sharing its parameters
+    (aot_eager for inductor, whose CPU compile would take a minute); the images equal the uncompiled run's, and
+    the user's classifier is neither switched nor left in another mode. Callables without set_fused_norm run
+    as they are."""
+    import functools
+
+    from diffaug_kernels.augment import cpu_kernel_fused
+    from diffaug_kernels.models import unet as unet_module
+
+    if not cpu_kernel_fused():
+        pytest.skip("the C++ extension is not built")
+    torch.manual_seed(0)
+    unet = dk.models.create_adm_unet(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+                                     attention_resolutions="", learn_sigma=True)
+    clf = dk.models.create_classifier(image_size=8, classifier_width=32, classifier_depth=1,
+                                      classifier_attention_resolutions="", classifier_pool="adaptive",
+                                      num_classes=3, channel_mult="1,2")
+    with torch.no_grad():
+        for p in [*unet.out[2].parameters(), *clf.out[3].parameters()]:  # zero-initialised: draw them
+            p.normal_(0, 0.05)
+    clf.train()
+    x_T, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 2])
+    fused = sampling.fused_classifier(clf, x_T.device)
+    assert fused.fused_norm is True and clf.fused_norm is False
+    assert [id(p) for p in fused.parameters()] == [id(p) for p in clf.parameters()]
+    assert sampling.fused_classifier(clf, torch.device("meta")) is None  # the CPU rule only
+    assert sampling.fused_classifier(Linear((3, 8, 8)), x_T.device) is None
+    want = sampling.ddim_sample(unet, sched, x_T, "ddim4", classifier=clf, y=y, classifier_scale=3.0)
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    calls, real = [], unet_module.group_norm_silu
+    monkeypatch.setattr(unet_module, "group_norm_silu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = sampling.ddim_sample(unet, sched, x_T, "ddim4", classifier=clf, y=y, classifier_scale=3.0, compile=True)
+    sites = len(unet.norm_silu_sites()) + len(clf.norm_silu_sites())
+    assert len(calls) >= sites  # both networks traced with the fused op
+    assert clf.training and clf.fused_norm is False and unet.fused_norm is False
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_class_conditional_model_gets_y(sched):
     mu = _mu(SHAPE)
 

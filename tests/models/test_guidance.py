@@ -17,6 +17,8 @@ from diffaug_kernels.models import (
     create_classifier,
     load_guided_classifier,
 )
+from diffaug_kernels.models import unet as unet_module
+from diffaug_kernels.models.unet import ResBlock
 
 
 # ------------------------------------------------------------------------------- expected state_dicts
@@ -180,6 +182,32 @@ def test_forward_matches_the_heads_written_out(pool):
     assert got.shape == (3, 5) and got.dtype == torch.float64
     scale = want.abs().max().item()  # the blocks' group norms compute in float32
     assert scale > 0.1 and (got - want).abs().max() <= 5e-5 * scale
+
+
+@pytest.mark.parametrize("pool", ["adaptive", "attention", "spatial_v2"])
+def test_fused_norm_gives_the_same_logits_and_input_gradient(monkeypatch, pool):
+    """set_fused_norm switches the ResBlocks' norm + SiLU pairs (and the head's, with adaptive or attention
+    pooling) to dk.group_norm_silu: same state_dict, same logits and input gradient, channels_last included."""
+    model = small(pool).float()
+    fused = small(pool).float().set_fused_norm(True)
+    assert model.state_dict().keys() == fused.state_dict().keys()
+    n_res = sum(isinstance(m, ResBlock) for m in model.modules())
+    assert len(model.norm_silu_sites()) == 2 * n_res + (pool != "spatial_v2")
+    calls, real = [], unet_module.group_norm_silu
+    monkeypatch.setattr(unet_module, "group_norm_silu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(3, 2, 16, 16).contiguous(memory_format=layout)
+        grads = []
+        for m in (model, fused):
+            xi = x.clone().requires_grad_()
+            out = m(xi, torch.tensor([0, 17, 999]))
+            (g,) = torch.autograd.grad(out.square().sum(), xi)
+            grads.append((out, g))
+        (a, ga), (b, gb) = grads
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item())
+        torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-4 * ga.abs().max().item())
+    assert len(calls) == 2 * len(fused.norm_silu_sites())
+    assert not model.fused_norm and all(not getattr(m, "fused_norm", False) for m in model.modules())
 
 
 def test_fp16_flag_runs_the_torso_in_float16_and_stays_close():
