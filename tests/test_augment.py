@@ -5,7 +5,7 @@ from helpers import TinyEps
 from torch import nn
 
 import diffaug_kernels as dk
-from diffaug_kernels import reference
+from diffaug_kernels import augment, reference
 from diffaug_kernels.ops import dispatch
 
 S = dk.NoiseSchedule.linear(1000)
@@ -272,7 +272,12 @@ def test_compiled_cast_copy_equals_autocast():
     want = dk.DiffAug(unet, S, dtype=torch.bfloat16, cast_weights=False)(x, t=[10, 900], seed=3)
     aug = dk.DiffAug(unet, S, dtype=torch.bfloat16, compile=True)
     got = aug(x, t=[10, 900], seed=3)
-    assert aug._compiled["cpu"]._orig_mod is aug._cast[x.device].model
+    cast, run = aug._cast[x.device].model, aug._compiled["cpu"]._orig_mod
+    if augment.cpu_kernel_fused():  # fused_norm=None's CPU rule: the fused copy of the cast copy runs
+        source, switched = aug._norm_copies[(x.device, True)]
+        assert source is cast and run is switched
+    else:
+        assert run is cast
     torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)  # inductor's own bf16 kernels
 
 
@@ -342,7 +347,6 @@ def test_fused_norm_false_switches_a_fused_model_off_and_none_leaves_it_be(monke
 def test_fused_norm_none_on_cpu_fuses_compiled_models_without_measuring(monkeypatch):
     """On the CPU, fused_norm=None fuses a compiled model where the C++ kernel is built (a fixed rule: nothing is
     timed), and leaves an eager model, or any model without that kernel, as it is."""
-    from diffaug_kernels import augment
 
     unet = _random_unet()
     calls = _count_fused_calls(monkeypatch)
@@ -366,7 +370,6 @@ def test_compiled_diffaug_on_cpu_runs_the_fused_kernel(monkeypatch):
     fused op at every norm + SiLU pair and gives the unfused model's numbers; the user's UNet stays unfused."""
     import functools
 
-    from diffaug_kernels import augment
 
     if not augment.cpu_kernel_fused():
         pytest.skip("the C++ extension is not built")
@@ -388,7 +391,6 @@ def test_fused_norm_none_picks_the_faster_measured_setting_once_per_shape(monkey
     """The decision of fused_norm=None (CUDA with compile=True; reached on CPU here by letting it measure there),
     with a timer that makes one candidate faster: both candidates are timed for each distinct norm + SiLU input
     of the model, weighted by how many pairs see it, once per input shape."""
-    from diffaug_kernels import augment
 
     timed = []
 

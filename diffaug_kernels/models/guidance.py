@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..ops import tweedie
 from ..schedule import PREDICTIONS, NoiseSchedule
 from ..utils import torch_load, unreadable
-from .score import PACKAGE_DIR, check_sha256, resolve_score_model, save_checked
+from .score import PACKAGE_DIR, check_sha256, load_tensors, resolve_score_model, save_checked
 from .unet import (
     AttentionBlock,
     Downsample,
@@ -430,13 +430,11 @@ def export_guidance_classifier(checkpoint: dict, path: str, extra: Optional[dict
 def _read_export(path: str) -> dict:
     """An export as the fields of a checkpoint (model, schedule_betas, kind, classifier, ...)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     try:
         with safe_open(path, framework="pt") as f:
             meta = dict(f.metadata() or {})
-        check_sha256(path, meta)
-        tensors = load_file(path)
+        tensors = load_tensors(path, check_sha256(path, meta))
     except ValueError:
         raise
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for files of another format

@@ -73,10 +73,8 @@ def load_score_model(path, device=None, dtype: torch.dtype = torch.float32) -> T
     export_safetensors): the ADM UNet its metadata describes, weights cast to `dtype`
     (float32 by default, whatever the stored dtype), on `device`, in eval mode; the schedule it was trained
     with. The model predicts eps (model.prediction says so)."""
-    from safetensors.torch import load_file
-
     meta = read_metadata(path)
-    check_sha256(path, meta)
+    raw = check_sha256(path, meta)
     missing = [k for k in ("config", "schedule") if k not in meta]
     if missing:
         raise ValueError(f"{path} lacks the metadata {missing} of a train-score export (config and schedule "
@@ -97,7 +95,8 @@ def load_score_model(path, device=None, dtype: torch.dtype = torch.float32) -> T
         raise ValueError(f"{path}: the metadata's config builds no ADM UNet ({str(e).splitlines()[0][:200]})") from None
     schedule = getattr(NoiseSchedule, name)(int(T))
     try:
-        tensors = load_file(os.fspath(path))
+        tensors = load_tensors(path, raw)
+        del raw
     except Exception as e:  # noqa: BLE001 - safetensors' own error type: a header that lies about the data
         raise ValueError(f"{path} is damaged ({unreadable(e)})") from None
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
@@ -146,16 +145,25 @@ def export_safetensors(model_or_state, path: str, config: ADMConfig, schedule_na
     return save_checked(tensors, path, meta)
 
 
-def check_sha256(path, meta: dict) -> None:
+def check_sha256(path, meta: dict) -> Optional[bytes]:
     """Raises a one-line ValueError when a file written by save_checked no longer matches the checksum of its
-    tensor data that its metadata holds (files without one pass)."""
+    tensor data that its metadata holds (files without one pass). Returns the file's bytes it read (None when
+    there is no checksum), for load_tensors to parse rather than read the file again."""
     if "sha256" not in meta:
-        return
+        return None
     with open(path, "rb") as f:
         raw = f.read()
     if hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little"):]).hexdigest() != meta["sha256"]:
         raise ValueError(f"{path} is damaged: its tensor data do not match the checksum in its metadata "
                          f"(truncated or altered since it was exported)")
+    return raw
+
+
+def load_tensors(path, raw: Optional[bytes]) -> dict:
+    """A safetensors file's tensors: parsed from raw, its bytes already read (check_sha256), else read from path."""
+    from safetensors.torch import load, load_file
+
+    return load(raw) if raw is not None else load_file(os.fspath(path))
 
 
 def save_checked(tensors: dict, path: str, meta: dict) -> str:
