@@ -261,11 +261,12 @@ def norm_copy(model: nn.Module, fused: bool) -> nn.Module:
 def cpu_kernel_fused() -> bool:
     """fused_norm=None's choice on the CPU with compile=True: fused where the C++ kernel is built. The compiled
     model runs channels_last, where that kernel reads whole rows of channels and inductor's compiled pair reduces
-    each group's few channels a row apart: 3-4x slower on the 32x32 UNet's shapes in bf16 and fp32 (`python -m
-    diffaug_kernels bench --ops group_norm_silu --shapes 8x64x32x32,8x128x16x16 --layouts channels_last
-    --device cpu`), and the compiled UNet faster end to end (`python -m diffaug_kernels bench-model --device cpu
-    --fused`). A fixed rule, not a measurement: timing each pair costs a compile per pair shape (about 20 s for
-    that UNet), which every ddim_sample call, making its own DiffAug, would pay again."""
+    each group's few channels a row apart: about 3x slower on the 32x32 UNet's first level (8x64x32x32), 1.1-1.2x
+    on 8x128x16x16, bf16 and fp32 (`python -m diffaug_kernels bench --ops group_norm_silu --shapes
+    8x64x32x32,8x128x16x16 --layout channels_last --device cpu`); guided sampling runs 1.48x -> 1.53-1.62x the
+    published loop with it (`python -m diffaug_kernels bench-sample --device cpu`, RESULTS.md). A fixed rule,
+    not a measurement: timing each pair costs a compile per pair shape (about 20 s for that UNet), which every
+    ddim_sample call, making its own DiffAug, would pay again."""
     return dispatch.usable("cpu", torch.device("cpu")) and dispatch.kernels("cpu").group_norm_silu_out is not None
 
 
