@@ -86,10 +86,11 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad):
     """GroupNorm's and SiLU's gradients in closed form, in the compute dtype. The statistics are recomputed from x
     rather than saved. channels_last x on the CPU backend: dx and two per-(sample, channel) sums from the C++
-    kernel, the other gradients from those sums; elsewhere plain PyTorch (it traces under torch.compile)."""
+    kernel, the other gradients from those sums; elsewhere plain PyTorch (it traces under torch.compile), and
+    under create_graph=True too, so that the gradient is itself differentiable."""
     x, weight, bias, scale, shift = ctx.saved_tensors
     cd, (B, C), G = weight.dtype, x.shape[:2], ctx.num_groups
-    if backward_kernel(x, ctx.backend) is not None:
+    if not torch.is_grad_enabled() and backward_kernel(x, ctx.backend) is not None:  # (create_graph: the formula)
         dx, (sum_dz, sum_dz_xhat) = group_norm_silu_backward_op(grad.to(x.dtype), x, weight, bias, scale, shift, G,
                                                                 ctx.eps, ctx.backend)
         g1 = 1 + scale if scale is not None else None

@@ -220,6 +220,19 @@ def test_backward_kernel_equals_the_closed_form(monkeypatch, backend, dtype, sca
 
 
 @pytest.mark.parametrize("backend", BACKWARD)
+def test_double_backward_through_the_cpu_kernel_path(backend):
+    """create_graph=True takes the differentiable closed form, so second derivatives work in channels_last too
+    (the backward kernel has no derivative of its own)."""
+    x, G, w, b, (sc, sh) = case((2, 4, (2, 2), 2), torch.float64, "channels_last", True, seed=6)
+    ins = [v.detach().double().requires_grad_() for v in (x, w, b, sc, sh)]
+
+    def f(x, w, b, sc, sh):
+        return dk.group_norm_silu(x, G, w, b, 1e-5, sc, sh, backend=backend)
+
+    assert torch.autograd.gradgradcheck(f, ins)
+
+
+@pytest.mark.parametrize("backend", BACKWARD)
 def test_backward_opcheck(backend):
     from diffaug_kernels.ops.group_norm_silu import group_norm_silu_backward_op
 
