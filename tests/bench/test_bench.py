@@ -49,6 +49,23 @@ def test_every_tweedie_row_computes_tweedie(shape):
         torch.testing.assert_close(fn(), want, atol=1e-5, rtol=1e-5, msg=impl)
 
 
+def test_channels_last_layout_gives_every_image_input_that_layout():
+    """make_case(layout="channels_last") (bench --layout): the image-shaped inputs are channels_last, and every
+    row still computes the op (tweedie: the reference's numbers); a layout of another name is an error."""
+    torch.manual_seed(0)
+    case = bench.make_case("tweedie", SHAPE, torch.float32, layout="channels_last")
+    i = case.inputs
+    for name in ("x", "model_output"):
+        assert i[name].is_contiguous(memory_format=torch.channels_last) and not i[name].is_contiguous()
+    want = reference.tweedie(i["x"], i["model_output"], i["t"], i["schedule"], normalize=i["normalize"])
+    for impl, fn in _rows(case).items():
+        torch.testing.assert_close(fn(), want, atol=1e-5, rtol=1e-5, msg=impl)
+    rs = bench.make_case("reverse_step", SHAPE, torch.float32, layout="channels_last").inputs
+    assert all(rs[k].is_contiguous(memory_format=torch.channels_last) for k in ("x", "x0_hat", "sigma", "shift"))
+    with pytest.raises(ValueError, match="layout must be one of"):
+        bench.make_case("tweedie", SHAPE, torch.float32, layout="nhwc")
+
+
 def _noise_of(out, case, k_times=None):
     """out = a[t] x + b[t] n, solved for n (per block of the multi op)."""
     i, s = case.inputs, case.inputs["schedule"]
