@@ -24,6 +24,7 @@
 #include <mutex>
 #include <numeric>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "philox.h"
@@ -851,11 +852,10 @@ void group_norm_silu_kernel(const Tensor& x_, int64_t G, const Tensor& weight, c
   });
 }
 
-void group_norm_silu_out(const Tensor& x, int64_t num_groups, const Tensor& weight, const Tensor& bias, double eps,
-                         const c10::optional<Tensor>& scale, const c10::optional<Tensor>& shift, Tensor out) {
-  TORCH_CHECK(x.dim() >= 2 && num_groups > 0 && x.size(1) % num_groups == 0, "internal: num_groups must divide C");
-  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(),
-              "internal: out must have x's shape and dtype");
+// Checks weight, bias [C] and scale, shift (both or neither, [B, C]) in the compute dtype; scale and shift
+// contiguous (undefined when absent).
+std::pair<Tensor, Tensor> checked_affine(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                         const c10::optional<Tensor>& scale, const c10::optional<Tensor>& shift) {
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t B = x.size(0), C = x.size(1);
   TORCH_CHECK(weight.numel() == C && bias.numel() == C && weight.scalar_type() == acc && bias.scalar_type() == acc,
@@ -866,6 +866,15 @@ void group_norm_silu_out(const Tensor& x, int64_t num_groups, const Tensor& weig
   if (sc.defined())
     TORCH_CHECK(sc.numel() == B * C && sh.numel() == B * C && sc.scalar_type() == acc && sh.scalar_type() == acc,
                 "internal: scale, shift must be [B, C] in the compute dtype");
+  return {sc, sh};
+}
+
+void group_norm_silu_out(const Tensor& x, int64_t num_groups, const Tensor& weight, const Tensor& bias, double eps,
+                         const c10::optional<Tensor>& scale, const c10::optional<Tensor>& shift, Tensor out) {
+  TORCH_CHECK(x.dim() >= 2 && num_groups > 0 && x.size(1) % num_groups == 0, "internal: num_groups must divide C");
+  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(),
+              "internal: out must have x's shape and dtype");
+  const auto [sc, sh] = checked_affine(x, weight, bias, scale, shift);
   if (x.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu", [&] {
     group_norm_silu_kernel<scalar_t>(x, num_groups, weight.contiguous(), bias.contiguous(), eps, sc, sh, out);
@@ -878,18 +887,10 @@ void group_norm_silu_backward_out(const Tensor& grad, const Tensor& x, int64_t n
   TORCH_CHECK(x.dim() >= 3 && num_groups > 0 && x.size(1) % num_groups == 0, "internal: num_groups must divide C");
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() && dx.sizes() == x.sizes() &&
                   dx.scalar_type() == x.scalar_type(), "internal: grad and dx must have x's shape and dtype");
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const int64_t B = x.size(0), C = x.size(1);
-  TORCH_CHECK(weight.numel() == C && bias.numel() == C && weight.scalar_type() == acc && bias.scalar_type() == acc,
-              "internal: weight, bias must be [C] in the compute dtype");
-  TORCH_CHECK(sums.is_contiguous() && sums.numel() == 2 * B * C && sums.scalar_type() == acc,
+  TORCH_CHECK(sums.is_contiguous() && sums.numel() == 2 * x.size(0) * x.size(1) &&
+                  sums.scalar_type() == weight.scalar_type(),
               "internal: sums must be a contiguous [2, B, C] in the compute dtype");
-  TORCH_CHECK(scale.has_value() == shift.has_value(), "internal: scale and shift come together");
-  const Tensor sc = scale.has_value() ? scale->contiguous() : Tensor();
-  const Tensor sh = shift.has_value() ? shift->contiguous() : Tensor();
-  if (sc.defined())
-    TORCH_CHECK(sc.numel() == B * C && sh.numel() == B * C && sc.scalar_type() == acc && sh.scalar_type() == acc,
-                "internal: scale, shift must be [B, C] in the compute dtype");
+  const auto [sc, sh] = checked_affine(x, weight, bias, scale, shift);
   if (x.numel() == 0) return;
   Tensor xx = x, gg = grad;
   const View3 xv = view3(xx), gv = view3(gg), dv = out_view3(dx);
