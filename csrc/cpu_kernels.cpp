@@ -1,8 +1,9 @@
-// Fused CPU kernels: forward noise (in-kernel Philox normals), Tweedie step, reverse step, GroupNorm + SiLU,
-// raw Philox streams.
+// Fused CPU kernels: forward noise (in-kernel Philox normals), Tweedie step, reverse step, GroupNorm + SiLU
+// (and its backward for channels_last), raw Philox streams.
 //
 // Work is split into (row, chunk) tasks over a [B, C, S] view of each tensor (S = the collapsed spatial
-// dims, contiguous or channels_last; GroupNorm + SiLU: one task per (sample, group)), run by at::parallel_for
+// dims, contiguous or channels_last; GroupNorm + SiLU: one task per (sample, block of whole groups) for
+// channels_last, per (sample, group) otherwise), run by at::parallel_for
 // (torch's OpenMP pool). The inner loops are plain counted loops over float buffers so the compiler vectorises
 // them (-O3 -march=native; see `python setup.py build_ext` with DIFFAUG_VEC_REPORT=1 for GCC's -fopt-info-vec
 // report), except the Philox words, written with AVX-512 intrinsics where the build targets it (philox16),
