@@ -540,11 +540,11 @@ inline void store_run(const acc_t* __restrict buf, int64_t st, int64_t n, out_t*
 // channels_last (a pixel's channels adjacent, pixels a row apart): one task per (sample, block of whole groups,
 // about kRowBlock channels), with one accumulator per channel, so every inner loop runs along the contiguous
 // channels and reads whole cache lines (a task per group would read CG values of every row: 4 bytes in 128 for
-// ADM's first level, where this is about 5x faster: `python -m diffaug_kernels bench --ops group_norm_silu --shapes
-// 8x64x32x32 --dtypes bfloat16 --layouts channels_last --device cpu`). Statistics: per channel, of x - k_c (k_c the
-// channel's first value), pixel chunk by pixel chunk (sum, then squares about the chunk's mean, the chunk in L1),
-// merged across chunks in double; then the group's channels merged exactly (equal counts). Apply: out =
-// SiLU((x - k_c - d_c) * a_c + h_c), d_c = mean - k_c.
+// ADM's first level, where that ran about 4x slower; against inductor's compiled pair: `python -m
+// diffaug_kernels bench --ops group_norm_silu --shapes 8x64x32x32 --layout channels_last --device cpu`).
+// Statistics: per channel, of x - k_c (k_c the channel's first value), pixel chunk by pixel chunk (sum, then
+// squares about the chunk's mean, the chunk in L1), merged across chunks in double; then the group's channels
+// merged exactly (equal counts). Apply: out = SiLU((x - k_c - d_c) * a_c + h_c), d_c = mean - k_c.
 constexpr int64_t kRowBlock = 64;     // channels per task (whole groups; more when a group is wider)
 constexpr int64_t kRowChunk = 2048;   // values per statistics chunk (pixels = kRowChunk / block width, at least 1)
 
@@ -622,6 +622,19 @@ struct RowStats {
   }
 };
 
+// Channel c0 + c of sample b, for c < nc: a_c = mult_c * w * (1 + scale) (mult null: 1) and h_c = bias * (1 +
+// scale) + shift, folded in double and rounded once.
+template <typename acc_t>
+inline void fold_affine(int64_t b, int64_t c0, int64_t nc, int64_t C, const double* mult, const acc_t* pw,
+                        const acc_t* pb, const acc_t* psc, const acc_t* psh, acc_t* a, acc_t* h) {
+  for (int64_t c = 0; c < nc; ++c) {
+    const int64_t ch = c0 + c;
+    const double gm = psc ? 1.0 + static_cast<double>(psc[b * C + ch]) : 1.0;
+    a[c] = static_cast<acc_t>((mult ? mult[c] : 1.0) * static_cast<double>(pw[ch]) * gm);
+    h[c] = static_cast<acc_t>(static_cast<double>(pb[ch]) * gm + (psh ? static_cast<double>(psh[b * C + ch]) : 0.0));
+  }
+}
+
 // Tasks of channels_last blocks: (sample, block of whole groups, row_block(CG) channels), what fn(b, c0, nc)
 // computes.
 template <typename F>
@@ -649,12 +662,7 @@ void group_norm_silu_rows(const T* px, T* po, const View3& xv, const View3& ov, 
     const T* xs = px + b * xv.sb + c0;
     T* os = po + b * ov.sb + c0 * ov.sc;
     st.compute(xs, xv.ss, S, nc, CG, eps);
-    for (int64_t c = 0; c < nc; ++c) {
-      const int64_t ch = c0 + c;
-      const double gm = psc ? 1.0 + static_cast<double>(psc[b * C + ch]) : 1.0;
-      a[c] = static_cast<acc_t>(st.rstd[c] * static_cast<double>(pw[ch]) * gm);
-      h[c] = static_cast<acc_t>(static_cast<double>(pb[ch]) * gm + (psh ? static_cast<double>(psh[b * C + ch]) : 0.0));
-    }
+    fold_affine(b, c0, nc, C, st.rstd.data(), pw, pb, psc, psh, a.data(), h.data());
     const acc_t *k = st.k.data(), *d = st.d.data();
     for (int64_t p = 0; p < S; ++p) {
       const T* __restrict r = xs + p * xv.ss;
@@ -671,7 +679,7 @@ void group_norm_silu_rows(const T* px, T* po, const View3& xv, const View3& ov, 
 }
 
 // The backward of SiLU(z), z = xhat * w_c * (1 + scale_bc) + b_c * (1 + scale_bc) + shift_bc, xhat = (x - mu_g) *
-// rstd_g, for channels_last x and grad: dx, and per (sample, channel) A = sum over pixels of dz and X = sum of
+// rstd_g, for channels_last x, grad and dx: dx, and per (sample, channel) A = sum over pixels of dz and X = sum of
 // dz * xhat (dz = grad * SiLU'(z)), from which the caller forms the other gradients. Per block: the forward's
 // statistics, then one pass computing dz (kept in a buffer of the block) and A, X per channel, then the group sums
 // m1 = mean of dxhat, m2 = mean of dxhat * xhat (dxhat = dz * w_c * (1 + scale_bc)), and a last pass
@@ -692,16 +700,11 @@ void group_norm_silu_backward_rows(const T* pg, const T* px, T* pdx, const View3
     tx.assign(CB, 0.0);
     dzb.resize(nc * S);
     const T* xs = px + b * xv.sb + c0;
-    const T* gs = pg + b * gv.sb + c0 * gv.sc;
-    T* ds = pdx + b * dv.sb + c0 * dv.sc;
+    const T* gs = pg + b * gv.sb + c0;
+    T* ds = pdx + b * dv.sb + c0;
     st.compute(xs, xv.ss, S, nc, CG, eps);
-    for (int64_t c = 0; c < nc; ++c) {
-      const int64_t ch = c0 + c;
-      const double gm = psc ? 1.0 + static_cast<double>(psc[b * C + ch]) : 1.0;
-      aw[c] = static_cast<acc_t>(static_cast<double>(pw[ch]) * gm);
-      h[c] = static_cast<acc_t>(static_cast<double>(pb[ch]) * gm + (psh ? static_cast<double>(psh[b * C + ch]) : 0.0));
-      rs[c] = static_cast<acc_t>(st.rstd[c]);
-    }
+    fold_affine(b, c0, nc, C, nullptr, pw, pb, psc, psh, aw.data(), h.data());
+    for (int64_t c = 0; c < nc; ++c) rs[c] = static_cast<acc_t>(st.rstd[c]);
     const acc_t *k = st.k.data(), *d = st.d.data();
     const int64_t P = std::max<int64_t>(1, kRowChunk / nc);
     for (int64_t p0 = 0; p0 < S; p0 += P) {  // dz, and A, X in float per chunk, summed in double
@@ -712,27 +715,15 @@ void group_norm_silu_backward_rows(const T* pg, const T* px, T* pdx, const View3
         const T* __restrict r = xs + p * xv.ss;
         const T* __restrict g = gs + p * gv.ss;
         acc_t* __restrict dz = dzb.data() + p * nc;
-        if (gv.sc == 1) {
 #pragma omp simd
-          for (int64_t c = 0; c < nc; ++c) {
-            const acc_t xh = (to_acc<acc_t>(r[c]) - k[c] - d[c]) * rs[c];
-            const acc_t z = xh * aw[c] + h[c];
-            const acc_t sg = acc_t(1) / (acc_t(1) + exp_acc(-z));
-            const acc_t v = to_acc<acc_t>(g[c]) * sg * (acc_t(1) + z * (acc_t(1) - sg));
-            dz[c] = v;
-            sa[c] += v;
-            sx[c] += v * xh;
-          }
-        } else {
-          for (int64_t c = 0; c < nc; ++c) {
-            const acc_t xh = (to_acc<acc_t>(r[c]) - k[c] - d[c]) * rs[c];
-            const acc_t z = xh * aw[c] + h[c];
-            const acc_t sg = acc_t(1) / (acc_t(1) + exp_acc(-z));
-            const acc_t v = to_acc<acc_t>(g[c * gv.sc]) * sg * (acc_t(1) + z * (acc_t(1) - sg));
-            dz[c] = v;
-            sa[c] += v;
-            sx[c] += v * xh;
-          }
+        for (int64_t c = 0; c < nc; ++c) {
+          const acc_t xh = (to_acc<acc_t>(r[c]) - k[c] - d[c]) * rs[c];
+          const acc_t z = xh * aw[c] + h[c];
+          const acc_t sg = acc_t(1) / (acc_t(1) + exp_acc(-z));
+          const acc_t v = to_acc<acc_t>(g[c]) * sg * (acc_t(1) + z * (acc_t(1) - sg));
+          dz[c] = v;
+          sa[c] += v;
+          sx[c] += v * xh;
         }
       }
       for (int64_t c = 0; c < nc; ++c) {
@@ -761,17 +752,10 @@ void group_norm_silu_backward_rows(const T* pg, const T* px, T* pdx, const View3
       const T* __restrict r = xs + p * xv.ss;
       const acc_t* __restrict dz = dzb.data() + p * nc;
       T* __restrict o = ds + p * dv.ss;
-      if (dv.sc == 1) {
 #pragma omp simd
-        for (int64_t c = 0; c < nc; ++c) {
-          const acc_t xh = (to_acc<acc_t>(r[c]) - k[c] - d[c]) * rs[c];
-          o[c] = from_acc<T>(rs[c] * (dz[c] * aw[c] - m1[c] - xh * m2[c]));
-        }
-      } else {
-        for (int64_t c = 0; c < nc; ++c) {
-          const acc_t xh = (to_acc<acc_t>(r[c]) - k[c] - d[c]) * rs[c];
-          o[c * dv.sc] = from_acc<T>(rs[c] * (dz[c] * aw[c] - m1[c] - xh * m2[c]));
-        }
+      for (int64_t c = 0; c < nc; ++c) {
+        const acc_t xh = (to_acc<acc_t>(r[c]) - k[c] - d[c]) * rs[c];
+        o[c] = from_acc<T>(rs[c] * (dz[c] * aw[c] - m1[c] - xh * m2[c]));
       }
     }
   });
@@ -885,7 +869,7 @@ void group_norm_silu_out(const Tensor& x, int64_t num_groups, const Tensor& weig
 void group_norm_silu_backward_out(const Tensor& grad, const Tensor& x, int64_t num_groups, const Tensor& weight,
                                   const Tensor& bias, double eps, const c10::optional<Tensor>& scale,
                                   const c10::optional<Tensor>& shift, Tensor dx, Tensor sums) {
-  TORCH_CHECK(x.dim() >= 3 && num_groups > 0 && x.size(1) % num_groups == 0, "internal: num_groups must divide C");
+  TORCH_CHECK(x.dim() == 4 && num_groups > 0 && x.size(1) % num_groups == 0, "internal: num_groups must divide C");
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() && dx.sizes() == x.sizes() &&
                   dx.scalar_type() == x.scalar_type(), "internal: grad and dx must have x's shape and dtype");
   TORCH_CHECK(sums.is_contiguous() && sums.numel() == 2 * x.size(0) * x.size(1) &&
@@ -893,9 +877,10 @@ void group_norm_silu_backward_out(const Tensor& grad, const Tensor& x, int64_t n
               "internal: sums must be a contiguous [2, B, C] in the compute dtype");
   const auto [sc, sh] = checked_affine(x, weight, bias, scale, shift);
   if (x.numel() == 0) return;
-  Tensor xx = x, gg = grad;
+  Tensor xx = x, gg = grad.contiguous(at::MemoryFormat::ChannelsLast);  // (a no-op for the usual gradient)
   const View3 xv = view3(xx), gv = view3(gg), dv = out_view3(dx);
-  TORCH_CHECK(xv.sc == 1 && xv.S > 1, "internal: the backward kernel takes channels_last x");
+  TORCH_CHECK(xv.sc == 1 && xv.S > 1 && gv.sc == 1 && dv.sc == 1,
+              "internal: the backward kernel takes channels_last x and dx");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_backward", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const Tensor w = weight.contiguous(), b = bias.contiguous();

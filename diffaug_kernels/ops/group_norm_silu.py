@@ -64,11 +64,12 @@ def group_norm_silu_backward_op(grad: Tensor, x: Tensor, weight: Tensor, bias: T
                                 shift: Optional[Tensor], num_groups: int, eps: float,
                                 backend: str) -> tuple[Tensor, Tensor]:
     """(dx in x's dtype and layout, sums [2, B, C] in the compute dtype: over the pixels, dz and dz * xhat, with
-    dz the gradient at SiLU's input and xhat the normalised x), by backend's kernel (backward_kernel)."""
+    dz the gradient at SiLU's input and xhat the normalised x), by backend's kernel: for x that backward_kernel
+    accepts."""
     dx = alloc(x, x.shape[0], x.dtype)
     sums = torch.empty(2, *x.shape[:2], dtype=weight.dtype, device=x.device)
-    launch(x.device, backend, backward_kernel(x, backend), grad, x, num_groups, weight, bias, eps, scale, shift, dx,
-           sums)
+    launch(x.device, backend, kernels(backend).group_norm_silu_backward_out, grad, x, num_groups, weight, bias, eps,
+           scale, shift, dx, sums)
     return dx, sums
 
 
@@ -93,12 +94,11 @@ def _backward(ctx, grad):
     if not torch.is_grad_enabled() and backward_kernel(x, ctx.backend) is not None:  # (create_graph: the formula)
         dx, (sum_dz, sum_dz_xhat) = group_norm_silu_backward_op(grad.to(x.dtype), x, weight, bias, scale, shift, G,
                                                                 ctx.eps, ctx.backend)
-        g1 = 1 + scale if scale is not None else None
-        g_shift = sum_dz if scale is not None else None
-        g_scale = weight * sum_dz_xhat + bias * sum_dz if scale is not None else None  # sum of dz * y
-        g_bias = (sum_dz * g1).sum(0) if scale is not None else sum_dz.sum(0)
-        g_weight = (sum_dz_xhat * g1).sum(0) if scale is not None else sum_dz_xhat.sum(0)
-        return dx, g_weight, g_bias, g_scale, g_shift, None, None, None
+        if scale is None:
+            return dx, sum_dz_xhat.sum(0), sum_dz.sum(0), None, None, None, None, None
+        g1 = 1 + scale
+        g_scale = weight * sum_dz_xhat + bias * sum_dz  # the sum of dz * y
+        return dx, (sum_dz_xhat * g1).sum(0), (sum_dz * g1).sum(0), g_scale, sum_dz, None, None, None
     tail = [1] * (x.dim() - 2)
     xg = x.to(cd).reshape(B, G, -1)
     var, mean = torch.var_mean(xg, dim=2, correction=0, keepdim=True)
